@@ -1,0 +1,108 @@
+"""MoVQ on ShapesWorld: train `configs/movq/shapes.yaml` on this machine and measure held-out
+reconstruction (PSNR through the continuous latent, as the diffusion stages use it, and through
+the codebook) and codebook usage.
+
+    python benchmarks/movq_shapes.py [--data data/shapes] [--run-dir runs/bench_movq] [key=value ...]
+
+Renders the ShapesWorld train (2000 clips) and val (64 clips, a disjoint seed stream) splits
+when missing, runs `train.py` as a user would (wall time measured around it), then scores
+every frame of the val clips with the EMA weights. Writes RUN_DIR/benchmark.json and prints a
+markdown row for docs/BENCHMARKS.md. Resumes an interrupted run (train.py's resume=auto), in
+which case the reported training time covers only the last invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def render_if_missing(out: Path, num_clips: int, seed: int, split: str) -> None:
+    from kvideo.data.shapesworld import write_shapesworld
+
+    if (out / "dataset.json").is_file():
+        return
+    write_shapesworld(out, num_clips, size=64, seed=seed, split=split, workers=2)
+
+
+@torch.no_grad()
+def score(ckpt_dir: Path, val: Path, batch_size: int = 64) -> dict:
+    """PSNR (continuous and quantised latent) and codebook usage on every frame of `val`."""
+    from kvideo.data.shards import ClipDataset, ShardIndex, collate
+    from kvideo.stages.movq import evaluate_reconstruction, frames_of, load_movq
+
+    ae = load_movq(ckpt_dir)
+    index = ShardIndex(str(val), key="val")
+    frames = int(index.metadata(0)["num_frames"])
+    data = ClipDataset(index, num_frames=frames, fps=float(index.metadata(0)["fps"]), size=[64, 64], seed=0,
+                       train=False)
+    batches = [collate([data[(0, i)]]) for i in range(len(data))]  # one clip (all its frames) per batch
+    result = evaluate_reconstruction(ae, batches, torch.device("cpu"))
+    used = torch.zeros(ae.cfg.n_embed, dtype=torch.bool)
+    for batch in batches:
+        x = frames_of(batch)
+        for part in x.split(batch_size):
+            _, _, info = ae.quantize(ae.encode(part))
+            used[info["indices"].unique()] = True
+    result["codes_used_on_val"] = int(used.sum())
+    result["codebook_size"] = ae.cfg.n_embed
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="data/shapes")
+    ap.add_argument("--run-dir", default="runs/bench_movq")
+    ap.add_argument("--config", default="configs/movq/shapes.yaml")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for train.py")
+    args = ap.parse_args()
+
+    data, run_dir = Path(args.data), Path(args.run_dir)
+    t0 = time.perf_counter()
+    render_if_missing(data / "train", 2000, 0, "train")
+    render_if_missing(data / "val", 64, 0, "val")
+    render_s = time.perf_counter() - t0
+
+    cmd = [sys.executable, str(ROOT / "train.py"), args.config, f"run_dir={run_dir}",
+           f"data.shards={data / 'train'}", f"data.val_shards={data / 'val'}", *args.overrides]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    train_s = time.perf_counter() - t0
+
+    from kvideo.train.checkpoint import latest_checkpoint, load_train_state
+
+    last = latest_checkpoint(run_dir)
+    result = score(last, data / "val")
+    metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    usage = [m for m in metrics if "codebook/used_fraction" in m]
+    result.update({
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": " ".join(sys.argv),
+        "checkpoint": str(last),
+        "steps": load_train_state(last)["step"],
+        "train_wall_s": round(train_s, 1),
+        "render_wall_s": round(render_s, 1),
+        "train_codebook_used_fraction": usage[-1]["codebook/used_fraction"] if usage else None,
+        "train_codebook_perplexity": usage[-1]["codebook/perplexity"] if usage else None,
+    })
+    (run_dir / "benchmark.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    print(f"| {result['date']} | {result['steps']} | {train_s / 60:.1f} min | {result['psnr']:.2f} dB | "
+          f"{result['psnr_quantized']:.2f} dB | {result['codes_used_on_val']}/{result['codebook_size']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

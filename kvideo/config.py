@@ -1,0 +1,226 @@
+"""Typed configuration: dataclass schemas under OmegaConf, and `load_config`.
+
+A run is described by one `Config`. Its sections that every stage shares (`data`, `train`) have
+fixed schemas here; the sections that depend on the stage are typed by the stage and model
+registries (`kvideo.registry`):
+
+    stage: movq              # a registered stage; decides the schema of `loss`
+    model:
+      name: movq             # a registered model; decides the schema of the rest of `model`
+      size: shapes           # optional named size: its values are the defaults of this section
+      ch: 64                 # any field of the model's schema overrides the named size
+
+`load_config(files, overrides)` merges YAML files left to right, then `key=value` overrides, over
+the schema. An unknown key or a value of the wrong type stops start-up with a `ConfigError` that
+names the dotted key and lists the valid keys next to it. Defaults live in these schemas only:
+code reads `cfg.train.lr`, never `cfg.get("lr", 1e-4)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+# ----------------------------------------------------------------------------------------------
+# Shared sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where training samples come from and what one sample looks like."""
+
+    shards: str = MISSING  # a directory of .tar shards, a glob, or a comma-separated list of both
+    val_shards: Optional[str] = None  # held-out shards for `train.eval_every`
+    num_frames: int = 1  # 1: single frames (image stages); > 1: clips of this many frames
+    fps: float = 24.0  # clip frames are picked by timestamp at this rate
+    size: List[int] = field(default_factory=lambda: [64, 64])  # (height, width) after resize+crop
+    random_crop: bool = True  # random crop in training; centre crop when false (always in eval)
+    num_workers: int = 2  # DataLoader worker processes per rank
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The training engine's settings: one schema for every stage."""
+
+    max_steps: int = 1000
+    batch_size: int = 8  # per rank and per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine | linear (decay after warmup to min_lr_ratio)
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm per phase; 0 disables clipping
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n)) for the n-th update
+    precision: str = "fp32"  # fp32 | bf16 (autocast; bf16 only where the device supports it)
+    grad_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3  # newest N kept; 0 keeps all
+    log_every: int = 10
+    preview_every: int = 500  # 0 disables previews
+    eval_every: int = 0  # 0 disables evaluation on data.val_shards
+    eval_batches: int = 8
+    max_nonfinite_in_row: int = 20  # consecutive non-finite losses that stop the run
+    num_threads: int = 0  # torch intra-op threads per process; 0 keeps torch's default
+
+
+@dataclass
+class Config:
+    """A whole run. `model` and `loss` are typed by the stage and model registries."""
+
+    stage: str = MISSING
+    run_dir: str = MISSING
+    seed: int = 0
+    resume: str = "auto"  # auto: newest checkpoint in run_dir if any | none | a checkpoint path
+    model: Any = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: Any = None
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the valid choices."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _model_section_schema(model_name: str, schema: type) -> type:
+    """The `model` section's dataclass: `name`, `size`, then every field of the model's schema."""
+    hints = typing.get_type_hints(schema)  # resolved types (schemas may use string annotations)
+    fields = [("name", str, field(default=model_name)), ("size", Optional[str], field(default=None))]
+    for f in dataclasses.fields(schema):
+        fields.append((f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory)))
+    return dataclasses.make_dataclass(f"{schema.__name__}Section", fields)
+
+
+def _valid_keys(schema: DictConfig, dotted: str) -> List[str]:
+    parent = schema
+    for part in dotted.split(".")[:-1]:
+        if not isinstance(parent, DictConfig) or part not in parent:
+            break
+        parent = parent[part]
+    return sorted(parent.keys()) if isinstance(parent, DictConfig) else []
+
+
+def _merge(schema: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    """Merge `other` over `schema`, turning OmegaConf's errors into ones that name the key."""
+    try:
+        return OmegaConf.merge(schema, other)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        valid = ", ".join(_valid_keys(schema, key))
+        raise ConfigError(f"{source}: unknown config key '{key}'. Valid keys here: {valid}") from None
+    except ValidationError as e:
+        key = e.full_key or str(e.key)
+        raise ConfigError(f"{source}: wrong type for config key '{key}': {e.msg}") from None
+
+
+def _schema_for(raw: DictConfig) -> DictConfig:
+    """Build the typed schema for a raw config by reading its `stage` and `model.name`."""
+    from kvideo import registry  # the registry imports the stages, which import this module
+
+    stage = raw.get("stage")
+    if stage is None or OmegaConf.is_missing(raw, "stage"):
+        raise ConfigError(f"config key 'stage' is required. Valid stages: {', '.join(registry.STAGES)}")
+    if stage not in registry.STAGES:
+        raise ConfigError(f"config key 'stage': unknown stage '{stage}'. Valid stages: {', '.join(registry.STAGES)}")
+    stage_cls = registry.STAGES[stage]
+
+    model_raw = raw.get("model") or {}
+    model_name = model_raw.get("name", stage_cls.default_model)
+    if model_name not in registry.MODELS:
+        raise ConfigError(f"config key 'model.name': unknown model '{model_name}'. Valid models: {', '.join(registry.MODELS)}")
+    entry = registry.MODELS[model_name]
+    section = _model_section_schema(model_name, entry.schema)
+    size = model_raw.get("size")
+    if size is not None:
+        if size not in entry.sizes:
+            raise ConfigError(f"config key 'model.size': unknown size '{size}' for model '{model_name}'. "
+                              f"Valid sizes: {', '.join(entry.sizes)}")
+        model_node = OmegaConf.structured(section(name=model_name, size=size, **dataclasses.asdict(entry.sizes[size])))
+    else:
+        model_node = OmegaConf.structured(section(name=model_name))
+
+    schema = OmegaConf.structured(Config)
+    schema.model = model_node
+    schema.loss = OmegaConf.structured(stage_cls.loss_schema)
+    return schema
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), *, base: Optional[dict] = None,
+                require_complete: bool = True) -> DictConfig:
+    """Load a run config: YAML `files` merged left to right, then `key=value` `overrides`.
+
+    `base` (a plain dict, e.g. the config stored in a checkpoint) is merged first when given.
+    `require_complete=False` allows missing values (for tools that only build the model).
+    Returns a typed, read-only DictConfig with every value resolved; missing required values
+    (`stage`, `run_dir`, `data.shards`) raise a ConfigError that names them.
+    """
+    raws = []
+    if base is not None:
+        raws.append(("checkpoint config", OmegaConf.create(base)))
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raws.append((str(path), OmegaConf.load(path)))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+        except Exception as e:  # yaml.YAMLError and friends
+            raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    if overrides:
+        raws.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+
+    untyped = OmegaConf.merge(*[r for _, r in raws]) if raws else OmegaConf.create({})
+    cfg = _schema_for(untyped)
+    for source, raw in raws:
+        cfg = _merge(cfg, raw, source)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing and require_complete:
+        raise ConfigError(f"required config keys have no value: {', '.join(missing)}")
+    if not missing:
+        OmegaConf.resolve(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """The config as plain Python data (dicts, lists, numbers, strings) for checkpoints."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def to_yaml(cfg: DictConfig | dict) -> str:
+    return OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg))
+
+
+def model_config(cfg: DictConfig) -> Any:
+    """The `model` section as an instance of the model's schema dataclass (without name/size)."""
+    from kvideo import registry
+
+    entry = registry.MODELS[cfg.model.name]
+    values = {f.name: _plain(cfg.model[f.name]) for f in dataclasses.fields(entry.schema)}
+    return entry.schema(**values)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig,)) or OmegaConf.is_list(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return value

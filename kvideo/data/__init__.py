@@ -1,0 +1,1 @@
+"""Data: video IO, motion scores, shards and the ShapesWorld toy dataset."""

@@ -1,0 +1,639 @@
+"""ShapesWorld v1: renderer, captions, scorer and dataset writer.
+
+Implements /work/shared/specs/shapesworld.md. One clip is a square canvas of side ``S`` with a
+uniform background and one anti-aliased filled shape moving in a straight line at constant
+speed (or standing still), fully inside the canvas in every frame.
+
+Conventions (the spec leaves these to the implementation):
+
+- Continuous image coordinates: pixel ``(row i, column j)`` covers ``[j, j+1) x [i, i+1)``;
+  ``x`` grows to the right (columns), ``y`` grows down (rows). "up" is decreasing ``y``.
+- An object's position is the **centre of its bounding box**: every shape's bounding box is
+  ``[x-r, x+r] x [y-r, y+r]`` (circle radius r, square side 2r, triangle base 2r at
+  ``y+r`` with apex at ``(x, y-r)``).
+- Anti-aliasing is coverage by 4x4 supersampling per pixel.
+- A still clip has ``direction='still'`` and speed name ``'none'`` (``ClipSpec.speed`` is
+  ``None``); ``speed_px_per_frame`` is 0.0. The scorer predicts the same names, and
+  ``'unknown'`` for an attribute it cannot measure (the spec's "none (wrong)" background).
+- Objects keep a 1 pixel margin from the canvas edge, so the border pixels (which the scorer
+  uses to find the background) are pure background.
+
+Scoring (``score_clip``), the details the spec leaves open:
+
+- background: per-channel median of the outermost rows and columns of all frames.
+- mask: the largest 8-connected region of pixels whose RGB distance from that background
+  exceeds ``max(40, d/2)``, ``d`` being the distance from the background to the median colour
+  of all pixels more than 40 away (the object colour): for an anti-aliased edge, coverage
+  above 1/2. Colour = per-channel median of the mask pixels of all frames.
+- shape: the fill ratio is measured on soft coverage (each pixel's position between the
+  background and object colours, clipped to [0, 1], within 2 px of the mask): area = sum of
+  coverage, bounding-box sides = the longest row and column. This stays near the ideal for
+  any sub-pixel position and through 4:2:0 chroma subsampling (at S=64 after H.264: circle
+  0.78-0.80, square 0.99-1.0, triangle 0.52-0.62); the median over frames picks the nearest
+  of pi/4, 1 and 1/2.
+- temporal consistency: ``area_cv`` (std / mean of the per-frame soft area), ``color_drift``
+  (mean RGB distance of each frame's median mask colour from the clip's), ``detected_frac``
+  and ``track_rmse_px`` (residual of the straight-line fit).
+
+Datasets are written as H.264 with ``yuv444p`` at crf 14 (``write_shapesworld``): full
+chroma resolution keeps small, nearly isoluminant shapes (green or magenta on gray) sharp.
+- motion: the coverage-weighted centroid of each frame, fitted by least squares against
+  ``t = i / fps``. Speeds are in fractions of the frame width per second, so the scorer works
+  at any frame rate and size: still below 0.05, slow below 0.2, else fast; the direction is
+  the dominant axis of the fitted velocity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable, Mapping
+
+import cv2
+import numpy as np
+from einops import reduce
+
+# ----------------------------------------------------------------------------- constants
+
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "gray": (128, 128, 128),
+}
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 25),
+    "green": (25, 200, 25),
+    "blue": (25, 25, 230),
+    "yellow": (235, 220, 25),
+    "magenta": (220, 25, 220),
+    "cyan": (25, 210, 220),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down", "still")
+SPEEDS: dict[str, float] = {"slow": 0.1, "fast": 0.3}  # fractions of S per second
+NO_SPEED = "none"  # speed name of a still clip
+UNKNOWN = "unknown"  # scorer prediction when an attribute cannot be measured
+HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+
+SIZE_RANGE = (0.12, 0.16)  # r as fractions of S
+FILL_RATIOS = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+EDGE_MARGIN_PX = 1.0
+SUPERSAMPLE = 4
+BACKGROUND_MAX_DISTANCE = 60.0
+MASK_MIN_DISTANCE = 40.0
+ATTRIBUTES = ("background", "color", "shape", "direction", "speed")
+SPLIT_IDS = {"train": 0, "val": 1}
+
+_UNIT = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0), "still": (0.0, 0.0)}
+_ADVERBS = {"slow": "slowly", "fast": "quickly"}
+
+
+# ----------------------------------------------------------------------------- clip spec
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Everything needed to render one clip; ``start_xy`` is the bounding-box centre at t=0."""
+
+    background: str
+    color: str
+    shape: str
+    direction: str
+    speed: str | None  # 'slow' | 'fast' | None (still)
+    size: float  # r in pixels
+    start_xy: tuple[float, float]
+    fps: float = 24.0
+    num_frames: int = 48
+    canvas_size: int = 64
+    seed: int | None = None
+
+    def __post_init__(self):
+        for name, value, allowed in (
+            ("background", self.background, BACKGROUNDS),
+            ("color", self.color, COLORS),
+            ("shape", self.shape, SHAPES),
+            ("direction", self.direction, DIRECTIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
+        if (self.direction == "still") != (self.speed is None):
+            raise ValueError(f"direction {self.direction!r} with speed {self.speed!r}: still clips "
+                             "have speed None and moving clips 'slow' or 'fast'")
+        if self.speed is not None and self.speed not in SPEEDS:
+            raise ValueError(f"unknown speed {self.speed!r}; expected one of {list(SPEEDS)} or None")
+        if self.fps <= 0 or self.num_frames < 1 or self.canvas_size < 8 or self.size <= 0:
+            raise ValueError(f"invalid clip geometry/timing: {self}")
+
+    @property
+    def speed_name(self) -> str:
+        return self.speed or NO_SPEED
+
+    @property
+    def speed_px_per_second(self) -> float:
+        return 0.0 if self.speed is None else SPEEDS[self.speed] * self.canvas_size
+
+    @property
+    def speed_px_per_frame(self) -> float:
+        return self.speed_px_per_second / self.fps
+
+    def centers(self) -> np.ndarray:
+        """Bounding-box centre of the object in every frame, float64 ``(f, 2)`` as (x, y)."""
+        t = np.arange(self.num_frames, dtype=np.float64) / self.fps  # seconds
+        velocity = np.asarray(_UNIT[self.direction]) * self.speed_px_per_second
+        return np.asarray(self.start_xy, dtype=np.float64)[None] + t[:, None] * velocity[None]
+
+
+def allowed_pairs(exclude_held_out: bool = True) -> list[tuple[str, str]]:
+    """(color, shape) pairs in a fixed order, optionally without HELD_OUT_PAIRS."""
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    return [p for p in pairs if not (exclude_held_out and p in HELD_OUT_PAIRS)]
+
+
+def check_motion_fits(*, size: int, fps: float, num_frames: int, speed: str | None = "fast") -> None:
+    """Raise ValueError unless an object of the largest size can make the whole trip."""
+    if speed is None:
+        return
+    travel = SPEEDS[speed] * size * (num_frames - 1) / fps
+    free = size - 2 * (SIZE_RANGE[1] * size + EDGE_MARGIN_PX)
+    if travel > free:
+        raise ValueError(f"a {speed} object travels {travel:.1f} px in {num_frames} frames at "
+                         f"{fps} fps, more than the {free:.1f} px free on a {size} px canvas; "
+                         "use fewer frames or a higher fps")
+
+
+def clip_spec_from_attributes(
+    attrs: Mapping[str, str], rng, *, size: int = 64, fps: float = 24.0, num_frames: int = 48
+) -> ClipSpec:
+    """Draw size and start point for given attributes so the whole trajectory fits.
+
+    ``attrs`` has background, color, shape, direction and speed (``'none'``/None if still).
+    Raises ValueError when the motion is too long for the canvas (e.g. fast over 4 s).
+    """
+    rng = np.random.default_rng(rng)
+    direction = attrs["direction"]
+    speed = None if direction == "still" else attrs["speed"]
+    check_motion_fits(size=size, fps=fps, num_frames=num_frames, speed=speed)
+    r = float(rng.uniform(SIZE_RANGE[0] * size, SIZE_RANGE[1] * size))
+    lo, hi = r + EDGE_MARGIN_PX, size - r - EDGE_MARGIN_PX
+    travel = (0.0 if speed is None else SPEEDS[speed] * size) * (num_frames - 1) / fps
+    start = rng.uniform(lo, hi, size=2)
+    ux, uy = _UNIT[direction]
+    for axis, u in ((0, ux), (1, uy)):
+        if u > 0:
+            start[axis] = rng.uniform(lo, hi - travel)
+        elif u < 0:
+            start[axis] = rng.uniform(lo + travel, hi)
+    return ClipSpec(attrs["background"], attrs["color"], attrs["shape"], direction, speed, r,
+                    (float(start[0]), float(start[1])), float(fps), int(num_frames), int(size))
+
+
+def sample_clip_spec(rng, *, size: int = 64, fps: float = 24.0, num_frames: int = 48,
+                     exclude_held_out: bool = True) -> ClipSpec:
+    """Draw a random clip: uniform (color, shape) pair, background, direction and speed.
+
+    ``rng`` is a ``numpy.random.Generator`` or an int seed; with a seed the spec records it
+    (``spec.seed``) and the same seed always gives the same spec.
+    """
+    seed = int(rng) if isinstance(rng, (int, np.integer)) else None
+    rng = np.random.default_rng(rng)
+    pairs = allowed_pairs(exclude_held_out)
+    color, shape = pairs[int(rng.integers(len(pairs)))]
+    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
+    speed = list(SPEEDS)[int(rng.integers(len(SPEEDS)))]
+    attrs = dict(background=background, color=color, shape=shape, direction=direction, speed=speed)
+    spec = clip_spec_from_attributes(attrs, rng, size=size, fps=fps, num_frames=num_frames)
+    return ClipSpec(**{**asdict(spec), "seed": seed})
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Boolean coverage of a shape centred at 0 (bounding-box centre) at offsets (dx, dy)."""
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    # Triangle: apex (0, -r), base from (-r, r) to (r, r); half-width (dy + r) / 2.
+    return (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+
+
+def render_clip(spec: ClipSpec, *, background_rgb=None, color_rgb=None) -> np.ndarray:
+    """Render a clip as uint8 ``(f, S, S, 3)`` RGB.
+
+    ``background_rgb`` / ``color_rgb`` override the palette colours (for tests of the scorer
+    and off-palette experiments); the geometry and motion always follow ``spec``.
+    """
+    s, k = spec.canvas_size, SUPERSAMPLE
+    bg = np.asarray(BACKGROUNDS[spec.background] if background_rgb is None else background_rgb, np.float32)
+    fg = np.asarray(COLORS[spec.color] if color_rgb is None else color_rgb, np.float32)
+    samples = (np.arange(s * k, dtype=np.float64) + 0.5) / k  # sub-pixel sample positions
+    out = np.empty((spec.num_frames, s, s, 3), dtype=np.uint8)
+    for i, (cx, cy) in enumerate(spec.centers()):
+        inside = _inside(spec.shape, samples[None, :] - cx, samples[:, None] - cy, spec.size)
+        alpha = reduce(inside.astype(np.float32), "(h a) (w b) -> h w", "mean", a=k, b=k)  # (S, S)
+        out[i] = np.rint(bg + alpha[..., None] * (fg - bg)).astype(np.uint8)
+    return out
+
+
+# ----------------------------------------------------------------------------- captions
+
+_MOVING_TEMPLATES = (
+    "a {color} {shape} moving {direction} {adverb} on a {background} background",  # canonical
+    "a {background} background with a {color} {shape} drifting {direction} {adverb}",
+    "on a {background} background, a {color} {shape} travels {direction} {adverb}",
+    "a {color} {shape} sliding {direction} {adverb} across a {background} background",
+)
+_STILL_TEMPLATES = (
+    "a {color} {shape} standing still on a {background} background",  # canonical
+    "a {background} background with a motionless {color} {shape}",
+    "on a {background} background, a {color} {shape} stays still",
+    "a {color} {shape} resting in place on a {background} background",
+)
+
+
+def _attrs_of(spec_or_attrs) -> dict:
+    if isinstance(spec_or_attrs, ClipSpec):
+        s = spec_or_attrs
+        return dict(background=s.background, color=s.color, shape=s.shape,
+                    direction=s.direction, speed=s.speed_name)
+    return dict(spec_or_attrs)
+
+
+def caption(spec_or_attrs, paraphrase_rng=None) -> str:
+    """The canonical caption of a clip (or of an attribute dict).
+
+    With ``paraphrase_rng`` (a numpy Generator or seed), half of the time a paraphrase drawn
+    uniformly from three alternative templates is returned instead; every paraphrase keeps
+    all five attributes and is understood by :func:`parse_caption`.
+    """
+    a = _attrs_of(spec_or_attrs)
+    still = a["direction"] == "still"
+    templates = _STILL_TEMPLATES if still else _MOVING_TEMPLATES
+    index = 0
+    if paraphrase_rng is not None:
+        rng = np.random.default_rng(paraphrase_rng)
+        if rng.random() < 0.5:
+            index = 1 + int(rng.integers(len(templates) - 1))
+    adverb = None if still else _ADVERBS[a["speed"]]
+    return templates[index].format(color=a["color"], shape=a["shape"], direction=a["direction"],
+                                   adverb=adverb, background=a["background"])
+
+
+def _template_regex(template: str) -> re.Pattern:
+    alternatives = dict(color=COLORS, shape=SHAPES, direction=DIRECTIONS[:4],
+                        adverb=_ADVERBS.values(), background=BACKGROUNDS)
+    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
+    pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{'|'.join(alternatives[p])})"
+                      for i, p in enumerate(parts))
+    return re.compile(rf"^{pattern}$")
+
+
+_CAPTION_REGEXES = [(_template_regex(t), False) for t in _MOVING_TEMPLATES] + [
+    (_template_regex(t), True) for t in _STILL_TEMPLATES]
+
+
+def parse_caption(text: str) -> dict:
+    """Attributes of a canonical caption (or one of the paraphrases :func:`caption` emits).
+
+    Returns ``{background, color, shape, direction, speed}`` with ``speed='none'`` for a
+    still object. Case, surrounding whitespace and a final period are ignored.
+    Raises ValueError for any other text.
+    """
+    clean = " ".join(text.strip().lower().rstrip(".").split())
+    for regex, still in _CAPTION_REGEXES:
+        m = regex.match(clean)
+        if m:
+            g = m.groupdict()
+            speed = NO_SPEED if still else {v: k for k, v in _ADVERBS.items()}[g["adverb"]]
+            return dict(background=g["background"], color=g["color"], shape=g["shape"],
+                        direction="still" if still else g["direction"], speed=speed)
+    raise ValueError(f"not a ShapesWorld caption: {text!r}")
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def metadata(spec: ClipSpec, *, motion_score: float | None = None, caption_text: str | None = None) -> dict:
+    """The flat per-clip metadata of the spec (the shard's ``KEY.json``).
+
+    ``speed`` is 'slow', 'fast' or 'none' (still). ``motion_score`` is computed from the
+    rendered clip with :func:`kvideo.data.motion.motion_score` when not given.
+    """
+    if motion_score is None:
+        from kvideo.data.motion import motion_score as compute_motion
+
+        motion_score = compute_motion(render_clip(spec), spec.fps)
+    return {
+        "caption": caption(spec) if caption_text is None else caption_text,
+        "background": spec.background, "color": spec.color, "shape": spec.shape,
+        "direction": spec.direction, "speed": spec.speed_name,
+        "speed_px_per_frame": spec.speed_px_per_frame, "size": spec.size,
+        "start_xy": [float(v) for v in spec.start_xy], "fps": float(spec.fps),
+        "num_frames": int(spec.num_frames), "seed": spec.seed,
+        "width": int(spec.canvas_size), "height": int(spec.canvas_size),
+        "motion_score": float(motion_score),
+    }
+
+
+def spec_from_metadata(meta: Mapping) -> ClipSpec:
+    """Rebuild the ClipSpec of a clip from its metadata (renders the identical clip)."""
+    return ClipSpec(meta["background"], meta["color"], meta["shape"], meta["direction"],
+                    None if meta["speed"] == NO_SPEED else meta["speed"], float(meta["size"]),
+                    tuple(meta["start_xy"]), float(meta["fps"]), int(meta["num_frames"]),
+                    int(meta["width"]), meta.get("seed"))
+
+
+# ----------------------------------------------------------------------------- scorer
+
+
+def _nearest(table: Mapping[str, tuple], rgb: np.ndarray) -> tuple[str, float]:
+    names = list(table)
+    dist = np.linalg.norm(np.asarray([table[n] for n in names], np.float64) - rgb[None], axis=1)
+    return names[int(np.argmin(dist))], float(dist.min())
+
+
+def _longest_run(alpha: np.ndarray, axis: int) -> float:
+    """Longest row (axis=1) or column (axis=0) of a soft mask, in pixels.
+
+    A line's length is its coverage sum divided by its peak coverage, so a row that the
+    shape covers only partly in the other direction (the base row of a triangle) still
+    counts at full length; lines peaking below 1/2 coverage are ignored (edge noise).
+    """
+    sums, peaks = alpha.sum(axis=axis), alpha.max(axis=axis)
+    keep = peaks >= 0.5
+    return float((sums[keep] / peaks[keep]).max()) if keep.any() else float(sums.max())
+
+
+def analyze_clip(frames: np.ndarray, fps: float) -> dict:
+    """Measure a clip's attributes without a prompt (see the module docstring and the spec).
+
+    Returns predicted ``background, color, shape, direction, speed`` (``'unknown'`` where a
+    value cannot be measured: a background farther than 60 from every BACKGROUNDS entry, no
+    object found, or fewer than two frames with an object for the motion) and the
+    measurements behind them.
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) < 1:
+        raise ValueError(f"frames must be uint8 (f, h, w, 3), got {frames.dtype} {frames.shape}")
+    x = frames.astype(np.float32)  # (f, h, w, 3)
+    num, _, width, _ = x.shape
+    border = np.concatenate([x[:, 0].reshape(-1, 3), x[:, -1].reshape(-1, 3),
+                             x[:, 1:-1, 0].reshape(-1, 3), x[:, 1:-1, -1].reshape(-1, 3)])
+    bg_rgb = np.median(border, axis=0)
+    bg_name, bg_dist = _nearest(BACKGROUNDS, bg_rgb)
+    out = dict(background=bg_name if bg_dist <= BACKGROUND_MAX_DISTANCE else UNKNOWN,
+               color=UNKNOWN, shape=UNKNOWN, direction=UNKNOWN, speed=UNKNOWN,
+               background_rgb=bg_rgb.tolist(), background_distance=bg_dist, color_rgb=None,
+               fill_ratio=None, speed_measured=None, speed_px_per_second=None,
+               velocity_px_per_second=None, detected_frac=0.0, area_cv=None,
+               color_drift=None, track_rmse_px=None)
+
+    dist = np.linalg.norm(x - bg_rgb, axis=-1)  # (f, h, w)
+    coarse = dist > MASK_MIN_DISTANCE
+    if not coarse.any():
+        return out
+    contrast = np.median(x[coarse], axis=0) - bg_rgb  # object colour minus background
+    threshold = max(MASK_MIN_DISTANCE, 0.5 * float(np.linalg.norm(contrast)))
+    # Soft coverage: where each pixel lies between the background (0) and the object (1).
+    coverage = np.clip((x - bg_rgb) @ contrast / float(contrast @ contrast), 0.0, 1.0)  # (f, h, w)
+    rows, cols = np.mgrid[0 : x.shape[1], 0 : x.shape[2]] + 0.5  # pixel centres (y, x)
+    kernel = np.ones((3, 3), np.uint8)
+    mask = np.zeros_like(coarse)
+    areas, fills, centroids, colors, times = [], [], [], [], []
+    for i in range(num):
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(
+            (dist[i] > threshold).astype(np.uint8), connectivity=8)
+        if n < 2:
+            continue
+        mask[i] = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))  # largest region
+        near = cv2.dilate(mask[i].astype(np.uint8), kernel, iterations=2).astype(bool)
+        alpha = np.where(near, coverage[i], 0.0)  # the region plus its anti-aliased rim
+        area = float(alpha.sum())
+        if area <= 0:
+            continue
+        # Bounding-box sides = longest row and column of the soft mask: exact for any
+        # sub-pixel position, and unchanged by the 2x2 chroma averaging of yuv420p video.
+        box_w, box_h = _longest_run(alpha, axis=1), _longest_run(alpha, axis=0)
+        areas.append(area)
+        fills.append(area / (box_w * box_h))
+        centroids.append(((alpha * cols).sum() / area, (alpha * rows).sum() / area))
+        colors.append(np.median(x[i][mask[i]], axis=0))
+        times.append(i / fps)
+    if not areas:
+        return out
+    areas, centroids, colors = np.asarray(areas), np.asarray(centroids), np.asarray(colors)
+    color_rgb = np.median(x[mask], axis=0)
+    fill = float(np.median(fills))
+    out.update(color=_nearest(COLORS, color_rgb)[0], color_rgb=color_rgb.tolist(), fill_ratio=fill,
+               shape=min(FILL_RATIOS, key=lambda s: abs(FILL_RATIOS[s] - fill)),
+               detected_frac=len(areas) / num, area_cv=float(areas.std() / areas.mean()),
+               color_drift=float(np.linalg.norm(colors - color_rgb, axis=1).mean()))
+    if len(areas) < 2:
+        return out
+    t = np.asarray(times)
+    design = np.stack([np.ones_like(t), t], axis=1)  # least squares: c(t) = c0 + v t
+    coef, *_ = np.linalg.lstsq(design, centroids, rcond=None)  # (2, 2): rows c0, v
+    vx, vy = coef[1]
+    residual = centroids - design @ coef
+    speed = float(np.hypot(vx, vy)) / width  # fractions of S per second
+    if speed < 0.5 * SPEEDS["slow"]:
+        direction, speed_name = "still", NO_SPEED
+    else:
+        speed_name = "slow" if speed < 0.5 * (SPEEDS["slow"] + SPEEDS["fast"]) else "fast"
+        direction = ("right" if vx > 0 else "left") if abs(vx) >= abs(vy) else ("down" if vy > 0 else "up")
+    out.update(direction=direction, speed=speed_name, speed_measured=speed,
+               speed_px_per_second=speed * width, velocity_px_per_second=[float(vx), float(vy)],
+               track_rmse_px=float(np.sqrt((residual ** 2).sum(1).mean())))
+    return out
+
+
+def _target_attributes(prompt_or_attrs) -> dict:
+    if isinstance(prompt_or_attrs, str):
+        return parse_caption(prompt_or_attrs)
+    a = _attrs_of(prompt_or_attrs)
+    missing = [k for k in ATTRIBUTES if k not in a]
+    if missing:
+        raise ValueError(f"prompt attributes miss {missing}: {a}")
+    target = {k: a[k] for k in ATTRIBUTES}
+    if target["direction"] == "still" or target["speed"] in (None, "still"):
+        target["speed"] = NO_SPEED
+    return target
+
+
+def score_clip(frames: np.ndarray, fps: float, prompt_or_attrs) -> dict:
+    """Score a clip against a prompt (caption string, attribute dict or ClipSpec).
+
+    Returns a JSON-serialisable dict: ``pred``, ``target`` and ``correct`` (per attribute),
+    ``all_correct``, ``speed_measured`` / ``speed_requested`` (fractions of the frame width
+    per second), ``speed_measured_px_per_frame``, and the measurements of
+    :func:`analyze_clip` including the temporal-consistency numbers ``area_cv`` (coefficient
+    of variation of the mask area), ``color_drift`` (mean RGB distance of each frame's
+    median object colour from the clip's), ``detected_frac`` and ``track_rmse_px``.
+    """
+    target = _target_attributes(prompt_or_attrs)
+    measured = analyze_clip(frames, fps)
+    pred = {k: measured.pop(k) for k in ATTRIBUTES}
+    correct = {k: pred[k] == target[k] for k in ATTRIBUTES}
+    requested = SPEEDS.get(target["speed"], 0.0)
+    speed_pf = None if measured["speed_px_per_second"] is None else measured["speed_px_per_second"] / fps
+    return dict(pred=pred, target=target, correct=correct, all_correct=all(correct.values()),
+                speed_requested=requested, speed_measured_px_per_frame=speed_pf, **measured)
+
+
+def aggregate_scores(results: Iterable[dict]) -> dict:
+    """Per-attribute accuracy and all-correct rate, overall and for seen / held-out pairs."""
+    results = list(results)
+
+    def summarise(rs):
+        if not rs:
+            return {"n": 0}
+        acc = {k: float(np.mean([r["correct"][k] for r in rs])) for k in ATTRIBUTES}
+        cvs = [r["area_cv"] for r in rs if r["area_cv"] is not None]
+        drifts = [r["color_drift"] for r in rs if r["color_drift"] is not None]
+        return {"n": len(rs), "accuracy": acc,
+                "all_correct": float(np.mean([r["all_correct"] for r in rs])),
+                "mean_area_cv": float(np.mean(cvs)) if cvs else None,
+                "mean_color_drift": float(np.mean(drifts)) if drifts else None}
+
+    def held_out(r):
+        return (r["target"]["color"], r["target"]["shape"]) in HELD_OUT_PAIRS
+
+    out = summarise(results)
+    out["by_split"] = {"seen": summarise([r for r in results if not held_out(r)]),
+                       "held_out": summarise([r for r in results if held_out(r)])}
+    return out
+
+
+def score_many(items: Iterable[tuple[np.ndarray, float, object]]) -> dict:
+    """Score ``(frames, fps, prompt_or_attrs)`` items; aggregate plus the per-clip results."""
+    results = [score_clip(frames, fps, prompt) for frames, fps, prompt in items]
+    return {**aggregate_scores(results), "clips": results}
+
+
+# ----------------------------------------------------------------------------- test prompts
+
+
+def canonical_test_prompts(held_out_per_pair: int = 10, seen_per_pair: int = 2) -> list[dict]:
+    """A fixed list of canonical test prompts, ``{"prompt": ..., "split": "seen"|"held_out"}``.
+
+    For every (color, shape) pair, all 27 combinations of background x motion (4 directions
+    x 2 speeds + still) are ordered by the SHA-256 of their caption and the first ``k`` are
+    taken: ``seen_per_pair`` for the 15 training pairs, ``held_out_per_pair`` for the 3
+    held-out ones. Deterministic across machines and library versions.
+    """
+    motions = [(d, s) for d in DIRECTIONS[:4] for s in SPEEDS] + [("still", NO_SPEED)]
+    prompts = []
+    for split, pairs, k in (("seen", allowed_pairs(True), seen_per_pair),
+                            ("held_out", list(HELD_OUT_PAIRS), held_out_per_pair)):
+        for color, shape in pairs:
+            texts = [caption(dict(background=b, color=color, shape=shape, direction=d, speed=s))
+                     for b in BACKGROUNDS for d, s in motions]
+            texts.sort(key=lambda t: hashlib.sha256(t.encode()).hexdigest())
+            prompts += [{"prompt": t, "split": split} for t in texts[:k]]
+    return prompts
+
+
+# ----------------------------------------------------------------------------- dataset writer
+
+
+def clip_seed(seed: int, split: str, index: int) -> int:
+    """The seed of clip ``index`` of a split, derived from (seed, split, index)."""
+    if split not in SPLIT_IDS:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLIT_IDS)}")
+    return int(np.random.SeedSequence([seed, SPLIT_IDS[split], index]).generate_state(1)[0])
+
+
+def make_clip(seed: int, *, size: int = 64, fps: float = 24.0, num_frames: int = 48, crf: int = 14,
+              pix_fmt: str = "yuv444p", paraphrase: bool = False) -> tuple[bytes, dict]:
+    """Render, encode (H.264 mp4 bytes) and describe (metadata dict) the clip of ``seed``.
+
+    The default ``yuv444p`` keeps chroma at full resolution: with 4:2:0 a green or magenta
+    shape on gray (nearly the same luma) is drawn in 2x2 chroma blocks at 64x64, which
+    blurs small shapes (the scorer then misreads ~1% of triangles).
+    """
+    from kvideo.data.motion import motion_score
+    from kvideo.data.video_io import encode_video_bytes
+
+    spec = sample_clip_spec(seed, size=size, fps=fps, num_frames=num_frames)
+    frames = render_clip(spec)
+    text = caption(spec, np.random.default_rng([seed, 1]) if paraphrase else None)
+    meta = metadata(spec, motion_score=motion_score(frames, fps), caption_text=text)
+    return encode_video_bytes(frames, fps, crf=crf, pix_fmt=pix_fmt), meta
+
+
+def _make_clip_job(job):
+    index, seed, kwargs = job
+    cv2.setNumThreads(1)
+    return index, *make_clip(seed, **kwargs)
+
+
+def write_shapesworld(out: str | os.PathLike, num_clips: int, *, size: int = 64, seed: int = 0,
+                      fps: float = 24.0, num_frames: int = 48, split: str = "train",
+                      raw: bool = False, clips_per_shard: int = 256, crf: int = 14,
+                      pix_fmt: str = "yuv444p", paraphrase: bool = False, workers: int = 1, progress: bool = True) -> dict:
+    """Write a ShapesWorld split to ``out``; deterministic given the arguments.
+
+    Default: webdataset shards ``out/shard-000000.tar``... with samples ``clip_0000000.mp4``
+    + ``clip_0000000.json`` (:func:`metadata`). ``raw=True``: ``out/clip_0000000.mp4`` files
+    and ``out/captions.jsonl`` (``{"path", "caption"}``, paths relative to ``out``). Always
+    writes ``out/test_prompts.jsonl`` (:func:`canonical_test_prompts`) and
+    ``out/dataset.json`` (the arguments). Clip ``i`` uses :func:`clip_seed` (seed, split, i):
+    ``split='val'`` draws a disjoint stream with the same distribution. Held-out pairs are
+    never rendered. Returns the contents of ``dataset.json``.
+    """
+    from tqdm import tqdm
+
+    if num_clips < 0 or clips_per_shard < 1:
+        raise ValueError(f"need num_clips >= 0 and clips_per_shard >= 1, got {num_clips}, {clips_per_shard}")
+    os.makedirs(out, exist_ok=True)
+    check_motion_fits(size=size, fps=fps, num_frames=num_frames)  # fail before rendering
+    kwargs = dict(size=size, fps=fps, num_frames=num_frames, crf=crf, pix_fmt=pix_fmt,
+                  paraphrase=paraphrase)
+    jobs = [(i, clip_seed(seed, split, i), kwargs) for i in range(num_clips)]
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    results = pool.imap(_make_clip_job, jobs, chunksize=4) if pool else map(_make_clip_job, jobs)
+    writer = captions = None
+    try:
+        if raw:
+            captions = open(os.path.join(out, "captions.jsonl"), "w")
+        else:
+            import webdataset as wds
+
+            writer = wds.ShardWriter(os.path.join(os.fspath(out), "shard-%06d.tar"),
+                                     maxcount=clips_per_shard, verbose=0)
+        for index, mp4, meta in tqdm(results, total=num_clips, disable=not progress,
+                                     desc=f"shapesworld {split}"):
+            key = f"clip_{index:07d}"
+            if raw:
+                with open(os.path.join(out, f"{key}.mp4"), "wb") as f:
+                    f.write(mp4)
+                captions.write(json.dumps({"path": f"{key}.mp4", "caption": meta["caption"]}) + "\n")
+            else:
+                writer.write({"__key__": key, "mp4": mp4,
+                              "json": json.dumps(meta, sort_keys=True).encode()})
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+        if writer:
+            writer.close()
+        if captions:
+            captions.close()
+    with open(os.path.join(out, "test_prompts.jsonl"), "w") as f:
+        for p in canonical_test_prompts():
+            f.write(json.dumps(p) + "\n")
+    summary = dict(name="shapesworld-v1", split=split, num_clips=num_clips, size=size, seed=seed,
+                   fps=fps, num_frames=num_frames, raw=raw, clips_per_shard=clips_per_shard,
+                   crf=crf, pix_fmt=pix_fmt, paraphrase=paraphrase,
+                   num_shards=0 if raw else math.ceil(num_clips / clips_per_shard),
+                   held_out_pairs=[list(p) for p in HELD_OUT_PAIRS])
+    with open(os.path.join(out, "dataset.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

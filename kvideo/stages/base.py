@@ -1,0 +1,77 @@
+"""What a stage gives the training engine: its model, its optimizer phases, batch -> loss, previews.
+
+The engine (`kvideo.train.engine`) owns everything else: devices, DDP, precision, accumulation,
+clipping, EMA, checkpoints, resume, logging. A stage with one optimizer has one phase; a GAN
+stage has two (the generator, then the discriminator), each with its own optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+@dataclass
+class Phase:
+    """One optimizer step per training step over the parameters of `module`.
+
+    `module` must be a submodule of the stage's model (or the model itself); under DDP the engine
+    wraps it and passes the wrapped module to `Stage.loss` in `parts[name]`.
+    `lr`, `betas` and `weight_decay` of None take the `train` section's values.
+    """
+
+    name: str
+    module: nn.Module
+    lr: Optional[float] = None
+    betas: Optional[Tuple[float, float]] = None
+    weight_decay: Optional[float] = None
+
+
+class Stage:
+    """Base class of a training stage; subclasses are registered by name in `kvideo.registry`."""
+
+    name: ClassVar[str] = ""
+    default_model: ClassVar[str] = ""
+    loss_schema: ClassVar[type]
+
+    def __init__(self, cfg: DictConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+
+    def build_model(self) -> nn.Module:
+        """The whole trainable model, on the CPU, randomly initialised or loaded by the stage."""
+        raise NotImplementedError
+
+    def phases(self, model: nn.Module) -> List[Phase]:
+        return [Phase("main", model)]
+
+    def phase_active(self, phase: str, step: int) -> bool:
+        return True
+
+    def loss(self, model: nn.Module, parts: Dict[str, nn.Module], batch: dict, step: int,
+             phase: str) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The scalar loss of `phase` on one micro-batch and a dict of floats to log.
+
+        `model` is the unwrapped model; `parts[phase]` is the (possibly DDP-wrapped) module
+        to run forward for the phase's gradients.
+        """
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module, step: int, batches: List[dict]) -> Dict[str, float]:
+        """Called on every rank after the optimizer steps; returns extra values to log."""
+        return {}
+
+    @torch.no_grad()
+    def preview(self, model: nn.Module, batch: dict, out_dir: Path, step: int) -> List[Path]:
+        """Write preview images/videos for `batch` under `out_dir`; returns the written paths."""
+        return []
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[dict]) -> Dict[str, float]:
+        """Metrics on held-out batches (`train.eval_every`)."""
+        return {}

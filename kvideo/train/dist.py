@@ -1,0 +1,110 @@
+"""Distributed setup: plain torchrun environment variables, gloo on CPU, nccl on CUDA.
+
+`python train.py ...` runs as a single process (world size 1, no process group);
+`torchrun --nproc_per_node N train.py ...` sets RANK / WORLD_SIZE / LOCAL_RANK and every rank
+joins one process group. Nothing here hides a real error behind its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` picks CUDA (this process's local GPU) when available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"train.device must be auto, cpu or cuda, got '{name}'")
+
+
+def init_distributed(device_name: str = "auto") -> DistInfo:
+    """Join the torchrun process group when launched by torchrun; otherwise a world of one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """True when `flag` holds on every rank (a logical AND across the process group)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() == 0.0
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True when `flag` holds on at least one rank."""
+    return not all_true(not flag, device)
+
+
+def mean_across_ranks(values: dict, device: torch.device) -> dict:
+    """Average a dict of floats over ranks (for logging)."""
+    if not dist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return {k: v for k, v in zip(keys, t.tolist())}
+
+
+def gather_objects(obj: Any) -> List[Any]:
+    """Every rank's `obj`, in rank order (a list of one outside distributed runs)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_module_(module: torch.nn.Module, names: List[str], src: int = 0) -> None:
+    """Copy the named parameters/buffers of `module` from rank `src` to every rank, in place."""
+    if not dist.is_initialized():
+        return
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    for name in names:
+        dist.broadcast(tensors[name].data, src=src)

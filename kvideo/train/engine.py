@@ -1,0 +1,348 @@
+"""The training loop every stage shares.
+
+    cfg -> stage -> model, phases -> (DDP) -> loop:
+        micro-batches = next grad_accum batches of this rank
+        for each active phase: zero grads, forward/backward each micro-batch under autocast,
+            skip the step if any rank saw a non-finite loss or gradient, clip, AdamW step
+        EMA update, stage.after_step, log, preview, evaluate, checkpoint, SIGTERM check
+
+A stage supplies its model, its phases and batch -> loss (`kvideo.stages.base.Stage`); nothing
+here knows what a stage trains. Resume is exact on the CPU: the checkpoint holds the model, the
+EMA, every optimizer and scheduler, every rank's RNG states and the data position, and the data
+order and per-sample randomness are pure functions of (seed, rank, batch number).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from kvideo.config import to_plain, to_yaml
+from kvideo.data.shards import TrainData, build_dataset, eval_batches
+from kvideo.stages.base import Phase, Stage
+from kvideo.train import checkpoint as ckpt
+from kvideo.train import dist
+from kvideo.train.ema import EMA
+from kvideo.train.logging import MetricsWriter, setup_text_logging
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when `train.max_nonfinite_in_row` consecutive steps had a non-finite loss."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, train_cfg: DictConfig) -> float:
+    """Learning-rate multiplier at `step`: linear warmup, then constant, cosine or linear decay."""
+    warmup, total = train_cfg.warmup_steps, max(1, train_cfg.max_steps)
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if train_cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = train_cfg.min_lr_ratio
+    if train_cfg.schedule == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if train_cfg.schedule == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    raise ValueError(f"train.schedule must be constant, cosine or linear, got '{train_cfg.schedule}'")
+
+
+def count_params(model: nn.Module) -> Dict[str, int]:
+    """Total and trainable parameter counts, and the count of each top-level submodule."""
+    out = {"total": sum(p.numel() for p in model.parameters()),
+           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    for name, child in model.named_children():
+        out[f"module.{name}"] = sum(p.numel() for p in child.parameters())
+    return out
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states as plain tensors and containers (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_context(precision: str, device: torch.device, log) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"train.precision must be fp32 or bf16, got '{precision}' (fp16 is not supported)")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("train.precision=bf16 but this GPU has no bf16 support: training in fp32")
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class _Preemption:
+    """Turns SIGTERM (a cluster's preemption notice) into a flag the loop checks every step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _resume_point(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return ckpt.latest_checkpoint(run_dir)
+    return ckpt.resolve_checkpoint(cfg.resume)
+
+
+def train(cfg: DictConfig, stage_cls: Optional[type] = None) -> Path:
+    """Train `cfg.stage` to `cfg.train.max_steps`; returns the last checkpoint directory.
+
+    Exits early (after a checkpoint) on SIGTERM. Raises NonFiniteLossError when too many steps
+    in a row produce a non-finite loss.
+    """
+    from kvideo import registry
+
+    stage_cls = stage_cls or registry.STAGES[cfg.stage]
+    tc = cfg.train
+    info = dist.init_distributed(tc.device)
+    run_dir = Path(cfg.run_dir)
+    log = setup_text_logging(run_dir, info.is_main)
+    if tc.num_threads > 0:
+        torch.set_num_threads(tc.num_threads)
+    preempt = _Preemption()
+    try:
+        return _train(cfg, stage_cls, info, run_dir, log, preempt)
+    finally:
+        preempt.restore()
+        dist.shutdown()
+
+
+def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Path:
+    tc = cfg.train
+    device = info.device
+    config_plain = to_plain(cfg)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(config_plain))
+        log.info("run directory %s, stage %s, world size %d, device %s", run_dir, cfg.stage, info.world_size, device)
+
+    # Model: identical initialisation on every rank (seeded before building).
+    seed_everything(cfg.seed)
+    stage: Stage = stage_cls(cfg, device)
+    model = stage.build_model().to(device)
+    if tc.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"train.grad_checkpointing is on but model '{cfg.model.name}' has no set_grad_checkpointing")
+        model.set_grad_checkpointing(True)
+    counts = count_params(model)
+    log.info("parameters: %s", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+
+    phases: List[Phase] = stage.phases(model)
+    optimizers, schedulers = {}, {}
+    for ph in phases:
+        params = [p for p in ph.module.parameters() if p.requires_grad]
+        base_lr = ph.lr if ph.lr is not None else tc.lr
+        opt = torch.optim.AdamW(params, lr=base_lr, betas=tuple(ph.betas or tc.betas),
+                                weight_decay=ph.weight_decay if ph.weight_decay is not None else tc.weight_decay)
+        optimizers[ph.name] = opt
+        schedulers[ph.name] = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
+    ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+
+    # Resume.
+    step, batches_done, nonfinite_total = 0, 0, 0
+    resume_from = _resume_point(cfg, run_dir)
+    if resume_from is not None:
+        weights, _ = ckpt.load_weights(resume_from, "model")
+        model.load_state_dict(weights)
+        ema_weights, _ = ckpt.load_weights(resume_from, "ema")
+        state = ckpt.load_train_state(resume_from)
+        ema.load_state_dict(ema_weights, state["ema_updates"])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+            schedulers[name].load_state_dict(state["schedulers"][name])
+        step, nonfinite_total = state["step"], state["nonfinite_total"]
+        batches_done = state["data"][info.rank]["batches_done"] if info.rank < len(state["data"]) else 0
+        if len(state["rng"]) == info.world_size:
+            set_rng_state(state["rng"][info.rank], device)
+        else:
+            log.warning("checkpoint was written by %d ranks, this run has %d: RNG streams are reseeded",
+                        len(state["rng"]), info.world_size)
+            seed_everything(cfg.seed + info.rank + 1_000_003 * step)
+        log.info("resumed from %s at step %d", resume_from, step)
+    else:
+        seed_everything(cfg.seed + info.rank)  # per-rank randomness from here on
+
+    parts: Dict[str, nn.Module] = {}
+    for ph in phases:
+        parts[ph.name] = DDP(ph.module, device_ids=[device.index] if device.type == "cuda" else None) \
+            if info.enabled else ph.module
+
+    dataset = build_dataset(cfg.data, cfg.seed, train=True)
+    data = TrainData(dataset, tc.batch_size, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
+                     shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers, start_batch=batches_done)
+    if info.is_main:
+        log.info("data: %d samples in %d shards, %d batches per epoch per rank",
+                 len(dataset), len(dataset.index.shards), data.batches_per_epoch)
+    val_dataset = build_dataset(cfg.data, cfg.seed, train=False) \
+        if (cfg.data.val_shards and tc.eval_every > 0) else None
+
+    metrics = MetricsWriter(run_dir, info.is_main, resume_step=step)
+    amp = autocast_context(tc.precision, device, log)
+    preview_batch = None
+    nonfinite_in_row = 0
+    last_saved: Optional[Path] = resume_from
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not info.is_main, desc=f"train {cfg.stage}",
+               dynamic_ncols=True, smoothing=0.05)
+    t_last, steps_since = time.perf_counter(), 0
+
+    def save() -> Path:
+        state = {
+            "step": step,
+            "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+            "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+            "ema_updates": ema.num_updates,
+            "nonfinite_total": nonfinite_total,
+            "rng": dist.gather_objects(rng_state(device)),
+            "data": dist.gather_objects(data.state()),
+        }
+        path = None
+        if info.is_main:
+            path = ckpt.save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), state, config_plain,
+                                        keep=tc.keep_checkpoints)
+            log.info("saved checkpoint %s", path)
+        dist.barrier()
+        return path or ckpt.latest_checkpoint(run_dir)
+
+    model.train()
+    while step < tc.max_steps:
+        batches = [data.next() for _ in range(tc.grad_accum)]
+        if preview_batch is None:
+            preview_batch = batches[0]
+        logs: Dict[str, float] = {}
+        skipped = False
+        for ph in phases:
+            if not stage.phase_active(ph.name, step):
+                continue
+            opt = optimizers[ph.name]
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for i, batch in enumerate(batches):
+                sync = contextlib.nullcontext() if (not info.enabled or i == len(batches) - 1) else parts[ph.name].no_sync()
+                with sync:
+                    with amp:
+                        loss, part_logs = stage.loss(model, parts, batch, step, ph.name)
+                    (loss / len(batches)).backward()
+                total += float(loss.detach()) / len(batches)
+                for k, v in part_logs.items():
+                    logs[k] = logs.get(k, 0.0) + float(v) / len(batches)
+            params = [p for p in ph.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            finite = math.isfinite(total) and bool(torch.isfinite(norm))
+            if not dist.all_true(finite, device):
+                opt.zero_grad(set_to_none=True)
+                skipped = True
+                continue
+            opt.step()
+            schedulers[ph.name].step()  # each phase's schedule counts its own optimizer steps
+            logs[f"{ph.name}/loss"] = total
+            logs[f"{ph.name}/grad_norm"] = float(norm)
+            logs[f"{ph.name}/lr"] = opt.param_groups[0]["lr"]
+        if skipped:
+            nonfinite_total += 1
+            nonfinite_in_row += 1
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all)",
+                        step, nonfinite_in_row, nonfinite_total)
+            if nonfinite_in_row >= tc.max_nonfinite_in_row:
+                raise NonFiniteLossError(
+                    f"{nonfinite_in_row} steps in a row had a non-finite loss (train.max_nonfinite_in_row="
+                    f"{tc.max_nonfinite_in_row}); stopping at step {step}. Lower train.lr, check the data, "
+                    f"or resume from the last checkpoint {last_saved}")
+        else:
+            nonfinite_in_row = 0
+        ema.update(model)
+        logs.update(stage.after_step(model, step, batches))
+        step += 1
+        steps_since += 1
+        bar.update(1)
+
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            now = time.perf_counter()
+            logs = dist.mean_across_ranks(logs, device)
+            logs.update({"steps_per_s": steps_since / (now - t_last), "epoch": data.epoch,
+                         "nonfinite_total": nonfinite_total, "failed_samples": data.failed_total})
+            t_last, steps_since = now, 0
+            metrics.write(step, logs)
+            main_loss = logs.get(f"{phases[0].name}/loss")
+            if main_loss is not None:
+                bar.set_postfix(loss=f"{main_loss:.4f}")
+        if info.is_main and tc.preview_every > 0 and step % tc.preview_every == 0:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                shadow = copy.deepcopy(model)
+                ema.copy_to(shadow)
+                shadow.eval()
+                stage.preview(shadow, preview_batch, run_dir / "previews", step)
+                del shadow
+        if val_dataset is not None and info.is_main and step % tc.eval_every == 0:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                shadow = copy.deepcopy(model)
+                ema.copy_to(shadow)
+                shadow.eval()
+                values = stage.evaluate(shadow, eval_batches(val_dataset, tc.batch_size, tc.eval_batches))
+                del shadow
+            metrics.write(step, {f"eval/{k}": v for k, v in values.items()})
+            log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        stop = dist.any_true(preempt.requested, device)
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop:
+            last_saved = save()
+        if stop:
+            log.warning("SIGTERM received: checkpoint saved at step %d, exiting", step)
+            break
+    bar.close()
+    metrics.close()
+    return last_saved if last_saved is not None else save()

@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="kvideo",
+    version="0.1.0",
+    description="Cascaded text-to-video latent diffusion in the recipe of Kandinsky Video 1.1, with training code",
+    packages=find_packages(include=["kvideo", "kvideo.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch", "torchvision", "einops", "omegaconf", "open-clip-torch", "opencv-python",
+        "scenedetect", "av", "webdataset", "safetensors", "numpy", "tqdm",
+    ],
+    extras_require={
+        "xformers": ["xformers"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+)
