@@ -36,3 +36,25 @@ def build_model(cfg) -> nn.Module:
     from kvideo.config import model_config
 
     return MODELS[cfg.model.name].build(model_config(cfg))
+
+
+def count_parameters(model: nn.Module) -> Dict[str, Any]:
+    """{"total_params", "trainable_params", "modules": {top-level child: count}}, plus
+    "temporal_params" for models with temporal layers (a `temporal_parameters()` method)."""
+    info: Dict[str, Any] = {
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "modules": {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()},
+    }
+    if hasattr(model, "temporal_parameters"):
+        info["temporal_params"] = sum(p.numel() for p in model.temporal_parameters())
+    return info
+
+
+def model_info(cfg) -> Dict[str, Any]:
+    """Parameter counts of the model a config names, built on the meta device (no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return {"model": cfg.model.name, "size": cfg.model.size, **count_parameters(model)}

@@ -1,11 +1,15 @@
 """Typed configs: every config builds, typos and wrong types are rejected by name."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from kvideo.config import ConfigError, load_config, model_config, to_plain
 from kvideo.models.movq import MovqConfig
+from kvideo.registry import model_info
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -16,10 +20,22 @@ def test_there_are_configs():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
-def test_every_config_loads(path):
+def test_every_config_builds(path):
+    """Every config loads, and its model builds (on the meta device: no memory, no time)."""
     cfg = load_config([path], require_complete=False)
-    assert cfg.stage
-    assert isinstance(model_config(cfg), object)
+    info = model_info(cfg)
+    assert info["total_params"] > 0 and info["total_params"] == sum(info["modules"].values())
+
+
+def test_model_info_tool_on_the_released_movq():
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "model_info.py"),
+                          str(ROOT / "configs" / "movq" / "kandinsky.yaml"), "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    info = json.loads(out)
+    assert abs(info["total_params"] / 270.6e6 - 1) < 0.02
+    assert abs(info["modules"]["encoder"] / 109.5e6 - 1) < 0.02
+    assert abs(info["modules"]["decoder"] / 161.1e6 - 1) < 0.02
+    assert info["trainable_params"] == info["total_params"]
 
 
 def _write(tmp_path, text):

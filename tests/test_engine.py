@@ -153,3 +153,11 @@ def test_ddp_two_processes_on_gloo(tmp_path, shapes_shards):
     assert ts["step"] == 3 and len(ts["rng"]) == 2 and [d["batches_done"] for d in ts["data"]] == [3, 3]
     # the two ranks drew different random streams
     assert not torch.equal(ts["rng"][0]["torch"], ts["rng"][1]["torch"])
+
+
+def test_gradient_accumulation_and_checkpointing_switch(tmp_path, shapes_shards):
+    """grad_accum micro-batches per step; activation checkpointing on: a run still trains."""
+    last = train(_cfg(tmp_path / "run", shapes_shards, **{
+        "train.max_steps": 2, "train.grad_accum": 2, "train.grad_checkpointing": True, "train.eval_every": 0}))
+    ts = torch.load(last / "train_state.pt", weights_only=True)
+    assert ts["step"] == 2 and ts["data"][0]["batches_done"] == 4

@@ -9,25 +9,8 @@ With --json: {"model": name, "total_params", "trainable_params", "modules": {chi
 import json
 import sys
 
-import torch
-
 from kvideo.config import ConfigError, load_config
-from kvideo.registry import build_model
-
-
-def model_info(cfg) -> dict:
-    with torch.device("meta"):
-        model = build_model(cfg)
-    info = {
-        "model": cfg.model.name,
-        "size": cfg.model.size,
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "modules": {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()},
-    }
-    if hasattr(model, "temporal_parameters"):
-        info["temporal_params"] = sum(p.numel() for p in model.temporal_parameters())
-    return info
+from kvideo.registry import model_info
 
 
 def main(argv):

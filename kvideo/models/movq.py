@@ -475,14 +475,20 @@ class MoVQ(GradCheckpointMixin, nn.Module):
         return self.decoder(self.post_quant_conv(z), z)
 
     def forward(
-        self, x: torch.Tensor, quantize: bool = True
+        self, x: torch.Tensor, quantize: bool = True, decode_continuous: bool = False
     ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-        """Reconstruct x. quantize=False skips the codebook: vq_loss is 0 and info is empty."""
+        """Reconstruct x.
+
+        quantize=False skips the codebook: vq_loss is 0 and info is empty.
+        decode_continuous=True still quantises (the codebook and commitment losses train the
+        codebook and pull z towards it) but decodes the continuous z, the latent the diffusion
+        stages decode at inference.
+        """
         z = self.encode(x)
         if not quantize:
             return self.decode(z), z.new_zeros(()), {}
         zq, vq_loss, info = self.quantize(z)
-        return self.decode(zq), vq_loss, info
+        return self.decode(z if decode_continuous else zq), vq_loss, info
 
     def last_layer_weight(self) -> torch.Tensor:
         """The decoder's output conv weight, for the adaptive GAN loss weight."""

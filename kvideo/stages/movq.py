@@ -44,7 +44,10 @@ class MovqLossConfig:
     disc_lr: Optional[float] = None  # None: train.lr
     disc_betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
     dead_code_every: int = 200  # 0 disables dead-code restarts
-    train_quantized: bool = True  # decode the quantised latent in training (MoVQGAN); else continuous
+    # Share of training batches whose decoder input is the quantised latent (MoVQGAN: 1.0); the
+    # others decode the continuous latent, the one the diffusion stages decode at inference. The
+    # codebook and commitment losses apply to every batch.
+    quantize_prob: float = 1.0
 
 
 class MovqTrainModule(nn.Module):
@@ -107,7 +110,8 @@ class MovqStage(Stage):
             d_loss = hinge_d_loss(parts["disc"](x), parts["disc"](recon))
             return d_loss, {"disc/hinge": d_loss.detach()}
 
-        recon, vq_loss, info = parts["ae"](x, quantize=self.lc.train_quantized)
+        continuous = bool(torch.rand(()) >= self.lc.quantize_prob)
+        recon, vq_loss, info = parts["ae"](x, decode_continuous=continuous)
         recon = recon.float()
         rec = self.lc.mse_weight * F.mse_loss(recon, x)
         logs = {"ae/mse": F.mse_loss(recon.detach(), x), "ae/vq": vq_loss.detach()}

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from kvideo import registry
 from kvideo.config import to_plain, to_yaml
 from kvideo.data.shards import TrainData, build_dataset, eval_batches
 from kvideo.stages.base import Phase, Stage
@@ -62,15 +63,6 @@ def lr_factor(step: int, train_cfg: DictConfig) -> float:
     if train_cfg.schedule == "linear":
         return floor + (1 - floor) * (1 - progress)
     raise ValueError(f"train.schedule must be constant, cosine or linear, got '{train_cfg.schedule}'")
-
-
-def count_params(model: nn.Module) -> Dict[str, int]:
-    """Total and trainable parameter counts, and the count of each top-level submodule."""
-    out = {"total": sum(p.numel() for p in model.parameters()),
-           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    for name, child in model.named_children():
-        out[f"module.{name}"] = sum(p.numel() for p in child.parameters())
-    return out
 
 
 def rng_state(device: torch.device) -> dict:
@@ -146,8 +138,6 @@ def train(cfg: DictConfig, stage_cls: Optional[type] = None) -> Path:
     Exits early (after a checkpoint) on SIGTERM. Raises NonFiniteLossError when too many steps
     in a row produce a non-finite loss.
     """
-    from kvideo import registry
-
     stage_cls = stage_cls or registry.STAGES[cfg.stage]
     tc = cfg.train
     info = dist.init_distributed(tc.device)
@@ -180,8 +170,9 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
         if not hasattr(model, "set_grad_checkpointing"):
             raise ValueError(f"train.grad_checkpointing is on but model '{cfg.model.name}' has no set_grad_checkpointing")
         model.set_grad_checkpointing(True)
-    counts = count_params(model)
-    log.info("parameters: %s", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+    counts = registry.count_parameters(model)
+    log.info("parameters: total %.2fM, trainable %.2fM (%s)", counts["total_params"] / 1e6,
+             counts["trainable_params"] / 1e6, ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts["modules"].items()))
 
     phases: List[Phase] = stage.phases(model)
     optimizers, schedulers = {}, {}
