@@ -2,7 +2,6 @@
 
 import io
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import numpy as np
@@ -17,7 +16,8 @@ from kvideo.data.video_io import (
     write_video,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA
+
 BBB = DATA / "bigbuckbunny.mp4"
 CARPHONE = DATA / "carphone_pristine.mp4"
 
