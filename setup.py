@@ -12,6 +12,6 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "diffusers"],
     },
 )

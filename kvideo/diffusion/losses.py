@@ -1,0 +1,71 @@
+"""The denoising training loss, independent of the network.
+
+    loss, info = training_loss(model_fn, schedule, x0, target="v", generator=g, weighting="min_snr")
+    loss.mean().backward()
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .schedule import Schedule, check_target
+
+
+def min_snr_weight(snr: torch.Tensor, target: str, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023) for a model predicting `target`, float64.
+
+    The x0-space weight min(SNR, gamma) is rewritten for the target's own MSE, using
+    |x0 - x0'|^2 = |eps - eps'|^2 / SNR = |v - v'|^2 / (SNR + 1):
+      x0: min(SNR, gamma);  eps: min(SNR, gamma) / SNR = min(1, gamma / SNR);
+      v:  min(SNR, gamma) / (SNR + 1).
+    All are finite for SNR in [0, inf] (eps at SNR 0 gives 1, the limit).
+    """
+    check_target(target)
+    snr = snr.double()
+    if target == "x0":
+        return snr.clamp(max=gamma)
+    if target == "eps":
+        return (gamma / snr).clamp(max=1.0)  # gamma / 0 = inf -> 1
+    return snr.clamp(max=gamma) / (snr + 1.0)
+
+
+def training_loss(model_fn: Callable[..., torch.Tensor], schedule: Schedule, x0: torch.Tensor, *, target: str,
+                  generator: torch.Generator | None = None, weighting: str | None = None, min_snr_gamma: float = 5.0,
+                  t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                  model_kwargs: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """Per-sample denoising loss E|model(x_t, t) - target|^2 for a batch of clean x0.
+
+    Draws t ~ U{0, ..., T-1} of shape (b,) and then eps ~ N(0, I) from `generator` (in that
+    order, on the generator's device) unless `t` / `noise` are given; forms
+    x_t = q_sample(x0, t, eps); calls `model_fn(x_t, t, **model_kwargs)`; returns
+    (loss of shape (b,), info) where the loss is the mean squared error over all non-batch
+    dims, times the weight (1, or `min_snr_weight` when weighting="min_snr").
+    info holds t, noise, x_t, pred, target and weight (all detached).
+    """
+    check_target(target)
+    if weighting not in (None, "min_snr"):
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected None or 'min_snr'")
+    b = x0.shape[0]
+    gen_device = generator.device if generator is not None else x0.device
+    if t is None:
+        t = torch.randint(0, schedule.num_steps, (b,), generator=generator, device=gen_device)
+    t = t.to(x0.device).long()
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
+    noise = noise.to(x0.device)
+
+    x_t = schedule.q_sample(x0, t, noise)
+    pred = model_fn(x_t, t, **(model_kwargs or {}))
+    tgt = schedule.target_for(x0, noise, t, target)
+    mse = (pred.float() - tgt.float()).pow(2).flatten(1).mean(dim=1)  # (b,)
+
+    if weighting == "min_snr":
+        weight = min_snr_weight(schedule.snr(t), target, min_snr_gamma).to(mse.dtype)
+    else:
+        weight = torch.ones_like(mse)
+    loss = weight * mse
+    info = {"t": t, "noise": noise, "x_t": x_t.detach(), "pred": pred.detach(), "target": tgt.detach(),
+            "weight": weight.detach(), "mse": mse.detach()}
+    return loss, info

@@ -1,0 +1,304 @@
+"""kvideo.diffusion against diffusers' schedulers (a dev dependency), plus its own identities."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as their_rescale
+
+from kvideo.diffusion import (
+    Schedule, betas_for, dynamic_threshold, min_snr_weight, sample_ddim, sample_ddpm, sample_dpmpp_2m, training_loss,
+)
+
+SCHEDULE_KW = {
+    "squaredcos_cap_v2": {},
+    "linear": {"beta_start": 1e-4, "beta_end": 0.02},
+    "scaled_linear": {"beta_start": 0.00085, "beta_end": 0.012},
+}
+DIFFUSERS_TARGET = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+SHAPE = (2, 4, 3, 6, 6)  # (b, c, f, h, w)
+
+
+def model_fn(x, t):
+    """A fixed analytic 'network': nonlinear in x and dependent on t; t is (b,) or a scalar."""
+    t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return 0.1 * x * (1 + t / 1000) + 0.05 * torch.sin(3 * x)
+
+
+def ours_and_theirs(name, zero_snr, cls, **config):
+    ours = Schedule.from_name(name, zero_terminal_snr=zero_snr, steps_offset=config.get("steps_offset", 0),
+                              **SCHEDULE_KW[name])
+    theirs = cls(beta_schedule=name, rescale_betas_zero_snr=zero_snr, **SCHEDULE_KW[name], **config)
+    return ours, theirs
+
+
+def x_T(seed=0):
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_close(a, b, tol=1e-5):
+    err = (a.double() - b.double()).abs().max().item()
+    scale = max(1.0, b.double().abs().max().item())
+    assert err <= tol * scale, f"max abs error {err:.3g} (scale {scale:.3g})"
+
+
+# ----------------------------------------------------------------------------- schedules
+
+@pytest.mark.parametrize("name", list(SCHEDULE_KW))
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_alphas_cumprod_match_diffusers(name, zero_snr):
+    """1e-6 relative against diffusers' formulas evaluated in float64; float32 rounding against its scheduler."""
+    ours, theirs = ours_and_theirs(name, zero_snr, DDPMScheduler)
+    a = ours.alphas_cumprod
+    assert a.dtype == torch.float64
+    # diffusers' betas are float32: ours must round to them
+    their_betas = ours_and_theirs(name, False, DDPMScheduler)[1].betas.double()
+    our_betas = betas_for(name, **SCHEDULE_KW[name])
+    assert ((our_betas - their_betas).abs() / their_betas).max() < 1e-6
+    # float64 reference: diffusers' linspace formulas in float64, our cosine betas (checked just above),
+    # diffusers' own rescale function applied in float64
+    if name == "linear":
+        ref_betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    elif name == "scaled_linear":
+        ref_betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    else:
+        ref_betas = our_betas
+    if zero_snr:
+        ref_betas = their_rescale(ref_betas)
+    ref = torch.cumprod(1 - ref_betas, 0)
+    nz = ref > 0
+    assert ((a[nz] - ref[nz]).abs() / ref[nz]).max() < 1e-6
+    assert (a - ref).abs().max() < 1e-12
+    # against the float32 scheduler itself (which accumulates rounding error in its cumprod)
+    b = theirs.alphas_cumprod.double()
+    assert (a - b).abs().max() < 1e-6 and ((a - b).abs() / b)[b > 0].max() < 1e-4
+    if zero_snr:
+        assert a[-1] == 0 and ours.snr()[-1] == 0 and torch.isclose(a[0], torch.cumprod(1 - our_betas, 0)[0])
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [1, 10, 15, 50, 999])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_timesteps_match_diffusers(spacing, steps, offset):
+    for cls in (DDPMScheduler, DDIMScheduler):
+        ours, theirs = ours_and_theirs("linear", False, cls, timestep_spacing=spacing, steps_offset=offset)
+        theirs.set_timesteps(steps)
+        assert ours.timesteps(steps, spacing).tolist() == theirs.timesteps.tolist()
+    if spacing == "trailing":  # DPM-Solver uses its own leading/linspace variants; trailing is shared
+        ours, theirs = ours_and_theirs("linear", False, DPMSolverMultistepScheduler, timestep_spacing=spacing)
+        theirs.set_timesteps(steps)
+        assert ours.timesteps(steps, spacing).tolist() == theirs.timesteps.tolist()
+
+
+def test_reference_timesteps():
+    s = Schedule.from_name("squaredcos_cap_v2")
+    assert s.timesteps(50, "leading")[[0, -1]].tolist() == [980, 0]
+    assert s.timesteps(10, "trailing").tolist() == list(range(999, 0, -100))
+
+
+# ----------------------------------------------------------------------------- q and targets
+
+def test_q_sample_statistics():
+    s = Schedule.from_name("squaredcos_cap_v2")
+    g = torch.Generator().manual_seed(1)
+    n = 200_000
+    x0 = torch.full((n, 1), 0.7, dtype=torch.float64)
+    for t in (0, 300, 700, 999):
+        tt = torch.full((n,), t)
+        xt = s.q_sample(x0, tt, torch.randn(n, 1, generator=g, dtype=torch.float64))
+        ab = s.alphas_cumprod[t].item()
+        assert abs(xt.mean().item() - math.sqrt(ab) * 0.7) < 5e-3
+        assert abs(xt.var().item() - (1 - ab)) < 1e-2
+    # per-element timesteps
+    x0 = torch.ones(3, 2)
+    xt = s.q_sample(x0, torch.tensor([0, 500, 999]), torch.zeros(3, 2))
+    assert torch.allclose(xt[:, 0], s.alphas_cumprod[[0, 500, 999]].sqrt().float())
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_target_conversions_invert(zero_snr):
+    s = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=zero_snr)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 250, 500, 998, 999 if not zero_snr else 997])
+    xt = s.q_sample(x0, t, eps)
+    for target in ("eps", "v", "x0"):
+        out = s.target_for(x0, eps, t, target)
+        assert torch.allclose(s.predict_x0(xt, t, out, target), x0, atol=1e-6)
+        assert torch.allclose(s.predict_eps(xt, t, out, target), eps, atol=1e-6)
+        assert torch.allclose(s.predict_v(xt, t, out, target), s.v_target(x0, eps, t), atol=1e-6)
+    if zero_snr:  # at SNR 0, v recovers x0 exactly: x_T = eps, v = -x0
+        tT = torch.full((6,), 999)
+        xT = s.q_sample(x0, tT, eps)
+        assert torch.allclose(s.predict_x0(xT, tT, s.v_target(x0, eps, tT), "v"), x0, atol=1e-12)
+
+
+def test_get_velocity_matches_diffusers():
+    ours, theirs = ours_and_theirs("scaled_linear", False, DDPMScheduler)
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    assert_close(ours.v_target(x0, eps, t), theirs.get_velocity(x0, eps, t))
+    assert_close(ours.q_sample(x0, t, eps), theirs.add_noise(x0, eps, t))
+
+
+# ----------------------------------------------------------------------------- losses
+
+@pytest.mark.parametrize("target", ["eps", "v", "x0"])
+def test_min_snr_weights(target):
+    for zero_snr in (False, True):
+        s = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=zero_snr)
+        w = min_snr_weight(s.snr(), target, 5.0)
+        assert torch.isfinite(w).all() and (w >= 0).all()
+        assert torch.isfinite(w[[0, -1]]).all()
+    # x0-space weight is min(SNR, gamma) whatever the target
+    snr = torch.tensor([0.1, 1.0, 5.0, 50.0], dtype=torch.float64)
+    factor = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[target]
+    assert torch.allclose(min_snr_weight(snr, target, 5.0) * factor, snr.clamp(max=5.0))
+
+
+def test_training_loss():
+    s = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)
+    x0 = torch.randn(4, 4, 2, 8, 8, generator=torch.Generator().manual_seed(4))
+    calls = {}
+
+    def net(x, t, cond=None):
+        calls["cond"] = cond
+        assert t.shape == (4,) and t.dtype == torch.long
+        return torch.zeros_like(x)
+
+    for target in ("eps", "v", "x0"):
+        for weighting in (None, "min_snr"):
+            l1, info = training_loss(net, s, x0, target=target, generator=torch.Generator().manual_seed(5),
+                                     weighting=weighting, model_kwargs={"cond": 7})
+            l2, _ = training_loss(net, s, x0, target=target, generator=torch.Generator().manual_seed(5),
+                                  weighting=weighting, model_kwargs={"cond": 7})
+            assert l1.shape == (4,) and torch.isfinite(l1).all() and torch.equal(l1, l2) and calls["cond"] == 7
+            expect = info["target"].pow(2).flatten(1).mean(1) * info["weight"]
+            assert torch.allclose(l1, expect)
+    # a perfect model has zero loss; explicit t / noise are used as given
+    t = torch.tensor([0, 1, 500, 999])
+    noise = torch.randn_like(x0)
+    perfect = lambda x, tt: s.target_for(x0, noise, tt, "v")  # noqa: E731
+    loss, info = training_loss(perfect, s, x0, target="v", t=t, noise=noise, weighting="min_snr")
+    assert torch.equal(info["t"], t) and loss.abs().max() < 1e-10
+
+
+# ----------------------------------------------------------------------------- thresholding
+
+def test_dynamic_threshold_matches_diffusers_and_spec():
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(3, 4, 2, 8, 8, generator=g) * torch.tensor([0.3, 2.0, 8.0]).view(3, 1, 1, 1, 1)
+    sched = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=4.0)
+    assert_close(dynamic_threshold(x0, 0.995, max_value=4.0), sched._threshold_sample(x0), 1e-6)
+    y = dynamic_threshold(x0, 0.995)
+    # sample 0 (|x| mostly < 1): s = 1, plain clipping; others: scaled into [-1, 1], the top 0.5% saturated
+    assert torch.equal(y[0], x0[0].clamp(-1, 1))
+    for i in (1, 2):
+        s = torch.quantile(x0[i].abs().flatten(), 0.995)
+        assert s > 1 and torch.allclose(y[i], x0[i].clamp(-s, s) / s)
+        assert y[i].abs().max() <= 1 + 1e-6
+        assert ((y[i].abs() > 1 - 1e-6).float().mean() - 0.005).abs() < 0.005
+
+
+# ----------------------------------------------------------------------------- trajectories
+
+def run_diffusers(sched, x, steps, target_kw, generator=None, timesteps=None, **step_kw):
+    if timesteps is not None:
+        sched.set_timesteps(timesteps=timesteps)
+    else:
+        sched.set_timesteps(steps)
+    for t in sched.timesteps:
+        x = sched.step(model_fn(x, t), t, x, generator=generator, **step_kw).prev_sample
+    return x
+
+
+def with_targets(cases):
+    """(target, case) pairs; eps-prediction is undefined at SNR 0 (x0 = (x - eps) / 0), so zero-SNR cases use v only."""
+    return [(target, case) for case in cases for target in ("eps", "v") if not (case[1] and target == "eps")]
+
+
+@pytest.mark.parametrize("target,case", with_targets([
+    ("squaredcos_cap_v2", False, "leading", 50, 1), ("scaled_linear", False, "leading", 15, 0),
+    ("squaredcos_cap_v2", True, "trailing", 10, 0), ("linear", False, "trailing", 50, 0)]))
+def test_ddim_trajectory_matches_diffusers(target, case):
+    name, zero_snr, spacing, steps, offset = case
+    ours, theirs = ours_and_theirs(name, zero_snr, DDIMScheduler, timestep_spacing=spacing, steps_offset=offset,
+                                   clip_sample=False, prediction_type=DIFFUSERS_TARGET[target])
+    seen = []
+    a = sample_ddim(model_fn, ours, x_T(), steps=steps, spacing=spacing, target=target,
+                    callback=lambda i, n, t, x: seen.append((i, n, t)))
+    b = run_diffusers(theirs, x_T(), steps, target)
+    assert_close(a, b)
+    assert [s[2] for s in seen] == theirs.timesteps.tolist() and seen[-1][:2] == (steps - 1, steps)
+
+
+@pytest.mark.parametrize("target,case", with_targets([
+    ("squaredcos_cap_v2", False, "trailing", 15), ("squaredcos_cap_v2", True, "trailing", 15),
+    ("scaled_linear", False, "leading", 15), ("linear", False, "linspace", 10), ("squaredcos_cap_v2", False, "leading", 50)]))
+def test_dpmpp_2m_trajectory_matches_diffusers(target, case):
+    name, zero_snr, spacing, steps = case
+    ours, theirs = ours_and_theirs(name, zero_snr, DPMSolverMultistepScheduler, solver_order=2,
+                                   algorithm_type="dpmsolver++", prediction_type=DIFFUSERS_TARGET[target])
+    a = sample_dpmpp_2m(model_fn, ours, x_T(), steps=steps, spacing=spacing, target=target)
+    # DPM-Solver's own "leading"/"linspace" differ from DDPM's: hand it our timesteps explicitly
+    b = run_diffusers(theirs, x_T(), steps, target, timesteps=ours.timesteps(steps, spacing).tolist())
+    # Zero terminal SNR: diffusers replaces alpha_bar_T = 0 by 2**-24 everywhere, so its x0 at T is
+    # 2**-12 * x_T - sigma * v; ours keeps the exact x0 = -v (only the solver's lambda uses 2**-24).
+    # The difference is O(2**-12 |x_T|) ~ 1e-4, hence the looser tolerance in that case only.
+    assert_close(a, b, 5e-4 if zero_snr else 1e-5)
+
+
+@pytest.mark.parametrize("target,case", with_targets([
+    ("squaredcos_cap_v2", False, "leading", 50, None), ("scaled_linear", False, "trailing", 15, None),
+    ("squaredcos_cap_v2", True, "trailing", 10, None), ("squaredcos_cap_v2", False, "leading", 10, 0.995)]))
+def test_ddpm_trajectory_matches_diffusers(target, case):
+    """Exact noise alignment: both draw torch.randn(shape, generator) once per step, in the same order."""
+    name, zero_snr, spacing, steps, thresh = case
+    ours, theirs = ours_and_theirs(name, zero_snr, DDPMScheduler, timestep_spacing=spacing, clip_sample=False,
+                                   variance_type="fixed_small_log", prediction_type=DIFFUSERS_TARGET[target],
+                                   thresholding=thresh is not None, dynamic_thresholding_ratio=thresh or 0.995,
+                                   sample_max_value=2.0)
+    a = sample_ddpm(model_fn, ours, x_T(), steps=steps, spacing=spacing, target=target, variance="fixed_small_log",
+                    generator=torch.Generator().manual_seed(7), dynamic_threshold=thresh, threshold_max=2.0)
+    b = run_diffusers(theirs, x_T(), steps, target, generator=torch.Generator().manual_seed(7))
+    assert_close(a, b)
+    c = sample_ddpm(model_fn, ours, x_T(), steps=steps, spacing=spacing, target=target,
+                    generator=torch.Generator().manual_seed(7), dynamic_threshold=thresh, threshold_max=2.0)
+    assert torch.equal(a, c)
+    d = sample_ddpm(model_fn, ours, x_T(), steps=steps, spacing=spacing, target=target,
+                    generator=torch.Generator().manual_seed(8), dynamic_threshold=thresh, threshold_max=2.0)
+    assert not torch.allclose(a, d)
+
+
+def test_ddim_eta_and_clipping_branches():
+    s = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)
+    kw = dict(steps=10, spacing="trailing", target="v")
+    a = sample_ddim(model_fn, s, x_T(), eta=1.0, generator=torch.Generator().manual_seed(9), **kw)
+    b = sample_ddim(model_fn, s, x_T(), eta=1.0, generator=torch.Generator().manual_seed(9), **kw)
+    c = sample_ddim(model_fn, s, x_T(), eta=0.0, **kw)
+    assert torch.equal(a, b) and not torch.allclose(a, c) and torch.isfinite(a).all()
+    # with clipping, our DDIM equals diffusers' use_clipped_model_output=True
+    ours, theirs = ours_and_theirs("scaled_linear", False, DDIMScheduler, timestep_spacing="leading",
+                                   clip_sample=True, clip_sample_range=0.5, prediction_type="epsilon")
+    a = sample_ddim(model_fn, ours, 3 * x_T(), steps=15, spacing="leading", target="eps", clip_x0=0.5)
+    b = run_diffusers(theirs, 3 * x_T(), 15, "eps", use_clipped_model_output=True)
+    assert_close(a, b)
+    x = sample_dpmpp_2m(model_fn, s, x_T(), dynamic_threshold=0.995, **kw)
+    assert torch.isfinite(x).all() and x.abs().max() <= 1 + 1e-5  # the last step returns the thresholded x0
+
+
+@pytest.mark.parametrize("spacing,steps", [("trailing", 15), ("linspace", 10)])
+def test_ddim_steps_along_the_list(spacing, steps):
+    """Where diffusers' DDIM steps to t - T // n instead of the next listed timestep (a known quirk: it
+    disagrees with its own list for these spacings), our DDIM still equals DDIM written as first-order
+    DPM-Solver++ over the same list, which diffusers computes along the list."""
+    ours, theirs = ours_and_theirs("linear", False, DPMSolverMultistepScheduler, solver_order=1,
+                                   algorithm_type="dpmsolver++", prediction_type="epsilon")
+    a = sample_ddim(model_fn, ours, x_T(), steps=steps, spacing=spacing, target="eps")
+    b = run_diffusers(theirs, x_T(), steps, "eps", timesteps=ours.timesteps(steps, spacing).tolist())
+    assert_close(a, b)
+    _, ddim = ours_and_theirs("linear", False, DDIMScheduler, timestep_spacing=spacing, clip_sample=False)
+    assert not torch.allclose(a, run_diffusers(ddim, x_T(), steps, "eps"), atol=1e-3)
