@@ -1,0 +1,373 @@
+"""Text encoder: an open_clip text tower, a trainable projection and a learned null embedding.
+
+    prompts: list[str]
+      -> open_clip SimpleTokenizer: [sot, bpe..., eot, 0, 0, ...]          ids (b, n), n = context_length
+      -> text tower (token + position embedding, causal transformer, ln_final)
+                                                                        hidden (b, n, width)  per token
+      -> projection Linear(width, out_dim) + LayerNorm(out_dim), padding zeroed
+                                                                        tokens (b, n, out_dim), mask (b, n)
+
+Kandinsky 3 uses the Flan-UL2 encoder (4096-d, 128 tokens) followed by a trained
+Linear + LayerNorm; this project uses an open_clip text tower in its place. The UNet attends to
+every token, so the encoder returns the per-token hidden states after the tower's final
+LayerNorm (not the pooled, projected CLIP embedding; the tower's own `text_projection` is kept
+only so that open_clip checkpoints load as they are, and is never used). The mask is True from
+the start token to the end token inclusive and False on padding.
+
+The unconditional context (classifier-free guidance, caption dropout) follows the release: a
+learned `null_embedding` (1, out_dim) at token 0, zeros elsewhere, and a mask that is True at
+token 0 only. An empty prompt is a ValueError, never a silent unconditional: the guidance branch
+asks for `null_context(b)` by name, so a missing caption in the data cannot turn into it.
+
+The tower is usually frozen: its parameters get no gradients, it stays in eval mode whatever
+`train()` says, and it runs under `torch.no_grad()`. The projection and the null embedding are
+trained with the diffusion model. Since a frozen tower is a fixed function of the prompt, its
+hidden states can be computed once (`precompute_text_embeddings`) and read back
+(`TextEmbeddingCache`), so that training skips the tower and only runs `project`.
+
+Weights are never downloaded: `arch` only names an open_clip architecture, `weights` is a local
+file. The BPE vocabulary ships inside the open_clip package.
+
+Sections: config, encoder, embedding cache, named sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from open_clip.factory import get_model_config
+from open_clip.model import CLIPTextCfg, _build_text_tower
+from open_clip.tokenizer import SimpleTokenizer
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+# The "tiny" architecture: a randomly initialised tower for ShapesWorld and the tests.
+TINY_TEXT_TOWER = dict(width=64, layers=2, heads=2)
+
+
+@dataclass
+class TextEncoderConfig:
+    """Text tower, tokenisation and projection. The defaults are the tiny ShapesWorld encoder."""
+
+    arch: str = "tiny"  # an open_clip model name ("ViT-H-14", "ViT-B-32") or "tiny"
+    weights: Optional[str] = None  # local open_clip checkpoint / state dict; None = random init
+    context_length: Optional[int] = 32  # tokens per prompt incl. sot/eot; None = the arch's (77)
+    frozen: bool = True  # tower: no grads, always eval, run under no_grad
+    out_dim: int = 64  # the UNet's context size
+    truncate: bool = True  # too-long prompts: warn and truncate (True) or ValueError (False)
+
+
+def _tower_cfg(cfg: TextEncoderConfig) -> Tuple[CLIPTextCfg, bool]:
+    """The open_clip text config of `cfg.arch` and whether it uses QuickGELU."""
+    if cfg.arch == "tiny":
+        return CLIPTextCfg(context_length=cfg.context_length or 77, **TINY_TEXT_TOWER), False
+    if ":" in cfg.arch:
+        raise ValueError(f"text encoder arch {cfg.arch!r}: hub / schema names are not allowed, "
+                         "name a built-in open_clip architecture and pass a local `weights` file")
+    model_cfg = get_model_config(cfg.arch)
+    if model_cfg is None:
+        raise ValueError(f"unknown open_clip architecture {cfg.arch!r}")
+    text_cfg = CLIPTextCfg(**model_cfg["text_cfg"])
+    if text_cfg.hf_model_name:
+        raise ValueError(f"{cfg.arch!r} has a Hugging Face text tower ({text_cfg.hf_model_name}), "
+                         "which open_clip would download; only open_clip TextTransformer towers are supported")
+    return text_cfg, bool(model_cfg.get("quick_gelu", False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder
+# ----------------------------------------------------------------------------------------------
+
+
+class TextEncoder(nn.Module):
+    """prompts -> (tokens (b, n, out_dim), mask (b, n) bool), n = context_length."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        text_cfg, quick_gelu = _tower_cfg(cfg)
+        self.context_length = cfg.context_length or text_cfg.context_length
+        if self.context_length > text_cfg.context_length:
+            raise ValueError(f"context_length {self.context_length} exceeds the {text_cfg.context_length} "
+                             f"positions of the {cfg.arch!r} text tower")
+        if self.context_length < 3:
+            raise ValueError(f"context_length {self.context_length} leaves no room for a token between sot and eot")
+        # embed_dim only sizes the tower's pooled projection, which is kept for checkpoint
+        # compatibility and never used.
+        self.tower = _build_text_tower(text_cfg.width, text_cfg, quick_gelu=quick_gelu)
+        self.width = text_cfg.width
+        self.tokenizer = SimpleTokenizer(context_length=self.context_length)
+        if self.tokenizer.vocab_size > text_cfg.vocab_size:
+            raise ValueError(f"tokenizer vocabulary ({self.tokenizer.vocab_size}) exceeds the tower's ({text_cfg.vocab_size})")
+
+        self.proj = nn.Linear(self.width, cfg.out_dim)
+        self.norm = nn.LayerNorm(cfg.out_dim)
+        # Unit scale, like the LayerNorm'd tokens it stands in for.
+        self.null_embedding = nn.Parameter(torch.randn(1, cfg.out_dim))
+
+        if cfg.weights is not None:
+            self.load_tower_weights(cfg.weights)
+        if cfg.frozen:
+            self.tower.requires_grad_(False)
+            self.tower.eval()
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def load_tower_weights(self, path: str) -> None:
+        """Load the text tower from a local open_clip checkpoint, a full CLIP state dict (text keys
+        at the top level, `visual.*` ignored), a CustomTextCLIP one (`text.*`) or a tower state dict."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"text encoder weights {str(path)!r} not found")
+        if path.suffix == ".safetensors":
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+        sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+        if any(k.startswith("text.") for k in sd):
+            sd = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}
+        own = self.tower.state_dict()
+        missing = sorted(k for k in own if k not in sd)
+        if missing:
+            raise KeyError(f"text encoder weights {str(path)!r} lack {len(missing)} text-tower keys of "
+                           f"{self.cfg.arch!r}: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        picked = {k: sd[k] for k in own}
+        pos = picked["positional_embedding"]
+        if pos.shape[0] > own["positional_embedding"].shape[0]:  # e.g. tiny tower saved with a longer context
+            picked["positional_embedding"] = pos[: own["positional_embedding"].shape[0]]
+        wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in picked.items() if v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"text encoder weights {str(path)!r} do not fit {self.cfg.arch!r}: {wrong[:8]}")
+        self.tower.load_state_dict(picked)
+
+    # -- modes ---------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        super().train(mode)
+        if self.cfg.frozen:
+            self.tower.eval()  # a frozen tower never enters train mode (no dropout, fixed outputs)
+        return self
+
+    # -- tokenisation ----------------------------------------------------------------------------
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """prompts -> ids (b, context_length) long: [sot, bpe..., eot] then zeros."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, got a single string")
+        empty = [i for i, p in enumerate(prompts) if not p.strip()]
+        if empty:
+            raise ValueError(f"empty prompt(s) at batch index {empty[:8]}: an empty prompt is not the unconditional "
+                             "context; use TextEncoder.null_context(batch_size) for the guidance / dropout branch")
+        sot, eot, n = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id, self.context_length
+        ids = torch.zeros(len(prompts), n, dtype=torch.long)
+        too_long = []
+        for i, prompt in enumerate(prompts):
+            body = self.tokenizer.encode(prompt)
+            if len(body) + 2 > n:
+                if not self.cfg.truncate:
+                    raise ValueError(f"prompt {i} has {len(body) + 2} tokens (with sot/eot), more than the context "
+                                     f"length {n}; shorten it or set truncate=True: {prompt[:80]!r}")
+                too_long.append(len(body) + 2)
+                body = body[: n - 2]  # keep room for the eot token
+            row = [sot, *body, eot]
+            ids[i, : len(row)] = torch.tensor(row)
+        if too_long:
+            warnings.warn(f"{len(too_long)} of {len(prompts)} prompts exceed the context length {n} "
+                          f"(up to {max(too_long)} tokens) and were truncated", stacklevel=3)
+        return ids
+
+    def token_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (b, n) -> mask (b, n) bool, True from sot to the first eot inclusive."""
+        is_eot = ids == self.tokenizer.eot_token_id
+        if not bool(is_eot.any(dim=1).all()):
+            raise ValueError("every row of token ids must contain an eot token")
+        last = is_eot.int().argmax(dim=1)  # first eot per row
+        return torch.arange(ids.shape[1], device=ids.device)[None] <= last[:, None]
+
+    # -- encoding --------------------------------------------------------------------------------
+
+    def encode_hidden(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ids (b, n) -> (hidden (b, n, width) after the tower's ln_final, mask (b, n)).
+
+        The tower's causal attention means a token never sees the padding after it, so
+        truncating n to the longest prompt would not change the real tokens."""
+        ids = ids.to(self.tower.token_embedding.weight.device)
+        n = ids.shape[1]
+        if n > self.tower.positional_embedding.shape[0]:
+            raise ValueError(f"{n} tokens exceed the tower's {self.tower.positional_embedding.shape[0]} positions")
+        mask = self.token_mask(ids)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.frozen):
+            t = self.tower
+            x = t.token_embedding(ids) + t.positional_embedding[:n]  # (b, n, width)
+            attn_mask = t.attn_mask[:n, :n] if t.attn_mask is not None else None
+            x = t.transformer(x, attn_mask=attn_mask)  # (b, n, width), batch first
+            x = t.ln_final(x)
+        return x, mask
+
+    def project(self, hidden: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (b, n, width), mask) -> (tokens (b, n, out_dim), mask); padding tokens are zero."""
+        hidden = hidden.to(self.proj.weight)
+        mask = mask.to(hidden.device)
+        tokens = self.norm(self.proj(hidden)) * mask[..., None]  # (b, n, out_dim)
+        return tokens, mask
+
+    def encode_tokens(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Precomputed ids (b, n) -> (tokens (b, n, out_dim), mask (b, n))."""
+        return self.project(*self.encode_hidden(ids))
+
+    def forward(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> (tokens (b, context_length, out_dim), mask (b, context_length) bool)."""
+        return self.encode_tokens(self.tokenize(prompts))
+
+    def null_context(self, batch_size: int, num_tokens: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional context: null_embedding at token 0, zeros after; mask True at token 0 only.
+        num_tokens defaults to context_length, so it concatenates with `forward`'s output."""
+        n = num_tokens or self.context_length
+        tokens = torch.zeros(batch_size, n, self.cfg.out_dim, device=self.null_embedding.device, dtype=self.null_embedding.dtype)
+        tokens[:, 0] = self.null_embedding[0]  # (b, n, out_dim); differentiable w.r.t. null_embedding
+        mask = torch.zeros(batch_size, n, dtype=torch.bool, device=tokens.device)
+        mask[:, 0] = True
+        return tokens, mask
+
+    # -- identity for caches -----------------------------------------------------------------------
+
+    def tower_fingerprint(self) -> str:
+        """A hash of everything the tower's hidden states depend on: the tokenisation settings,
+        the architecture and a strided sample of every weight (random towers differ too)."""
+        h = hashlib.sha256()
+        settings = dict(arch=self.cfg.arch, context_length=self.context_length, truncate=self.cfg.truncate, width=self.width)
+        h.update(json.dumps(settings, sort_keys=True).encode())
+        for name, value in sorted(self.tower.state_dict().items()):
+            flat = value.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+            h.update(name.encode())
+            h.update(str(tuple(value.shape)).encode())
+            h.update(sample.numpy().tobytes())
+        return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding cache
+# ----------------------------------------------------------------------------------------------
+
+
+def prompt_key(prompt: str) -> str:
+    """A stable key for a prompt (sha256 of its UTF-8 bytes)."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+@torch.no_grad()
+def precompute_text_embeddings(encoder: TextEncoder, prompts: Sequence[str], out_path: str,
+                               batch_size: int = 64, dtype: torch.dtype = torch.float32) -> int:
+    """Write the frozen tower's hidden states of `prompts` to a safetensors file, keyed by
+    `prompt_key`; each entry keeps only the real tokens (length, width). Returns the number of
+    distinct prompts written. The projection is not applied: it trains, the tower does not."""
+    if not encoder.cfg.frozen:
+        raise ValueError("caching a trainable text tower would go stale after the first step; set frozen=True")
+    unique = list(dict.fromkeys(prompts))
+    tensors: Dict[str, torch.Tensor] = {}
+    for start in range(0, len(unique), batch_size):
+        batch = unique[start: start + batch_size]
+        hidden, mask = encoder.encode_hidden(encoder.tokenize(batch))
+        for prompt, h, m in zip(batch, hidden, mask):
+            tensors[prompt_key(prompt)] = h[: int(m.sum())].to(dtype).cpu().contiguous()  # (len, width)
+    meta = {"fingerprint": encoder.tower_fingerprint(), "config": json.dumps(asdict(encoder.cfg), sort_keys=True),
+            "context_length": str(encoder.context_length), "width": str(encoder.width)}
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_path), metadata=meta)
+    return len(tensors)
+
+
+class TextEmbeddingCache:
+    """Tower hidden states read back from `precompute_text_embeddings`, checked against `encoder`.
+
+        cache = TextEmbeddingCache(encoder, path)
+        tokens, mask = cache(prompts)          # == encoder(prompts), without running the tower
+    """
+
+    def __init__(self, encoder: TextEncoder, path: str):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"text embedding cache {str(path)!r} not found")
+        self.encoder = encoder
+        self.path = path
+        self.entries, meta = load_text_embeddings(path)
+        if meta.get("fingerprint") != encoder.tower_fingerprint():
+            raise ValueError(f"stale text embedding cache {str(path)!r}: it was written by a different text tower "
+                             f"(cached config {meta.get('config')}, current {json.dumps(asdict(encoder.cfg), sort_keys=True)}); "
+                             "recompute it with precompute_text_embeddings")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, prompt: str) -> bool:
+        return prompt_key(prompt) in self.entries
+
+    def hidden(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> (hidden (b, context_length, width), mask (b, context_length)), zero-padded."""
+        n = self.encoder.context_length
+        hidden = torch.zeros(len(prompts), n, self.encoder.width)
+        mask = torch.zeros(len(prompts), n, dtype=torch.bool)
+        for i, prompt in enumerate(prompts):
+            key = prompt_key(prompt)
+            if key not in self.entries:
+                raise KeyError(f"prompt not in text embedding cache {str(self.path)!r}: {prompt[:80]!r}")
+            h = self.entries[key]
+            hidden[i, : h.shape[0]] = h.float()
+            mask[i, : h.shape[0]] = True
+        return hidden, mask
+
+    def __call__(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> (tokens (b, n, out_dim), mask (b, n)) through the encoder's trainable projection."""
+        return self.encoder.project(*self.hidden(prompts))
+
+
+def load_text_embeddings(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The raw cache: ({prompt_key: hidden (len, width)}, metadata). Prefer TextEmbeddingCache,
+    which also checks that the cache matches the encoder."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    return load_file(str(path)), meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Named sizes
+# ----------------------------------------------------------------------------------------------
+
+TEXT_ENCODER_SIZES: Dict[str, TextEncoderConfig] = {
+    # Random 2-layer, 64-wide tower for ShapesWorld captions (3.3M parameters, mostly the
+    # 49408-token embedding table).
+    "tiny": TextEncoderConfig(),
+    # OpenCLIP ViT-H-14 text tower: 24 layers, 1024 wide, 77 tokens, ~354M parameters; projected
+    # to the Kandinsky 3 context size 4096.
+    "clip-vit-h-14": TextEncoderConfig(arch="ViT-H-14", context_length=None, out_dim=4096),
+    # CLIP ViT-B-32 text tower: 12 layers, 512 wide, 77 tokens, ~63M parameters.
+    "clip-vit-b-32": TextEncoderConfig(arch="ViT-B-32", context_length=None, out_dim=4096),
+}
+
+
+def text_encoder_config(size: str, **overrides) -> TextEncoderConfig:
+    """A fresh copy of the named size `size`, with fields replaced by `overrides`."""
+    if size not in TEXT_ENCODER_SIZES:
+        raise KeyError(f"unknown text encoder size {size!r}; known sizes: {sorted(TEXT_ENCODER_SIZES)}")
+    cfg = copy.deepcopy(TEXT_ENCODER_SIZES[size])
+    for name, value in overrides.items():
+        if not hasattr(cfg, name):
+            raise TypeError(f"TextEncoderConfig has no field {name!r}")
+        setattr(cfg, name, value)
+    return cfg
