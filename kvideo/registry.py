@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict
 from torch import nn
 
 from kvideo.models.movq import MOVQ_SIZES, MoVQ, MovqConfig
+from kvideo.models.unet import UNET_SIZES, UNet, UNetConfig
 from kvideo.stages.movq import MovqStage
 
 
@@ -24,6 +25,7 @@ class ModelEntry:
 
 MODELS: Dict[str, ModelEntry] = {
     "movq": ModelEntry(MovqConfig, MoVQ, MOVQ_SIZES),
+    "unet": ModelEntry(UNetConfig, UNet, UNET_SIZES),  # its stage (t2i) comes with issue 3
 }
 
 STAGES: Dict[str, type] = {

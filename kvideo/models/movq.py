@@ -27,7 +27,6 @@ Sections: config, blocks, encoder and decoder, vector quantiser, model, named si
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -37,6 +36,7 @@ from einops import rearrange
 from torch import nn
 
 from kvideo.nn.layers import Downsample2d, GradCheckpointMixin, Upsample2d, attention, group_norm
+from kvideo.models.sizes import sized_config
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -494,12 +494,6 @@ class MoVQ(GradCheckpointMixin, nn.Module):
         """The decoder's output conv weight, for the adaptive GAN loss weight."""
         return self.decoder.conv_out.weight
 
-    def parameter_counts(self) -> Dict[str, int]:
-        """Parameters per top-level submodule and in total (works on the meta device)."""
-        counts = {name: sum(p.numel() for p in module.parameters()) for name, module in self.named_children()}
-        counts["total"] = sum(counts.values())
-        return counts
-
 
 # ----------------------------------------------------------------------------------------------
 # Named sizes
@@ -518,11 +512,4 @@ MOVQ_SIZES: Dict[str, MovqConfig] = {
 
 def movq_config(size: str, **overrides) -> MovqConfig:
     """A fresh copy of the named size `size`, with fields replaced by `overrides`."""
-    if size not in MOVQ_SIZES:
-        raise KeyError(f"unknown MoVQ size {size!r}; known sizes: {sorted(MOVQ_SIZES)}")
-    cfg = copy.deepcopy(MOVQ_SIZES[size])
-    for name, value in overrides.items():
-        if not hasattr(cfg, name):
-            raise TypeError(f"MovqConfig has no field {name!r}")
-        setattr(cfg, name, value)
-    return cfg
+    return sized_config(MOVQ_SIZES, size, **overrides)

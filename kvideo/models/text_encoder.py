@@ -33,7 +33,6 @@ Sections: config, encoder, embedding cache, named sizes.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import warnings
@@ -47,6 +46,8 @@ from open_clip.model import CLIPTextCfg, _build_text_tower
 from open_clip.tokenizer import SimpleTokenizer
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from kvideo.models.sizes import sized_config
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -363,11 +364,4 @@ TEXT_ENCODER_SIZES: Dict[str, TextEncoderConfig] = {
 
 def text_encoder_config(size: str, **overrides) -> TextEncoderConfig:
     """A fresh copy of the named size `size`, with fields replaced by `overrides`."""
-    if size not in TEXT_ENCODER_SIZES:
-        raise KeyError(f"unknown text encoder size {size!r}; known sizes: {sorted(TEXT_ENCODER_SIZES)}")
-    cfg = copy.deepcopy(TEXT_ENCODER_SIZES[size])
-    for name, value in overrides.items():
-        if not hasattr(cfg, name):
-            raise TypeError(f"TextEncoderConfig has no field {name!r}")
-        setattr(cfg, name, value)
-    return cfg
+    return sized_config(TEXT_ENCODER_SIZES, size, **overrides)
