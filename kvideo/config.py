@@ -4,11 +4,13 @@ A run is described by one `Config`. Its sections that every stage shares (`data`
 fixed schemas here; the sections that depend on the stage are typed by the stage and model
 registries (`kvideo.registry`):
 
-    stage: movq              # a registered stage; decides the schema of `loss`
+    stage: movq              # a registered stage; decides the schema of `recipe`
     model:
       name: movq             # a registered model; decides the schema of the rest of `model`
       size: shapes           # optional named size: its values are the defaults of this section
       ch: 64                 # any field of the model's schema overrides the named size
+    recipe:                  # the stage's training recipe: losses, conditioning dropout, ...
+      gan_start: 50000
 
 `load_config(files, overrides)` merges YAML files left to right, then `key=value` overrides, over
 the schema. An unknown key or a value of the wrong type stops start-up with a `ConfigError` that
@@ -77,7 +79,7 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """A whole run. `model` and `loss` are typed by the stage and model registries."""
+    """A whole run. `model` and `recipe` are typed by the model and stage registries."""
 
     stage: str = MISSING
     run_dir: str = MISSING
@@ -86,7 +88,7 @@ class Config:
     model: Any = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    loss: Any = None
+    recipe: Any = None  # the stage's training recipe: losses, conditioning dropout, frozen parts
 
 
 class ConfigError(ValueError):
@@ -157,7 +159,7 @@ def _schema_for(raw: DictConfig) -> DictConfig:
 
     schema = OmegaConf.structured(Config)
     schema.model = model_node
-    schema.loss = OmegaConf.structured(stage_cls.loss_schema)
+    schema.recipe = OmegaConf.structured(stage_cls.recipe_schema)
     return schema
 
 

@@ -24,7 +24,7 @@ def tiny_movq_overrides(run_dir: Path, shards: Path, **extra) -> list:
         "run_dir": str(run_dir), "data.shards": str(shards), "data.val_shards": str(shards), "train.eval_every": 2, "data.size": "[32,32]", "data.num_workers": 0,
         "model.ch": 8, "model.norm_groups": 4, "model.n_embed": 32, "train.batch_size": 4,
         "train.max_steps": 4, "train.checkpoint_every": 2, "train.log_every": 1, "train.preview_every": 0,
-        "train.precision": "fp32", "loss.disc_channels": 8, "loss.disc_norm_groups": 4, "loss.gan_start": 2, "loss.dead_code_every": 2,
+        "train.precision": "fp32", "recipe.disc_channels": 8, "recipe.disc_norm_groups": 4, "recipe.gan_start": 2, "recipe.dead_code_every": 2,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -57,8 +57,8 @@ def test_typo_in_section_is_named_with_valid_keys(tmp_path):
 def test_typo_in_model_and_override(tmp_path):
     with pytest.raises(ConfigError, match="model.chh"):
         load_config([_write(tmp_path, BASE)], ["model.chh=3"])
-    with pytest.raises(ConfigError, match="loss.gan_strat"):
-        load_config([_write(tmp_path, BASE)], ["loss.gan_strat=3"])
+    with pytest.raises(ConfigError, match="recipe.gan_strat"):
+        load_config([_write(tmp_path, BASE)], ["recipe.gan_strat=3"])
 
 
 def test_wrong_type_is_named(tmp_path):

@@ -101,8 +101,8 @@ class NaNStage(MovqStage):
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, shapes_shards):
     cfg = _cfg(tmp_path / "run", shapes_shards, **{"train.max_steps": 10, "train.max_nonfinite_in_row": 3,
-                                                   "train.checkpoint_every": 1, "loss.gan_start": 100,
-                                                   "loss.dead_code_every": 0})
+                                                   "train.checkpoint_every": 1, "recipe.gan_start": 100,
+                                                   "recipe.dead_code_every": 0})
     with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
         train(cfg, stage_cls=NaNStage)
     # weights after the skipped steps are those of step 1
@@ -124,7 +124,7 @@ def _run_script(args, env_extra=None, **kw):
 def test_sigterm_saves_and_exits_zero(tmp_path, shapes_shards):
     run = tmp_path / "run"
     args = ["train.py", str(CONFIG), *tiny_movq_overrides(run, shapes_shards, **{
-        "train.max_steps": 100000, "train.checkpoint_every": 100000, "loss.gan_start": 100000})]
+        "train.max_steps": 100000, "train.checkpoint_every": 100000, "recipe.gan_start": 100000})]
     proc = _run_script(args)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120

@@ -65,5 +65,5 @@ def test_movq_stage_uses_lpips_from_a_local_file(tmp_path, shapes_shards):
     save_file({k: torch.rand(shape, generator=gen) * 0.1 for k, shape in expected_shapes().items()}, str(weights))
     run = tmp_path / "run"
     train(load_config([CONFIG], tiny_movq_overrides(run, shapes_shards, **{
-        "train.max_steps": 1, "loss.lpips_weights": str(weights), "train.eval_every": 0})))
+        "train.max_steps": 1, "recipe.lpips_weights": str(weights), "train.eval_every": 0})))
     assert '"ae/lpips"' in (run / "metrics.jsonl").read_text()

@@ -37,7 +37,7 @@ class Stage:
 
     name: ClassVar[str] = ""
     default_model: ClassVar[str] = ""
-    loss_schema: ClassVar[type]
+    recipe_schema: ClassVar[type]  # the dataclass of the config's `recipe` section
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         self.cfg = cfg

@@ -2,13 +2,13 @@
 
 Two phases per step, each with its own optimizer:
   ae    reconstruction (MSE + LPIPS when local weights are configured) + codebook loss, plus,
-        from `loss.gan_start` on, the hinge generator loss with the VQGAN adaptive weight;
+        from `recipe.gan_start` on, the hinge generator loss with the VQGAN adaptive weight;
   disc  the hinge discriminator loss on real frames and the (detached) reconstructions,
-        active from `loss.gan_start` on.
+        active from `recipe.gan_start` on.
 The GAN starts late on purpose: MoVQGAN users report collapse when it is on from step 0.
 
 Frames are trained one by one: clips (b, c, f, h, w) are folded to (b f) c h w. Every
-`loss.dead_code_every` steps, codes used less than the threshold are re-initialised from
+`recipe.dead_code_every` steps, codes used less than the threshold are re-initialised from
 recent encoder outputs (decided on rank 0, broadcast to every rank).
 """
 
@@ -30,7 +30,7 @@ from kvideo.train import dist
 
 
 @dataclass
-class MovqLossConfig:
+class MovqRecipe:
     mse_weight: float = 1.0
     lpips_weight: float = 0.1
     lpips_weights: Optional[str] = None  # local LPIPS weights file; LPIPS is off when unset
@@ -76,12 +76,12 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class MovqStage(Stage):
     name = "movq"
     default_model = "movq"
-    loss_schema = MovqLossConfig
+    recipe_schema = MovqRecipe
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        self.lc = cfg.loss
-        self.lpips = LPIPS(self.lc.lpips_weights).to(device) if self.lc.lpips_weights else None
+        self.rc = cfg.recipe
+        self.lpips = LPIPS(self.rc.lpips_weights).to(device) if self.rc.lpips_weights else None
         self._recon: Dict[int, torch.Tensor] = {}
 
     # -- model and phases ------------------------------------------------------------------------
@@ -90,16 +90,16 @@ class MovqStage(Stage):
         from kvideo.registry import build_model
 
         ae = build_model(self.cfg)
-        disc = PatchDiscriminator(in_channels=self.cfg.model.out_channels, ndf=self.lc.disc_channels,
-                                  n_layers=self.lc.disc_layers, norm_groups=self.lc.disc_norm_groups)
+        disc = PatchDiscriminator(in_channels=self.cfg.model.out_channels, ndf=self.rc.disc_channels,
+                                  n_layers=self.rc.disc_layers, norm_groups=self.rc.disc_norm_groups)
         return MovqTrainModule(ae, disc)
 
     def phases(self, model: MovqTrainModule) -> List[Phase]:
         return [Phase("ae", model.ae),
-                Phase("disc", model.disc, lr=self.lc.disc_lr, betas=tuple(self.lc.disc_betas))]
+                Phase("disc", model.disc, lr=self.rc.disc_lr, betas=tuple(self.rc.disc_betas))]
 
     def phase_active(self, phase: str, step: int) -> bool:
-        return phase == "ae" or step >= self.lc.gan_start
+        return phase == "ae" or step >= self.rc.gan_start
 
     # -- losses ----------------------------------------------------------------------------------
 
@@ -110,24 +110,24 @@ class MovqStage(Stage):
             d_loss = hinge_d_loss(parts["disc"](x), parts["disc"](recon))
             return d_loss, {"disc/hinge": d_loss.detach()}
 
-        continuous = bool(torch.rand(()) >= self.lc.quantize_prob)
+        continuous = bool(torch.rand(()) >= self.rc.quantize_prob)
         recon, vq_loss, info = parts["ae"](x, decode_continuous=continuous)
         recon = recon.float()
-        rec = self.lc.mse_weight * F.mse_loss(recon, x)
+        rec = self.rc.mse_weight * F.mse_loss(recon, x)
         logs = {"ae/mse": F.mse_loss(recon.detach(), x), "ae/vq": vq_loss.detach()}
         if self.lpips is not None:
             p = self.lpips(recon, x).mean()
-            rec = rec + self.lc.lpips_weight * p
+            rec = rec + self.rc.lpips_weight * p
             logs["ae/lpips"] = p.detach()
-        loss = rec + self.lc.codebook_weight * vq_loss
-        if step >= self.lc.gan_start:
+        loss = rec + self.rc.codebook_weight * vq_loss
+        if step >= self.rc.gan_start:
             model.disc.requires_grad_(False)  # the generator step does not train the discriminator
             g_loss = hinge_g_loss(model.disc(recon))
             model.disc.requires_grad_(True)
             weight = torch.tensor(1.0, device=x.device)
-            if self.lc.adaptive_gan_weight and torch.is_grad_enabled():
+            if self.rc.adaptive_gan_weight and torch.is_grad_enabled():
                 weight = adaptive_gan_weight(rec, g_loss, model.ae.last_layer_weight())
-            loss = loss + self.lc.gan_weight * weight * g_loss
+            loss = loss + self.rc.gan_weight * weight * g_loss
             logs.update({"ae/g_loss": g_loss.detach(), "ae/gan_weight": weight.detach()})
             self._recon[id(batch)] = recon.detach()
         return loss, {k: float(v) for k, v in logs.items()}
@@ -136,7 +136,7 @@ class MovqStage(Stage):
         self._recon.clear()
         quantizer = model.ae.quantize
         out = {f"codebook/{k}": float(v) for k, v in quantizer.codebook_usage().items()}
-        every = self.lc.dead_code_every
+        every = self.rc.dead_code_every
         if every > 0 and (step + 1) % every == 0:
             restarted = 0
             if not dist.dist.is_initialized() or dist.dist.get_rank() == 0:
