@@ -3,11 +3,18 @@
     python sample.py --stage movq --checkpoint RUN_OR_CKPT --input VIDEO.mp4 --out RECON.mp4
         [--size H W] [--max-frames N] [--which ema|model] [--side-by-side]
 
+    python sample.py --stage t2i --checkpoint RUN_OR_CKPT --prompt "..." --out frame.png
+        [--seed N] [--steps N] [--sampler ddpm|ddim|dpmpp_2m] [--guidance W]
+        [--negative-prompt "..."] [--size H W] [--spacing leading|trailing|linspace]
+
 Stages available so far:
   movq   encode a video frame by frame to the continuous latent the diffusion stages use, decode
          it back, and write an H.264 mp4 (with --side-by-side: original | reconstruction);
          prints the PSNR.
-The text-to-video stages (t2i, keyframe, interpolation, video_decoder) join as they are built.
+  t2i    a first frame for a prompt. Defaults (sampler, steps, guidance) come from the
+         checkpoint's `recipe.sampling`; the same seed gives the same image; a negative prompt
+         replaces the unconditional branch of guidance.
+The video stages (keyframe, interpolation, video_decoder) join as they are built.
 """
 
 from __future__ import annotations
@@ -49,19 +56,57 @@ def sample_movq(args) -> int:
     return 0
 
 
+def sample_t2i(args) -> int:
+    from torchvision.utils import save_image
+    from tqdm import tqdm
+
+    from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
+
+    model, movq, cfg = load_t2i(args.checkpoint, which=args.which)
+    sc = cfg.recipe.sampling
+    steps = args.steps or sc.steps
+    height, width = args.size or list(cfg.data.size)
+    bar = tqdm(total=steps, desc="t2i")
+    images = sample_images(
+        model, movq, make_schedule(cfg.recipe.diffusion), [args.prompt] * args.num, height=height, width=width,
+        target=cfg.recipe.diffusion.target, latent_scale=cfg.recipe.latent_scale,
+        sampler=args.sampler or sc.sampler, steps=steps, spacing=args.spacing or sc.spacing,
+        guidance=sc.guidance if args.guidance is None else args.guidance, negative_prompt=args.negative_prompt,
+        dynamic_threshold=sc.dynamic_threshold, generator=torch.Generator().manual_seed(args.seed),
+        callback=lambda *_: bar.update(1))
+    bar.close()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_image((images + 1) / 2, args.out, nrow=len(images))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", required=True, choices=["movq"])
+    ap.add_argument("--stage", required=True, choices=["movq", "t2i"])
     ap.add_argument("--checkpoint", required=True, help="a run directory, checkpoint directory or .safetensors file")
     ap.add_argument("--which", default="ema", choices=["ema", "model"])
-    ap.add_argument("--input", required=True, help="video to reconstruct")
     ap.add_argument("--out", required=True)
     ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))
-    ap.add_argument("--max-frames", type=int)
-    ap.add_argument("--side-by-side", action="store_true")
+    movq = ap.add_argument_group("movq")
+    movq.add_argument("--input", help="video to reconstruct")
+    movq.add_argument("--max-frames", type=int)
+    movq.add_argument("--side-by-side", action="store_true")
+    t2i = ap.add_argument_group("t2i")
+    t2i.add_argument("--prompt")
+    t2i.add_argument("--negative-prompt")
+    t2i.add_argument("--num", type=int, default=1, help="images for the prompt (one grid)")
+    t2i.add_argument("--seed", type=int, default=0)
+    t2i.add_argument("--steps", type=int)
+    t2i.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"])
+    t2i.add_argument("--spacing", choices=["leading", "trailing", "linspace"])
+    t2i.add_argument("--guidance", type=float)
     args = ap.parse_args(argv)
+    needed = {"movq": "input", "t2i": "prompt"}[args.stage]
+    if getattr(args, needed) is None:
+        ap.error(f"--stage {args.stage} needs --{needed}")
     try:
-        return sample_movq(args)
+        return sample_movq(args) if args.stage == "movq" else sample_t2i(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

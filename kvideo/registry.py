@@ -14,6 +14,7 @@ from torch import nn
 from kvideo.models.movq import MOVQ_SIZES, MoVQ, MovqConfig
 from kvideo.models.unet import UNET_SIZES, UNet, UNetConfig
 from kvideo.stages.movq import MovqStage
+from kvideo.stages.t2i import T2IStage
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,12 @@ class ModelEntry:
 
 MODELS: Dict[str, ModelEntry] = {
     "movq": ModelEntry(MovqConfig, MoVQ, MOVQ_SIZES),
-    "unet": ModelEntry(UNetConfig, UNet, UNET_SIZES),  # its stage (t2i) comes with issue 3
+    "unet": ModelEntry(UNetConfig, UNet, UNET_SIZES),
 }
 
 STAGES: Dict[str, type] = {
     "movq": MovqStage,
+    "t2i": T2IStage,
 }
 
 

@@ -188,15 +188,11 @@ def evaluate_reconstruction(ae: nn.Module, batches: Iterable[dict], device: torc
 def load_movq(path: str | Path, which: str = "ema", device: torch.device | str = "cpu") -> nn.Module:
     """The autoencoder of a movq-stage checkpoint (a checkpoint dir, a run dir or a weights
     file), in eval mode. Later stages use it frozen to encode frames and decode latents."""
-    from kvideo.config import load_config, model_config
+    from kvideo.config import model_config
     from kvideo.models.movq import MoVQ
-    from kvideo.train.checkpoint import load_weights, resolve_checkpoint
+    from kvideo.train.checkpoint import load_stage_weights
 
-    ckpt_dir = resolve_checkpoint(path)
-    state, stored = load_weights(ckpt_dir, which)
-    if stored.get("stage") != "movq":
-        raise ValueError(f"checkpoint '{ckpt_dir}' is from stage '{stored.get('stage')}', expected a movq checkpoint")
-    cfg = load_config(base=stored, require_complete=False)
+    state, cfg = load_stage_weights(path, "movq", which)
     ae = MoVQ(model_config(cfg))
     ae.load_state_dict({k[len("ae."):]: v for k, v in state.items() if k.startswith("ae.")})
     return ae.to(device).eval()

@@ -145,6 +145,18 @@ def load_weights(ckpt_dir: str | Path, which: str = "ema") -> Tuple[Dict[str, to
     return load_file(str(path)), read_config(ckpt_dir)
 
 
+def load_stage_weights(path: str | Path, stage: str, which: str = "ema"):
+    """(state_dict, typed config) of a checkpoint of `stage`, from a checkpoint dir, a run dir
+    (its newest) or a weights file; a checkpoint of another stage is a ValueError naming both."""
+    from kvideo.config import load_config
+
+    ckpt_dir = resolve_checkpoint(path)
+    state, stored = load_weights(ckpt_dir, which)
+    if stored.get("stage") != stage:
+        raise ValueError(f"checkpoint '{ckpt_dir}' is from stage '{stored.get('stage')}', expected a {stage} checkpoint")
+    return state, load_config(base=stored, require_complete=False)
+
+
 def load_train_state(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / "train_state.pt"
     if not path.is_file():

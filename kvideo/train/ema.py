@@ -11,7 +11,8 @@ from torch import nn
 class EMA:
     """Float32 shadow copies of every parameter, updated after each optimizer step.
 
-    Buffers (e.g. codebook usage counts) are copied, not averaged. With `warmup`, the decay of
+    Persistent buffers (e.g. codebook usage counts) are copied, not averaged; non-persistent ones
+    (e.g. a causal attention mask) are not part of the weights and are left out. With `warmup`, the decay of
     the n-th update is min(decay, (1 + n) / (10 + n)) so early averages are not dominated by
     the random initialisation.
     """
@@ -23,7 +24,8 @@ class EMA:
         self.warmup = warmup
         self.num_updates = 0
         self.params = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-        self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        persistent = set(model.state_dict())
+        self.buffers = {n: b.detach().clone() for n, b in model.named_buffers() if n in persistent}
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -36,7 +38,8 @@ class EMA:
         for name, p in model.named_parameters():
             self.params[name].lerp_(p.detach().float(), 1.0 - d)
         for name, b in model.named_buffers():
-            self.buffers[name].copy_(b)
+            if name in self.buffers:
+                self.buffers[name].copy_(b)
         self.num_updates += 1
 
     def state_dict(self) -> Dict[str, torch.Tensor]:

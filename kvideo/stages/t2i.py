@@ -1,0 +1,233 @@
+"""Stage `t2i`: the text-to-image first-frame model (Kandinsky 3.0 UNet + open_clip text encoder).
+
+Trains on single frames from the shards, in the continuous latent space of a frozen MoVQ
+(`recipe.movq`, a movq-stage checkpoint or run directory): frames -> MoVQ.encode -> latents x0,
+then the denoising loss of `kvideo.diffusion.training_loss`. The text context of a share
+`recipe.text_dropout` of the samples is replaced by the learned null context, so one model
+gives both branches of classifier-free guidance.
+
+The MoVQ stays outside the trained model (it is not in the checkpoints; the config names it).
+The text tower is frozen by default; its projection and null embedding train with the UNet.
+`sample_images` is the one sampling path, used by previews and by `sample.py --stage t2i`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from einops import rearrange
+from omegaconf import MISSING
+from torch import nn
+
+from kvideo.diffusion import SAMPLERS, Schedule, text_guided, training_loss
+from kvideo.models.text_encoder import TextEncoder, TextEncoderConfig
+from kvideo.stages.base import Phase, Stage
+from kvideo.stages.movq import frames_of, load_movq
+
+# ----------------------------------------------------------------------------------------------
+# Recipe
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "squaredcos_cap_v2"
+    num_steps: int = 1000
+    zero_terminal_snr: bool = True
+    target: str = "eps"  # eps | v | x0
+    weighting: Optional[str] = None  # None | min_snr
+    min_snr_gamma: float = 5.0
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults of previews and of sample.py (each overridable on its command line)."""
+
+    sampler: str = "ddpm"  # ddpm | ddim | dpmpp_2m
+    steps: int = 50
+    spacing: str = "leading"
+    guidance: float = 5.0  # Kandinsky convention: (w + 1) * cond - w * uncond
+    dynamic_threshold: Optional[float] = 0.995  # percentile; None disables
+
+
+@dataclass
+class T2IRecipe:
+    movq: str = MISSING  # movq-stage checkpoint (run dir, checkpoint dir or weights file)
+    latent_scale: float = 1.0  # latents = scale * MoVQ.encode(x); Kandinsky uses them unscaled
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    text_dropout: float = 0.1  # share of samples trained with the null (unconditional) context
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    preview_prompts: List[str] = field(default_factory=lambda: [
+        "a red circle standing still on a black background",
+        "a blue square moving left quickly on a white background",
+        "a yellow triangle moving up slowly on a gray background",
+        "a green circle moving right quickly on a black background",
+    ])
+    preview_steps: int = 15  # previews use DPM-Solver++(2M) with this many steps
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class T2IModel(nn.Module):
+    """What the t2i stage trains and checkpoints: the UNet and the text encoder.
+
+    forward(x_t, t, prompts, drop) -> prediction: the network function of training, with the
+    context of the samples where `drop` (b,) is True replaced by the null context.
+    """
+
+    def __init__(self, unet: nn.Module, text: TextEncoder):
+        super().__init__()
+        self.unet = unet
+        self.text = text
+
+    def context(self, prompts: Sequence[str], drop: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (b, n, d), mask (b, n)) for prompts; rows where `drop` is True get the null context."""
+        tokens, mask = self.text(list(prompts))
+        if drop is not None and bool(drop.any()):
+            null_tokens, null_mask = self.text.null_context(len(prompts))
+            keep = ~drop.to(tokens.device)
+            tokens = torch.where(keep[:, None, None], tokens, null_tokens)
+            mask = torch.where(keep[:, None], mask, null_mask)
+        return tokens, mask
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str],
+                drop: Optional[torch.Tensor] = None) -> torch.Tensor:
+        tokens, mask = self.context(prompts, drop)
+        return self.unet(x_t, t, tokens, mask)
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        self.unet.set_grad_checkpointing(enabled)
+
+
+def build_t2i_model(cfg) -> T2IModel:
+    """The UNet named by `cfg.model` and the text encoder of `cfg.recipe.text_encoder`."""
+    from kvideo.config import model_config
+    from kvideo.registry import MODELS
+
+    unet_cfg = model_config(cfg)
+    text_cfg = TextEncoderConfig(**{k: cfg.recipe.text_encoder[k] for k in TextEncoderConfig.__dataclass_fields__})
+    if text_cfg.out_dim != unet_cfg.context_dim:
+        raise ValueError(f"recipe.text_encoder.out_dim ({text_cfg.out_dim}) must equal model.context_dim "
+                         f"({unet_cfg.context_dim}): the UNet attends to the projected text tokens")
+    return T2IModel(MODELS[cfg.model.name].build(unet_cfg), TextEncoder(text_cfg))
+
+
+def make_schedule(diffusion_cfg) -> Schedule:
+    return Schedule.from_name(diffusion_cfg.schedule, diffusion_cfg.num_steps,
+                              zero_terminal_snr=diffusion_cfg.zero_terminal_snr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_images(model: T2IModel, movq: nn.Module, schedule: Schedule, prompts: Sequence[str], *,
+                  height: int, width: int, target: str, latent_scale: float = 1.0, sampler: str = "ddpm",
+                  steps: int = 50, spacing: str = "leading", guidance: float = 5.0,
+                  negative_prompt: Optional[str] = None, dynamic_threshold: Optional[float] = None,
+                  generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
+    """Images (b, 3, height, width) in [-1, 1] for `prompts`, with classifier-free guidance.
+
+    The unconditional branch is the null context, or the context of `negative_prompt` when one
+    is given (so the negative prompt really steers away). Noise comes from `generator` only.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}'; choose from {', '.join(SAMPLERS)}")
+    device = next(model.parameters()).device
+    f = movq.downsample_factor
+    if height % f or width % f:
+        raise ValueError(f"image size {height}x{width} is not divisible by the MoVQ factor {f}")
+    b = len(prompts)
+    tokens, mask = model.context(prompts)
+    if negative_prompt:
+        neg_tokens, neg_mask = model.context([negative_prompt] * b)
+    else:
+        neg_tokens, neg_mask = model.text.null_context(b)
+    net = text_guided(model.unet, {"context": tokens, "context_mask": mask},
+                      {"context": neg_tokens, "context_mask": neg_mask}, guidance)
+    shape = (b, movq.cfg.embed_dim, height // f, width // f)
+    gen_device = generator.device if generator is not None else device
+    x_T = torch.randn(shape, generator=generator, device=gen_device).to(device)
+    kwargs = dict(steps=steps, spacing=spacing, target=target, dynamic_threshold=dynamic_threshold,
+                  callback=callback)
+    if sampler != "dpmpp_2m":
+        kwargs["generator"] = generator
+    latents = SAMPLERS[sampler](net, schedule, x_T, **kwargs)
+    return movq.decode(latents / latent_scale).clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage
+# ----------------------------------------------------------------------------------------------
+
+
+class T2IStage(Stage):
+    name = "t2i"
+    default_model = "unet"
+    recipe_schema = T2IRecipe
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        self.rc = cfg.recipe
+        if not 0.0 <= self.rc.text_dropout < 1.0:
+            raise ValueError(f"recipe.text_dropout must be in [0, 1), got {self.rc.text_dropout}")
+        self.movq = load_movq(self.rc.movq, device=device).requires_grad_(False)
+        self.schedule = make_schedule(self.rc.diffusion)
+
+    def build_model(self) -> nn.Module:
+        return build_t2i_model(self.cfg)
+
+    def phases(self, model: T2IModel) -> List[Phase]:
+        return [Phase("main", model)]
+
+    @torch.no_grad()
+    def latents(self, batch: dict) -> torch.Tensor:
+        """The batch's frames in the MoVQ latent space: (b f) c h w -> scaled continuous latents."""
+        x = frames_of(batch).to(self.device, non_blocking=True)
+        return self.movq.encode(x).float() * self.rc.latent_scale
+
+    def loss(self, model, parts, batch, step, phase):
+        x0 = self.latents(batch)
+        captions = [c for c in batch["caption"] for _ in range(x0.shape[0] // len(batch["caption"]))]
+        drop = torch.rand(len(captions)) < self.rc.text_dropout
+        d = self.rc.diffusion
+        loss, info = training_loss(lambda x, t: parts["main"](x, t, captions, drop), self.schedule, x0,
+                                   target=d.target, weighting=d.weighting, min_snr_gamma=d.min_snr_gamma)
+        return loss.mean(), {"t2i/mse": float(info["mse"].mean()), "t2i/latent_std": float(x0.std())}
+
+    @torch.no_grad()
+    def preview(self, model: T2IModel, batch: dict, out_dir: Path, step: int) -> List[Path]:
+        from torchvision.utils import save_image
+
+        h, w = self.cfg.data.size
+        images = sample_images(model, self.movq, self.schedule, list(self.rc.preview_prompts), height=h, width=w,
+                               target=self.rc.diffusion.target, latent_scale=self.rc.latent_scale,
+                               sampler="dpmpp_2m", steps=self.rc.preview_steps, spacing="trailing",
+                               guidance=self.rc.sampling.guidance,
+                               dynamic_threshold=self.rc.sampling.dynamic_threshold,
+                               generator=torch.Generator().manual_seed(0))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"step_{step:07d}.png"
+        save_image((images + 1) / 2, path, nrow=len(images))
+        return [path]
+
+
+def load_t2i(path: str | Path, which: str = "ema", device: torch.device | str = "cpu"):
+    """(model, movq, cfg) of a t2i-stage checkpoint, in eval mode; the MoVQ is the one its
+    config names."""
+    from kvideo.train.checkpoint import load_stage_weights
+
+    state, cfg = load_stage_weights(path, "t2i", which)
+    model = build_t2i_model(cfg)
+    model.load_state_dict(state)
+    movq = load_movq(cfg.recipe.movq, device=device)
+    return model.to(device).eval(), movq, cfg

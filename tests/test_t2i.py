@@ -1,0 +1,107 @@
+"""Stage t2i on tiny models: trains on a frozen MoVQ's latents, checkpoints, samples a first frame."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kvideo.config import ConfigError, load_config
+from kvideo.train import checkpoint as ckpt
+from kvideo.train.engine import train
+
+from conftest import ROOT, tiny_movq_overrides
+
+MOVQ_CONFIG = ROOT / "configs" / "movq" / "shapes.yaml"
+T2I_CONFIG = ROOT / "configs" / "t2i" / "shapes.yaml"
+
+
+def tiny_t2i_overrides(run_dir, shards, movq_run, **extra):
+    values = {
+        "run_dir": str(run_dir), "data.shards": str(shards), "data.size": "[32,32]", "data.num_workers": 0,
+        "recipe.movq": str(movq_run), "model.model_channels": 16, "model.init_channels": 8,
+        "model.time_embed_dim": 32, "model.context_dim": 16, "model.groups": 4, "model.head_dim": 8,
+        "model.dim_mult": "[1,2]", "model.num_blocks": "[1,1]", "model.add_cross_attention": "[false,true]",
+        "model.add_self_attention": "[false,true]", "recipe.text_encoder.out_dim": 16,
+        "recipe.text_encoder.context_length": 16, "recipe.preview_steps": 2, "recipe.sampling.steps": 3,
+        "train.batch_size": 4, "train.max_steps": 3, "train.checkpoint_every": 3, "train.log_every": 1,
+        "train.preview_every": 3, "train.precision": "fp32",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def movq_run(tmp_path_factory, shapes_shards) -> Path:
+    run = tmp_path_factory.mktemp("movq_for_t2i")
+    train(load_config([MOVQ_CONFIG], tiny_movq_overrides(run, shapes_shards, **{"train.max_steps": 1,
+                                                                               "train.eval_every": 0})))
+    return run
+
+
+@pytest.fixture(scope="module")
+def t2i_run(tmp_path_factory, shapes_shards, movq_run) -> Path:
+    run = tmp_path_factory.mktemp("t2i")
+    train(load_config([T2I_CONFIG], tiny_t2i_overrides(run, shapes_shards, movq_run)))
+    return run
+
+
+def test_t2i_trains_checkpoints_and_previews(t2i_run):
+    last = ckpt.latest_checkpoint(t2i_run)
+    assert last.name == "step_0000003"
+    weights = ckpt.load_weights(last, "ema")[0]
+    assert any(k.startswith("unet.") for k in weights) and any(k.startswith("text.proj") for k in weights)
+    assert not any(k.startswith("movq") for k in weights)  # the frozen MoVQ is named, not stored
+    assert (t2i_run / "previews" / "step_0000003.png").is_file()
+    assert '"t2i/mse"' in (t2i_run / "metrics.jsonl").read_text()
+
+
+def test_text_dropout_uses_the_null_context(t2i_run):
+    from kvideo.stages.t2i import load_t2i
+
+    model, _, _ = load_t2i(t2i_run)
+    prompts = ["a red circle standing still on a black background", "a blue square moving up slowly on a white background"]
+    tokens, mask = model.context(prompts, drop=torch.tensor([False, True]))
+    null_tokens, null_mask = model.text.null_context(1)
+    plain_tokens, _ = model.context(prompts)
+    assert torch.equal(tokens[1], null_tokens[0]) and torch.equal(mask[1], null_mask[0])
+    assert torch.equal(tokens[0], plain_tokens[0])
+
+
+def _sample(tmp_path, run, name, *extra):
+    import sample
+
+    out = tmp_path / name
+    code = sample.main(["--stage", "t2i", "--checkpoint", str(run), "--prompt",
+                        "a red circle standing still on a black background", "--out", str(out), *extra])
+    assert code == 0
+    return torch.from_numpy(np.asarray(Image.open(out).convert("RGB"), dtype=np.float32))
+
+
+def test_sample_t2i_same_seed_same_image_and_negative_prompt_is_used(tmp_path, t2i_run):
+    a = _sample(tmp_path, t2i_run, "a.png", "--seed", "3", "--sampler", "dpmpp_2m", "--steps", "3")
+    b = _sample(tmp_path, t2i_run, "b.png", "--seed", "3", "--sampler", "dpmpp_2m", "--steps", "3")
+    c = _sample(tmp_path, t2i_run, "c.png", "--seed", "4", "--sampler", "dpmpp_2m", "--steps", "3")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    d = _sample(tmp_path, t2i_run, "d.png", "--seed", "3", "--sampler", "dpmpp_2m", "--steps", "3",
+                "--negative-prompt", "a blue square moving left quickly on a white background")
+    assert not torch.equal(a, d)
+    for sampler in ("ddpm", "ddim"):
+        _sample(tmp_path, t2i_run, f"{sampler}.png", "--sampler", sampler, "--steps", "3")
+
+
+def test_t2i_config_errors_are_named(tmp_path, shapes_shards, movq_run):
+    with pytest.raises(ConfigError, match="recipe.text_encoder.widht"):
+        load_config([T2I_CONFIG], tiny_t2i_overrides(tmp_path, shapes_shards, movq_run,
+                                                     **{"recipe.text_encoder.widht": 3}))
+    cfg = load_config([T2I_CONFIG], tiny_t2i_overrides(tmp_path, shapes_shards, movq_run,
+                                                       **{"recipe.text_encoder.out_dim": 24}))
+    from kvideo.stages.t2i import build_t2i_model
+
+    with pytest.raises(ValueError, match="must equal model.context_dim"):
+        build_t2i_model(cfg)
+    from kvideo.stages.t2i import load_t2i
+
+    with pytest.raises(ValueError, match="expected a t2i checkpoint"):
+        load_t2i(movq_run)
