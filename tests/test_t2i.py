@@ -105,3 +105,18 @@ def test_t2i_config_errors_are_named(tmp_path, shapes_shards, movq_run):
 
     with pytest.raises(ValueError, match="expected a t2i checkpoint"):
         load_t2i(movq_run)
+
+
+def test_evaluate_t2i_scores_every_canonical_prompt(tmp_path, t2i_run, capsys):
+    import json
+
+    from tools import evaluate_t2i  # the repository root is on the test path (pytest.ini)
+
+    code = evaluate_t2i.main(["--checkpoint", str(t2i_run), "--all-checkpoints", "--per-prompt", "1", "--steps", "2",
+                              "--out", str(tmp_path)])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 1 and results[0]["step"] == 3
+    assert results[0]["seen"]["n"] == 30 and results[0]["held_out"]["n"] == 30
+    assert 0.0 <= results[0]["seen"]["color"] <= 1.0
+    assert "| step_0000003 |" in capsys.readouterr().out

@@ -1,0 +1,125 @@
+"""Score first frames of a t2i checkpoint on the canonical ShapesWorld prompts.
+
+    python tools/evaluate_t2i.py --checkpoint RUN_OR_CKPT [--all-checkpoints] [--per-prompt 2]
+        [--sampler dpmpp_2m] [--steps 15] [--guidance 5] [--out DIR]
+
+Samples every canonical test prompt (seen and held-out pairs, kvideo.data.shapesworld), scores
+each image as a one-frame clip with the ShapesWorld scorer and reports the accuracy of the
+attributes a single frame shows: background, colour and shape (and all three at once), for
+seen and held-out pairs. With --all-checkpoints every checkpoint of the run is scored, with the
+training wall time at which it was written (from metrics.jsonl), to show accuracy against
+training time. Prints a markdown table; --out writes results.json and an image grid per
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FRAME_ATTRIBUTES = ("background", "color", "shape")
+
+
+def _training_minutes(run_dir: Path) -> dict:
+    """step -> minutes since the first logged step (approximate: from metrics.jsonl times)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if "steps_per_s" in r]
+    if not rows:
+        return {}
+    t0 = rows[0]["time"] - rows[0]["step"] / rows[0]["steps_per_s"]
+    return {r["step"]: (r["time"] - t0) / 60 for r in rows}
+
+
+@torch.no_grad()
+def evaluate(ckpt_dir: Path, prompts: list, per_prompt: int, sampler: str, steps: int, guidance: float,
+             seed: int, out: Path | None) -> dict:
+    from kvideo.data.shapesworld import score_clip
+    from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
+
+    model, movq, cfg = load_t2i(ckpt_dir)
+    schedule = make_schedule(cfg.recipe.diffusion)
+    h, w = cfg.data.size
+    spacing = "trailing" if sampler == "dpmpp_2m" else cfg.recipe.sampling.spacing
+    rows, images = [], []
+    t0 = time.perf_counter()
+    for i, item in enumerate(prompts):
+        imgs = sample_images(model, movq, schedule, [item["prompt"]] * per_prompt, height=h, width=w,
+                             target=cfg.recipe.diffusion.target, latent_scale=cfg.recipe.latent_scale,
+                             sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
+                             dynamic_threshold=cfg.recipe.sampling.dynamic_threshold,
+                             generator=torch.Generator().manual_seed(seed + i))
+        images.append(imgs)
+        frames = ((imgs.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        for frame in frames:
+            r = score_clip(frame[None], 24.0, item["prompt"])
+            rows.append({"split": item["split"], **{k: bool(r["correct"][k]) for k in FRAME_ATTRIBUTES}})
+    seconds = time.perf_counter() - t0
+    result = {"checkpoint": str(ckpt_dir), "sampler": sampler, "steps": steps, "guidance": guidance,
+              "images": len(rows), "sampling_s": round(seconds, 1)}
+    for split in ("seen", "held_out"):
+        sel = [r for r in rows if r["split"] == split]
+        acc = {k: float(np.mean([r[k] for r in sel])) for k in FRAME_ATTRIBUTES} if sel else {}
+        if sel:
+            acc["all_three"] = float(np.mean([all(r[k] for k in FRAME_ATTRIBUTES) for r in sel]))
+        result[split] = {"n": len(sel), **acc}
+    if out is not None:
+        from torchvision.utils import save_image
+
+        out.mkdir(parents=True, exist_ok=True)
+        save_image((torch.cat(images) + 1) / 2, out / f"{ckpt_dir.name}_{sampler}{steps}.png", nrow=per_prompt * 6)
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--all-checkpoints", action="store_true")
+    ap.add_argument("--per-prompt", type=int, default=2)
+    ap.add_argument("--sampler", default="dpmpp_2m", choices=["ddpm", "ddim", "dpmpp_2m"])
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+
+    from kvideo.data.shapesworld import canonical_test_prompts
+    from kvideo.train.checkpoint import list_checkpoints, resolve_checkpoint
+
+    path = Path(args.checkpoint)
+    ckpts = list_checkpoints(path) if args.all_checkpoints else [resolve_checkpoint(path)]
+    if not ckpts:
+        print(f"error: no checkpoints under {path}", file=sys.stderr)
+        return 2
+    minutes = _training_minutes(path if args.all_checkpoints else ckpts[0].parent.parent)
+    prompts = canonical_test_prompts()
+    out = Path(args.out) if args.out else None
+    results = []
+    print("| checkpoint | train min | seen bg | seen colour | seen shape | seen all | held-out colour | "
+          "held-out shape | held-out all | sampling s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for ckpt in ckpts:
+        r = evaluate(ckpt, prompts, args.per_prompt, args.sampler, args.steps, args.guidance, args.seed, out)
+        step = int(ckpt.name.split("_")[1])
+        r["step"], r["train_minutes"] = step, minutes.get(step)
+        results.append(r)
+        s, h = r["seen"], r["held_out"]
+        mins = f"{r['train_minutes']:.1f}" if r["train_minutes"] is not None else "?"
+        print(f"| {ckpt.name} | {mins} | {s['background']:.0%} | {s['color']:.0%} | {s['shape']:.0%} | "
+              f"{s['all_three']:.0%} | {h['color']:.0%} | {h['shape']:.0%} | {h['all_three']:.0%} | "
+              f"{r['sampling_s']} |", flush=True)
+    if out is not None:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
