@@ -48,7 +48,7 @@ def evaluate(ckpt_dir: Path, prompts: list, per_prompt: int, sampler: str, steps
     model, movq, cfg = load_t2i(ckpt_dir)
     schedule = make_schedule(cfg.recipe.diffusion)
     h, w = cfg.data.size
-    spacing = "trailing" if sampler == "dpmpp_2m" else cfg.recipe.sampling.spacing
+    spacing = cfg.recipe.sampling.spacing
     rows, images = [], []
     t0 = time.perf_counter()
     for i, item in enumerate(prompts):

@@ -146,6 +146,10 @@ def sample_images(model: T2IModel, movq: nn.Module, schedule: Schedule, prompts:
     f = movq.downsample_factor
     if height % f or width % f:
         raise ValueError(f"image size {height}x{width} is not divisible by the MoVQ factor {f}")
+    if target == "eps" and float(schedule.alphas_cumprod[-1]) == 0.0 and \
+            int(schedule.timesteps(steps, spacing)[0]) == schedule.num_steps - 1:
+        raise ValueError(f"'{spacing}' spacing starts at the zero-SNR timestep {schedule.num_steps - 1}, where an "
+                         f"eps-prediction model cannot give x0: use 'leading' spacing or a v-prediction model")
     b = len(prompts)
     tokens, mask = model.context(prompts)
     if negative_prompt:
@@ -211,7 +215,7 @@ class T2IStage(Stage):
         h, w = self.cfg.data.size
         images = sample_images(model, self.movq, self.schedule, list(self.rc.preview_prompts), height=h, width=w,
                                target=self.rc.diffusion.target, latent_scale=self.rc.latent_scale,
-                               sampler="dpmpp_2m", steps=self.rc.preview_steps, spacing="trailing",
+                               sampler="dpmpp_2m", steps=self.rc.preview_steps, spacing=self.rc.sampling.spacing,
                                guidance=self.rc.sampling.guidance,
                                dynamic_threshold=self.rc.sampling.dynamic_threshold,
                                generator=torch.Generator().manual_seed(0))
