@@ -41,6 +41,7 @@ class Stage:
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         self.cfg = cfg
+        self.rc = cfg.recipe  # this stage's recipe section (typed by `recipe_schema`)
         self.device = device
 
     def build_model(self) -> nn.Module:

@@ -80,7 +80,6 @@ class MovqStage(Stage):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        self.rc = cfg.recipe
         self.lpips = LPIPS(self.rc.lpips_weights).to(device) if self.rc.lpips_weights else None
         self._recon: Dict[int, torch.Tensor] = {}
 

@@ -181,7 +181,6 @@ class T2IStage(Stage):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        self.rc = cfg.recipe
         if not 0.0 <= self.rc.text_dropout < 1.0:
             raise ValueError(f"recipe.text_dropout must be in [0, 1), got {self.rc.text_dropout}")
         self.movq = load_movq(self.rc.movq, device=device).requires_grad_(False)
