@@ -6,7 +6,9 @@
 and returns a prediction of `target` ("eps", "v" or "x0"); guidance and conditioning live in
 the closure. `callback(i, total, t, x)` is called after step i (0-based) of `total`, with the
 timestep t that was just denoised and the new sample x. Randomness comes only from `generator`:
-the same generator state gives the same output.
+the same generator state gives the same output. `dynamic_threshold` (a percentile) or `clip_x0`
+process each x0 prediction; `data_range` says how far the clean data reaches in x0's units (the
+latent scale for scaled latents), so thresholding acts on the data's own range.
 
 The update formulas follow diffusers' DDPMScheduler, DDIMScheduler and
 DPMSolverMultistepScheduler (dpmsolver++, midpoint, order 2, final sigma 0), with these
@@ -33,18 +35,25 @@ Callback = Callable[[int, int, int, torch.Tensor], None]
 
 # ----------------------------------------------------------------------------- helpers
 
-def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, max_value: float | None = None) -> torch.Tensor:
+def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, max_value: float | None = None,
+                      data_range: float = 1.0) -> torch.Tensor:
     """Imagen's dynamic thresholding of a predicted x0, per sample.
 
     s = quantile(|x0|, percentile) over all non-batch elements, clamped to [1, max_value];
     x0 is clamped to [-s, s] and divided by s. With s = 1 this is plain clipping to [-1, 1].
     diffusers' `sample_max_value` is `max_value` (its default 1.0 reduces this to clipping;
     here the default is no upper bound, as in Imagen).
+
+    `data_range` is the magnitude the clean data reaches in the units of x0: thresholding is done
+    on x0 / data_range and scaled back. Latents multiplied by a `latent_scale` for training pass
+    data_range = latent_scale, so the threshold applies to the autoencoder's own latent range
+    (without it, thresholding at 1 would shrink scaled latents towards zero).
     """
     flat = x0.reshape(x0.shape[0], -1)
-    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    work = (flat if flat.dtype in (torch.float32, torch.float64) else flat.float()) / data_range
     s = torch.quantile(work.abs(), percentile, dim=1).clamp(min=1.0, max=max_value)[:, None]
-    return (torch.maximum(torch.minimum(work, s), -s) / s).to(x0.dtype).reshape(x0.shape)
+    out = torch.maximum(torch.minimum(work, s), -s) / s * data_range
+    return out.to(x0.dtype).reshape(x0.shape)
 
 
 def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -55,14 +64,14 @@ def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 
 def _denoise(model_fn: ModelFn, schedule: Schedule, x: torch.Tensor, t: int, target: str,
              dynamic_threshold_p: float | None, threshold_max: float | None, clip_x0: float | None,
-             ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+             data_range: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Call the model at integer timestep t; return (x0, raw model output, whether x0 was processed)."""
     t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
     out = model_fn(x, t_batch)
     x0 = schedule.predict_x0(x, t_batch, out, target)
     processed = False
     if dynamic_threshold_p is not None:
-        x0, processed = dynamic_threshold(x0, dynamic_threshold_p, threshold_max), True
+        x0, processed = dynamic_threshold(x0, dynamic_threshold_p, threshold_max, data_range), True
     elif clip_x0 is not None:
         x0, processed = x0.clamp(-clip_x0, clip_x0), True
     return x0, out, processed
@@ -84,7 +93,7 @@ def _alpha_bar(schedule: Schedule, t: int) -> float:
 def sample_ddpm(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *, steps: int, spacing: str = "leading",
                 target: str = "eps", variance: str = "fixed_small_log", generator: torch.Generator | None = None,
                 dynamic_threshold: float | None = None, threshold_max: float | None = None,
-                clip_x0: float | None = None, callback: Callback | None = None) -> torch.Tensor:
+                clip_x0: float | None = None, data_range: float = 1.0, callback: Callback | None = None) -> torch.Tensor:
     """Ancestral sampling from p(x_{t'} | x_t) = q(x_{t'} | x_t, x0 = x0_pred) along the inference timesteps.
 
     With t' the next inference timestep (alpha_bar = 1 past the end) and beta' = 1 - ab_t / ab_t':
@@ -99,7 +108,7 @@ def sample_ddpm(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *, ste
     x = x_T
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        x0, _, _ = _denoise(model_fn, schedule, x, t, target, dynamic_threshold, threshold_max, clip_x0)
+        x0, _, _ = _denoise(model_fn, schedule, x, t, target, dynamic_threshold, threshold_max, clip_x0, data_range)
         ab_t, ab_prev = _alpha_bar(schedule, t), _alpha_bar(schedule, t_prev)
         beta = 1.0 - ab_t / ab_prev
         mean = (ab_prev ** 0.5 * beta / (1.0 - ab_t)) * x0 + ((1.0 - beta) ** 0.5 * (1.0 - ab_prev) / (1.0 - ab_t)) * x
@@ -119,7 +128,7 @@ def sample_ddpm(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *, ste
 def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *, steps: int, spacing: str = "leading",
                 target: str = "eps", eta: float = 0.0, generator: torch.Generator | None = None,
                 dynamic_threshold: float | None = None, threshold_max: float | None = None,
-                clip_x0: float | None = None, callback: Callback | None = None) -> torch.Tensor:
+                clip_x0: float | None = None, data_range: float = 1.0, callback: Callback | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021): x_t' = sqrt(ab_t') x0 + sqrt(1 - ab_t' - s^2) eps + s z.
 
     s = eta * sqrt((1 - ab_t') / (1 - ab_t) * (1 - ab_t / ab_t')); eta = 0 is deterministic,
@@ -129,7 +138,7 @@ def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *, ste
     x = x_T
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        x0, out, processed = _denoise(model_fn, schedule, x, t, target, dynamic_threshold, threshold_max, clip_x0)
+        x0, out, processed = _denoise(model_fn, schedule, x, t, target, dynamic_threshold, threshold_max, clip_x0, data_range)
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         eps = schedule.predict_eps(x, t_batch, x0, "x0") if processed else schedule.predict_eps(x, t_batch, out, target)
         ab_t, ab_prev = _alpha_bar(schedule, t), _alpha_bar(schedule, t_prev)
@@ -148,7 +157,7 @@ def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *, ste
 def sample_dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *, steps: int,
                     spacing: str = "leading", target: str = "eps", generator: torch.Generator | None = None,
                     dynamic_threshold: float | None = None, threshold_max: float | None = None,
-                    clip_x0: float | None = None, callback: Callback | None = None) -> torch.Tensor:
+                    clip_x0: float | None = None, data_range: float = 1.0, callback: Callback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data-prediction multistep, midpoint form.
 
     With alpha = sqrt(ab), sigma = sqrt(1 - ab), lambda = log(alpha / sigma), h = lambda_t' - lambda_t,
@@ -174,7 +183,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *,
     x0_prev, lambda_prev = None, None
     for i, t in enumerate(ts):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
-        x0, _, _ = _denoise(model_fn, schedule, x, t, target, dynamic_threshold, threshold_max, clip_x0)
+        x0, _, _ = _denoise(model_fn, schedule, x, t, target, dynamic_threshold, threshold_max, clip_x0, data_range)
         a_s, s_s, lam_s = alpha_sigma_lambda(t)
         a_t, s_t, lam_t = alpha_sigma_lambda(t_next)
         if t_next < 0:

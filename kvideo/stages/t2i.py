@@ -76,7 +76,8 @@ class T2IRecipe:
 
 
 class T2IModel(nn.Module):
-    """What the t2i stage trains and checkpoints: the UNet and the text encoder.
+    """What the t2i stage trains and checkpoints: the UNet and the text encoder. The keyframe and
+    interpolation stages train the same pair with a video UNet.
 
     forward(x_t, t, prompts, drop) -> prediction: the network function of training, with the
     context of the samples where `drop` (b,) is True replaced by the null context.
@@ -98,9 +99,10 @@ class T2IModel(nn.Module):
         return tokens, mask
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str],
-                drop: Optional[torch.Tensor] = None) -> torch.Tensor:
+                drop: Optional[torch.Tensor] = None, **unet_kwargs) -> torch.Tensor:
+        """`unet_kwargs` go to the UNet unchanged (the video stages' conditioning)."""
         tokens, mask = self.context(prompts, drop)
-        return self.unet(x_t, t, tokens, mask)
+        return self.unet(x_t, t, tokens, mask, **unet_kwargs)
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
         self.unet.set_grad_checkpointing(enabled)
@@ -162,7 +164,7 @@ def sample_images(model: T2IModel, movq: nn.Module, schedule: Schedule, prompts:
     gen_device = generator.device if generator is not None else device
     x_T = torch.randn(shape, generator=generator, device=gen_device).to(device)
     kwargs = dict(steps=steps, spacing=spacing, target=target, dynamic_threshold=dynamic_threshold,
-                  callback=callback)
+                  data_range=latent_scale, callback=callback)
     if sampler != "dpmpp_2m":
         kwargs["generator"] = generator
     latents = SAMPLERS[sampler](net, schedule, x_T, **kwargs)
