@@ -13,6 +13,8 @@ from torch import nn
 
 from kvideo.models.movq import MOVQ_SIZES, MoVQ, MovqConfig
 from kvideo.models.unet import UNET_SIZES, UNet, UNetConfig
+from kvideo.models.video_unet import VIDEO_UNET_SIZES, VideoUNet, VideoUNetConfig
+from kvideo.stages.keyframe import KeyframeStage
 from kvideo.stages.movq import MovqStage
 from kvideo.stages.t2i import T2IStage
 
@@ -27,11 +29,13 @@ class ModelEntry:
 MODELS: Dict[str, ModelEntry] = {
     "movq": ModelEntry(MovqConfig, MoVQ, MOVQ_SIZES),
     "unet": ModelEntry(UNetConfig, UNet, UNET_SIZES),
+    "video_unet": ModelEntry(VideoUNetConfig, VideoUNet, VIDEO_UNET_SIZES),
 }
 
 STAGES: Dict[str, type] = {
     "movq": MovqStage,
     "t2i": T2IStage,
+    "keyframe": KeyframeStage,
 }
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from einops import rearrange
@@ -204,9 +204,13 @@ class ConditionalGroupNorm(nn.Module):
         nn.init.zeros_(self.context_mlp[1].bias)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.context_mlp(emb).chunk(2, dim=1)  # (b, c) each
-        scale = scale.reshape(*scale.shape, *([1] * (x.ndim - 2)))  # (b, c, 1, ...): broadcast over space
-        shift = shift.reshape(*shift.shape, *([1] * (x.ndim - 2)))
+        """emb (b, cond_dim), or (b, f, cond_dim) per frame for x (b, c, f, h, w)."""
+        if emb.ndim == 3:  # per-frame conditioning of a video: (b, f, 2c) -> (b, 2c, f, 1, 1)
+            params = rearrange(self.context_mlp(emb), "b f c -> b c f")
+        else:
+            params = self.context_mlp(emb)  # (b, 2c)
+        params = params.reshape(*params.shape, *([1] * (x.ndim - params.ndim)))  # broadcast over the rest
+        scale, shift = params.chunk(2, dim=1)
         return self.norm(x) * (1 + scale) + shift
 
 
@@ -320,24 +324,42 @@ class LevelUnit(nn.Module):
 
 
 class _Level(GradCheckpointMixin, nn.Module):
-    """Shared forward of DownLevel / UpLevel: [self-attn first] -> units -> [self-attn last]."""
+    """Shared forward of DownLevel / UpLevel: [self-attn first] -> units -> [self-attn last].
+
+    `temporal` (video models only) interleaves temporal layers: an object with `resnet(slot, x)`
+    and `attention(x)`, where slot 2i / 2i + 1 are the in / out ResNet of unit i. Going down a
+    temporal ResNet follows each spatial ResNet, going up it precedes it; temporal attention
+    follows the level's self-attention. Both are run through this level's `run_block`.
+    """
 
     self_attention_first: bool = True
 
-    def _run_self_attention(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return x if self.self_attention is None else self.run_block(self.self_attention, x, emb)
+    def _run_self_attention(self, x: torch.Tensor, emb: torch.Tensor, temporal) -> torch.Tensor:
+        if self.self_attention is None:
+            return x
+        x = self.run_block(self.self_attention, x, emb)
+        return x if temporal is None else self.run_block(temporal.attention, x)
+
+    def _run_resnet(self, resnet: ResNetBlock, x: torch.Tensor, emb: torch.Tensor, temporal, slot: int) -> torch.Tensor:
+        down = self.self_attention_first  # DownLevel: temporal after the spatial ResNet; UpLevel: before
+        if temporal is not None and not down:
+            x = self.run_block(temporal.resnet, slot, x)
+        x = self.run_block(resnet, x, emb)
+        if temporal is not None and down:
+            x = self.run_block(temporal.resnet, slot, x)
+        return x
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
-                context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                context_mask: Optional[torch.Tensor] = None, temporal=None) -> torch.Tensor:
         if self.self_attention_first:
-            x = self._run_self_attention(x, emb)
-        for unit in self.units:
-            x = self.run_block(unit.in_resnet, x, emb)
+            x = self._run_self_attention(x, emb, temporal)
+        for i, unit in enumerate(self.units):
+            x = self._run_resnet(unit.in_resnet, x, emb, temporal, 2 * i)
             if unit.cross_attention is not None:
                 x = self.run_block(unit.cross_attention, x, emb, context, context_mask)
-            x = self.run_block(unit.out_resnet, x, emb)
+            x = self._run_resnet(unit.out_resnet, x, emb, temporal, 2 * i + 1)
         if not self.self_attention_first:
-            x = self._run_self_attention(x, emb)
+            x = self._run_self_attention(x, emb, temporal)
         return x
 
 
@@ -469,16 +491,26 @@ class UNet(GradCheckpointMixin, nn.Module):
                 context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_inputs(x, t, context, context_mask)
         emb = self.embed(t, context, context_mask)  # (b, time_embed_dim)
+        return self.run_levels(x, emb, context, context_mask)
+
+    def run_levels(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                   context_mask: Optional[torch.Tensor] = None, temporal_down: Optional[Sequence] = None,
+                   temporal_up: Optional[Sequence] = None) -> torch.Tensor:
+        """in_layer -> levels -> out_layer on (b, in_channels, h, w) with conditioning `emb` (b, e).
+
+        A video model passes one temporal hook per level (see `_Level`) in `temporal_down` and
+        `temporal_up`, and its frames folded into the batch.
+        """
         x = self.in_layer(x)  # (b, init_channels, h, w)
         skips = []
         for i, level in enumerate(self.down_samples):
-            x = level(x, emb, context, context_mask)
+            x = level(x, emb, context, context_mask, None if temporal_down is None else temporal_down[i])
             if i != len(self.down_samples) - 1:
                 skips.append(x)  # (b, c_i, h / 2^(i+1), w / 2^(i+1))
         for j, level in enumerate(self.up_samples):
             if j != 0:
                 x = torch.cat([x, skips.pop()], dim=1)  # (b, 2 c_i, h', w'): one skip per level
-            x = level(x, emb, context, context_mask)
+            x = level(x, emb, context, context_mask, None if temporal_up is None else temporal_up[j])
         return self.out_layer(x)  # (b, out_channels, h, w)
 
 

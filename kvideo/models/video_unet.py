@@ -1,0 +1,321 @@
+"""The keyframe UNet of Kandinsky Video 1.1: the Kandinsky 3 UNet plus temporal layers.
+
+    x (b, in_channels, f, h, w), t (b,), context (b, n, context_dim), context_mask (b, n),
+    noise_aug_level (b,), motion_score (b,), frame_index (f,) or (b, f)
+      -> (b, out_channels, f, h, w)
+
+Every spatial layer is the image UNet's (`kvideo.models.unet`), run on the frames folded into the
+batch, with the image model's conditioning vector (time + pooled text). The temporal layers mix
+information across frames:
+
+- a `TemporalResNetBlock` beside every spatial ResNet (after it going down, before it going up):
+  a bottleneck of four [CGN -> SiLU -> Conv3d (k, 1, 1)], k = 1, 3, 3, 1, hidden C // 2, with a
+  residual and the last conv zero-initialised;
+- a `TemporalAttentionBlock` after the self-attention of every level that has one: attention
+  over the frames at each pixel, then a feed-forward; both residual branches end in a
+  zero-initialised projection (the release zero-initialises only the attention output, so its
+  feed-forward makes the block no identity at init; here it is).
+
+The norms of the temporal layers are conditioned per frame on the time embedding plus the
+temporal embedding = MLP(sin(frame index)) + MLP(sin(noise-augmentation level)) +
+MLP(sin(motion score)); the spatial layers never see it. At initialisation every temporal
+layer is the identity, so the video UNet equals the image UNet applied frame by frame
+(`load_image_weights` copies a trained image UNet in, zero-initialising new input channels).
+`forward(..., temporal=False)` switches the temporal layers off (image mode).
+
+With the `kandinsky` size (9 input channels: x_t | first-frame latent | mask) this is the
+released keyframe model's layout, 4.149B parameters of which 1.110B temporal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from kvideo.models.sizes import sized_config
+from kvideo.models.unet import (
+    Attention, ConditionalGroupNorm, TimestepEmbedding, UNet, UNetConfig, _init_channels, unet_config,
+)
+from kvideo.nn.layers import zero_module
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VideoUNetConfig(UNetConfig):
+    """A UNetConfig plus the temporal layers. The defaults are the released keyframe model."""
+
+    in_channels: int = 9  # x_t (4) | first-frame latent in frame 0, zeros elsewhere (4) | mask (1)
+    temporal_attention: Optional[List[bool]] = None  # per level; None = where there is self-attention
+
+
+def _temporal_attention_levels(cfg: VideoUNetConfig) -> List[bool]:
+    levels = cfg.temporal_attention if cfg.temporal_attention is not None else cfg.add_self_attention
+    if len(levels) != len(cfg.dim_mult):
+        raise ValueError(f"VideoUNetConfig.temporal_attention needs one entry per level of dim_mult "
+                         f"({len(cfg.dim_mult)}); got {list(levels)}")
+    if any(t and not s for t, s in zip(levels, cfg.add_self_attention)):
+        raise ValueError("VideoUNetConfig.temporal_attention: temporal attention follows the self-attention, "
+                         f"so it needs add_self_attention on the same levels; got {list(levels)} "
+                         f"with add_self_attention {list(cfg.add_self_attention)}")
+    return list(levels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Temporal layers, on (b, c, f, h, w) with per-frame conditioning (b, f, e)
+# ----------------------------------------------------------------------------------------------
+
+
+class TemporalBlock(nn.Module):
+    """ConditionalGroupNorm (per frame) -> SiLU -> Conv3d (k, 1, 1) over frames."""
+
+    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, kernel_size: int, groups: int) -> None:
+        super().__init__()
+        self.norm = ConditionalGroupNorm(in_channels, cond_dim, groups)
+        self.activation = nn.SiLU()
+        self.conv = nn.Conv3d(in_channels, out_channels, (kernel_size, 1, 1), padding=(kernel_size // 2, 0, 0))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.activation(self.norm(x, emb)))
+
+
+class TemporalResNetBlock(nn.Module):
+    """x + bottleneck(x): four TemporalBlocks, kernels 1, 3, 3, 1, hidden channels // compression.
+    The last conv starts at zero, so the block starts as the identity."""
+
+    def __init__(self, channels: int, cond_dim: int, groups: int = 32, compression_ratio: int = 2) -> None:
+        super().__init__()
+        hidden = channels // compression_ratio
+        widths = [channels, hidden, hidden, hidden, channels]
+        self.blocks = nn.ModuleList([
+            TemporalBlock(widths[i], widths[i + 1], cond_dim, kernel, groups) for i, kernel in enumerate([1, 3, 3, 1])
+        ])
+        zero_module(self.blocks[-1].conv)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        out = x
+        for block in self.blocks:
+            out = block(out, emb)
+        return x + out
+
+
+class TemporalAttentionBlock(nn.Module):
+    """Attention over the frames of each pixel, then a feed-forward; both residual, both ending
+    in a zero-initialised projection (identity at init). No positional embedding: frame order
+    reaches the block through the per-frame norms (the frame-index embedding)."""
+
+    def __init__(self, channels: int, cond_dim: int, groups: int = 32, head_dim: int = 64,
+                 expansion_ratio: int = 4) -> None:
+        super().__init__()
+        self.in_norm = ConditionalGroupNorm(channels, cond_dim, groups)
+        self.attention = Attention(channels, channels, channels, head_dim)
+        zero_module(self.attention.to_out)
+        self.out_norm = ConditionalGroupNorm(channels, cond_dim, groups)
+        hidden = expansion_ratio * channels
+        self.feed_forward = nn.Sequential(
+            nn.Linear(channels, hidden, bias=False), nn.SiLU(), zero_module(nn.Linear(hidden, channels, bias=False)),
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        b, c, f, h, w = x.shape
+        tokens = rearrange(self.in_norm(x, emb), "b c f h w -> (b h w) f c")  # one sequence per pixel
+        out = self.attention(tokens, tokens)
+        x = x + rearrange(out, "(b h w) f c -> b c f h w", b=b, h=h, w=w)
+        out = self.feed_forward(rearrange(self.out_norm(x, emb), "b c f h w -> b f h w c"))
+        return x + rearrange(out, "b f h w c -> b c f h w")
+
+
+class LevelTemporal(nn.Module):
+    """The temporal layers of one UNet level: a TemporalResNetBlock per spatial ResNet (slot 2i
+    and 2i + 1 for unit i) and an optional TemporalAttentionBlock."""
+
+    def __init__(self, resnet_channels: List[int], attention_channels: Optional[int], cfg: VideoUNetConfig) -> None:
+        super().__init__()
+        e, g = cfg.time_embed_dim, cfg.groups
+        self.resnets = nn.ModuleList([TemporalResNetBlock(c, e, g, cfg.compression_ratio) for c in resnet_channels])
+        self.attention = (TemporalAttentionBlock(attention_channels, e, g, cfg.head_dim, cfg.expansion_ratio)
+                          if attention_channels is not None else None)
+
+
+class _BoundTemporal:
+    """A LevelTemporal bound to one forward pass: the frame count and the per-frame embedding.
+
+    The spatial levels work on frames folded into the batch, ((b f), c, h, w); the hooks unfold
+    them to (b, c, f, h, w) for the temporal layer and fold them back.
+    """
+
+    def __init__(self, layers: LevelTemporal, num_frames: int, emb: torch.Tensor) -> None:
+        self.layers, self.f, self.emb = layers, num_frames, emb
+
+    def _apply(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        video = rearrange(x, "(b f) c h w -> b c f h w", f=self.f)
+        return rearrange(block(video, self.emb), "b c f h w -> (b f) c h w")
+
+    def resnet(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        return self._apply(self.layers.resnets[slot], x)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.layers.attention is None else self._apply(self.layers.attention, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class VideoUNet(UNet):
+    """The image UNet's layers (same names, so image checkpoints load) plus `temporal_down`,
+    `temporal_up` and the three temporal embeddings."""
+
+    def __init__(self, cfg: VideoUNetConfig) -> None:
+        super().__init__(cfg)
+        init, e = _init_channels(cfg), cfg.time_embed_dim
+        attn = _temporal_attention_levels(cfg)
+        self.frame_embed = TimestepEmbedding(init, e)
+        self.noise_aug_embed = TimestepEmbedding(init, e)
+        self.motion_embed = TimestepEmbedding(init, e)
+        self.temporal_down = nn.ModuleList()
+        for i, level in enumerate(self.down_samples):
+            channels = [u.in_resnet.blocks[-1].conv.out_channels for u in level.units]
+            self.temporal_down.append(LevelTemporal(
+                [c for c in channels for _ in range(2)],  # each unit's ResNets both output this width
+                level.self_attention.in_norm.norm.num_channels if attn[i] else None, cfg))
+        self.temporal_up = nn.ModuleList()
+        levels = len(cfg.dim_mult)
+        for j, level in enumerate(self.up_samples):
+            widths = []
+            for u in level.units:  # temporal ResNets come before the spatial ones: their input widths
+                widths += [u.in_resnet.blocks[0].norm.norm.num_channels, u.out_resnet.blocks[0].norm.norm.num_channels]
+            self.temporal_up.append(LevelTemporal(
+                widths, level.self_attention.in_norm.norm.num_channels if attn[levels - 1 - j] else None, cfg))
+
+    # -- parameter groups (the stage freezes or trains them; model_info reports them)
+
+    def temporal_modules(self) -> Dict[str, nn.Module]:
+        return {"temporal_down": self.temporal_down, "temporal_up": self.temporal_up,
+                "frame_embed": self.frame_embed, "noise_aug_embed": self.noise_aug_embed,
+                "motion_embed": self.motion_embed}
+
+    def temporal_parameters(self) -> Iterator[nn.Parameter]:
+        for module in self.temporal_modules().values():
+            yield from module.parameters()
+
+    def spatial_parameters(self) -> Iterator[nn.Parameter]:
+        temporal = {id(p) for p in self.temporal_parameters()}
+        return (p for p in self.parameters() if id(p) not in temporal)
+
+    # -- forward
+
+    def temporal_embedding(self, emb: torch.Tensor, num_frames: int, noise_aug_level: Optional[torch.Tensor],
+                           motion_score: Optional[torch.Tensor], frame_index: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per-frame conditioning of the temporal layers: (b, e) -> (b, f, e)."""
+        b, device = emb.shape[0], emb.device
+        if frame_index is None:
+            frame_index = torch.arange(num_frames, device=device)
+        frame_index = frame_index.to(device)
+        if frame_index.shape == (num_frames,):
+            frame_index = frame_index.expand(b, num_frames)
+        if frame_index.shape != (b, num_frames):
+            raise ValueError(f"VideoUNet: frame_index must be ({num_frames},) or ({b}, {num_frames}); "
+                             f"got {tuple(frame_index.shape)}")
+        zeros = torch.zeros(b, device=device)
+        level = zeros if noise_aug_level is None else noise_aug_level.to(device)
+        motion = zeros if motion_score is None else motion_score.to(device)
+        for name, value in (("noise_aug_level", level), ("motion_score", motion)):
+            if value.shape != (b,):
+                raise ValueError(f"VideoUNet: {name} must have shape ({b},); got {tuple(value.shape)}")
+        frames = rearrange(self.frame_embed(rearrange(frame_index, "b f -> (b f)")), "(b f) e -> b f e", b=b)
+        per_clip = self.noise_aug_embed(level) + self.motion_embed(motion)  # (b, e)
+        return emb[:, None, :] + frames + per_clip[:, None, :]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                context_mask: Optional[torch.Tensor] = None, *, noise_aug_level: Optional[torch.Tensor] = None,
+                motion_score: Optional[torch.Tensor] = None, frame_index: Optional[torch.Tensor] = None,
+                temporal: bool = True) -> torch.Tensor:
+        """(b, c, f, h, w) -> (b, out_channels, f, h, w). `temporal=False` is image mode: every
+        frame denoised on its own by the spatial layers; the temporal inputs are then unused."""
+        if x.ndim != 5:
+            raise ValueError(f"VideoUNet: x must be (b, c, f, h, w); got {tuple(x.shape)}")
+        b, _, f = x.shape[:3]
+        frames = rearrange(x, "b c f h w -> (b f) c h w")
+        self._check_inputs(frames, t.repeat_interleave(f), context.repeat_interleave(f, dim=0),
+                           None if context_mask is None else context_mask.repeat_interleave(f, dim=0))
+        emb = self.embed(t, context, context_mask)  # (b, e): one conditioning vector per clip
+        down = up = None
+        if temporal:
+            temb = self.temporal_embedding(emb, f, noise_aug_level, motion_score, frame_index)
+            down = [_BoundTemporal(layers, f, temb) for layers in self.temporal_down]
+            up = [_BoundTemporal(layers, f, temb) for layers in self.temporal_up]
+        out = self.run_levels(
+            frames, emb.repeat_interleave(f, dim=0), context.repeat_interleave(f, dim=0),
+            None if context_mask is None else context_mask.repeat_interleave(f, dim=0), down, up,
+        )
+        return rearrange(out, "(b f) c h w -> b c f h w", b=b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading an image UNet
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def load_image_weights(model: VideoUNet, state_dict: Dict[str, torch.Tensor]) -> Dict[str, List[str]]:
+    """Copy a trained image UNet into `model`: every spatial weight, by name.
+
+    The input conv may have fewer input channels than the video model (4 for the T2I model, 9 for
+    the keyframe model): the extra input channels start at zero, so at load the video model
+    ignores its conditioning inputs and, its temporal layers being identities, equals the image
+    model frame by frame. Returns {"loaded": [...], "widened": [...], "new": [...]} key lists.
+    Raises ValueError naming the first key whose shape cannot be matched, or an image key the
+    video model lacks.
+    """
+    own = model.state_dict()
+    loaded, widened = [], []
+    for key, value in state_dict.items():
+        if key not in own:
+            raise ValueError(f"image UNet weight '{key}' has no counterpart in the video UNet: "
+                             "are the two built from the same spatial configuration?")
+        target = own[key]
+        if value.shape == target.shape:
+            target.copy_(value)
+            loaded.append(key)
+        elif key == "in_layer.weight" and value.shape[0] == target.shape[0] and value.shape[1] < target.shape[1] \
+                and value.shape[2:] == target.shape[2:]:
+            target.zero_()
+            target[:, : value.shape[1]].copy_(value)
+            widened.append(key)
+        else:
+            raise ValueError(f"image UNet weight '{key}' has shape {tuple(value.shape)}, "
+                             f"the video UNet expects {tuple(target.shape)}")
+    new = [k for k in own if k not in state_dict]
+    return {"loaded": loaded, "widened": widened, "new": new}
+
+
+# ----------------------------------------------------------------------------------------------
+# Named sizes
+# ----------------------------------------------------------------------------------------------
+
+
+def _video_size(image_size: str, **overrides) -> VideoUNetConfig:
+    base = unet_config(image_size)
+    fields = {k: getattr(base, k) for k in UNetConfig.__dataclass_fields__}
+    fields.update(in_channels=9, **overrides)
+    return VideoUNetConfig(**fields)
+
+
+VIDEO_UNET_SIZES: Dict[str, VideoUNetConfig] = {
+    # The released Kandinsky Video 1.1 keyframe model: 4.149B parameters, 1.110B temporal.
+    "kandinsky": _video_size("kandinsky"),
+    # The ShapesWorld t2i UNet plus temporal layers (its t2i checkpoint loads into it).
+    "shapes": _video_size("shapes"),
+}
+
+
+def video_unet_config(size: str, **overrides) -> VideoUNetConfig:
+    return sized_config(VIDEO_UNET_SIZES, size, **overrides)
