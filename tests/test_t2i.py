@@ -1,7 +1,5 @@
 """Stage t2i on tiny models: trains on a frozen MoVQ's latents, checkpoints, samples a first frame."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -9,42 +7,9 @@ from PIL import Image
 
 from kvideo.config import ConfigError, load_config
 from kvideo.train import checkpoint as ckpt
-from kvideo.train.engine import train
 
-from conftest import ROOT, tiny_movq_overrides
+from conftest import T2I_CONFIG, tiny_t2i_overrides
 
-MOVQ_CONFIG = ROOT / "configs" / "movq" / "shapes.yaml"
-T2I_CONFIG = ROOT / "configs" / "t2i" / "shapes.yaml"
-
-
-def tiny_t2i_overrides(run_dir, shards, movq_run, **extra):
-    values = {
-        "run_dir": str(run_dir), "data.shards": str(shards), "data.size": "[32,32]", "data.num_workers": 0,
-        "recipe.movq": str(movq_run), "model.model_channels": 16, "model.init_channels": 8,
-        "model.time_embed_dim": 32, "model.context_dim": 16, "model.groups": 4, "model.head_dim": 8,
-        "model.dim_mult": "[1,2]", "model.num_blocks": "[1,1]", "model.add_cross_attention": "[false,true]",
-        "model.add_self_attention": "[false,true]", "recipe.text_encoder.out_dim": 16,
-        "recipe.text_encoder.context_length": 16, "recipe.preview_steps": 2, "recipe.sampling.steps": 3,
-        "train.batch_size": 4, "train.max_steps": 3, "train.checkpoint_every": 3, "train.log_every": 1,
-        "train.preview_every": 3, "train.precision": "fp32",
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-@pytest.fixture(scope="module")
-def movq_run(tmp_path_factory, shapes_shards) -> Path:
-    run = tmp_path_factory.mktemp("movq_for_t2i")
-    train(load_config([MOVQ_CONFIG], tiny_movq_overrides(run, shapes_shards, **{"train.max_steps": 1,
-                                                                               "train.eval_every": 0})))
-    return run
-
-
-@pytest.fixture(scope="module")
-def t2i_run(tmp_path_factory, shapes_shards, movq_run) -> Path:
-    run = tmp_path_factory.mktemp("t2i")
-    train(load_config([T2I_CONFIG], tiny_t2i_overrides(run, shapes_shards, movq_run)))
-    return run
 
 
 def test_t2i_trains_checkpoints_and_previews(t2i_run):

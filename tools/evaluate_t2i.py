@@ -1,14 +1,14 @@
 """Score first frames of a t2i checkpoint on the canonical ShapesWorld prompts.
 
-    python tools/evaluate_t2i.py --checkpoint RUN_OR_CKPT [--all-checkpoints] [--per-prompt 2]
-        [--sampler dpmpp_2m] [--steps 15] [--guidance 5] [--out DIR]
+    python tools/evaluate_t2i.py --checkpoint RUN_OR_CKPT [--all-checkpoints [--minutes 10 20 30 60]]
+        [--per-prompt 2] [--sampler dpmpp_2m] [--steps 15] [--guidance 5] [--out DIR]
 
 Samples every canonical test prompt (seen and held-out pairs, kvideo.data.shapesworld), scores
 each image as a one-frame clip with the ShapesWorld scorer and reports the accuracy of the
 attributes a single frame shows: background, colour and shape (and all three at once), for
 seen and held-out pairs. With --all-checkpoints every checkpoint of the run is scored, with the
 training wall time at which it was written (from metrics.jsonl), to show accuracy against
-training time. Prints a markdown table; --out writes results.json and an image grid per
+training time; --minutes keeps the last checkpoint within each budget. Prints a markdown table; --out writes results.json and an image grid per
 checkpoint.
 """
 
@@ -24,19 +24,6 @@ import numpy as np
 import torch
 
 FRAME_ATTRIBUTES = ("background", "color", "shape")
-
-
-def _training_minutes(run_dir: Path) -> dict:
-    """step -> minutes since the first logged step (approximate: from metrics.jsonl times)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    rows = [r for r in rows if "steps_per_s" in r]
-    if not rows:
-        return {}
-    t0 = rows[0]["time"] - rows[0]["step"] / rows[0]["steps_per_s"]
-    return {r["step"]: (r["time"] - t0) / 60 for r in rows}
 
 
 @torch.no_grad()
@@ -83,6 +70,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--all-checkpoints", action="store_true")
+    ap.add_argument("--minutes", type=float, nargs="+",
+                    help="with --all-checkpoints: the last checkpoint within each training-time budget")
     ap.add_argument("--per-prompt", type=int, default=2)
     ap.add_argument("--sampler", default="dpmpp_2m", choices=["ddpm", "ddim", "dpmpp_2m"])
     ap.add_argument("--steps", type=int, default=15)
@@ -92,24 +81,22 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from kvideo.data.shapesworld import canonical_test_prompts
-    from kvideo.train.checkpoint import list_checkpoints, resolve_checkpoint
+    from kvideo.train.logging import checkpoints_on_time_axis
 
-    path = Path(args.checkpoint)
-    ckpts = list_checkpoints(path) if args.all_checkpoints else [resolve_checkpoint(path)]
-    if not ckpts:
-        print(f"error: no checkpoints under {path}", file=sys.stderr)
+    try:
+        ckpts = checkpoints_on_time_axis(args.checkpoint, args.all_checkpoints, args.minutes)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    minutes = _training_minutes(path if args.all_checkpoints else ckpts[0].parent.parent)
     prompts = canonical_test_prompts()
     out = Path(args.out) if args.out else None
     results = []
     print("| checkpoint | train min | seen bg | seen colour | seen shape | seen all | held-out colour | "
           "held-out shape | held-out all | sampling s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for ckpt in ckpts:
+    for ckpt, step, minutes in ckpts:
         r = evaluate(ckpt, prompts, args.per_prompt, args.sampler, args.steps, args.guidance, args.seed, out)
-        step = int(ckpt.name.split("_")[1])
-        r["step"], r["train_minutes"] = step, minutes.get(step)
+        r["step"], r["train_minutes"] = step, minutes
         results.append(r)
         s, h = r["seen"], r["held_out"]
         mins = f"{r['train_minutes']:.1f}" if r["train_minutes"] is not None else "?"

@@ -66,3 +66,47 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def training_minutes(run_dir: str | Path) -> Dict[int, float]:
+    """step -> minutes of training when it was logged, from a run's metrics.jsonl (empty if none).
+
+    Approximate: the clock starts at the first logged step minus the time its logged rate implies.
+    Evaluation tools use it to put checkpoints on a training-time axis.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if "steps_per_s" in r]
+    if not rows:
+        return {}
+    t0 = rows[0]["time"] - rows[0]["step"] / rows[0]["steps_per_s"]
+    return {r["step"]: (r["time"] - t0) / 60 for r in rows}
+
+
+def checkpoints_on_time_axis(path: str | Path, every: bool, at_minutes: Optional[list] = None) -> list:
+    """[(checkpoint dir, step, training minutes or None)] for evaluation tools.
+
+    `every`: all checkpoints of the run directory `path`; otherwise the one `path` resolves to
+    (a run's newest, a checkpoint directory or a weights file). `at_minutes` (with `every`)
+    keeps, for each budget, the last checkpoint written within that many training minutes.
+    Raises FileNotFoundError when there is none.
+    """
+    from kvideo.train.checkpoint import list_checkpoints, resolve_checkpoint
+
+    path = Path(path)
+    ckpts = list_checkpoints(path) if every else [resolve_checkpoint(path)]
+    if not ckpts:
+        raise FileNotFoundError(f"no checkpoints under {path}")
+    minutes = training_minutes(path if every else ckpts[0].parent.parent)
+    steps = [int(c.name.split("_")[1]) if c.name.startswith("step_") else None for c in ckpts]
+    rows = [(c, s, minutes.get(s)) for c, s in zip(ckpts, steps)]
+    if every and at_minutes:
+        picked = []
+        for budget in sorted(at_minutes):
+            within = [r for r in rows if r[2] is not None and r[2] <= budget]
+            if within and within[-1] not in picked:
+                picked.append(within[-1])
+        rows = picked
+    return rows

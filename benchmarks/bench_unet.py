@@ -1,0 +1,205 @@
+"""Training-step throughput of the keyframe UNet against diffusers' UNet3DConditionModel.
+
+    python benchmarks/bench_unet.py [--batch 2] [--frames 8] [--latent 32] [--steps 6]
+        [--precision bf16|fp32] [--json FILE]
+
+Both networks are built at a matched parameter count (diffusers' widths are searched to come
+within 10% of ours), take the same input (b, 9, f, h, w) with a (b, 77, context_dim) text
+context, and run the same training step: forward, MSE against a fixed target, backward, AdamW.
+Steps alternate between the two models (A, B, A, B, ...) in one process, so machine noise hits
+both alike; the report gives samples/s of each and their ratio, the FLOPs of one step
+(torch.utils.flop_counter, forward + backward), the achieved GFLOP/s, the fraction of this
+machine's fp32 matmul peak (measured in the same run), and the peak resident memory of a step.
+
+The keyframe UNet is `kvideo.models.video_unet.VideoUNet` at the `bench` width below: the
+Kandinsky 3 layout at 1/3 of the released width (128/256/512 channels) with every temporal layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from datetime import date
+
+import torch
+import torch.nn.functional as F
+
+CONTEXT_DIM = 512
+TOKENS = 77
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """Best GFLOP/s of an n x n x n matmul in `dtype` on this machine."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def build_ours():
+    from kvideo.models.video_unet import VideoUNet, video_unet_config
+
+    cfg = video_unet_config("kandinsky", model_channels=128, init_channels=64, time_embed_dim=512,
+                            context_dim=CONTEXT_DIM, dim_mult=[1, 2, 4], num_blocks=[2, 2, 2],
+                            add_cross_attention=[False, True, True], add_self_attention=[False, True, True])
+    return VideoUNet(cfg)
+
+
+def diffusers_unet(width: int, in_channels: int, meta: bool = False):
+    from diffusers import UNet3DConditionModel
+
+    ctx = torch.device("meta") if meta else nullcontext()
+    with ctx:
+        return UNet3DConditionModel(
+            in_channels=in_channels, out_channels=4, block_out_channels=(width, 2 * width, 4 * width, 4 * width),
+            layers_per_block=2, cross_attention_dim=CONTEXT_DIM, attention_head_dim=64, norm_num_groups=32)
+
+
+def matched_diffusers(target_params: int, in_channels: int):
+    """The diffusers UNet3D whose width (a multiple of 32) gives the parameter count nearest the target."""
+    best = None
+    for width in range(64, 513, 32):
+        n = sum(p.numel() for p in diffusers_unet(width, in_channels, meta=True).parameters())
+        if best is None or abs(n - target_params) < abs(best[1] - target_params):
+            best = (width, n)
+    return diffusers_unet(best[0], in_channels), best[0]
+
+
+def peak_rss_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident set size (VmHWM)
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class Runner:
+    """One model's training step on fixed inputs."""
+
+    def __init__(self, name, model, call, inputs, precision):
+        self.name, self.model, self.call, self.inputs = name, model.train(), call, inputs
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        self.times, self.peak_mb = [], None
+        self.params = sum(p.numel() for p in model.parameters())
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        with self.autocast:
+            out = self.call(self.model, *self.inputs)
+        loss = F.mse_loss(out.float(), self.inputs[0][:, :4].float())
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    def flops(self) -> int:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter, self.autocast:
+            out = self.call(self.model, *self.inputs)
+        with counter:
+            F.mse_loss(out.float(), self.inputs[0][:, :4].float()).backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--latent", type=int, default=32, help="latent height = width")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per model (after 2 warm-up steps)")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--only", choices=["ours", "diffusers"], help="time one model (for profiling)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    print(f"matmul peak on this machine: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
+
+    b, f, s = args.batch, args.frames, args.latent
+    x = torch.randn(b, 9, f, s, s)
+    t = torch.randint(0, 1000, (b,))
+    context = torch.randn(b, TOKENS, CONTEXT_DIM)
+    mask = torch.ones(b, TOKENS, dtype=torch.bool)
+    level, motion = torch.full((b,), 20), torch.full((b,), 10.0)
+
+    ours = build_ours()
+    runners = []
+    if args.only in (None, "ours"):
+        runners.append(Runner("kvideo VideoUNet", ours,
+                              lambda m, x, t, c, k, l, mo: m(x, t, c, k, noise_aug_level=l, motion_score=mo),
+                              (x, t, context, mask, level, motion), args.precision))
+    if args.only in (None, "diffusers"):
+        theirs, width = matched_diffusers(sum(p.numel() for p in ours.parameters()), 9)
+        print(f"diffusers UNet3DConditionModel width {width}")
+        runners.append(Runner("diffusers UNet3DConditionModel", theirs,
+                              lambda m, x, t, c: m(x, t, encoder_hidden_states=c).sample,
+                              (x, t, context), args.precision))
+    for r in runners:
+        r.flops_per_step = r.flops()
+    for r in runners:  # warm-up
+        for _ in range(2):
+            r.step()
+    for _ in range(args.steps):
+        for r in runners:
+            reset = peak_rss_reset()
+            r.times.append(r.step())
+            if reset:
+                mb = peak_rss_mb()
+                r.peak_mb = mb if r.peak_mb is None else max(r.peak_mb, mb)
+
+    rows = []
+    for r in runners:
+        sec = statistics.median(r.times)
+        rows.append({
+            "model": r.name, "params": r.params, "step_s": sec, "samples_per_s": b / sec,
+            "gflop_per_step": r.flops_per_step / 1e9, "gflop_per_s": r.flops_per_step / sec / 1e9,
+            "fraction_of_fp32_matmul_peak": r.flops_per_step / sec / 1e9 / peak32, "peak_rss_mb": r.peak_mb,
+        })
+    print(f"\ninput (b, c, f, h, w) = ({b}, 9, {f}, {s}, {s}), context ({b}, {TOKENS}, {CONTEXT_DIM}), "
+          f"{args.precision}, median of {args.steps} steps each, interleaved")
+    print("| model | params | step s | samples/s | GFLOP/step | GFLOP/s | of fp32 matmul peak | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
+        print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['step_s']:.2f} | {r['samples_per_s']:.3f} | "
+              f"{r['gflop_per_step']:.0f} | {r['gflop_per_s']:.0f} | {r['fraction_of_fp32_matmul_peak']:.0%} | {rss} |")
+    if len(rows) == 2:
+        print(f"\nsamples/s ratio (kvideo / diffusers): {rows[0]['samples_per_s'] / rows[1]['samples_per_s']:.2f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"date": str(date.today()), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+                       "torch": torch.__version__, "matmul_peak_fp32": peak32, "matmul_peak_bf16": peak16,
+                       "args": vars(args), "rows": rows}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Stage keyframe on tiny models: initialised from a t2i run, conditioning, dropout, guidance, I2V."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kvideo.config import load_config
+from kvideo.stages.keyframe import (
+    ConditionDropout, MotionConfig, NoiseAugConfig, conditioned_input, draw_dropout, draw_noise_levels,
+    keyframe_net, load_keyframe, resolve_motion_score, sample_keyframes,
+)
+from kvideo.stages.t2i import make_schedule
+from kvideo.train import checkpoint as ckpt
+from kvideo.train.engine import train
+
+from conftest import ROOT, tiny_t2i_overrides
+
+KEYFRAME_CONFIG = ROOT / "configs" / "keyframe" / "shapes.yaml"
+PROMPT = "a red circle moving left quickly on a black background"
+
+
+def tiny_keyframe_overrides(run_dir, shards, movq_run, t2i_run, **extra):
+    values = dict(item.split("=", 1) for item in tiny_t2i_overrides(run_dir, shards, movq_run))
+    values.update({"data.num_frames": 4, "data.fps": 12.0, "recipe.init_from": str(t2i_run), "train.batch_size": 2,
+                   "recipe.latent_scale": 1.0, "recipe.diffusion.target": "eps", "recipe.sampling.steps": 2})
+    values.update({k: str(v) for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def keyframe_run(tmp_path_factory, shapes_shards, movq_run, t2i_run) -> Path:
+    run = tmp_path_factory.mktemp("keyframe")
+    train(load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(run, shapes_shards, movq_run, t2i_run)))
+    return run
+
+
+def test_keyframe_trains_from_the_t2i_checkpoint(keyframe_run, t2i_run):
+    last = ckpt.latest_checkpoint(keyframe_run)
+    assert last.name == "step_0000003"
+    assert '"keyframe/mse"' in (keyframe_run / "metrics.jsonl").read_text()
+    assert (keyframe_run / "previews" / "step_0000003.png").is_file()
+    weights = ckpt.load_weights(last, "model")[0]
+    assert any(k.startswith("unet.temporal_down") for k in weights)
+    assert weights["unet.in_layer.weight"].shape[1] == 9  # x_t | first frame | mask
+
+
+def test_init_from_loads_spatial_weights_and_train_spatial_false_freezes_them(tmp_path, shapes_shards, movq_run,
+                                                                              t2i_run):
+    from kvideo.stages.keyframe import build_keyframe_model
+
+    t2i_weights = ckpt.load_weights(ckpt.latest_checkpoint(t2i_run), "ema")[0]
+    cfg = load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(tmp_path / "a", shapes_shards, movq_run, t2i_run))
+    model = build_keyframe_model(cfg)
+    state = model.state_dict()
+    for key, value in t2i_weights.items():
+        if key == "unet.in_layer.weight":
+            assert torch.equal(state[key][:, :4], value) and not state[key][:, 4:].any()
+        else:
+            assert torch.equal(state[key], value), key
+    # the 1.0 recipe: spatial layers frozen through a real training run
+    run = tmp_path / "frozen"
+    train(load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(run, shapes_shards, movq_run, t2i_run, **{
+        "recipe.train_spatial": "false", "train.max_steps": 2, "train.checkpoint_every": 2,
+        "train.preview_every": 0, "train.lr": 0.01})))
+    after = ckpt.load_weights(ckpt.latest_checkpoint(run), "model")[0]
+    for key, value in t2i_weights.items():
+        if key.startswith("unet.down_samples") or key.startswith("text."):
+            assert torch.equal(after[key], value), key
+    moved = [k for k in after if k.startswith("unet.temporal") and not torch.equal(after[k], state[k])]
+    assert moved  # the temporal layers trained
+
+
+def test_conditioned_input_layout():
+    x_t, first = torch.randn(2, 4, 3, 5, 5), torch.randn(2, 4, 5, 5)
+    out = conditioned_input(x_t, first, torch.tensor([True, False]))
+    assert out.shape == (2, 9, 3, 5, 5)
+    assert torch.equal(out[:, :4], x_t)
+    assert torch.equal(out[0, 4:8, 0], first[0]) and not out[0, 4:8, 1:].any()
+    assert not out[1, 4:].any()  # no image: zeros and mask 0
+    assert torch.equal(out[0, 8, 0], torch.ones(5, 5)) and not out[0, 8, 1:].any()
+
+
+def test_conditioning_dropout_rates_are_disjoint_and_as_configured():
+    g = torch.Generator().manual_seed(0)
+    text, image = draw_dropout(ConditionDropout(text=0.1, image=0.2, both=0.05), 200_000, g)
+    both = (text & image).float().mean()
+    assert abs(float(both) - 0.05) < 0.005
+    assert abs(float((text & ~image).float().mean()) - 0.1) < 0.005
+    assert abs(float((image & ~text).float().mean()) - 0.2) < 0.005
+    with pytest.raises(ValueError, match="recipe.dropout"):
+        draw_dropout(ConditionDropout(text=0.5, image=0.5, both=0.1), 4)
+
+
+def test_noise_augmentation_levels():
+    g = torch.Generator().manual_seed(0)
+    levels = draw_noise_levels(NoiseAugConfig(max_level=100), 50_000, g)
+    assert levels.min() == 0 and levels.max() == 100 and abs(float(levels.float().mean()) - 50) < 1
+    log_levels = draw_noise_levels(NoiseAugConfig(distribution="log_uniform", max_level=100), 50_000, g)
+    assert log_levels.max() <= 100 and float(log_levels.float().median()) < 15  # favours small levels
+    assert not draw_noise_levels(NoiseAugConfig(enabled=False), 10).any()
+    with pytest.raises(ValueError, match="distribution"):
+        draw_noise_levels(NoiseAugConfig(distribution="beta"), 4)
+
+
+def test_motion_presets_and_numbers():
+    cfg = MotionConfig(presets={"slow": 0.06, "fast": 0.16}, default="slow")
+    assert resolve_motion_score(cfg, "fast") == 0.16
+    assert resolve_motion_score(cfg, "0.3") == 0.3 and resolve_motion_score(cfg, None) == 0.06
+    with pytest.raises(ValueError, match="slow=0.06, fast=0.16"):
+        resolve_motion_score(cfg, "normal")
+    # every preset of the shipped configs resolves, and so does each config's default
+    for name in ("shapes", "kandinsky"):
+        rc = load_config([ROOT / "configs" / "keyframe" / f"{name}.yaml"], require_complete=False).recipe
+        for preset in list(rc.motion.presets) + [None]:
+            resolve_motion_score(rc.motion, preset)
+
+
+def test_three_way_guidance_branches_are_the_right_conditions(keyframe_run):
+    """w_T = w_I = 1 gives the text+image branch alone and w_T = w_I = 0 the unconditional one,
+    each checked against sampling with that branch built by hand."""
+    from kvideo.diffusion import sample_ddim
+
+    model, movq, cfg = load_keyframe(keyframe_run)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained model's temporal layers are not identities: make them matter
+        for p in model.unet.temporal_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    schedule = make_schedule(cfg.recipe.diffusion)
+    first = torch.randn(1, 4, 8, 8)
+    common = dict(num_frames=3, target="eps", motion_score=0.1, motion_scale=cfg.recipe.motion.scale,
+                  noise_aug_level=0, sampler="ddim", steps=2)
+    net = keyframe_net(model.unet, cfg.recipe.motion.scale)
+    tokens, mask = model.context([PROMPT])
+    null_tokens, null_mask = model.text.null_context(1)
+    for w, (ctx, ctx_mask, has_image) in ((1.0, (tokens, mask, 1.0)), (0.0, (null_tokens, null_mask, 0.0))):
+        got = sample_keyframes(model, schedule, [PROMPT], first, text_guidance=w, image_guidance=w,
+                               generator=torch.Generator().manual_seed(1), **common)
+
+        def direct(x, t):
+            return net(x, t, context=ctx, context_mask=ctx_mask, first=first, has_image=torch.tensor([has_image]),
+                       noise_aug_level=torch.zeros(1, dtype=torch.long), motion_score=torch.tensor([0.1]))
+
+        x_T = torch.randn((1, 4, 3, 8, 8), generator=torch.Generator().manual_seed(1))
+        expected = sample_ddim(direct, schedule, x_T, steps=2, target="eps")
+        assert torch.allclose(got, expected, atol=1e-4), (w, (got - expected).abs().max())
+    # the motion score reaches the model (through recipe.motion.scale)
+    faster = sample_keyframes(model, schedule, [PROMPT], first, text_guidance=1.0, image_guidance=1.0,
+                              generator=torch.Generator().manual_seed(1), **{**common, "motion_score": 0.5})
+    slower = sample_keyframes(model, schedule, [PROMPT], first, text_guidance=1.0, image_guidance=1.0,
+                              generator=torch.Generator().manual_seed(1), **common)
+    assert not torch.allclose(faster, slower, atol=1e-4)
+
+
+def _sample(tmp_path, run, name, *extra):
+    import sample
+
+    out = tmp_path / name
+    code = sample.main(["--stage", "keyframe", "--checkpoint", str(run), "--prompt", PROMPT, "--out", str(out),
+                        "--steps", "2", "--sampler", "dpmpp_2m", *extra])
+    assert code == 0
+    from kvideo.data.video_io import read_video
+
+    frames, _ = read_video(str(out))
+    return frames
+
+
+def test_image_to_video_and_same_seed_same_video(tmp_path, keyframe_run):
+    image = tmp_path / "first.png"
+    rgb = np.zeros((40, 48, 3), dtype=np.uint8)
+    rgb[10:25, 12:30] = (230, 25, 25)
+    Image.fromarray(rgb).save(image)
+    a = _sample(tmp_path, keyframe_run, "a.mp4", "--image", str(image), "--seed", "3", "--motion-score", "fast")
+    b = _sample(tmp_path, keyframe_run, "b.mp4", "--image", str(image), "--seed", "3", "--motion-score", "fast")
+    assert a.shape == (4, 32, 32, 3)  # data.num_frames keyframes at the model's size
+    assert np.array_equal(a, b)
+    c = _sample(tmp_path, keyframe_run, "c.mp4", "--image", str(image), "--seed", "4", "--motion-score", "0.0")
+    assert not np.array_equal(a, c)
+    # no --image: the first frame comes from the t2i run named by recipe.init_from
+    d = _sample(tmp_path, keyframe_run, "d.mp4", "--seed", "3")
+    assert d.shape == a.shape
+
+
+def test_sample_keyframe_errors_are_clear(tmp_path, keyframe_run, capsys):
+    import sample
+
+    code = sample.main(["--stage", "keyframe", "--checkpoint", str(keyframe_run), "--prompt", PROMPT, "--out",
+                        str(tmp_path / "x.mp4"), "--motion-score", "normal", "--image", str(ROOT / "README.md")])
+    assert code == 2 and "README.md" in capsys.readouterr().err
+    code = sample.main(["--stage", "keyframe", "--checkpoint", str(keyframe_run), "--prompt", PROMPT, "--out",
+                        str(tmp_path / "x.mp4"), "--motion-score", "normal", "--steps", "1"])
+    assert code == 2 and "unknown motion preset 'normal'" in capsys.readouterr().err
+
+
+def test_evaluate_keyframes_scores_canonical_prompts(tmp_path, keyframe_run, capsys):
+    import json
+
+    from tools import evaluate_keyframes
+
+    code = evaluate_keyframes.main(["--checkpoint", str(keyframe_run), "--all-checkpoints", "--limit", "2",
+                                    "--steps", "1", "--motion-score", "fast", "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "results.json").read_text())[0]
+    assert result["step"] == 3 and result["seen"]["n"] == 2 and result["held_out"]["n"] == 2
+    assert all(r["motion_score"] == 0.164 for r in result["videos_detail"])
+    assert 0.0 <= result["seen"]["direction"] <= 1.0 and result["seen"]["frame0_psnr"] > 0
+    assert "| step_0000003 |" in capsys.readouterr().out

@@ -1,0 +1,184 @@
+"""Score keyframe videos of a keyframe checkpoint on the canonical ShapesWorld prompts.
+
+    python tools/evaluate_keyframes.py --checkpoint RUN_OR_CKPT [--all-checkpoints [--minutes 10 20 30 60]]
+        [--sampler dpmpp_2m] [--steps 15] [--text-guidance W] [--image-guidance W]
+        [--noise-aug-level L] [--motion-score X|PRESET] [--limit N] [--out DIR]
+
+For every canonical test prompt (seen and held-out pairs, kvideo.data.shapesworld) a ground-truth
+clip is rendered (seeded by the prompt's position), its first frame is encoded with the run's
+MoVQ, and keyframes are sampled from it and the prompt, at the run's keyframe rate (data.fps).
+The motion score is the run's preset named after the prompt's speed (still / slow / fast, as
+in configs/keyframe/shapes.yaml) unless --motion-score fixes one for every prompt (a sweep).
+Each video is scored with the ShapesWorld scorer: direction, speed (slow / fast; moving prompts
+only), background, colour, shape, the measured speed in px per 24-fps frame, and the PSNR of
+the decoded frame 0 against the conditioning frame. Prints a markdown table; --out writes
+results.json and a contact sheet per checkpoint (rows: videos, columns: keyframes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+
+ATTRS = ("direction", "speed", "background", "color", "shape")
+
+
+def ground_truth_clip(prompt: str, index: int, size: int) -> np.ndarray:
+    """A rendered clip (48 frames at 24 fps, uint8 (f, h, w, 3)) showing `prompt`."""
+    from kvideo.data.shapesworld import clip_spec_from_attributes, parse_caption, render_clip
+
+    attrs = parse_caption(prompt)
+    seed = int(hashlib.sha256(f"{index}:{prompt}".encode()).hexdigest()[:8], 16)
+    return render_clip(clip_spec_from_attributes(attrs, seed, size=size))
+
+
+def motion_for(prompt: str, presets, fixed) -> float:
+    from kvideo.data.shapesworld import parse_caption
+    from kvideo.stages.keyframe import resolve_motion_score
+
+    if fixed is not None:
+        return resolve_motion_score(presets, fixed)
+    speed = parse_caption(prompt)["speed"]
+    name = "still" if speed in ("none", None) else speed
+    if name not in presets.presets:
+        raise ValueError(f"the run's recipe.motion.presets has no '{name}' preset; give --motion-score")
+    return float(presets.presets[name])
+
+
+@torch.no_grad()
+def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
+    from kvideo.data.shapesworld import score_clip
+    from kvideo.stages.keyframe import decode_video, load_keyframe, sample_keyframes
+    from kvideo.stages.movq import psnr
+    from kvideo.stages.t2i import make_schedule
+
+    model, movq, cfg = load_keyframe(ckpt_dir)
+    rc, sc = cfg.recipe, cfg.recipe.sampling
+    schedule = make_schedule(rc.diffusion)
+    h, w = cfg.data.size
+    fps, num_frames = float(cfg.data.fps), int(cfg.data.num_frames)
+    rows, sheets = [], []
+    t0 = time.perf_counter()
+    for i, item in enumerate(prompts):
+        prompt = item["prompt"]
+        clip = ground_truth_clip(prompt, i, h)
+        first = torch.from_numpy(clip[0]).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, h, w)
+        latent = movq.encode(first).float() * rc.latent_scale
+        motion = motion_for(prompt, rc.motion, args.motion_score)
+        latents = sample_keyframes(
+            model, schedule, [prompt], latent, num_frames=num_frames, target=rc.diffusion.target,
+            motion_score=motion, motion_scale=rc.motion.scale,
+            noise_aug_level=rc.noise_aug.sample_level if args.noise_aug_level is None else args.noise_aug_level,
+            sampler=args.sampler, steps=args.steps, spacing=sc.spacing,
+            text_guidance=sc.text_guidance if args.text_guidance is None else args.text_guidance,
+            image_guidance=sc.image_guidance if args.image_guidance is None else args.image_guidance,
+            latent_scale=rc.latent_scale, dynamic_threshold=sc.dynamic_threshold,
+            generator=torch.Generator().manual_seed(args.seed + i))
+        video = decode_video(movq, latents, rc.latent_scale)[0]  # (3, f, h, w) in [-1, 1]
+        frames = ((rearrange(video, "c f h w -> f h w c") + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        r = score_clip(frames, fps, prompt)
+        speed_pf = r["speed_measured_px_per_frame"]
+        rows.append({
+            "prompt": prompt, "split": item["split"], "moving": r["target"]["direction"] != "still",
+            "motion_score": motion, **{a: bool(r["correct"][a]) for a in ATTRS},
+            "pred_direction": r["pred"]["direction"], "pred_speed": r["pred"]["speed"],
+            # px per 24-fps frame, comparable with the ShapesWorld spec whatever the keyframe rate
+            "speed_px_per_24fps_frame": None if speed_pf is None else speed_pf * fps / 24.0,
+            "frame0_psnr": float(psnr(video[:, 0][None], first)[0]),
+        })
+        sheets.append(video.transpose(0, 1))  # (f, 3, h, w)
+    seconds = time.perf_counter() - t0
+    result = {"checkpoint": str(ckpt_dir), "sampler": args.sampler, "steps": args.steps, "videos": len(rows),
+              "keyframes": num_frames, "fps": fps, "sampling_s": round(seconds, 1),
+              "text_guidance": sc.text_guidance if args.text_guidance is None else args.text_guidance,
+              "image_guidance": sc.image_guidance if args.image_guidance is None else args.image_guidance,
+              "noise_aug_level": rc.noise_aug.sample_level if args.noise_aug_level is None else args.noise_aug_level,
+              "motion_score": args.motion_score}
+    for split in ("seen", "held_out", "all"):
+        sel = [r for r in rows if split == "all" or r["split"] == split]
+        if not sel:
+            continue
+        moving = [r for r in sel if r["moving"]]
+        summary = {"n": len(sel), "n_moving": len(moving)}
+        for a in ("direction", "background", "color", "shape"):
+            summary[a] = float(np.mean([r[a] for r in sel]))
+        summary["speed"] = float(np.mean([r["speed"] for r in moving])) if moving else None  # slow / fast
+        speeds = [r["speed_px_per_24fps_frame"] for r in sel if r["speed_px_per_24fps_frame"] is not None]
+        summary["mean_speed_px_per_24fps_frame"] = float(np.mean(speeds)) if speeds else None
+        summary["frame0_psnr"] = float(np.mean([r["frame0_psnr"] for r in sel]))
+        result[split] = summary
+    result["videos_detail"] = rows
+    if out is not None:
+        from torchvision.utils import save_image
+
+        out.mkdir(parents=True, exist_ok=True)
+        save_image((torch.cat(sheets) + 1) / 2, out / f"{ckpt_dir.name}_{args.sampler}{args.steps}.png", nrow=num_frames)
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--all-checkpoints", action="store_true")
+    ap.add_argument("--minutes", type=float, nargs="+",
+                    help="with --all-checkpoints: the last checkpoint within each training-time budget")
+    ap.add_argument("--sampler", default="dpmpp_2m", choices=["ddpm", "ddim", "dpmpp_2m"])
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--text-guidance", type=float)
+    ap.add_argument("--image-guidance", type=float)
+    ap.add_argument("--noise-aug-level", type=int)
+    ap.add_argument("--motion-score", help="one motion score (number or preset) for every prompt: a sweep point")
+    ap.add_argument("--limit", type=int, help="only the first N prompts of each split")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+
+    from kvideo.data.shapesworld import canonical_test_prompts
+    from kvideo.train.logging import checkpoints_on_time_axis
+
+    try:
+        ckpts = checkpoints_on_time_axis(args.checkpoint, args.all_checkpoints, args.minutes)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prompts = canonical_test_prompts()
+    if args.limit:
+        prompts = [p for s in ("seen", "held_out") for p in [q for q in prompts if q["split"] == s][: args.limit]]
+    out = Path(args.out) if args.out else None
+    results = []
+    print("| checkpoint | train min | seen direction | seen slow/fast | seen frame-0 PSNR | held-out direction | "
+          "held-out slow/fast | mean speed px/frame | sampling s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for ckpt, step, minutes in ckpts:
+        try:
+            r = evaluate(ckpt, prompts, args, out)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        r["step"], r["train_minutes"] = step, minutes
+        results.append(r)
+        s, h = r["seen"], r.get("held_out", {})
+        mins = f"{r['train_minutes']:.1f}" if r["train_minutes"] is not None else "?"
+
+        def pct(v):
+            return "-" if v is None else f"{v:.0%}"
+
+        speed = r["all"]["mean_speed_px_per_24fps_frame"]
+        print(f"| {ckpt.name} | {mins} | {pct(s['direction'])} | {pct(s['speed'])} | {s['frame0_psnr']:.1f} dB | "
+              f"{pct(h.get('direction'))} | {pct(h.get('speed'))} | "
+              f"{'-' if speed is None else f'{speed:.3f}'} | {r['sampling_s']} |", flush=True)
+    if out is not None:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
