@@ -188,6 +188,17 @@ def test_training_loss():
 
 # ----------------------------------------------------------------------------- thresholding
 
+def test_dynamic_threshold_acts_on_the_data_range():
+    """Latents scaled by 3 for training are thresholded in the autoencoder's own units: a scaled
+    latent that lies within [-3, 3] passes unchanged (thresholding at 1 would shrink it)."""
+    g = torch.Generator().manual_seed(5)
+    z = (torch.rand(2, 4, 8, 8, generator=g) * 2 - 1) * 0.9  # the autoencoder's latent, within [-1, 1]
+    assert torch.allclose(dynamic_threshold(3 * z, 0.995, data_range=3.0), 3 * z, atol=1e-6)
+    assert dynamic_threshold(3 * z, 0.995).abs().max() <= 1 + 1e-6  # the unit range squeezes it
+    x = torch.randn(2, 4, 8, 8, generator=g) * 5
+    assert torch.allclose(dynamic_threshold(x, 0.995, data_range=3.0), 3 * dynamic_threshold(x / 3, 0.995), atol=1e-6)
+
+
 def test_dynamic_threshold_matches_diffusers_and_spec():
     g = torch.Generator().manual_seed(6)
     x0 = torch.randn(3, 4, 2, 8, 8, generator=g) * torch.tensor([0.3, 2.0, 8.0]).view(3, 1, 1, 1, 1)
