@@ -261,10 +261,13 @@ class ResNetBlock(nn.Module):
         self.shortcut_proj = nn.Conv2d(in_channels, out_channels, kernel_size=1) if project else None
         self.shortcut_down = nn.Conv2d(out_channels, out_channels, kernel_size=2, stride=2) if down else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, after_block=None) -> torch.Tensor:
+        """`after_block(i, h) -> h` (video models): applied to the output of Block i of the bottleneck."""
         out = x
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             out = block(out, emb)
+            if after_block is not None:
+                out = after_block(i, out)
         for layer in (self.shortcut_up, self.shortcut_proj, self.shortcut_down):
             if layer is not None:
                 x = layer(x)
@@ -326,10 +329,11 @@ class LevelUnit(nn.Module):
 class _Level(GradCheckpointMixin, nn.Module):
     """Shared forward of DownLevel / UpLevel: [self-attn first] -> units -> [self-attn last].
 
-    `temporal` (video models only) interleaves temporal layers: an object with `resnet(slot, x)`
-    and `attention(x)`, where slot 2i / 2i + 1 are the in / out ResNet of unit i. Going down a
-    temporal ResNet follows each spatial ResNet, going up it precedes it; temporal attention
-    follows the level's self-attention. Both are run through this level's `run_block`.
+    `temporal` (video models only) interleaves temporal layers: an object with `resnet(slot, x)`,
+    `inner(slot)` and `attention(x)`, where slot 2i / 2i + 1 are the in / out ResNet of unit i.
+    Going down `resnet` follows each spatial ResNet, going up it precedes it; `inner(slot)` is
+    None or an `after_block` function run inside the spatial ResNet after each of its Blocks;
+    `attention` follows the level's self-attention. All run through this level's `run_block`.
     """
 
     self_attention_first: bool = True
@@ -344,7 +348,7 @@ class _Level(GradCheckpointMixin, nn.Module):
         down = self.self_attention_first  # DownLevel: temporal after the spatial ResNet; UpLevel: before
         if temporal is not None and not down:
             x = self.run_block(temporal.resnet, slot, x)
-        x = self.run_block(resnet, x, emb)
+        x = self.run_block(resnet, x, emb, None if temporal is None else temporal.inner(slot))
         if temporal is not None and down:
             x = self.run_block(temporal.resnet, slot, x)
         return x

@@ -30,7 +30,7 @@ released keyframe model's layout, 4.149B parameters of which 1.110B temporal.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from einops import rearrange
@@ -55,13 +55,13 @@ class VideoUNetConfig(UNetConfig):
     temporal_attention: Optional[List[bool]] = None  # per level; None = where there is self-attention
 
 
-def _temporal_attention_levels(cfg: VideoUNetConfig) -> List[bool]:
+def _temporal_attention_levels(cfg) -> List[bool]:
     levels = cfg.temporal_attention if cfg.temporal_attention is not None else cfg.add_self_attention
     if len(levels) != len(cfg.dim_mult):
-        raise ValueError(f"VideoUNetConfig.temporal_attention needs one entry per level of dim_mult "
+        raise ValueError(f"{type(cfg).__name__}.temporal_attention needs one entry per level of dim_mult "
                          f"({len(cfg.dim_mult)}); got {list(levels)}")
     if any(t and not s for t, s in zip(levels, cfg.add_self_attention)):
-        raise ValueError("VideoUNetConfig.temporal_attention: temporal attention follows the self-attention, "
+        raise ValueError(f"{type(cfg).__name__}.temporal_attention: temporal attention follows the self-attention, "
                          f"so it needs add_self_attention on the same levels; got {list(levels)} "
                          f"with add_self_attention {list(cfg.add_self_attention)}")
     return list(levels)
@@ -107,20 +107,23 @@ class TemporalResNetBlock(nn.Module):
 
 class TemporalAttentionBlock(nn.Module):
     """Attention over the frames of each pixel, then a feed-forward; both residual, both ending
-    in a zero-initialised projection (identity at init). No positional embedding: frame order
-    reaches the block through the per-frame norms (the frame-index embedding)."""
+    in a zero-initialised projection (identity at init) unless `zero_init=False` (for a block
+    behind a zero-initialised gate). No positional embedding: frame order reaches the block
+    through the per-frame norms (the frame-index embedding) and neighbouring temporal convs."""
 
     def __init__(self, channels: int, cond_dim: int, groups: int = 32, head_dim: int = 64,
-                 expansion_ratio: int = 4) -> None:
+                 expansion_ratio: int = 4, zero_init: bool = True) -> None:
         super().__init__()
         self.in_norm = ConditionalGroupNorm(channels, cond_dim, groups)
         self.attention = Attention(channels, channels, channels, head_dim)
-        zero_module(self.attention.to_out)
         self.out_norm = ConditionalGroupNorm(channels, cond_dim, groups)
         hidden = expansion_ratio * channels
         self.feed_forward = nn.Sequential(
-            nn.Linear(channels, hidden, bias=False), nn.SiLU(), zero_module(nn.Linear(hidden, channels, bias=False)),
+            nn.Linear(channels, hidden, bias=False), nn.SiLU(), nn.Linear(hidden, channels, bias=False),
         )
+        if zero_init:  # identity at init; a block behind a zero gate must not be (neither would learn)
+            zero_module(self.attention.to_out)
+            zero_module(self.feed_forward[2])
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         b, c, f, h, w = x.shape
@@ -159,6 +162,9 @@ class _BoundTemporal:
 
     def resnet(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         return self._apply(self.layers.resnets[slot], x)
+
+    def inner(self, slot: int):
+        return None  # the keyframe model has no layers inside the spatial ResNets
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.layers.attention is None else self._apply(self.layers.attention, x)
@@ -265,8 +271,12 @@ class VideoUNet(UNet):
 
 
 @torch.no_grad()
-def load_image_weights(model: VideoUNet, state_dict: Dict[str, torch.Tensor]) -> Dict[str, List[str]]:
-    """Copy a trained image UNet into `model`: every spatial weight, by name.
+def load_image_weights(model: UNet, state_dict: Dict[str, torch.Tensor],
+                       keep_new: Sequence[str] = ()) -> Dict[str, List[str]]:
+    """Copy a trained image UNet into a video UNet `model`: every spatial weight, by name.
+
+    Keys starting with a prefix in `keep_new` keep their fresh initialisation (the
+    interpolation model's input and output convs, whose channels mean something else).
 
     The input conv may have fewer input channels than the video model (4 for the T2I model, 9 for
     the keyframe model): the extra input channels start at zero, so at load the video model
@@ -277,6 +287,7 @@ def load_image_weights(model: VideoUNet, state_dict: Dict[str, torch.Tensor]) ->
     """
     own = model.state_dict()
     loaded, widened = [], []
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(tuple(keep_new))}
     for key, value in state_dict.items():
         if key not in own:
             raise ValueError(f"image UNet weight '{key}' has no counterpart in the video UNet: "
