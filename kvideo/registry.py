@@ -15,6 +15,7 @@ from kvideo.models.movq import MOVQ_SIZES, MoVQ, MovqConfig
 from kvideo.models.interpolation_unet import INTERPOLATION_UNET_SIZES, InterpolationUNet, InterpolationUNetConfig
 from kvideo.models.unet import UNET_SIZES, UNet, UNetConfig
 from kvideo.models.video_unet import VIDEO_UNET_SIZES, VideoUNet, VideoUNetConfig
+from kvideo.stages.interpolation import InterpolationStage
 from kvideo.stages.keyframe import KeyframeStage
 from kvideo.stages.movq import MovqStage
 from kvideo.stages.t2i import T2IStage
@@ -38,6 +39,7 @@ STAGES: Dict[str, type] = {
     "movq": MovqStage,
     "t2i": T2IStage,
     "keyframe": KeyframeStage,
+    "interpolation": InterpolationStage,
 }
 
 
