@@ -14,6 +14,7 @@ from torch import nn
 from kvideo.models.movq import MOVQ_SIZES, MoVQ, MovqConfig
 from kvideo.models.interpolation_unet import INTERPOLATION_UNET_SIZES, InterpolationUNet, InterpolationUNetConfig
 from kvideo.models.unet import UNET_SIZES, UNet, UNetConfig
+from kvideo.models.video_movq import VIDEO_MOVQ_SIZES, VideoMoVQ, VideoMovqConfig
 from kvideo.models.video_unet import VIDEO_UNET_SIZES, VideoUNet, VideoUNetConfig
 from kvideo.stages.interpolation import InterpolationStage
 from kvideo.stages.keyframe import KeyframeStage
@@ -31,6 +32,7 @@ class ModelEntry:
 MODELS: Dict[str, ModelEntry] = {
     "movq": ModelEntry(MovqConfig, MoVQ, MOVQ_SIZES),
     "unet": ModelEntry(UNetConfig, UNet, UNET_SIZES),
+    "video_movq": ModelEntry(VideoMovqConfig, VideoMoVQ, VIDEO_MOVQ_SIZES),
     "video_unet": ModelEntry(VideoUNetConfig, VideoUNet, VIDEO_UNET_SIZES),
     "interpolation_unet": ModelEntry(InterpolationUNetConfig, InterpolationUNet, INTERPOLATION_UNET_SIZES),
 }

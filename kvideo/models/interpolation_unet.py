@@ -36,6 +36,7 @@ from torch import nn
 from kvideo.models.sizes import sized_config
 from kvideo.models.unet import TimestepEmbedding, UNet, UNetConfig, _init_channels, unet_config
 from kvideo.models.video_unet import TemporalAttentionBlock, _temporal_attention_levels
+from kvideo.nn.temporal import TemporalConvBlend
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -56,26 +57,6 @@ class InterpolationUNetConfig(UNetConfig):
 # ----------------------------------------------------------------------------------------------
 
 
-def _gate(gate: torch.Tensor, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """gate * temporal mask, shaped (b, 1, 1, 1, 1) to broadcast over `like`."""
-    return (gate * mask.to(like.dtype)).reshape(-1, 1, 1, 1, 1)
-
-
-class TemporalConvBlend(nn.Module):
-    """h = (1 - a m) h + a m Conv3d_(3,1,1)(h); the gate a and the conv start at zero."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
-        self.gate = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        a = _gate(self.gate, mask, x)
-        return x + a * (self.conv(x) - x)
-
-
 class GatedTemporalAttention(nn.Module):
     """h + a m (TemporalAttentionBlock(h) - h); the gate a starts at zero."""
 
@@ -85,7 +66,7 @@ class GatedTemporalAttention(nn.Module):
         self.gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        a = _gate(self.gate, mask, x)
+        a = (self.gate * mask.to(x.dtype)).reshape(-1, 1, 1, 1, 1)
         return x + a * (self.block(x, emb) - x)
 
 

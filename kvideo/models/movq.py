@@ -146,9 +146,14 @@ class ResnetBlock(nn.Module):
         else:
             self.nin_shortcut = nn.Identity()
 
-    def forward(self, x: torch.Tensor, zq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, zq: Optional[torch.Tensor] = None, after_conv=None) -> torch.Tensor:
+        """`after_conv(i, h) -> h` (the video decoder): applied after conv1 (i = 0) and conv2 (i = 1)."""
         h = self.conv1(F.silu(_apply_norm(self.norm1, x, zq)))  # (b, out, H, W)
+        if after_conv is not None:
+            h = after_conv(0, h)
         h = self.conv2(self.dropout(F.silu(_apply_norm(self.norm2, h, zq))))
+        if after_conv is not None:
+            h = after_conv(1, h)
         return self.nin_shortcut(x) + h
 
 
@@ -273,19 +278,32 @@ class Decoder(GradCheckpointMixin, nn.Module):
         self.norm_out = SpatialNorm(block_in, cfg.embed_dim, cfg.norm_groups)
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels, kernel_size=3, padding=1)
 
-    def forward(self, h: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, zq: torch.Tensor, temporal=None) -> torch.Tensor:
+        """`temporal` (the video decoder only): an object with `inner(name)` -> None or an
+        `after_conv` hook for the ResNet block `name` ("mid.block_1", "up.2.block.0", ...) and
+        `attention(name, h)` run after the attention block `name` ("mid.attn_1", "up.3.attn.1")."""
         h = self.conv_in(h)  # (b, c_low, h, w)
-        h = self.run_block(self.mid.block_1, h, zq)
-        h = self.run_block(self.mid.attn_1, h, zq)
-        h = self.run_block(self.mid.block_2, h, zq)
-        for level in reversed(self.up):
+        h = self._resnet("mid.block_1", self.mid.block_1, h, zq, temporal)
+        h = self._attention("mid.attn_1", self.mid.attn_1, h, zq, temporal)
+        h = self._resnet("mid.block_2", self.mid.block_2, h, zq, temporal)
+        for j in reversed(range(len(self.up))):
+            level = self.up[j]
             for i, block in enumerate(level.block):
-                h = self.run_block(block, h, zq)
+                h = self._resnet(f"up.{j}.block.{i}", block, h, zq, temporal)
                 if len(level.attn) > 0:
-                    h = self.run_block(level.attn[i], h, zq)
+                    h = self._attention(f"up.{j}.attn.{i}", level.attn[i], h, zq, temporal)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)  # (b, c, 2 * height, 2 * width)
         return self.conv_out(F.silu(self.norm_out(h, zq)))  # (b, out_channels, h*f, w*f)
+
+    def _resnet(self, name: str, block: nn.Module, h: torch.Tensor, zq: torch.Tensor, temporal) -> torch.Tensor:
+        if temporal is None:
+            return self.run_block(block, h, zq)
+        return self.run_block(block, h, zq, temporal.inner(name))
+
+    def _attention(self, name: str, block: nn.Module, h: torch.Tensor, zq: torch.Tensor, temporal) -> torch.Tensor:
+        h = self.run_block(block, h, zq)
+        return h if temporal is None else self.run_block(temporal.attention, name, h)
 
 
 # ----------------------------------------------------------------------------------------------
