@@ -20,6 +20,7 @@ from kvideo.stages.interpolation import InterpolationStage
 from kvideo.stages.keyframe import KeyframeStage
 from kvideo.stages.movq import MovqStage
 from kvideo.stages.t2i import T2IStage
+from kvideo.stages.video_decoder import VideoDecoderStage
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ STAGES: Dict[str, type] = {
     "t2i": T2IStage,
     "keyframe": KeyframeStage,
     "interpolation": InterpolationStage,
+    "video_decoder": VideoDecoderStage,
 }
 
 

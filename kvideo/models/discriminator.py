@@ -39,7 +39,8 @@ def _norm_layer(kind: str, channels: int, groups: int) -> nn.Module:
 
 
 class PatchDiscriminator(nn.Module):
-    """x (b, in_channels, H, W) -> patch logits (b, 1, H', W').
+    """x (b, in_channels, H, W) -> patch logits (b, 1, H', W'); with `video=True` a 3D PatchGAN,
+    x (b, in_channels, f, H, W) -> (b, 1, f, H', W'), that also judges motion (3-frame kernels).
 
     Layers: conv4x4/2 -> LeakyReLU, then (n_layers - 1) x [conv4x4/2 -> norm -> LeakyReLU] with
     widths doubling (capped at 8 * ndf), then conv4x4/1 -> norm -> LeakyReLU, then conv4x4/1 to one
@@ -48,34 +49,38 @@ class PatchDiscriminator(nn.Module):
     """
 
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 2, *, norm: str = "group",
-                 norm_groups: int = 32) -> None:
+                 norm_groups: int = 32, video: bool = False) -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"PatchDiscriminator norm must be one of {NORMS}, got {norm!r}")
         if n_layers < 1:
             raise ValueError(f"PatchDiscriminator n_layers must be >= 1, got {n_layers}")
+        if video and norm == "batch":
+            raise ValueError("PatchDiscriminator(video=True) supports norm 'group' or 'none'")
         use_bias = norm == "none"  # a norm's shift makes the conv bias redundant
-        layers = [nn.Conv2d(in_channels, ndf, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+
+        def conv(c_in: int, c_out: int, stride: int, bias: bool = True) -> nn.Module:
+            if video:  # 3D PatchGAN: 3 frames x 4 x 4 kernels, time never strided
+                return nn.Conv3d(c_in, c_out, (3, 4, 4), stride=(1, stride, stride), padding=1, bias=bias)
+            return nn.Conv2d(c_in, c_out, kernel_size=4, stride=stride, padding=1, bias=bias)
+
+        layers = [conv(in_channels, ndf, 2), nn.LeakyReLU(0.2)]
         width = ndf
         for n in range(1, n_layers + 1):
             stride = 2 if n < n_layers else 1  # the last hidden conv keeps the resolution
             out = ndf * min(2**n, 8)
-            layers += [
-                nn.Conv2d(width, out, kernel_size=4, stride=stride, padding=1, bias=use_bias),
-                _norm_layer(norm, out, norm_groups),
-                nn.LeakyReLU(0.2),
-            ]
+            layers += [conv(width, out, stride, bias=use_bias), _norm_layer(norm, out, norm_groups), nn.LeakyReLU(0.2)]
             width = out
-        layers.append(nn.Conv2d(width, 1, kernel_size=4, stride=1, padding=1))
+        layers.append(conv(width, 1, 1))
         self.main = nn.Sequential(*layers)
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)  # (b, 1, H', W')
+        return self.main(x)  # (b, 1, H', W') or (b, 1, f, H', W')
 
 
 def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv2d, nn.Conv3d)):
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

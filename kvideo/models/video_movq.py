@@ -134,6 +134,13 @@ class VideoMoVQ(MoVQ):
         yield from self.temporal_convs.parameters()
         yield from self.temporal_attn.parameters()
 
+    def forward(self, x: torch.Tensor, *args, num_frames: Optional[int] = None, **kwargs):
+        """With `num_frames`: `decode_frames(x, num_frames)` (the video decoder's training call, so
+        DDP sees it as the forward); otherwise the image MoVQ's reconstruction forward."""
+        if num_frames is not None:
+            return self.decode_frames(x, num_frames)
+        return super().forward(x, *args, **kwargs)
+
     def decode_frames(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         """((b f), c, h, w) latents of clips of `num_frames` -> ((b f), 3, H, W), with the temporal layers."""
         if z.ndim != 4 or z.shape[1] != self.cfg.embed_dim or z.shape[0] % num_frames:

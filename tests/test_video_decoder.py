@@ -1,0 +1,84 @@
+"""Stage video_decoder on tiny models: starts as the image decoder, trains with the encoder frozen,
+flicker metric, clear errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvideo.config import load_config
+from kvideo.stages.video_decoder import evaluate_video_decoding, load_video_movq, static_background_flicker
+from kvideo.train import checkpoint as ckpt
+from kvideo.train.engine import train
+
+from conftest import ROOT
+
+CONFIG = ROOT / "configs" / "video_decoder" / "shapes.yaml"
+TINY_MOVQ = {"model.ch": 8, "model.norm_groups": 4, "model.n_embed": 32}
+
+
+def overrides(run_dir, shards, movq_run, **extra):
+    values = {"run_dir": str(run_dir), "data.shards": str(shards), "data.val_shards": str(shards),
+              "data.size": "[32,32]", "data.num_workers": 0, "data.num_frames": 4, "recipe.movq": str(movq_run),
+              "train.batch_size": 2, "train.max_steps": 3, "train.checkpoint_every": 3, "train.log_every": 1,
+              "train.preview_every": 3, "train.precision": "fp32", "train.eval_every": 3, "train.eval_batches": 1,
+              "recipe.disc_channels": 8, "recipe.disc_norm_groups": 4, "recipe.gan_start": 2, **TINY_MOVQ}
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def vdec_run(tmp_path_factory, shapes_shards, movq_run) -> Path:
+    run = tmp_path_factory.mktemp("video_decoder")
+    train(load_config([CONFIG], overrides(run, shapes_shards, movq_run)))
+    return run
+
+
+def test_trains_with_the_encoder_frozen_and_the_gan_on(vdec_run, movq_run):
+    last = ckpt.latest_checkpoint(vdec_run)
+    assert last.name == "step_0000003"
+    image = ckpt.load_weights(ckpt.latest_checkpoint(movq_run), "ema")[0]  # the stage starts from the EMA weights
+    video = ckpt.load_weights(last, "model")[0]
+    for key in image:
+        if key.startswith(("ae.encoder.", "ae.quant_conv.", "ae.quantize.embedding")):
+            assert torch.equal(video[key], image[key]), key
+    assert any(k.startswith("ae.temporal_convs.") for k in video) and any(k.startswith("disc.") for k in video)
+    assert any(not torch.equal(video[k], image[k]) for k in image if k.startswith("ae.decoder."))
+    metrics = (vdec_run / "metrics.jsonl").read_text()
+    assert '"vdec/g_loss"' in metrics and '"flicker_reduction"' in metrics.replace("eval/", "")
+
+
+def test_at_step_zero_it_decodes_as_the_image_decoder(tmp_path, shapes_shards, movq_run):
+    from kvideo.stages.movq import load_movq
+    from kvideo.stages.video_decoder import build_video_decoder
+
+    cfg = load_config([CONFIG], overrides(tmp_path, shapes_shards, movq_run))
+    ae = build_video_decoder(cfg).ae.eval()
+    image_ema = load_movq(movq_run)  # build_video_decoder starts from the EMA weights
+    z = torch.randn(2, 4, 5, 8, 8)
+    expected = image_ema.decode(z.permute(0, 2, 1, 3, 4).reshape(10, 4, 8, 8))
+    got = ae.decode_video(z).permute(0, 2, 1, 3, 4).reshape(10, 3, 32, 32)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_flicker_metric_and_evaluation(vdec_run, shapes_shards):
+    truth = torch.zeros(1, 3, 3, 4, 4)
+    truth[:, :, 1:, 0, 0] = 1.0  # one pixel changes: not static
+    frames = truth.clone()
+    frames[:, :, 1, 2, 2] = 0.5  # flicker on a static pixel: 0.5 up then 0.5 down
+    # 2 frame pairs x 16 pixels, one not static (pixel 0, 0 from frame 0 to 1): (0.5 + 0.5) / 31
+    assert float(static_background_flicker(frames, truth)) == pytest.approx(1.0 / 31)
+    ae = load_video_movq(vdec_run)
+    from kvideo.data.shards import ClipDataset, ShardIndex, collate
+
+    ds = ClipDataset(ShardIndex(str(shapes_shards)), num_frames=4, fps=24, size=[32, 32], seed=0, train=False)
+    out = evaluate_video_decoding(ae, [collate([ds[(0, 0)], ds[(0, 1)]])], torch.device("cpu"), window=3, overlap=1)
+    assert out["clips"] == 2 and out["psnr_video"] > 0 and out["flicker_image"] >= 0
+
+
+def test_mismatched_movq_is_named(tmp_path, shapes_shards, movq_run):
+    from kvideo.stages.video_decoder import build_video_decoder
+
+    cfg = load_config([CONFIG], overrides(tmp_path, shapes_shards, movq_run, **{"model.ch": 16}))
+    with pytest.raises(ValueError, match=r"model.ch=8 \(this config has 16\)"):
+        build_video_decoder(cfg)
