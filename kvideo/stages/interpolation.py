@@ -15,7 +15,6 @@ mask 0. Sampling combines the two branches as `(w + 1) c - w u` (w = 0.5, 10 ste
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -30,9 +29,7 @@ from kvideo.models.text_encoder import TextEncoderConfig
 from kvideo.stages.base import Phase, Stage
 from kvideo.stages.keyframe import decode_video
 from kvideo.stages.movq import load_movq
-from kvideo.stages.t2i import DiffusionConfig, T2IModel, build_t2i_model, make_schedule
-
-log = logging.getLogger(__name__)
+from kvideo.stages.t2i import DiffusionConfig, T2IModel, build_t2i_model, init_from_t2i, make_schedule
 
 # ----------------------------------------------------------------------------------------------
 # Recipe
@@ -171,8 +168,6 @@ def interpolate(model: T2IModel, schedule: Schedule, keyframes: torch.Tensor, pr
 
 def build_interpolation_model(cfg, load_init: bool = True) -> T2IModel:
     from kvideo.models.interpolation_unet import InterpolationUNet
-    from kvideo.models.video_unet import load_image_weights
-    from kvideo.train.checkpoint import load_stage_weights
 
     model = build_t2i_model(cfg)
     if not isinstance(model.unet, InterpolationUNet):
@@ -182,15 +177,8 @@ def build_interpolation_model(cfg, load_init: bool = True) -> T2IModel:
         raise ValueError(f"stage interpolation: with recipe.frames_per_gap = {k}, model.out_channels must be "
                          f"k * latent channels and model.in_channels (k + 2) * latent channels; got "
                          f"{ucfg.in_channels} in, {ucfg.out_channels} out")
-    if cfg.recipe.init_from and load_init:
-        state, t2i_cfg = load_stage_weights(cfg.recipe.init_from, "t2i")
-        if dict(t2i_cfg.recipe.text_encoder) != dict(cfg.recipe.text_encoder):
-            raise ValueError(f"recipe.text_encoder differs from the one of recipe.init_from '{cfg.recipe.init_from}'")
-        unet_state = {k_[len("unet."):]: v for k_, v in state.items() if k_.startswith("unet.")}
-        report = load_image_weights(model.unet, unet_state, keep_new=("in_layer.", "out_layer.2."))
-        model.text.load_state_dict({k_[len("text."):]: v for k_, v in state.items() if k_.startswith("text.")})
-        log.info("interpolation: loaded %d spatial tensors from %s (%d new)", len(report["loaded"]),
-                 cfg.recipe.init_from, len(report["new"]))
+    if cfg.recipe.init_from and load_init:  # the input and output convs mean other things here
+        init_from_t2i(model, cfg, keep_new=("in_layer.", "out_layer.2."))
     return model
 
 

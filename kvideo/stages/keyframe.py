@@ -22,7 +22,6 @@ true trains everything (1.1).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -36,9 +35,7 @@ from kvideo.diffusion import SAMPLERS, Schedule, text_image_guided, training_los
 from kvideo.models.text_encoder import TextEncoderConfig
 from kvideo.stages.base import Phase, Stage
 from kvideo.stages.movq import load_movq
-from kvideo.stages.t2i import DiffusionConfig, T2IModel, build_t2i_model, make_schedule
-
-log = logging.getLogger(__name__)
+from kvideo.stages.t2i import DiffusionConfig, T2IModel, build_t2i_model, init_from_t2i, make_schedule
 
 # ----------------------------------------------------------------------------------------------
 # Recipe
@@ -246,8 +243,7 @@ def decode_video(movq: nn.Module, latents: torch.Tensor, latent_scale: float) ->
 def build_keyframe_model(cfg, load_init: bool = True) -> T2IModel:
     """The video UNet and text encoder; with `recipe.init_from` (and `load_init`), the t2i
     checkpoint loaded in."""
-    from kvideo.models.video_unet import VideoUNet, load_image_weights
-    from kvideo.train.checkpoint import load_stage_weights
+    from kvideo.models.video_unet import VideoUNet
 
     model = build_t2i_model(cfg)
     if not isinstance(model.unet, VideoUNet):
@@ -257,16 +253,7 @@ def build_keyframe_model(cfg, load_init: bool = True) -> T2IModel:
                          f"(x_t | first frame | mask) = {2 * model.unet.cfg.out_channels + 1}; "
                          f"got {model.unet.cfg.in_channels}")
     if cfg.recipe.init_from and load_init:
-        state, t2i_cfg = load_stage_weights(cfg.recipe.init_from, "t2i")
-        if dict(t2i_cfg.recipe.text_encoder) != dict(cfg.recipe.text_encoder):
-            raise ValueError(f"recipe.text_encoder differs from the one of recipe.init_from '{cfg.recipe.init_from}': "
-                             f"{dict(cfg.recipe.text_encoder)} vs {dict(t2i_cfg.recipe.text_encoder)}")
-        unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-        text_state = {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
-        report = load_image_weights(model.unet, unet_state)
-        model.text.load_state_dict(text_state)
-        log.info("keyframe: loaded %d spatial tensors from %s (%d widened, %d new)", len(report["loaded"]),
-                 cfg.recipe.init_from, len(report["widened"]), len(report["new"]))
+        init_from_t2i(model, cfg)
     if not cfg.recipe.train_spatial:
         model.requires_grad_(False)
         for p in model.unet.temporal_parameters():

@@ -13,6 +13,7 @@ The text tower is frozen by default; its projection and null embedding train wit
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -26,6 +27,8 @@ from kvideo.diffusion import SAMPLERS, Schedule, text_guided, training_loss
 from kvideo.models.text_encoder import TextEncoder, TextEncoderConfig
 from kvideo.stages.base import Phase, Stage
 from kvideo.stages.movq import frames_of, load_movq
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # Recipe
@@ -119,6 +122,24 @@ def build_t2i_model(cfg) -> T2IModel:
         raise ValueError(f"recipe.text_encoder.out_dim ({text_cfg.out_dim}) must equal model.context_dim "
                          f"({unet_cfg.context_dim}): the UNet attends to the projected text tokens")
     return T2IModel(MODELS[cfg.model.name].build(unet_cfg), TextEncoder(text_cfg))
+
+
+def init_from_t2i(model: T2IModel, cfg, keep_new: Sequence[str] = ()) -> None:
+    """Load the t2i checkpoint `cfg.recipe.init_from` into a video stage's model: its UNet as the
+    spatial layers (`kvideo.models.video_unet.load_image_weights`; `keep_new` prefixes stay
+    freshly initialised) and its text encoder, which must have the same `recipe.text_encoder`."""
+    from kvideo.models.video_unet import load_image_weights
+    from kvideo.train.checkpoint import load_stage_weights
+
+    state, t2i_cfg = load_stage_weights(cfg.recipe.init_from, "t2i")
+    if dict(t2i_cfg.recipe.text_encoder) != dict(cfg.recipe.text_encoder):
+        raise ValueError(f"recipe.text_encoder differs from the one of recipe.init_from '{cfg.recipe.init_from}': "
+                         f"{dict(cfg.recipe.text_encoder)} vs {dict(t2i_cfg.recipe.text_encoder)}")
+    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    report = load_image_weights(model.unet, unet_state, keep_new=keep_new)
+    model.text.load_state_dict({k[len("text."):]: v for k, v in state.items() if k.startswith("text.")})
+    log.info("%s: loaded %d spatial tensors from %s (%d widened, %d new)", cfg.stage, len(report["loaded"]),
+             cfg.recipe.init_from, len(report["widened"]), len(report["new"]))
 
 
 def make_schedule(diffusion_cfg) -> Schedule:
