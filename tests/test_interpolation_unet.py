@@ -27,7 +27,7 @@ def open_gates(model: InterpolationUNet, seed: int = 4) -> None:
         for name, p in model.named_parameters():
             if name.startswith("temporal_") and (name.endswith("gate") or ".conv." in name):
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        model.skip_scale.fill_(0.5)
+        model.skip_embed.scale.fill_(0.5)
 
 
 def gap_by_gap(unet: UNet, x, t, context, mask):
@@ -80,7 +80,7 @@ def test_gates_receive_gradients_at_init():
     model(x, t, context, mask, skip_frames=torch.tensor([3, 1])).square().mean().backward()
     gates = {n: p.grad for n, p in model.named_parameters() if n.endswith("gate")}
     assert gates and all(g is not None and g.abs() > 0 for g in gates.values()), gates
-    assert model.skip_scale.grad is not None and model.skip_scale.grad.abs() > 0
+    assert model.skip_embed.scale.grad is not None and model.skip_embed.scale.grad.abs() > 0
 
 
 def test_released_interpolation_parameter_count():

@@ -70,6 +70,18 @@ class GatedTemporalAttention(nn.Module):
         return x + a * (self.block(x, emb) - x)
 
 
+class SkipFramesEmbedding(nn.Module):
+    """scale * MLP(sin(skip_frames)), the scale starting at 0: added to the time embedding."""
+
+    def __init__(self, sinusoidal_dim: int, time_embed_dim: int) -> None:
+        super().__init__()
+        self.embed = TimestepEmbedding(sinusoidal_dim, time_embed_dim)
+        self.scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, skip_frames: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.embed(skip_frames)
+
+
 class LevelInterpolation(nn.Module):
     """The temporal layers of one level: per spatial ResNet (slot) one TemporalConvBlend per Block,
     and an optional gated temporal attention."""
@@ -129,8 +141,7 @@ class InterpolationUNet(UNet):
         init, e = _init_channels(cfg), cfg.time_embed_dim
         attn = _temporal_attention_levels(cfg)
         levels = len(cfg.dim_mult)
-        self.skip_embed = TimestepEmbedding(init, e)
-        self.skip_scale = nn.Parameter(torch.zeros(()))
+        self.skip_embed = SkipFramesEmbedding(init, e)
         self.temporal_down = nn.ModuleList([
             LevelInterpolation([_block_widths(r) for u in level.units for r in (u.in_resnet, u.out_resnet)],
                                level.self_attention.in_norm.norm.num_channels if attn[i] else None, cfg)
@@ -148,7 +159,6 @@ class InterpolationUNet(UNet):
     def temporal_parameters(self) -> Iterator[nn.Parameter]:
         for module in self.temporal_modules().values():
             yield from module.parameters()
-        yield self.skip_scale
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 context_mask: Optional[torch.Tensor] = None, *, skip_frames: Optional[torch.Tensor] = None,
@@ -165,7 +175,7 @@ class InterpolationUNet(UNet):
         if skip_frames is not None:
             if skip_frames.shape != (b,):
                 raise ValueError(f"InterpolationUNet: skip_frames must have shape ({b},); got {tuple(skip_frames.shape)}")
-            emb = emb + self.skip_scale * self.skip_embed(skip_frames.to(emb.device))
+            emb = emb + self.skip_embed(skip_frames.to(emb.device))
         down = up = None
         if temporal:
             mask = torch.ones(b, device=x.device) if temporal_mask is None else temporal_mask.to(x.device)
