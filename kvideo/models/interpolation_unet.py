@@ -33,7 +33,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from kvideo.models.sizes import sized_config
+from kvideo.models.sizes import extend_config, sized_config
 from kvideo.models.unet import TimestepEmbedding, UNet, UNetConfig, _init_channels, unet_config
 from kvideo.models.video_unet import TemporalAttentionBlock, _temporal_attention_levels
 from kvideo.nn.temporal import TemporalConvBlend
@@ -198,10 +198,9 @@ class InterpolationUNet(UNet):
 
 def _interpolation_size(image_size: str, frames_per_gap: int = 3) -> InterpolationUNetConfig:
     base = unet_config(image_size)
-    fields = {k: getattr(base, k) for k in UNetConfig.__dataclass_fields__}
     c = base.out_channels
-    fields.update(in_channels=c * (frames_per_gap + 2), out_channels=c * frames_per_gap)
-    return InterpolationUNetConfig(**fields)
+    return extend_config(base, InterpolationUNetConfig, in_channels=c * (frames_per_gap + 2),
+                         out_channels=c * frames_per_gap)
 
 
 INTERPOLATION_UNET_SIZES: Dict[str, InterpolationUNetConfig] = {

@@ -25,3 +25,11 @@ def sized_config(sizes: Dict[str, C], size: str, **overrides) -> C:
             raise TypeError(f"{type(cfg).__name__} has no field {name!r}")
         setattr(cfg, name, value)
     return cfg
+
+
+def extend_config(base, schema: type, **fields):
+    """An instance of `schema` (a dataclass extending type(base)) with base's fields, then `fields`:
+    the video models' named sizes are their image model's sizes plus their own settings."""
+    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    values.update(fields)
+    return schema(**values)

@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from kvideo.models.movq import MOVQ_SIZES, MoVQ, MovqConfig, _apply_norm, _make_norm
-from kvideo.models.sizes import sized_config
+from kvideo.models.sizes import extend_config, sized_config
 from kvideo.nn.layers import attention, zero_module
 from kvideo.nn.temporal import TemporalConvBlend
 
@@ -200,8 +200,7 @@ def blend_weights(length: int, start: int, total: int, overlap: int) -> torch.Te
 
 
 def _video_size(size: str) -> VideoMovqConfig:
-    base = MOVQ_SIZES[size]
-    return VideoMovqConfig(**{k: getattr(base, k) for k in MovqConfig.__dataclass_fields__})
+    return extend_config(MOVQ_SIZES[size], VideoMovqConfig)
 
 
 VIDEO_MOVQ_SIZES: Dict[str, VideoMovqConfig] = {

@@ -36,7 +36,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from kvideo.models.sizes import sized_config
+from kvideo.models.sizes import extend_config, sized_config
 from kvideo.models.unet import (
     Attention, ConditionalGroupNorm, TimestepEmbedding, UNet, UNetConfig, _init_channels, unet_config,
 )
@@ -313,11 +313,8 @@ def load_image_weights(model: UNet, state_dict: Dict[str, torch.Tensor],
 # ----------------------------------------------------------------------------------------------
 
 
-def _video_size(image_size: str, **overrides) -> VideoUNetConfig:
-    base = unet_config(image_size)
-    fields = {k: getattr(base, k) for k in UNetConfig.__dataclass_fields__}
-    fields.update(in_channels=9, **overrides)
-    return VideoUNetConfig(**fields)
+def _video_size(image_size: str) -> VideoUNetConfig:
+    return extend_config(unet_config(image_size), VideoUNetConfig, in_channels=9)
 
 
 VIDEO_UNET_SIZES: Dict[str, VideoUNetConfig] = {
