@@ -11,6 +11,12 @@
         [--image first.png] [--motion-score X|PRESET] [--t2i T2I_RUN] [--seed N] [--steps N]
         [--sampler ...] [--text-guidance W] [--image-guidance W] [--noise-aug-level L]
 
+    python sample.py --stage interpolation --checkpoint RUN_OR_CKPT --input keyframes.mp4 --prompt "..."
+        --out video.mp4 [--passes N] [--seed N] [--steps N] [--sampler ...] [--guidance W]
+
+    python sample.py --stage video_decoder --checkpoint RUN_OR_CKPT --input clip.mp4 --out decoded.mp4
+        [--window W] [--overlap O] [--max-frames N] [--side-by-side]
+
 Stages available so far:
   movq   encode a video frame by frame to the continuous latent the diffusion stages use, decode
          it back, and write an H.264 mp4 (with --side-by-side: original | reconstruction);
@@ -23,7 +29,14 @@ Stages available so far:
          animated) or one sampled by the t2i checkpoint (--t2i, default the keyframe model's
          recipe.init_from). Writes an H.264 mp4 at the keyframe rate (data.fps of the run).
          --motion-score takes a number or a preset name of the checkpoint (recipe.motion.presets).
-The interpolation and video-decoder stages join as they are built.
+  interpolation  frames between the keyframes of a video (--input, e.g. the keyframe stage's
+         mp4), resized and centre-cropped to the model's size and encoded with the run's MoVQ:
+         each pass turns N frames into 4N - 3 (--passes, default every pass of recipe.passes).
+         Writes the mp4 at the input's fps times (k + 1) per pass.
+  video_decoder  decode a video (--input) through the frozen encoder and the temporal video
+         decoder, over windows of --window frames (default recipe.decode_window); prints PSNR
+         and static-background flicker beside the image decoder's; --side-by-side writes
+         original | image decoder | video decoder.
 """
 
 from __future__ import annotations
@@ -36,31 +49,48 @@ import torch
 from einops import rearrange
 
 
-def sample_movq(args) -> int:
+def read_clip(path: str, size, max_frames=None):
+    """A video file -> ((f, 3, h, w) in [-1, 1] resized and centre-cropped to `size`, its fps)."""
     from kvideo.data.shards import resize_and_crop
-    from kvideo.data.video_io import probe, read_video, write_video
+    from kvideo.data.video_io import probe, read_video
+
+    frames, _ = read_video(path, max_frames=max_frames)
+    if len(frames) == 0:
+        raise ValueError(f"'{path}' has no video frames")
+    x = rearrange(torch.from_numpy(frames), "f h w c -> f c h w")
+    return resize_and_crop(x, tuple(size), None).float() / 127.5 - 1, probe(path)["fps"] or 24.0
+
+
+def write_frames(path: str, video: torch.Tensor, fps: float) -> None:
+    """(3, f, h, w) in [-1, 1] -> an H.264 mp4."""
+    from kvideo.data.video_io import write_video
+
+    frames = ((rearrange(video, "c f h w -> f h w c") + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_video(path, frames, fps=fps)
+
+
+def fit_size(path: str, factor: int, size=None) -> tuple:
+    """`size` (H, W) when given, else the video's own size rounded down to a multiple of `factor`."""
+    from kvideo.data.video_io import probe
+
+    if size:
+        return tuple(size)
+    info = probe(path)
+    return info["height"] // factor * factor, info["width"] // factor * factor
+
+
+def sample_movq(args) -> int:
     from kvideo.stages.movq import load_movq, psnr
 
     ae = load_movq(args.checkpoint, which=args.which)
-    frames, _ = read_video(args.input, max_frames=args.max_frames)
-    fps = probe(args.input)["fps"] or 24.0
-    x = rearrange(torch.from_numpy(frames), "f h w c -> f c h w")
-    f = ae.downsample_factor
-    if args.size:
-        size = tuple(args.size)
-    else:  # the largest size divisible by f
-        size = (x.shape[-2] // f * f, x.shape[-1] // f * f)
-    x = resize_and_crop(x, size, None).float() / 127.5 - 1  # (f, c, h, w) in [-1, 1]
-    recon = []
+    size = fit_size(args.input, ae.downsample_factor, args.size)
+    x, fps = read_clip(args.input, size, args.max_frames)  # (f, c, h, w) in [-1, 1]
     with torch.no_grad():
-        for part in x.split(16):
-            recon.append(ae.decode(ae.encode(part)).clamp(-1, 1))
-    recon = torch.cat(recon)
+        recon = torch.cat([ae.decode(ae.encode(part)).clamp(-1, 1) for part in x.split(16)])
     print(f"PSNR {float(psnr(recon, x).mean()):.2f} dB over {len(x)} frames at {size[0]}x{size[1]}")
     out = torch.cat([x, recon], dim=-1) if args.side_by_side else recon
-    video = ((rearrange(out, "f c h w -> f h w c") + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_video(args.out, video, fps=fps)
+    write_frames(args.out, rearrange(out, "f c h w -> c f h w"), fps)
     print(f"wrote {args.out}")
     return 0
 
@@ -108,7 +138,6 @@ def load_image(path: str, size) -> torch.Tensor:
 def sample_keyframe(args) -> int:
     from tqdm import tqdm
 
-    from kvideo.data.video_io import write_video
     from kvideo.stages.keyframe import decode_video, load_keyframe, resolve_motion_score, sample_keyframes
     from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
 
@@ -146,22 +175,83 @@ def sample_keyframe(args) -> int:
         generator=generator, callback=lambda *_: bar.update(1))
     bar.close()
     video = decode_video(movq, latents, rc.latent_scale)[0]  # (3, f, h, w)
-    frames = ((rearrange(video, "c f h w -> f h w c") + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_video(args.out, frames, fps=cfg.data.fps)
-    print(f"wrote {args.out} ({len(frames)} keyframes at {cfg.data.fps:g} fps, motion score {motion:g})")
+    write_frames(args.out, video, cfg.data.fps)
+    print(f"wrote {args.out} ({video.shape[1]} keyframes at {cfg.data.fps:g} fps, motion score {motion:g})")
+    return 0
+
+
+def sample_interpolation(args) -> int:
+    from tqdm import tqdm
+
+    from kvideo.stages.interpolation import frames_after_passes, interpolate, load_interpolation
+    from kvideo.stages.keyframe import decode_video
+    from kvideo.stages.t2i import make_schedule
+
+    model, movq, cfg = load_interpolation(args.checkpoint, which=args.which)
+    rc, sc = cfg.recipe, cfg.recipe.sampling
+    skips = [p.skip_frames for p in rc.passes]
+    if args.passes is not None and not 1 <= args.passes <= len(skips):
+        raise ValueError(f"--passes {args.passes}: the run has {len(skips)} pass(es) (recipe.passes)")
+    passes = skips[: args.passes or len(skips)]  # the first passes: from the keyframe spacing down
+    keys, fps = read_clip(args.input, args.size or list(cfg.data.size), args.max_frames)
+    if len(keys) < 2:
+        raise ValueError(f"'{args.input}' has {len(keys)} frame: interpolation needs at least 2 keyframes")
+    with torch.no_grad():
+        z = rearrange(movq.encode(keys).float() * rc.latent_scale, "f c h w -> 1 c f h w")
+    steps = args.steps or sc.steps
+    bar = tqdm(total=steps * len(passes), desc="interpolation")
+    latents = interpolate(model, make_schedule(rc.diffusion), z, [args.prompt or ""], passes=passes,
+                          frames_per_gap=rc.frames_per_gap, target=rc.diffusion.target,
+                          sampler=args.sampler or sc.sampler, steps=steps, spacing=args.spacing or sc.spacing,
+                          guidance=sc.guidance if args.guidance is None else args.guidance,
+                          latent_scale=rc.latent_scale, negative_prompt=args.negative_prompt,
+                          dynamic_threshold=sc.dynamic_threshold, generator=torch.Generator().manual_seed(args.seed),
+                          callback=lambda *_: bar.update(1))
+    bar.close()
+    assert latents.shape[2] == frames_after_passes(len(keys), len(passes), rc.frames_per_gap)
+    out_fps = fps * (rc.frames_per_gap + 1) ** len(passes)
+    write_frames(args.out, decode_video(movq, latents, rc.latent_scale)[0], out_fps)
+    print(f"wrote {args.out} ({len(keys)} keyframes -> {latents.shape[2]} frames at {out_fps:g} fps, "
+          f"{len(passes)} pass(es))")
+    return 0
+
+
+def sample_video_decoder(args) -> int:
+    from kvideo.stages.movq import psnr
+    from kvideo.stages.video_decoder import load_video_movq, static_background_flicker
+    from kvideo.train.checkpoint import load_stage_weights
+
+    ae = load_video_movq(args.checkpoint, which=args.which)
+    _, cfg = load_stage_weights(args.checkpoint, "video_decoder", args.which)
+    size = fit_size(args.input, ae.downsample_factor, args.size)
+    x, fps = read_clip(args.input, size, args.max_frames)
+    window = args.window or cfg.recipe.decode_window
+    with torch.no_grad():
+        z = torch.cat([ae.encode(part) for part in x.split(16)])  # (f, c, h, w), the frozen encoder
+        z = rearrange(z, "f c h w -> 1 c f h w")
+        video = ae.decode_video(z, window=window, overlap=args.overlap).clamp(-1, 1)[0]  # (3, f, H, W)
+        image = torch.cat([ae.decode(part) for part in rearrange(z[0], "c f h w -> f c h w").split(16)]).clamp(-1, 1)
+    image = rearrange(image, "f c h w -> c f h w")
+    truth = rearrange(x, "f c h w -> c f h w")
+    for name, out in (("video decoder", video), ("image decoder", image)):
+        p = float(psnr(rearrange(out, "c f h w -> f c h w"), x).mean())
+        flicker = float(static_background_flicker(out[None], truth[None])) if len(x) > 1 else float("nan")
+        print(f"{name}: PSNR {p:.2f} dB, static-background flicker {flicker:.5f}")
+    out = torch.cat([truth, image, video], dim=-1) if args.side_by_side else video
+    write_frames(args.out, out, fps)
+    print(f"wrote {args.out} ({len(x)} frames at {size[0]}x{size[1]}, window {window or 'whole clip'})")
     return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", required=True, choices=["movq", "t2i", "keyframe"])
+    ap.add_argument("--stage", required=True, choices=["movq", "t2i", "keyframe", "interpolation", "video_decoder"])
     ap.add_argument("--checkpoint", required=True, help="a run directory, checkpoint directory or .safetensors file")
     ap.add_argument("--which", default="ema", choices=["ema", "model"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))
-    movq = ap.add_argument_group("movq")
-    movq.add_argument("--input", help="video to reconstruct")
+    movq = ap.add_argument_group("movq, interpolation and video_decoder")
+    movq.add_argument("--input", help="video to reconstruct (movq, video_decoder) or keyframes to interpolate")
     movq.add_argument("--max-frames", type=int)
     movq.add_argument("--side-by-side", action="store_true")
     t2i = ap.add_argument_group("t2i and keyframe")
@@ -181,12 +271,18 @@ def main(argv=None) -> int:
     kf.add_argument("--text-guidance", type=float)
     kf.add_argument("--image-guidance", type=float)
     kf.add_argument("--noise-aug-level", type=int)
+    it = ap.add_argument_group("interpolation and video_decoder")
+    it.add_argument("--passes", type=int, help="interpolation passes (default: all of the run's recipe.passes)")
+    it.add_argument("--window", type=int, help="video_decoder: frames per decoding window")
+    it.add_argument("--overlap", type=int, default=4, help="video_decoder: frames shared by neighbouring windows")
     args = ap.parse_args(argv)
-    needed = {"movq": "input", "t2i": "prompt", "keyframe": "prompt"}[args.stage]
+    needed = {"movq": "input", "t2i": "prompt", "keyframe": "prompt", "interpolation": "input",
+              "video_decoder": "input"}[args.stage]
     if getattr(args, needed) is None:
         ap.error(f"--stage {args.stage} needs --{needed}")
     try:
-        return {"movq": sample_movq, "t2i": sample_t2i, "keyframe": sample_keyframe}[args.stage](args)
+        return {"movq": sample_movq, "t2i": sample_t2i, "keyframe": sample_keyframe, "interpolation": sample_interpolation,
+                "video_decoder": sample_video_decoder}[args.stage](args)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

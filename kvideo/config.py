@@ -46,6 +46,9 @@ class DataConfig:
     random_crop: bool = True  # random crop in training; centre crop when false (always in eval)
     num_workers: int = 2  # DataLoader worker processes per rank
     shuffle: bool = True
+    # Latent stages (t2i, keyframe, interpolation): a directory of precomputed MoVQ latents of
+    # data.shards, built by the stage on start when missing (kvideo/data/latent_cache.py).
+    latent_cache: Optional[str] = None
 
 
 @dataclass

@@ -44,6 +44,7 @@ def tiny_t2i_overrides(run_dir, shards, movq_run, **extra):
         "recipe.text_encoder.context_length": 16, "recipe.preview_steps": 2, "recipe.sampling.steps": 3,
         "train.batch_size": 4, "train.max_steps": 3, "train.checkpoint_every": 3, "train.log_every": 1,
         "train.preview_every": 3, "train.precision": "fp32",
+        "data.latent_cache": "null",  # frames encoded every step; tests/test_latent_cache.py covers the cache
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -101,3 +101,45 @@ def test_interpolation_config_errors(tmp_path, shapes_shards, movq_run, t2i_run)
 def test_released_interpolation_config_size():
     info = model_info(load_config([ROOT / "configs" / "interpolation" / "kandinsky.yaml"], require_complete=False))
     assert abs(info["total_params"] / 3.98e9 - 1) < 0.02
+
+
+def test_linear_blend_is_exact_on_a_linear_ramp():
+    from tools.evaluate_interpolation import linear_blend
+
+    t = torch.arange(9, dtype=torch.float32)  # 9 frames = 2 gaps of 3 new frames
+    video = (t[None, :, None, None] * torch.ones(3, 9, 2, 2)) / 8
+    blend = linear_blend(video[:, ::4], 3)
+    torch.testing.assert_close(blend, video[:, [1, 2, 3, 5, 6, 7]])
+
+
+def test_evaluate_interpolation_against_blending(tmp_path, interpolation_run, capsys):
+    import json
+
+    from tools import evaluate_interpolation
+
+    code = evaluate_interpolation.main(["--checkpoint", str(interpolation_run), "--limit", "2", "--steps", "1",
+                                        "--out", str(tmp_path)])
+    assert code == 0
+    r = json.loads((tmp_path / "results.json").read_text())[0]
+    assert r["all"]["n"] == 4 and r["seen"]["n"] == 2 and r["held_out"]["n"] == 2
+    assert r["all"]["model_psnr"] > 0 and r["all"]["ceiling_psnr"] > 0
+    assert r["all"]["model_minus_blend_db"] == pytest.approx(r["all"]["model_psnr"] - r["all"]["blend_psnr"])
+    assert list(tmp_path.glob("*.png")) and "| step_" in capsys.readouterr().out
+
+
+def test_sample_interpolation_inserts_frames(tmp_path, interpolation_run):
+    import numpy as np
+
+    import sample
+    from kvideo.data.video_io import probe, read_video, write_video
+
+    keys = tmp_path / "keys.mp4"
+    write_video(str(keys), np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8), fps=6)
+    out = tmp_path / "video.mp4"
+    code = sample.main(["--stage", "interpolation", "--checkpoint", str(interpolation_run), "--input", str(keys),
+                        "--prompt", PROMPT, "--out", str(out), "--steps", "1"])
+    assert code == 0
+    frames, _ = read_video(str(out))
+    assert frames.shape == (4 * 3 - 3, 32, 32, 3) and probe(str(out))["fps"] == pytest.approx(24.0)
+    assert sample.main(["--stage", "interpolation", "--checkpoint", str(interpolation_run), "--input", str(keys),
+                        "--out", str(out), "--passes", "2"]) == 2

@@ -44,6 +44,13 @@ def test_attention_matches_reference_and_mask():
     torch.testing.assert_close(attention(q, k, v, mask=mask), torch.softmax(logits, -1) @ v)
     with pytest.raises(ValueError, match="b, heads, n, d"):
         attention(q[0], k[0], v[0])
+    # bf16 on the CPU (its own kernel path): the same result within bf16 precision, gradients too
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out = attention(qb, kb, vb, mask=mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), torch.softmax(logits, -1) @ v, atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad.float()).all() for t in (qb, kb, vb))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -82,3 +82,33 @@ def test_mismatched_movq_is_named(tmp_path, shapes_shards, movq_run):
     cfg = load_config([CONFIG], overrides(tmp_path, shapes_shards, movq_run, **{"model.ch": 16}))
     with pytest.raises(ValueError, match=r"model.ch=8 \(this config has 16\)"):
         build_video_decoder(cfg)
+
+
+def test_evaluate_and_sample_video_decoder(tmp_path, vdec_run, shapes_shards, capsys):
+    import json
+
+    import sample
+    from kvideo.data.video_io import read_video
+    from tools import evaluate_video_decoder
+
+    out = tmp_path / "r.json"
+    code = evaluate_video_decoder.main(["--checkpoint", str(vdec_run), "--shards", str(shapes_shards),
+                                        "--max-clips", "4", "--window", "3", "--overlap", "1", "--out", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())[0]
+    assert r["clips"] == 4 and r["window"] == 3 and r["psnr_video"] > 0 and r["flicker_image"] >= 0
+    assert "| step_" in capsys.readouterr().out
+
+    clip = tmp_path / "clip.mp4"
+    first = next(iter(sorted(shapes_shards.glob("*.tar"))))
+    import tarfile
+
+    with tarfile.open(first) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".mp4"))
+        clip.write_bytes(tar.extractfile(member).read())
+    decoded = tmp_path / "decoded.mp4"
+    assert sample.main(["--stage", "video_decoder", "--checkpoint", str(vdec_run), "--input", str(clip),
+                        "--out", str(decoded), "--window", "4", "--overlap", "1", "--side-by-side"]) == 0
+    frames, _ = read_video(str(decoded))
+    assert frames.shape == (12, 32, 96, 3)
+    assert "video decoder: PSNR" in capsys.readouterr().out

@@ -18,7 +18,6 @@ results.json and a contact sheet per checkpoint (rows: videos, columns: keyframe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -28,16 +27,9 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from kvideo.evaluation import add_checkpoint_arguments, canonical_prompts, checkpoints_from_args
+
 ATTRS = ("direction", "speed", "background", "color", "shape")
-
-
-def ground_truth_clip(prompt: str, index: int, size: int) -> np.ndarray:
-    """A rendered clip (48 frames at 24 fps, uint8 (f, h, w, 3)) showing `prompt`."""
-    from kvideo.data.shapesworld import clip_spec_from_attributes, parse_caption, render_clip
-
-    attrs = parse_caption(prompt)
-    seed = int(hashlib.sha256(f"{index}:{prompt}".encode()).hexdigest()[:8], 16)
-    return render_clip(clip_spec_from_attributes(attrs, seed, size=size))
 
 
 def motion_for(prompt: str, presets, fixed) -> float:
@@ -55,7 +47,7 @@ def motion_for(prompt: str, presets, fixed) -> float:
 
 @torch.no_grad()
 def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
-    from kvideo.data.shapesworld import score_clip
+    from kvideo.data.shapesworld import prompt_clip, score_clip
     from kvideo.stages.keyframe import decode_video, load_keyframe, sample_keyframes
     from kvideo.stages.movq import psnr
     from kvideo.stages.t2i import make_schedule
@@ -69,7 +61,7 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
     t0 = time.perf_counter()
     for i, item in enumerate(prompts):
         prompt = item["prompt"]
-        clip = ground_truth_clip(prompt, i, h)
+        clip = prompt_clip(prompt, i, h)
         first = torch.from_numpy(clip[0]).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, h, w)
         latent = movq.encode(first).float() * rc.latent_scale
         motion = motion_for(prompt, rc.motion, args.motion_score)
@@ -126,10 +118,7 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--all-checkpoints", action="store_true")
-    ap.add_argument("--minutes", type=float, nargs="+",
-                    help="with --all-checkpoints: the last checkpoint within each training-time budget")
+    add_checkpoint_arguments(ap)
     ap.add_argument("--sampler", default="dpmpp_2m", choices=["ddpm", "ddim", "dpmpp_2m"])
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--text-guidance", type=float)
@@ -141,17 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
-    from kvideo.data.shapesworld import canonical_test_prompts
-    from kvideo.train.logging import checkpoints_on_time_axis
-
-    try:
-        ckpts = checkpoints_on_time_axis(args.checkpoint, args.all_checkpoints, args.minutes)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if (ckpts := checkpoints_from_args(args)) is None:
         return 2
-    prompts = canonical_test_prompts()
-    if args.limit:
-        prompts = [p for s in ("seen", "held_out") for p in [q for q in prompts if q["split"] == s][: args.limit]]
+    prompts = canonical_prompts(args.limit)
     out = Path(args.out) if args.out else None
     results = []
     print("| checkpoint | train min | seen direction | seen slow/fast | seen frame-0 PSNR | held-out direction | "

@@ -1,7 +1,8 @@
 """Score first frames of a t2i checkpoint on the canonical ShapesWorld prompts.
 
     python tools/evaluate_t2i.py --checkpoint RUN_OR_CKPT [--all-checkpoints [--minutes 10 20 30 60]]
-        [--per-prompt 2] [--sampler dpmpp_2m] [--steps 15] [--guidance 5] [--out DIR]
+        [--per-prompt 2] [--sampler dpmpp_2m] [--steps 15] [--guidance 5] [--spacing trailing]
+        [--threshold 0.995|off] [--out DIR]
 
 Samples every canonical test prompt (seen and held-out pairs, kvideo.data.shapesworld), scores
 each image as a one-frame clip with the ShapesWorld scorer and reports the accuracy of the
@@ -23,26 +24,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvideo.evaluation import add_checkpoint_arguments, canonical_prompts, checkpoints_from_args
+
 FRAME_ATTRIBUTES = ("background", "color", "shape")
 
 
 @torch.no_grad()
 def evaluate(ckpt_dir: Path, prompts: list, per_prompt: int, sampler: str, steps: int, guidance: float,
-             seed: int, out: Path | None) -> dict:
+             seed: int, out: Path | None, spacing: str | None = None, threshold: str | None = None) -> dict:
     from kvideo.data.shapesworld import score_clip
     from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
 
     model, movq, cfg = load_t2i(ckpt_dir)
     schedule = make_schedule(cfg.recipe.diffusion)
     h, w = cfg.data.size
-    spacing = cfg.recipe.sampling.spacing
+    spacing = spacing or cfg.recipe.sampling.spacing
+    if threshold is None:
+        dyn = cfg.recipe.sampling.dynamic_threshold
+    else:
+        dyn = None if threshold == "off" else float(threshold)
     rows, images = [], []
     t0 = time.perf_counter()
     for i, item in enumerate(prompts):
         imgs = sample_images(model, movq, schedule, [item["prompt"]] * per_prompt, height=h, width=w,
                              target=cfg.recipe.diffusion.target, latent_scale=cfg.recipe.latent_scale,
                              sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
-                             dynamic_threshold=cfg.recipe.sampling.dynamic_threshold,
+                             dynamic_threshold=dyn,
                              generator=torch.Generator().manual_seed(seed + i))
         images.append(imgs)
         frames = ((imgs.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -51,6 +58,7 @@ def evaluate(ckpt_dir: Path, prompts: list, per_prompt: int, sampler: str, steps
             rows.append({"split": item["split"], **{k: bool(r["correct"][k]) for k in FRAME_ATTRIBUTES}})
     seconds = time.perf_counter() - t0
     result = {"checkpoint": str(ckpt_dir), "sampler": sampler, "steps": steps, "guidance": guidance,
+              "spacing": spacing, "dynamic_threshold": dyn,
               "images": len(rows), "sampling_s": round(seconds, 1)}
     for split in ("seen", "held_out"):
         sel = [r for r in rows if r["split"] == split]
@@ -68,34 +76,30 @@ def evaluate(ckpt_dir: Path, prompts: list, per_prompt: int, sampler: str, steps
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--all-checkpoints", action="store_true")
-    ap.add_argument("--minutes", type=float, nargs="+",
-                    help="with --all-checkpoints: the last checkpoint within each training-time budget")
+    add_checkpoint_arguments(ap)
     ap.add_argument("--per-prompt", type=int, default=2)
     ap.add_argument("--sampler", default="dpmpp_2m", choices=["ddpm", "ddim", "dpmpp_2m"])
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--spacing", choices=["leading", "trailing", "linspace"],
+                    help="timestep spacing (default: the checkpoint's recipe.sampling.spacing)")
+    ap.add_argument("--threshold", help="dynamic-thresholding percentile, or 'off' "
+                    "(default: the checkpoint's recipe.sampling.dynamic_threshold)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
-    from kvideo.data.shapesworld import canonical_test_prompts
-    from kvideo.train.logging import checkpoints_on_time_axis
-
-    try:
-        ckpts = checkpoints_on_time_axis(args.checkpoint, args.all_checkpoints, args.minutes)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if (ckpts := checkpoints_from_args(args)) is None:
         return 2
-    prompts = canonical_test_prompts()
+    prompts = canonical_prompts()
     out = Path(args.out) if args.out else None
     results = []
     print("| checkpoint | train min | seen bg | seen colour | seen shape | seen all | held-out colour | "
           "held-out shape | held-out all | sampling s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for ckpt, step, minutes in ckpts:
-        r = evaluate(ckpt, prompts, args.per_prompt, args.sampler, args.steps, args.guidance, args.seed, out)
+        r = evaluate(ckpt, prompts, args.per_prompt, args.sampler, args.steps, args.guidance, args.seed, out,
+                     args.spacing, args.threshold)
         r["step"], r["train_minutes"] = step, minutes
         results.append(r)
         s, h = r["seen"], r["held_out"]

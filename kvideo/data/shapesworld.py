@@ -543,6 +543,14 @@ def canonical_test_prompts(held_out_per_pair: int = 10, seen_per_pair: int = 2) 
 # ----------------------------------------------------------------------------- dataset writer
 
 
+def prompt_clip(prompt: str, index: int, size: int = 64) -> np.ndarray:
+    """A ground-truth clip (48 frames at 24 fps, uint8 (f, h, w, 3)) showing a canonical
+    `prompt`, seeded by the prompt and its position `index` in a prompt set (the evaluators'
+    reference clips: first frames to condition on, keyframes to interpolate between)."""
+    seed = int(hashlib.sha256(f"{index}:{prompt}".encode()).hexdigest()[:8], 16)
+    return render_clip(clip_spec_from_attributes(parse_caption(prompt), seed, size=size))
+
+
 def clip_seed(seed: int, split: str, index: int) -> int:
     """The seed of clip ``index`` of a split, derived from (seed, split, index)."""
     if split not in SPLIT_IDS:

@@ -180,22 +180,27 @@ class ClipDataset(Dataset):
             gen = _sample_generator(self.seed, epoch, i) if self.train else None
             start = self._window(meta, gen)
             end = start + (self.num_frames - 1) / self.fps + 2.0 / self.fps
-            frames, times = read_video(self.index.read(i, "mp4"), start_s=start, end_s=end)
-            picks = pick_frames_by_time(times, self.fps, self.num_frames, start)
-            clip = torch.from_numpy(frames[picks])  # (f, h, w, 3) uint8
-            clip = rearrange(clip, "f h w c -> f c h w")
-            clip = resize_and_crop(clip, self.size, gen if self.random_crop else None)
-            video = rearrange(clip.float() / 127.5 - 1.0, "f c h w -> c f h w")
+            content = self.load(i, start, end, gen)
         except Exception as e:  # a broken sample is skipped, never fatal
             log.warning("skipping sample '%s' (%s): %s", key, self.index.shards[self.index.members[i]['mp4'].shard], e)
             return {"failed": key, "reason": f"{type(e).__name__}: {e}"}
         return {
-            "video": video.contiguous(),
+            **content,
             "caption": str(meta.get("caption", "")),
             "motion_score": float(meta.get("motion_score", 0.0)),
             "key": key,
             "meta": meta,
         }
+
+    def load(self, i: int, start: float, end: float, gen: Optional[torch.Generator]) -> dict:
+        """{"video": (c, f, h, w) in [-1, 1]}: the frames of sample `i` in [start, end) picked at
+        data.fps, resized and cropped. Subclasses read other representations of the same frames."""
+        frames, times = read_video(self.index.read(i, "mp4"), start_s=start, end_s=end)
+        picks = pick_frames_by_time(times, self.fps, self.num_frames, start)
+        clip = torch.from_numpy(frames[picks])  # (f, h, w, 3) uint8
+        clip = rearrange(clip, "f h w c -> f c h w")
+        clip = resize_and_crop(clip, self.size, gen if self.random_crop else None)
+        return {"video": rearrange(clip.float() / 127.5 - 1.0, "f c h w -> c f h w").contiguous()}
 
 
 def collate(samples: List[dict]) -> dict:
@@ -204,7 +209,9 @@ def collate(samples: List[dict]) -> dict:
     failed = [s["failed"] for s in samples if "failed" in s]
     batch = {"failed": failed, "size": len(good)}
     if good:
-        batch["video"] = torch.stack([s["video"] for s in good])  # (b, c, f, h, w)
+        for name in ("video", "latents"):  # frames (b, 3, f, H, W) or cached latents (b, c, f, h, w)
+            if name in good[0]:
+                batch[name] = torch.stack([s[name] for s in good])
         batch["caption"] = [s["caption"] for s in good]
         batch["motion_score"] = torch.tensor([s["motion_score"] for s in good], dtype=torch.float32)
         batch["key"] = [s["key"] for s in good]
@@ -306,5 +313,10 @@ def build_dataset(data_cfg, seed: int, *, train: bool) -> ClipDataset:
     """A ClipDataset from the `data` config section: `data.shards` for training, else `data.val_shards`."""
     key = "data.shards" if train else "data.val_shards"
     spec = data_cfg.shards if train else data_cfg.val_shards
-    return ClipDataset(ShardIndex(spec, key=key), num_frames=data_cfg.num_frames, fps=data_cfg.fps, size=list(data_cfg.size),
-                       seed=seed, train=train, random_crop=data_cfg.random_crop)
+    kwargs = dict(num_frames=data_cfg.num_frames, fps=data_cfg.fps, size=list(data_cfg.size), seed=seed, train=train,
+                  random_crop=data_cfg.random_crop)
+    if train and data_cfg.get("latent_cache"):
+        from kvideo.data.latent_cache import LatentClipDataset
+
+        return LatentClipDataset(ShardIndex(spec, key=key), data_cfg.latent_cache, **kwargs)
+    return ClipDataset(ShardIndex(spec, key=key), **kwargs)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 try:  # optional: `pip install kvideo[xformers]`
@@ -55,7 +56,8 @@ def attention(
 
     Kernel: xformers' `memory_efficient_attention` when xformers is importable, the tensors are
     on CUDA and there is no mask; otherwise PyTorch's `scaled_dot_product_attention` (which has
-    its own flash / memory-efficient kernels on CUDA, masked ones included).
+    its own flash / memory-efficient kernels on CUDA, masked ones included); on the CPU in
+    bf16, its math kernel, which is faster there than the CPU flash kernel.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
@@ -70,6 +72,11 @@ def attention(
         q, k, v = (rearrange(t, "b h n d -> b n h d") for t in (q, k, v))  # xformers layout
         out = xformers_ops.memory_efficient_attention(q, k, v)  # (b, n, heads, dv)
         return rearrange(out, "b n h d -> b h n d")
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # PyTorch's CPU flash kernel is slow in bf16: forward + backward of the shapes UNet's
+        # attentions took 2-6x longer than the plain math kernel (docs/BENCHMARKS.md, "attention").
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

@@ -38,11 +38,15 @@ class Stage:
     name: ClassVar[str] = ""
     default_model: ClassVar[str] = ""
     recipe_schema: ClassVar[type]  # the dataclass of the config's `recipe` section
+    reads_latents: ClassVar[bool] = False  # trains on MoVQ latents, so `data.latent_cache` can serve it
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         self.cfg = cfg
         self.rc = cfg.recipe  # this stage's recipe section (typed by `recipe_schema`)
         self.device = device
+        if cfg.data.get("latent_cache") and not self.reads_latents:
+            raise ValueError(f"data.latent_cache is set, but stage '{self.name}' trains on pixels, not on cached "
+                             f"latents: remove data.latent_cache")
 
     def build_model(self) -> nn.Module:
         """The whole trainable model, on the CPU, randomly initialised or loaded by the stage."""

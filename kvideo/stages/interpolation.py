@@ -28,7 +28,7 @@ from kvideo.diffusion import SAMPLERS, Schedule, text_guided, training_loss
 from kvideo.models.text_encoder import TextEncoderConfig
 from kvideo.stages.base import Phase, Stage
 from kvideo.stages.keyframe import decode_video
-from kvideo.stages.movq import load_movq
+from kvideo.stages.movq import clip_latents, ensure_latent_cache, load_movq
 from kvideo.stages.t2i import DiffusionConfig, T2IModel, build_t2i_model, init_from_t2i, make_schedule
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +186,7 @@ class InterpolationStage(Stage):
     name = "interpolation"
     default_model = "interpolation_unet"
     recipe_schema = InterpolationRecipe
+    reads_latents = True
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
@@ -199,6 +200,7 @@ class InterpolationStage(Stage):
         if not 0.0 <= self.rc.uncond_prob < 1.0:
             raise ValueError(f"recipe.uncond_prob must be in [0, 1), got {self.rc.uncond_prob}")
         self.movq = load_movq(self.rc.movq, device=device).requires_grad_(False)
+        ensure_latent_cache(cfg, self.movq, device)
         self.schedule = make_schedule(self.rc.diffusion)
 
     def build_model(self) -> nn.Module:
@@ -207,21 +209,17 @@ class InterpolationStage(Stage):
     def phases(self, model) -> List[Phase]:
         return [Phase("main", model)]
 
-    @torch.no_grad()
-    def latents(self, video: torch.Tensor) -> torch.Tensor:
-        b = video.shape[0]
-        z = self.movq.encode(rearrange(video.to(self.device), "b c f h w -> (b f) c h w")).float() * self.rc.latent_scale
-        return rearrange(z, "(b f) c h w -> b c f h w", b=b)
-
-    def pass_clip(self, video: torch.Tensor, step: int):
-        """The frames of one pass (chosen by step) from a batch of clips, and its skip_frames."""
+    def pass_latents(self, batch: dict, step: int, n: Optional[int] = None):
+        """Scaled latents (b, c, f, h, w) of the frames of one pass (chosen by step) of the first
+        `n` clips of a batch, and the pass's skip_frames. Only the pass's frames are encoded."""
         p = self.rc.passes[step % len(self.rc.passes)]
         span = (self.rc.frames_per_gap + 1) * self.rc.gaps + 1
-        return video[:, :, :: p.stride][:, :, :span], p.skip_frames
+        clip = {k: batch[k][:n, :, :: p.stride][:, :, :span] for k in ("video", "latents") if k in batch}
+        return clip_latents(self.movq, clip, self.rc.latent_scale, self.device), p.skip_frames
 
     def loss(self, model, parts, batch, step, phase):
-        clip, skip = self.pass_clip(batch["video"], step)
-        keys, x0 = split_gaps(self.latents(clip), self.rc.frames_per_gap)
+        z, skip = self.pass_latents(batch, step)
+        keys, x0 = split_gaps(z, self.rc.frames_per_gap)
         b = x0.shape[0]
         uncond = torch.rand(b) < self.rc.uncond_prob
         keep = (~uncond).float().to(self.device)
@@ -242,8 +240,8 @@ class InterpolationStage(Stage):
         from torchvision.utils import save_image
 
         n = min(2, len(batch["caption"]))
-        clip, skip = self.pass_clip(batch["video"][:n], len(self.rc.passes) - 1)
-        keys, _ = split_gaps(self.latents(clip), self.rc.frames_per_gap)
+        true, skip = self.pass_latents(batch, len(self.rc.passes) - 1, n)
+        keys, _ = split_gaps(true, self.rc.frames_per_gap)
         s = self.rc.sampling
         z = interpolate(model, self.schedule, keys, batch["caption"][:n], passes=[skip],
                         frames_per_gap=self.rc.frames_per_gap, target=self.rc.diffusion.target, sampler=s.sampler,
@@ -251,10 +249,11 @@ class InterpolationStage(Stage):
                         latent_scale=self.rc.latent_scale, dynamic_threshold=s.dynamic_threshold,
                         generator=torch.Generator().manual_seed(0))
         fake = decode_video(self.movq, z, self.rc.latent_scale)
-        rows = torch.stack([clip.to(fake.device), fake], dim=1)  # (n, 2, 3, f, H, W)
+        real = decode_video(self.movq, true, self.rc.latent_scale)  # the true frames through the MoVQ
+        rows = torch.stack([real, fake], dim=1)  # (n, 2, 3, f, H, W)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step_{step:07d}.png"
-        save_image((rearrange(rows, "n r c f h w -> (n r f) c h w") + 1) / 2, path, nrow=clip.shape[2])
+        save_image((rearrange(rows, "n r c f h w -> (n r f) c h w") + 1) / 2, path, nrow=real.shape[2])
         return [path]
 
 

@@ -34,7 +34,7 @@ from torch import nn
 from kvideo.diffusion import SAMPLERS, Schedule, text_image_guided, training_loss
 from kvideo.models.text_encoder import TextEncoderConfig
 from kvideo.stages.base import Phase, Stage
-from kvideo.stages.movq import load_movq
+from kvideo.stages.movq import clip_latents, ensure_latent_cache, load_movq
 from kvideo.stages.t2i import DiffusionConfig, T2IModel, build_t2i_model, init_from_t2i, make_schedule
 
 # ----------------------------------------------------------------------------------------------
@@ -266,10 +266,12 @@ class KeyframeStage(Stage):
     name = "keyframe"
     default_model = "video_unet"
     recipe_schema = KeyframeRecipe
+    reads_latents = True
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
         self.movq = load_movq(self.rc.movq, device=device).requires_grad_(False)
+        ensure_latent_cache(cfg, self.movq, device)
         self.schedule = make_schedule(self.rc.diffusion)
         if cfg.data.num_frames < 2:
             raise ValueError(f"stage keyframe needs data.num_frames >= 2 (keyframes per clip); got {cfg.data.num_frames}")
@@ -282,13 +284,9 @@ class KeyframeStage(Stage):
     def phases(self, model: T2IModel) -> List[Phase]:
         return [Phase("main", model)]
 
-    @torch.no_grad()
     def latents(self, batch: dict) -> torch.Tensor:
-        """(b, 3, f, H, W) frames -> (b, c, f, h, w) scaled MoVQ latents."""
-        video = batch["video"].to(self.device, non_blocking=True)
-        b = video.shape[0]
-        z = self.movq.encode(rearrange(video, "b c f h w -> (b f) c h w")).float() * self.rc.latent_scale
-        return rearrange(z, "(b f) c h w -> b c f h w", b=b)
+        """The batch's clips as (b, c, f, h, w) scaled MoVQ latents."""
+        return clip_latents(self.movq, batch, self.rc.latent_scale, self.device)
 
     def loss(self, model, parts, batch, step, phase):
         x0 = self.latents(batch)
@@ -316,7 +314,7 @@ class KeyframeStage(Stage):
         from torchvision.utils import save_image
 
         n = min(4, len(batch["caption"]))
-        x0 = self.latents({"video": batch["video"][:n]})
+        x0 = self.latents({k: batch[k][:n] for k in ("video", "latents") if k in batch})
         s = self.rc.sampling
         latents = sample_keyframes(
             model, self.schedule, batch["caption"][:n], x0[:, :, 0], num_frames=x0.shape[2],
@@ -326,7 +324,8 @@ class KeyframeStage(Stage):
             image_guidance=s.image_guidance, latent_scale=self.rc.latent_scale,
             dynamic_threshold=s.dynamic_threshold, generator=torch.Generator().manual_seed(0))
         fake = decode_video(self.movq, latents, self.rc.latent_scale)
-        real = batch["video"][:n].to(fake.device)
+        real = batch["video"][:n].to(fake.device) if "video" in batch \
+            else decode_video(self.movq, x0, self.rc.latent_scale)  # cached latents: their reconstruction
         rows = torch.stack([real, fake], dim=1)  # (n, 2, 3, f, H, W)
         grid = rearrange(rows, "n r c f h w -> (n r f) c h w")
         out_dir.mkdir(parents=True, exist_ok=True)

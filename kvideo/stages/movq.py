@@ -14,6 +14,7 @@ recent encoder outputs (decided on rank 0, broadcast to every rank).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -65,6 +66,35 @@ class MovqTrainModule(nn.Module):
 def frames_of(batch: dict) -> torch.Tensor:
     """The batch's frames as images: (b, c, f, h, w) -> (b f) c h w."""
     return rearrange(batch["video"], "b c f h w -> (b f) c h w")
+
+
+@torch.no_grad()
+def clip_latents(movq: nn.Module, batch: dict, latent_scale: float, device: torch.device) -> torch.Tensor:
+    """A batch's clips as scaled MoVQ latents (b, c, f, h, w): the cached latents when the data
+    came from `data.latent_cache`, else its frames (b, 3, f, H, W) encoded now."""
+    if "latents" in batch:
+        z = batch["latents"].to(device, non_blocking=True).float()
+    else:
+        video = batch["video"].to(device, non_blocking=True)
+        z = rearrange(movq.encode(rearrange(video, "b c f h w -> (b f) c h w")).float(), "(b f) c h w -> b c f h w",
+                      b=video.shape[0])
+    return z * latent_scale
+
+
+def ensure_latent_cache(cfg, movq: nn.Module, device: torch.device) -> None:
+    """Build `cfg.data.latent_cache` (when set) from `cfg.data.shards` with the stage's frozen
+    MoVQ; a no-op when it is complete, an error when it holds another MoVQ's latents."""
+    if not cfg.data.get("latent_cache"):
+        return
+    from kvideo.data.latent_cache import build_latent_cache
+    from kvideo.train.engine import autocast_context
+
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_initialized() else (0, 1)
+    build_latent_cache(cfg.data.latent_cache, cfg.data.shards, movq, cfg.recipe.movq, cfg.data.size, device=device,
+                       autocast=autocast_context(cfg.train.precision, device, logging.getLogger(__name__)),
+                       rank=rank, world_size=world)
+    dist.barrier()
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

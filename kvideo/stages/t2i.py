@@ -26,7 +26,7 @@ from torch import nn
 from kvideo.diffusion import SAMPLERS, Schedule, text_guided, training_loss
 from kvideo.models.text_encoder import TextEncoder, TextEncoderConfig
 from kvideo.stages.base import Phase, Stage
-from kvideo.stages.movq import frames_of, load_movq
+from kvideo.stages.movq import clip_latents, ensure_latent_cache, load_movq
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +201,14 @@ class T2IStage(Stage):
     name = "t2i"
     default_model = "unet"
     recipe_schema = T2IRecipe
+    reads_latents = True
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
         if not 0.0 <= self.rc.text_dropout < 1.0:
             raise ValueError(f"recipe.text_dropout must be in [0, 1), got {self.rc.text_dropout}")
         self.movq = load_movq(self.rc.movq, device=device).requires_grad_(False)
+        ensure_latent_cache(cfg, self.movq, device)
         self.schedule = make_schedule(self.rc.diffusion)
 
     def build_model(self) -> nn.Module:
@@ -215,11 +217,10 @@ class T2IStage(Stage):
     def phases(self, model: T2IModel) -> List[Phase]:
         return [Phase("main", model)]
 
-    @torch.no_grad()
     def latents(self, batch: dict) -> torch.Tensor:
-        """The batch's frames in the MoVQ latent space: (b f) c h w -> scaled continuous latents."""
-        x = frames_of(batch).to(self.device, non_blocking=True)
-        return self.movq.encode(x).float() * self.rc.latent_scale
+        """The batch's frames as scaled continuous MoVQ latents, one image each: (b f) c h w."""
+        z = clip_latents(self.movq, batch, self.rc.latent_scale, self.device)
+        return rearrange(z, "b c f h w -> (b f) c h w")
 
     def loss(self, model, parts, batch, step, phase):
         x0 = self.latents(batch)

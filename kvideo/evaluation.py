@@ -1,0 +1,44 @@
+"""What the evaluation tools (tools/evaluate_*.py) share: which checkpoints, which prompts.
+
+    ap = argparse.ArgumentParser(...)
+    add_checkpoint_arguments(ap)          # --checkpoint, --all-checkpoints, --minutes
+    args = ap.parse_args()
+    if (ckpts := checkpoints_from_args(args)) is None:  # [(checkpoint dir, step, minutes or None)]
+        return 2
+    prompts = canonical_prompts(args.limit)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from kvideo.train.logging import checkpoints_on_time_axis
+
+
+def add_checkpoint_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--checkpoint", required=True, help="a run directory, checkpoint directory or weights file")
+    ap.add_argument("--all-checkpoints", action="store_true", help="every checkpoint of the run, on its time axis")
+    ap.add_argument("--minutes", type=float, nargs="+",
+                    help="with --all-checkpoints: the last checkpoint within each training-time budget")
+
+
+def checkpoints_from_args(args: argparse.Namespace) -> Optional[list]:
+    """[(checkpoint dir, step, training minutes or None)], or None (the reason printed to stderr)
+    when there is none: `if (ckpts := checkpoints_from_args(args)) is None: return 2`."""
+    try:
+        return checkpoints_on_time_axis(args.checkpoint, args.all_checkpoints, args.minutes)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def canonical_prompts(limit: Optional[int] = None) -> list:
+    """The canonical ShapesWorld test prompts ({"prompt", "split"}), the first `limit` of each split."""
+    from kvideo.data.shapesworld import canonical_test_prompts
+
+    prompts = canonical_test_prompts()
+    if limit:
+        prompts = [p for s in ("seen", "held_out") for p in [q for q in prompts if q["split"] == s][:limit]]
+    return prompts

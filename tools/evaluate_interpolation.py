@@ -1,0 +1,160 @@
+"""Score an interpolation checkpoint on ShapesWorld: interpolated frames against linear blending.
+
+    python tools/evaluate_interpolation.py --checkpoint RUN_OR_CKPT [--all-checkpoints [--minutes 10 20 40]]
+        [--sampler ddim] [--steps N] [--guidance W] [--limit N] [--seed N] [--out DIR]
+
+For every canonical test prompt (seen and held-out pairs) a ground-truth clip is rendered at
+24 fps. The run's finest pass (the last of `recipe.passes`, stride s) gives the frames:
+`gaps * (k + 1) + 1` frames at stride s, of which every (k + 1)-th is a keyframe. The true
+keyframes are encoded with the run's MoVQ, the k frames of every gap are sampled, decoded, and
+compared with the true in-between frames:
+
+  model     PSNR of the decoded interpolated frames;
+  blend     PSNR of linear blending of the two neighbouring true keyframes (pixels, weights
+            j / (k + 1)), the baseline the issue names;
+  ceiling   PSNR of the MoVQ reconstruction of the true in-between frames (what a perfect
+            latent interpolation would score through this autoencoder).
+
+PSNR is 10 log10(4 / MSE) on [-1, 1] pixels with the MSE pooled over every in-between frame of
+the split (a still clip blends perfectly: a per-clip PSNR would be infinite). Rows by split
+and by motion (still / slow / fast). Prints a markdown table; --out writes results.json and a
+contact sheet (per clip: truth, blend, model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from kvideo.evaluation import add_checkpoint_arguments, canonical_prompts, checkpoints_from_args
+
+
+def psnr_from_mse(mse: float) -> float:
+    return float("inf") if mse <= 0 else 10.0 * math.log10(4.0 / mse)
+
+
+def linear_blend(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """(c, N, h, w) keyframes -> (c, (N - 1) * k, h, w): the k in-between frames of every gap,
+    blended linearly from the gap's two keyframes."""
+    w = torch.arange(1, k + 1, dtype=keys.dtype) / (k + 1)  # (k,)
+    left, right = keys[:, :-1, None], keys[:, 1:, None]  # (c, N - 1, 1, h, w)
+    blend = left * (1 - w[:, None, None]) + right * w[:, None, None]  # (c, N - 1, k, h, w)
+    return rearrange(blend, "c g k h w -> c (g k) h w")
+
+
+@torch.no_grad()
+def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
+    from kvideo.data.shapesworld import parse_caption, prompt_clip
+    from kvideo.stages.interpolation import interpolate, load_interpolation
+    from kvideo.stages.keyframe import decode_video
+    from kvideo.stages.t2i import make_schedule
+
+    model, movq, cfg = load_interpolation(ckpt_dir)
+    rc, sc = cfg.recipe, cfg.recipe.sampling
+    schedule = make_schedule(rc.diffusion)
+    k, gaps = int(rc.frames_per_gap), int(rc.gaps)
+    last = rc.passes[-1]
+    span = gaps * (k + 1) + 1
+    h = int(cfg.data.size[0])
+    sums: dict = {}
+    sheets = []
+    t0 = time.perf_counter()
+    for i, item in enumerate(prompts):
+        clip = prompt_clip(item["prompt"], i, h)[:: last.stride][:span]
+        if len(clip) < span:
+            raise ValueError(f"the 48-frame reference clip has {len(clip)} frames at stride {last.stride}, "
+                             f"the pass needs {span}")
+        truth = rearrange(torch.from_numpy(clip), "f h w c -> c f h w").float() / 127.5 - 1  # (3, span, h, w)
+        key_idx = list(range(0, span, k + 1))
+        new_idx = [j for j in range(span) if j % (k + 1)]
+        keys = truth[:, key_idx]
+        z = rearrange(movq.encode(rearrange(keys, "c f h w -> f c h w")).float(), "f c h w -> c f h w")[None]
+        latents = interpolate(model, schedule, z * rc.latent_scale, [item["prompt"]], passes=[last.skip_frames],
+                              frames_per_gap=k, target=rc.diffusion.target, sampler=args.sampler or sc.sampler,
+                              steps=args.steps or sc.steps, spacing=sc.spacing,
+                              guidance=sc.guidance if args.guidance is None else args.guidance,
+                              latent_scale=rc.latent_scale, dynamic_threshold=sc.dynamic_threshold,
+                              generator=torch.Generator().manual_seed(args.seed + i))
+        video = decode_video(movq, latents, rc.latent_scale)[0]  # (3, span, h, w)
+        recon = movq.decode(movq.encode(rearrange(truth[:, new_idx], "c f h w -> f c h w"))).clamp(-1, 1)
+        blend = linear_blend(keys, k)
+        target = truth[:, new_idx]
+        errors = {"model": float(((video[:, new_idx] - target) ** 2).mean()),
+                  "blend": float(((blend - target) ** 2).mean()),
+                  "ceiling": float(((rearrange(recon, "f c h w -> c f h w") - target) ** 2).mean())}
+        attrs = parse_caption(item["prompt"])
+        motion = "still" if attrs["direction"] == "still" else attrs["speed"]
+        for group in ("all", item["split"], motion):
+            acc = sums.setdefault(group, {"n": 0, "model": 0.0, "blend": 0.0, "ceiling": 0.0})
+            acc["n"] += 1
+            for name, e in errors.items():
+                acc[name] += e
+        if len(sheets) < 8:
+            full_blend = truth.clone()
+            full_blend[:, new_idx] = blend
+            sheets.append(torch.stack([truth, full_blend, video]).transpose(1, 2))  # (3 rows, span, 3, h, w)
+    seconds = time.perf_counter() - t0
+    result = {"checkpoint": str(ckpt_dir), "sampler": args.sampler or sc.sampler, "steps": args.steps or sc.steps,
+              "guidance": sc.guidance if args.guidance is None else args.guidance, "clips": len(prompts),
+              "stride": last.stride, "skip_frames": last.skip_frames, "frames_per_gap": k, "gaps": gaps,
+              "sampling_s": round(seconds, 1)}
+    for group, acc in sums.items():
+        row = {"n": acc["n"]}
+        for name in ("model", "blend", "ceiling"):
+            row[f"{name}_psnr"] = psnr_from_mse(acc[name] / acc["n"])
+        row["model_minus_blend_db"] = row["model_psnr"] - row["blend_psnr"]
+        result[group] = row
+    if out is not None:
+        from torchvision.utils import save_image
+
+        out.mkdir(parents=True, exist_ok=True)
+        grid = rearrange(torch.stack(sheets), "n r f c h w -> (n r f) c h w")
+        save_image((grid + 1) / 2, out / f"{ckpt_dir.name}.png", nrow=span)
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(ap)
+    ap.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help="default: the run's recipe.sampling")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--guidance", type=float)
+    ap.add_argument("--limit", type=int, help="only the first N prompts of each split")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+
+    if (ckpts := checkpoints_from_args(args)) is None:
+        return 2
+    prompts = canonical_prompts(args.limit)
+    out = Path(args.out) if args.out else None
+    results = []
+    print("| checkpoint | train min | clips | model PSNR | linear blend PSNR | model - blend | MoVQ ceiling | "
+          "still / slow / fast (model - blend) | sampling s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for ckpt, step, minutes in ckpts:
+        r = evaluate(ckpt, prompts, args, out)
+        r["step"], r["train_minutes"] = step, minutes
+        results.append(r)
+        a = r["all"]
+        by_motion = " / ".join(f"{r[m]['model_minus_blend_db']:+.1f}" if m in r and np.isfinite(r[m]["blend_psnr"])
+                               else "-" for m in ("still", "slow", "fast"))
+        mins = f"{minutes:.1f}" if minutes is not None else "?"
+        print(f"| {ckpt.name} | {mins} | {a['n']} | {a['model_psnr']:.2f} dB | {a['blend_psnr']:.2f} dB | "
+              f"{a['model_minus_blend_db']:+.2f} dB | {a['ceiling_psnr']:.2f} dB | {by_motion} | {r['sampling_s']} |",
+              flush=True)
+    if out is not None:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Score a video_decoder checkpoint: flicker and PSNR against the image decoder on real clips.
+
+    python tools/evaluate_video_decoder.py --checkpoint RUN_OR_CKPT --shards data/shapes/val
+        [--all-checkpoints [--minutes 10 20 40]] [--frames N] [--fps F] [--window W --overlap O]
+        [--max-clips N] [--out results.json]
+
+Every clip of `--shards` (the first `--frames` frames at `--fps`, default the run's data
+section, centre crop at the run's data.size) is encoded with the frozen encoder and decoded twice
+from the same continuous latents: by the video decoder (in windows of `--window` frames when
+given) and by the image decoder it started from (the same weights without the temporal layers).
+Reported: PSNR of each against the true frames, and static-background flicker, the mean
+absolute change between consecutive decoded frames over the pixels that do not change in the
+true clip (kvideo.stages.video_decoder.static_background_flicker), with the reduction
+1 - flicker_video / flicker_image. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from kvideo.evaluation import add_checkpoint_arguments, checkpoints_from_args
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(ap)
+    ap.add_argument("--shards", required=True, help="held-out shards (a directory, glob or list)")
+    ap.add_argument("--frames", type=int, help="frames per clip (default: the run's data.num_frames)")
+    ap.add_argument("--fps", type=float, help="default: the run's data.fps")
+    ap.add_argument("--window", type=int, help="decode in windows of this many frames (default: whole clip)")
+    ap.add_argument("--overlap", type=int, default=4)
+    ap.add_argument("--max-clips", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from kvideo.data.shards import ClipDataset, ShardIndex, eval_batches
+    from kvideo.stages.video_decoder import evaluate_video_decoding, load_video_movq
+    from kvideo.train.checkpoint import read_config
+
+    if (ckpts := checkpoints_from_args(args)) is None:
+        return 2
+    try:
+        index = ShardIndex(args.shards, key="--shards")
+    except (FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = []
+    print("| checkpoint | train min | clips x frames | PSNR video decoder | PSNR image decoder | flicker video | "
+          "flicker image | flicker reduction | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for ckpt, step, minutes in ckpts:
+        cfg = read_config(ckpt)
+        frames = args.frames or int(cfg["data"]["num_frames"])
+        dataset = ClipDataset(index, num_frames=frames, fps=args.fps or float(cfg["data"]["fps"]),
+                              size=list(cfg["data"]["size"]), seed=0, train=False)
+        ae = load_video_movq(ckpt)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            r = evaluate_video_decoding(ae, eval_batches(dataset, args.batch_size, -(-args.max_clips // args.batch_size)),
+                                        torch.device("cpu"), window=args.window, overlap=args.overlap)
+        r.update({"checkpoint": str(ckpt), "step": step, "train_minutes": minutes, "frames": frames,
+                  "window": args.window, "seconds": round(time.perf_counter() - t0, 1)})
+        results.append(r)
+        mins = f"{minutes:.1f}" if minutes is not None else "?"
+        print(f"| {ckpt.name} | {mins} | {int(r['clips'])} x {frames} | {r['psnr_video']:.2f} dB | "
+              f"{r['psnr_image']:.2f} dB | {r['flicker_video']:.5f} | {r['flicker_image']:.5f} | "
+              f"{r['flicker_reduction']:.1%} | {r['seconds']} |", flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
