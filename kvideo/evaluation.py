@@ -24,6 +24,12 @@ def add_checkpoint_arguments(ap: argparse.ArgumentParser) -> None:
                     help="with --all-checkpoints: the last checkpoint within each training-time budget")
 
 
+def add_prompt_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--limit", type=int, help="only the first N prompts of each split")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out")
+
+
 def checkpoints_from_args(args: argparse.Namespace) -> Optional[list]:
     """[(checkpoint dir, step, training minutes or None)], or None (the reason printed to stderr)
     when there is none: `if (ckpts := checkpoints_from_args(args)) is None: return 2`."""

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from kvideo.evaluation import add_checkpoint_arguments, canonical_prompts, checkpoints_from_args
+from kvideo.evaluation import (add_checkpoint_arguments, add_prompt_arguments, canonical_prompts,
+                               checkpoints_from_args)
 
 
 def psnr_from_mse(mse: float) -> float:
@@ -127,9 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help="default: the run's recipe.sampling")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--guidance", type=float)
-    ap.add_argument("--limit", type=int, help="only the first N prompts of each split")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out")
+    add_prompt_arguments(ap)
     args = ap.parse_args(argv)
 
     if (ckpts := checkpoints_from_args(args)) is None:

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from kvideo.evaluation import add_checkpoint_arguments, canonical_prompts, checkpoints_from_args
+from kvideo.evaluation import (add_checkpoint_arguments, add_prompt_arguments, canonical_prompts,
+                               checkpoints_from_args)
 
 ATTRS = ("direction", "speed", "background", "color", "shape")
 
@@ -125,9 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--image-guidance", type=float)
     ap.add_argument("--noise-aug-level", type=int)
     ap.add_argument("--motion-score", help="one motion score (number or preset) for every prompt: a sweep point")
-    ap.add_argument("--limit", type=int, help="only the first N prompts of each split")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out")
+    add_prompt_arguments(ap)
     args = ap.parse_args(argv)
 
     if (ckpts := checkpoints_from_args(args)) is None:

@@ -192,8 +192,10 @@ class LatentClipDataset(ClipDataset):
         self._open: Dict[int, object] = {}
 
     def _handle(self, si: int):
-        if si not in self._open:  # one handle per shard file and worker process (memory-mapped)
-            self._open[si] = safe_open(str(self.files[si]), "pt")
+        """(open file, its tensor names) of shard `si`: one memory-mapped handle per worker process."""
+        if si not in self._open:
+            f = safe_open(str(self.files[si]), "pt")
+            self._open[si] = (f, set(f.keys()))
         return self._open[si]
 
     def __getstate__(self):  # DataLoader workers open their own handles
@@ -202,9 +204,9 @@ class LatentClipDataset(ClipDataset):
         return state
 
     def load(self, i: int, start: float, end: float, gen) -> dict:
-        f = self._handle(self.index.members[i]["mp4"].shard)
+        f, keys = self._handle(self.index.members[i]["mp4"].shard)
         key = self.index.keys[i]
-        if key not in f.keys():
+        if key not in keys:
             raise KeyError("clip not in the latent cache (it failed to decode when the cache was built)")
         times = f.get_tensor(key + TIMES).numpy()
         rows = np.nonzero((times >= start - 1e-6) & (times < end - 1e-6))[0]  # the window read_video decodes
