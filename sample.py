@@ -1,4 +1,9 @@
-"""Sample from trained kvideo stages.
+"""Sample from trained kvideo stages, or from the whole cascade.
+
+    python sample.py --pipeline configs/pipeline/shapes.yaml --prompt "..." --out out.mp4
+        [--seed N] [--image first.png] [--motion-score X|PRESET] [--fps low|medium|high]
+        [--negative-prompt "..."] [--gif] [--sheet] [--prompts-file FILE --out-dir DIR]
+        [key=value ...  pipeline config overrides, e.g. device=cuda]
 
     python sample.py --stage movq --checkpoint RUN_OR_CKPT --input VIDEO.mp4 --out RECON.mp4
         [--size H W] [--max-frames N] [--which ema|model] [--side-by-side]
@@ -17,7 +22,13 @@
     python sample.py --stage video_decoder --checkpoint RUN_OR_CKPT --input clip.mp4 --out decoded.mp4
         [--window W] [--overlap O] [--max-frames N] [--side-by-side]
 
-Stages available so far:
+--pipeline runs kvideo.pipeline: first frame (t2i, or --image), keyframes, interpolation
+(0, 1 or 2 passes by --fps), video decoder, with a progress bar and the time of each stage; it
+writes an H.264 mp4 per prompt (and with --gif / --sheet a GIF and a PNG contact sheet: first
+frame, keyframes, every frame). --prompts-file has one prompt per line; each video goes to
+--out-dir/NNN.mp4. The pipeline YAML names each stage's checkpoint.
+
+Single stages (--stage):
   movq   encode a video frame by frame to the continuous latent the diffusion stages use, decode
          it back, and write an H.264 mp4 (with --side-by-side: original | reconstruction);
          prints the PSNR.
@@ -120,8 +131,9 @@ def sample_t2i(args) -> int:
     return 0
 
 
-def load_image(path: str, size) -> torch.Tensor:
-    """An image file -> (1, 3, h, w) in [-1, 1], resized (short side) and centre-cropped to `size`."""
+def load_image(path: str, size=None) -> torch.Tensor:
+    """An image file -> (1, 3, h, w) in [-1, 1], resized (short side) and centre-cropped to `size`
+    when given."""
     import numpy as np
     from PIL import Image
 
@@ -132,7 +144,9 @@ def load_image(path: str, size) -> torch.Tensor:
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image '{path}': {e}") from e
     x = rearrange(torch.from_numpy(rgb.copy()), "h w c -> 1 c h w")
-    return resize_and_crop(x, tuple(size), None).float() / 127.5 - 1
+    if size is not None:
+        x = resize_and_crop(x, tuple(size), None)
+    return x.float() / 127.5 - 1
 
 
 def sample_keyframe(args) -> int:
@@ -243,12 +257,50 @@ def sample_video_decoder(args) -> int:
     return 0
 
 
+def sample_pipeline(args) -> int:
+    from kvideo.pipeline import Pipeline, write_outputs
+
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file '{path}' does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts-file '{path}' has no prompts")
+        if not args.out_dir:
+            raise ValueError("--prompts-file needs --out-dir")
+        outs = [Path(args.out_dir) / f"{i:03d}.mp4" for i in range(len(prompts))]
+    else:
+        if not args.prompt or not args.out:
+            raise ValueError("--pipeline needs --prompt and --out (or --prompts-file and --out-dir)")
+        prompts, outs = [args.prompt], [Path(args.out)]
+    pipe = Pipeline.from_config(args.pipeline, args.overrides)
+    image = load_image(args.image) if args.image else None  # the pipeline fits it to the video size
+    out = pipe(prompts, negative_prompt=args.negative_prompt, image=image, seed=args.seed,
+               motion_score=args.motion_score, fps=args.fps, passes=args.passes,
+               noise_aug_level=args.noise_aug_level, text_guidance=args.text_guidance,
+               image_guidance=args.image_guidance)
+    for path in write_outputs(out, outs, gif=args.gif, sheet=args.sheet):
+        print(f"wrote {path}")
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in out.timings.items())
+    print(f"{len(prompts)} video(s) of {out.frames.shape[2]} frames at {out.fps:g} fps; {times}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", required=True, choices=["movq", "t2i", "keyframe", "interpolation", "video_decoder"])
-    ap.add_argument("--checkpoint", required=True, help="a run directory, checkpoint directory or .safetensors file")
+    ap.add_argument("--pipeline", help="a pipeline YAML (configs/pipeline/): the whole cascade")
+    ap.add_argument("--stage", choices=["movq", "t2i", "keyframe", "interpolation", "video_decoder"])
+    ap.add_argument("--checkpoint", help="a run directory, checkpoint directory or .safetensors file")
     ap.add_argument("--which", default="ema", choices=["ema", "model"])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("overrides", nargs="*", help="--pipeline: config overrides key=value")
+    pipe = ap.add_argument_group("pipeline")
+    pipe.add_argument("--fps", choices=["low", "medium", "high"], help="interpolation passes 0 / 1 / 2")
+    pipe.add_argument("--prompts-file", help="one prompt per line (with --out-dir)")
+    pipe.add_argument("--out-dir")
+    pipe.add_argument("--gif", action="store_true", help="also write a GIF beside each mp4")
+    pipe.add_argument("--sheet", action="store_true", help="also write a PNG contact sheet beside each mp4")
     ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))
     movq = ap.add_argument_group("movq, interpolation and video_decoder")
     movq.add_argument("--input", help="video to reconstruct (movq, video_decoder) or keyframes to interpolate")
@@ -276,6 +328,16 @@ def main(argv=None) -> int:
     it.add_argument("--window", type=int, help="video_decoder: frames per decoding window")
     it.add_argument("--overlap", type=int, default=4, help="video_decoder: frames shared by neighbouring windows")
     args = ap.parse_args(argv)
+    if args.pipeline:
+        try:
+            return sample_pipeline(args)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if not args.stage or not args.checkpoint or not args.out:
+        ap.error("give --pipeline, or --stage with --checkpoint and --out")
+    if args.overrides:
+        ap.error(f"unexpected arguments {args.overrides} (key=value overrides go with --pipeline)")
     needed = {"movq": "input", "t2i": "prompt", "keyframe": "prompt", "interpolation": "input",
               "video_decoder": "input"}[args.stage]
     if getattr(args, needed) is None:

@@ -48,3 +48,12 @@ def canonical_prompts(limit: Optional[int] = None) -> list:
     if limit:
         prompts = [p for s in ("seen", "held_out") for p in [q for q in prompts if q["split"] == s][:limit]]
     return prompts
+
+
+def motion_preset(prompt: str) -> str:
+    """The motion preset a ShapesWorld prompt asks for: "still", "slow" or "fast" (the preset
+    names of configs/keyframe/shapes.yaml)."""
+    from kvideo.data.shapesworld import parse_caption
+
+    speed = parse_caption(prompt)["speed"]
+    return "still" if speed in ("none", None) else speed

@@ -98,6 +98,23 @@ def test_interpolation_config_errors(tmp_path, shapes_shards, movq_run, t2i_run)
         STAGES["interpolation"](cfg, torch.device("cpu"))
 
 
+def test_input_and_output_convs_start_from_the_t2i_convs(tmp_path, shapes_shards, movq_run, t2i_run):
+    from kvideo.stages.interpolation import build_interpolation_model
+    from kvideo.train.checkpoint import load_stage_weights
+
+    image, _ = load_stage_weights(t2i_run, "t2i")
+    w_in, w_out = image["unet.in_layer.weight"], image["unet.out_layer.2.weight"]
+    overrides = tiny_interpolation_overrides(tmp_path, shapes_shards, movq_run, t2i_run)
+    spread = build_interpolation_model(load_config([CONFIG], overrides)).unet
+    assert torch.equal(spread.in_layer.weight[:, :4], torch.zeros_like(w_in))  # left keyframe
+    assert torch.allclose(spread.in_layer.weight[:, 4:8], w_in / 3) and torch.allclose(spread.in_layer.weight[:, 12:16], w_in / 3)
+    assert torch.equal(spread.out_layer[2].weight[8:], w_out)
+    fresh = build_interpolation_model(load_config([CONFIG], overrides + ["recipe.init_convs=fresh"])).unet
+    assert not torch.allclose(fresh.in_layer.weight[:, 4:8], w_in / 3)
+    with pytest.raises(ValueError, match="recipe.init_convs"):
+        build_interpolation_model(load_config([CONFIG], overrides + ["recipe.init_convs=copy"]))
+
+
 def test_released_interpolation_config_size():
     info = model_info(load_config([ROOT / "configs" / "interpolation" / "kandinsky.yaml"], require_complete=False))
     assert abs(info["total_params"] / 3.98e9 - 1) < 0.02

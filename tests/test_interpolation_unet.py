@@ -4,7 +4,9 @@ the temporal layers off, the gates learn, and the released parameter count."""
 import torch
 from einops import rearrange
 
-from kvideo.models.interpolation_unet import InterpolationUNet, InterpolationUNetConfig, interpolation_unet_config
+from kvideo.models.interpolation_unet import (
+    InterpolationUNet, InterpolationUNetConfig, interpolation_unet_config, spread_image_convs,
+)
 from kvideo.models.unet import UNet
 from kvideo.models.video_unet import load_image_weights
 from kvideo.registry import count_parameters
@@ -46,6 +48,28 @@ def test_zero_gates_are_the_image_model_gap_by_gap():
     x, t, context, mask = video_inputs(c=20, f=4)
     out = model(x, t, context, mask, skip_frames=torch.tensor([3, 1]))
     assert torch.allclose(out, gap_by_gap(image, x, t, context, mask), atol=1e-5)
+
+
+def test_spread_convs_start_as_the_image_model_on_the_mean_noisy_frame():
+    torch.manual_seed(0)
+    k, c = 3, 4
+    model = InterpolationUNet(tiny_interpolation_config()).eval()
+    image = UNet(tiny_config(in_channels=c, out_channels=c)).eval()
+    state = {n: v for n, v in image.state_dict().items() if not n.startswith(("in_layer.", "out_layer.2."))}
+    load_image_weights(model, state)
+    spread_image_convs(model, image.state_dict(), k)
+    x, t, context, mask = video_inputs(c=(k + 2) * c, f=4)
+    out = model(x, t, context, mask, skip_frames=torch.tensor([3, 1]))
+    noisy_mean = x[:, c: (k + 1) * c].reshape(2, k, c, *x.shape[2:]).mean(1)  # keyframes are ignored at the start
+    expected = gap_by_gap(image, noisy_mean, t, context, mask)
+    for j in range(k):
+        assert torch.allclose(out[:, j * c: (j + 1) * c], expected, atol=1e-5)
+    try:
+        spread_image_convs(model, image.state_dict(), 2)
+    except ValueError as e:
+        assert "2 frames per gap" in str(e)
+    else:
+        raise AssertionError("a mismatched frames_per_gap must be refused")
 
 
 def test_temporal_mask_zero_is_the_spatial_model_and_gaps_interact_otherwise():

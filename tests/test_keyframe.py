@@ -146,6 +146,22 @@ def test_three_way_guidance_branches_are_the_right_conditions(keyframe_run):
         x_T = torch.randn((1, 4, 3, 8, 8), generator=torch.Generator().manual_seed(1))
         expected = sample_ddim(direct, schedule, x_T, steps=2, target="eps")
         assert torch.allclose(got, expected, atol=1e-4), (w, (got - expected).abs().max())
+    # without the first frame a branch has noise level 0, as in training (where the image is
+    # dropped the level is zeroed): the unconditional branch, and use_image=False's text branch
+    g = torch.Generator().manual_seed(1)
+    torch.randn(first.shape, generator=g)  # the noise-augmentation draw comes first
+    x_T = torch.randn((1, 4, 3, 8, 8), generator=g)
+    for w, use_image, ctx, ctx_mask in ((0.0, True, null_tokens, null_mask), (1.0, False, tokens, mask)):
+        got = sample_keyframes(model, schedule, [PROMPT], first, text_guidance=w, image_guidance=w,
+                               use_image=use_image, generator=torch.Generator().manual_seed(1),
+                               **{**common, "noise_aug_level": 20})
+
+        def direct(x, t):
+            return net(x, t, context=ctx, context_mask=ctx_mask, first=first, has_image=torch.tensor([0.0]),
+                       noise_aug_level=torch.zeros(1, dtype=torch.long), motion_score=torch.tensor([0.1]))
+
+        expected = sample_ddim(direct, schedule, x_T, steps=2, target="eps")
+        assert torch.allclose(got, expected, atol=1e-4), (w, use_image, (got - expected).abs().max())
     # the motion score reaches the model (through recipe.motion.scale)
     faster = sample_keyframes(model, schedule, [PROMPT], first, text_guidance=1.0, image_guidance=1.0,
                               generator=torch.Generator().manual_seed(1), **{**common, "motion_score": 0.5})

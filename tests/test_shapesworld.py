@@ -12,7 +12,7 @@ import pytest
 from kvideo.data.shapesworld import (
     BACKGROUNDS, COLORS, DIRECTIONS, HELD_OUT_PAIRS, SHAPES, SPEEDS, ClipSpec, allowed_pairs,
     canonical_test_prompts, caption, check_motion_fits, clip_spec_from_attributes, make_clip,
-    metadata, parse_caption, render_clip, sample_clip_spec, score_clip, score_many,
+    metadata, parse_caption, prompt_clip, render_clip, sample_clip_spec, score_clip, score_many,
     spec_from_metadata,
 )
 from kvideo.data.video_io import encode_video_bytes, read_video
@@ -166,6 +166,16 @@ def test_canonical_test_prompts():
         attrs = parse_caption(p["prompt"])
         assert caption(attrs) == p["prompt"]  # canonical form
         assert ((attrs["color"], attrs["shape"]) in HELD_OUT_PAIRS) == (p["split"] == "held_out")
+
+
+def test_prompt_clip_is_deterministic_and_coded_like_the_shards():
+    prompt = canonical_test_prompts()[0]["prompt"]
+    raw, coded = prompt_clip(prompt, 3, 64), prompt_clip(prompt, 3, 64, coded=True)
+    assert raw.shape == coded.shape == (48, 64, 64, 3) and coded.dtype == np.uint8
+    assert np.array_equal(raw, prompt_clip(prompt, 3, 64)) and not np.array_equal(raw, prompt_clip(prompt, 4, 64))
+    err = np.abs(raw.astype(np.int16) - coded.astype(np.int16))
+    assert 0 < err.mean() < 2.0  # H.264 at crf 14: close, not identical
+    assert score_clip(coded, 24.0, prompt)["all_correct"]
 
 
 # ----------------------------------------------------------------------------- scorer

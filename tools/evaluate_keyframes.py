@@ -28,19 +28,17 @@ import torch
 from einops import rearrange
 
 from kvideo.evaluation import (add_checkpoint_arguments, add_prompt_arguments, canonical_prompts,
-                               checkpoints_from_args)
+                               checkpoints_from_args, motion_preset)
 
 ATTRS = ("direction", "speed", "background", "color", "shape")
 
 
 def motion_for(prompt: str, presets, fixed) -> float:
-    from kvideo.data.shapesworld import parse_caption
     from kvideo.stages.keyframe import resolve_motion_score
 
     if fixed is not None:
         return resolve_motion_score(presets, fixed)
-    speed = parse_caption(prompt)["speed"]
-    name = "still" if speed in ("none", None) else speed
+    name = motion_preset(prompt)
     if name not in presets.presets:
         raise ValueError(f"the run's recipe.motion.presets has no '{name}' preset; give --motion-score")
     return float(presets.presets[name])

@@ -78,6 +78,10 @@ DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down", "still")
 SPEEDS: dict[str, float] = {"slow": 0.1, "fast": 0.3}  # fractions of S per second
 NO_SPEED = "none"  # speed name of a still clip
 UNKNOWN = "unknown"  # scorer prediction when an attribute cannot be measured
+# The H.264 coding of the datasets (see make_clip on yuv444p).
+CRF = 14
+PIX_FMT = "yuv444p"
+
 HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
 
 SIZE_RANGE = (0.12, 0.16)  # r as fractions of S
@@ -543,12 +547,20 @@ def canonical_test_prompts(held_out_per_pair: int = 10, seen_per_pair: int = 2) 
 # ----------------------------------------------------------------------------- dataset writer
 
 
-def prompt_clip(prompt: str, index: int, size: int = 64) -> np.ndarray:
+def prompt_clip(prompt: str, index: int, size: int = 64, coded: bool = False) -> np.ndarray:
     """A ground-truth clip (48 frames at 24 fps, uint8 (f, h, w, 3)) showing a canonical
     `prompt`, seeded by the prompt and its position `index` in a prompt set (the evaluators'
-    reference clips: first frames to condition on, keyframes to interpolate between)."""
+    reference clips: first frames to condition on, keyframes to interpolate between).
+
+    `coded`: passed through the datasets' H.264 coding (`make_clip`'s defaults), so the clip is
+    what a model trained on the shards saw rather than the sharper raw render."""
     seed = int(hashlib.sha256(f"{index}:{prompt}".encode()).hexdigest()[:8], 16)
-    return render_clip(clip_spec_from_attributes(parse_caption(prompt), seed, size=size))
+    frames = render_clip(clip_spec_from_attributes(parse_caption(prompt), seed, size=size))
+    if not coded:
+        return frames
+    from kvideo.data.video_io import encode_video_bytes, read_video
+
+    return read_video(encode_video_bytes(frames, 24.0, crf=CRF, pix_fmt=PIX_FMT))[0]
 
 
 def clip_seed(seed: int, split: str, index: int) -> int:
@@ -558,8 +570,8 @@ def clip_seed(seed: int, split: str, index: int) -> int:
     return int(np.random.SeedSequence([seed, SPLIT_IDS[split], index]).generate_state(1)[0])
 
 
-def make_clip(seed: int, *, size: int = 64, fps: float = 24.0, num_frames: int = 48, crf: int = 14,
-              pix_fmt: str = "yuv444p", paraphrase: bool = False) -> tuple[bytes, dict]:
+def make_clip(seed: int, *, size: int = 64, fps: float = 24.0, num_frames: int = 48, crf: int = CRF,
+              pix_fmt: str = PIX_FMT, paraphrase: bool = False) -> tuple[bytes, dict]:
     """Render, encode (H.264 mp4 bytes) and describe (metadata dict) the clip of ``seed``.
 
     The default ``yuv444p`` keeps chroma at full resolution: with 4:2:0 a green or magenta
@@ -584,8 +596,8 @@ def _make_clip_job(job):
 
 def write_shapesworld(out: str | os.PathLike, num_clips: int, *, size: int = 64, seed: int = 0,
                       fps: float = 24.0, num_frames: int = 48, split: str = "train",
-                      raw: bool = False, clips_per_shard: int = 256, crf: int = 14,
-                      pix_fmt: str = "yuv444p", paraphrase: bool = False, workers: int = 1, progress: bool = True) -> dict:
+                      raw: bool = False, clips_per_shard: int = 256, crf: int = CRF,
+                      pix_fmt: str = PIX_FMT, paraphrase: bool = False, workers: int = 1, progress: bool = True) -> dict:
     """Write a ShapesWorld split to ``out``; deterministic given the arguments.
 
     Default: webdataset shards ``out/shard-000000.tar``... with samples ``clip_0000000.mp4``

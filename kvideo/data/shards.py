@@ -123,8 +123,8 @@ def _sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 def resize_and_crop(frames: torch.Tensor, size: Tuple[int, int], gen: Optional[torch.Generator]) -> torch.Tensor:
-    """Resize (f, c, h, w) uint8 frames so they cover `size` = (H, W), then crop to it:
-    randomly when `gen` is given, else centred. Never distorts the aspect ratio."""
+    """Resize (f, c, h, w) frames (uint8 or float) so they cover `size` = (H, W), then crop to
+    it: randomly when `gen` is given, else centred. Never distorts the aspect ratio."""
     H, W = size
     h, w = frames.shape[-2:]
     scale = max(H / h, W / w)

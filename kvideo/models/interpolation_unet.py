@@ -191,6 +191,32 @@ class InterpolationUNet(UNet):
         return rearrange(out, "(b g) c h w -> b c g h w", b=b)
 
 
+@torch.no_grad()
+def spread_image_convs(model: InterpolationUNet, image_state: Dict[str, torch.Tensor], frames_per_gap: int) -> None:
+    """Start the gap-stacked input and output convs from an image UNet's (`image_state`, its keys).
+
+    The input conv's block for each of the k noisy frames gets the image input conv divided by
+    k, the keyframe blocks start at zero: the spatial layers first see the image model's features
+    of the mean of the k noisy frames. Each of the k output blocks is the image output conv: every
+    new frame starts with the image model's prediction for that mean. A fresh random input conv
+    instead feeds the loaded spatial layers features they have never seen; on ShapesWorld its
+    samples stayed noisy after 30 minutes (docs/BENCHMARKS.md).
+    """
+    k = frames_per_gap
+    w_in, b_in = image_state["in_layer.weight"], image_state["in_layer.bias"]
+    w_out, b_out = image_state["out_layer.2.weight"], image_state["out_layer.2.bias"]
+    c = w_in.shape[1]
+    if model.in_layer.weight.shape[1] != (k + 2) * c or model.out_layer[2].weight.shape[0] != k * w_out.shape[0]:
+        raise ValueError(f"image convs ({c} in, {w_out.shape[0]} out) do not spread over {k} frames per gap into "
+                         f"{model.in_layer.weight.shape[1]} in, {model.out_layer[2].weight.shape[0]} out")
+    model.in_layer.weight.zero_()
+    for j in range(k):
+        model.in_layer.weight[:, (j + 1) * c: (j + 2) * c].copy_(w_in / k)
+    model.in_layer.bias.copy_(b_in)
+    model.out_layer[2].weight.copy_(w_out.repeat(k, 1, 1, 1))
+    model.out_layer[2].bias.copy_(b_out.repeat(k))
+
+
 # ----------------------------------------------------------------------------------------------
 # Named sizes
 # ----------------------------------------------------------------------------------------------

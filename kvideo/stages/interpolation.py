@@ -4,7 +4,12 @@ A pass turns N keyframes into (k + 1)(N - 1) + 1 frames: k new frames (default 3
 N - 1 gaps, so 4N - 3 with k = 3, and two passes 4(4N - 3) - 3 (12 -> 45 -> 177 in the full
 configuration). The model (`kvideo.models.interpolation_unet`) sees every gap at once, as a
 sequence: per gap [left keyframe latent | x_t of the k new frames | right keyframe latent], clean
-keyframes, and predicts the k new frames (v-prediction by default).
+keyframes, and predicts the k new frames (`recipe.diffusion.target`, v by default; the ShapesWorld
+config predicts x0, which need not carry each stacked frame's noise through the UNet).
+
+With `recipe.init_from` the spatial layers come from a t2i checkpoint and the gap-stacked input
+and output convs start from its convs (`recipe.init_convs: spread`, see
+`kvideo.models.interpolation_unet.spread_image_convs`) or at random (`fresh`).
 
 Training draws clips of `data.num_frames` frames at `data.fps` and, per batch, one of
 `recipe.passes`: frames are taken every `stride` frames, keyframes every k + 1 of those, and
@@ -58,6 +63,9 @@ class InterpolationRecipe:
     latent_scale: float = 1.0
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     frames_per_gap: int = 3  # k new frames between neighbouring keyframes
+    # How the input and output convs start with init_from: "spread" = from the t2i convs
+    # (`spread_image_convs`), "fresh" = random (their channels mean something else).
+    init_convs: str = "spread"
     gaps: int = 4  # gaps per training sample
     passes: List[PassConfig] = field(default_factory=lambda: [PassConfig(stride=4, skip_frames=3),
                                                               PassConfig(stride=1, skip_frames=1)])
@@ -167,7 +175,7 @@ def interpolate(model: T2IModel, schedule: Schedule, keyframes: torch.Tensor, pr
 
 
 def build_interpolation_model(cfg, load_init: bool = True) -> T2IModel:
-    from kvideo.models.interpolation_unet import InterpolationUNet
+    from kvideo.models.interpolation_unet import InterpolationUNet, spread_image_convs
 
     model = build_t2i_model(cfg)
     if not isinstance(model.unet, InterpolationUNet):
@@ -177,8 +185,12 @@ def build_interpolation_model(cfg, load_init: bool = True) -> T2IModel:
         raise ValueError(f"stage interpolation: with recipe.frames_per_gap = {k}, model.out_channels must be "
                          f"k * latent channels and model.in_channels (k + 2) * latent channels; got "
                          f"{ucfg.in_channels} in, {ucfg.out_channels} out")
+    if cfg.recipe.init_convs not in ("spread", "fresh"):
+        raise ValueError(f"recipe.init_convs must be 'spread' or 'fresh'; got {cfg.recipe.init_convs!r}")
     if cfg.recipe.init_from and load_init:  # the input and output convs mean other things here
-        init_from_t2i(model, cfg, keep_new=("in_layer.", "out_layer.2."))
+        image_state = init_from_t2i(model, cfg, keep_new=("in_layer.", "out_layer.2."))
+        if cfg.recipe.init_convs == "spread":
+            spread_image_convs(model.unet, image_state, k)
     return model
 
 

@@ -189,12 +189,15 @@ def sample_keyframes(model: T2IModel, schedule: Schedule, prompts: Sequence[str]
                      noise_aug_level: int = 20, sampler: str = "ddpm", steps: int = 50, spacing: str = "leading",
                      text_guidance: float = 5.0, image_guidance: float = 2.0, latent_scale: float = 1.0,
                      negative_prompt: Optional[str] = None, dynamic_threshold: Optional[float] = None,
-                     generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
+                     use_image: bool = True, generator: Optional[torch.Generator] = None,
+                     callback=None) -> torch.Tensor:
     """Keyframe latents (b, c, num_frames, h, w) from prompts and first-frame latents `first` (b, c, h, w)
     (scaled like the training latents), with three-way guidance in one batched forward.
 
     The unconditional text of the image-only and unconditional branches is the null context, or
-    the context of `negative_prompt` when one is given.
+    the context of `negative_prompt` when one is given. `use_image=False` samples plain
+    text-to-video keyframes (the image-dropped branch the model was trained with): every branch
+    gets no first frame, and the guidance reduces to text guidance with scale w_T.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; choose from {', '.join(SAMPLERS)}")
@@ -209,13 +212,15 @@ def sample_keyframes(model: T2IModel, schedule: Schedule, prompts: Sequence[str]
     level = torch.full((b,), int(noise_aug_level), dtype=torch.long, device=device)
     first_aug = noise_augment(schedule, first, level, generator) if noise_aug_level > 0 else first
     motion = torch.as_tensor(motion_score, dtype=torch.float32, device=device).expand(b).clone()
-    ones, zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
-    common = {"first": first_aug, "noise_aug_level": level, "motion_score": motion}
+    # as in training, a branch without the first frame has noise-augmentation level 0
+    no_image = {"has_image": torch.zeros(b, device=device), "noise_aug_level": torch.zeros_like(level)}
+    image = {"has_image": torch.ones(b, device=device), "noise_aug_level": level} if use_image else no_image
+    common = {"first": first_aug, "motion_score": motion}
     net = text_image_guided(
         keyframe_net(model.unet, motion_scale),
-        {"context": tokens, "context_mask": mask, "has_image": ones, **common},
-        {"context": neg_tokens, "context_mask": neg_mask, "has_image": ones, **common},
-        {"context": neg_tokens, "context_mask": neg_mask, "has_image": zeros, **common},
+        {"context": tokens, "context_mask": mask, **image, **common},
+        {"context": neg_tokens, "context_mask": neg_mask, **image, **common},
+        {"context": neg_tokens, "context_mask": neg_mask, **no_image, **common},
         text_scale=text_guidance, image_scale=image_guidance,
     )
     c, h, w = first.shape[1:]

@@ -124,10 +124,11 @@ def build_t2i_model(cfg) -> T2IModel:
     return T2IModel(MODELS[cfg.model.name].build(unet_cfg), TextEncoder(text_cfg))
 
 
-def init_from_t2i(model: T2IModel, cfg, keep_new: Sequence[str] = ()) -> None:
+def init_from_t2i(model: T2IModel, cfg, keep_new: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
     """Load the t2i checkpoint `cfg.recipe.init_from` into a video stage's model: its UNet as the
     spatial layers (`kvideo.models.video_unet.load_image_weights`; `keep_new` prefixes stay
-    freshly initialised) and its text encoder, which must have the same `recipe.text_encoder`."""
+    freshly initialised) and its text encoder, which must have the same `recipe.text_encoder`.
+    Returns the t2i UNet's weights (for a stage that derives its new layers from them)."""
     from kvideo.models.video_unet import load_image_weights
     from kvideo.train.checkpoint import load_stage_weights
 
@@ -140,6 +141,7 @@ def init_from_t2i(model: T2IModel, cfg, keep_new: Sequence[str] = ()) -> None:
     model.text.load_state_dict({k[len("text."):]: v for k, v in state.items() if k.startswith("text.")})
     log.info("%s: loaded %d spatial tensors from %s (%d widened, %d new)", cfg.stage, len(report["loaded"]),
              cfg.recipe.init_from, len(report["widened"]), len(report["new"]))
+    return unet_state
 
 
 def make_schedule(diffusion_cfg) -> Schedule:

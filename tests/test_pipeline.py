@@ -1,0 +1,184 @@
+"""The whole cascade on tiny trained stages: shapes, fps, determinism, image-to-video, the
+negative prompt, outputs that decode back, and clear errors for wrong checkpoints."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kvideo.config import load_config
+from kvideo.data.video_io import probe, read_video
+from kvideo.pipeline import Pipeline, load_pipeline_config, write_outputs
+from kvideo.train.engine import train
+
+from conftest import ROOT
+from test_interpolation import CONFIG as INTERPOLATION_CONFIG, tiny_interpolation_overrides
+from test_keyframe import KEYFRAME_CONFIG, tiny_keyframe_overrides
+from test_video_decoder import CONFIG as VIDEO_DECODER_CONFIG, overrides as video_decoder_overrides
+
+PROMPTS = ["a red circle moving left quickly on a black background", "a blue square moving up slowly on a gray background"]
+
+
+@pytest.fixture(scope="module")
+def cascade(tmp_path_factory, shapes_shards, movq_run, t2i_run) -> Path:
+    """A pipeline YAML naming tiny trained runs of every stage."""
+    root = tmp_path_factory.mktemp("cascade")
+    runs = {"keyframe": root / "keyframe", "interpolation": root / "interpolation", "video_decoder": root / "vdec"}
+    train(load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(runs["keyframe"], shapes_shards, movq_run, t2i_run)))
+    train(load_config([INTERPOLATION_CONFIG], tiny_interpolation_overrides(runs["interpolation"], shapes_shards,
+                                                                           movq_run, t2i_run)))
+    train(load_config([VIDEO_DECODER_CONFIG], video_decoder_overrides(runs["video_decoder"], shapes_shards, movq_run,
+                                                                      **{"train.preview_every": 0})))
+    yaml = root / "pipeline.yaml"
+    yaml.write_text("\n".join([f"t2i: {t2i_run}"] + [f"{k}: {v}" for k, v in runs.items()]
+                              + ["first_frame_scale: 2", "decode_window: 8", "decode_overlap: 2"]) + "\n")
+    return yaml
+
+
+def test_cascade_shapes_fps_determinism_and_timings(cascade):
+    pipe = Pipeline.from_config(cascade)
+    out = pipe(PROMPTS, seed=3, fps="medium", progress=False)
+    assert out.frames.shape == (2, 3, 13, 32, 32)  # 4 keyframes -> 4 * 4 - 3 frames, one pass
+    assert out.fps == 48.0  # 12-fps keyframes, 3 new frames per gap
+    assert out.frames.abs().max() <= 1.0
+    assert out.keyframes.shape == (2, 3, 4, 32, 32) and out.first_frames.shape == (2, 3, 32, 32)
+    assert set(out.timings) == {"first frame", "keyframes", "interpolation", "decode"}
+    assert out.settings["first_frame"]["size"] == [64, 64]  # the t2i image at 2x, then fitted
+    again = pipe(PROMPTS, seed=3, fps="medium", progress=False)
+    assert torch.equal(out.frames, again.frames)
+    assert not torch.equal(out.frames, pipe(PROMPTS, seed=4, fps="medium", progress=False).frames)
+    low = pipe(PROMPTS[:1], seed=3, fps="low", progress=False)
+    assert low.frames.shape[2] == 4 and low.fps == 12.0 and "interpolation" not in low.timings
+    assert pipe(PROMPTS[:1], seed=3, num_keyframes=3, progress=False).frames.shape[2] == 9
+    with pytest.raises(ValueError, match="trained for 1 pass"):
+        pipe(PROMPTS[:1], fps="high", progress=False)
+    with pytest.raises(ValueError, match="unknown motion preset 'normal'"):
+        pipe(PROMPTS[:1], motion_score="normal", progress=False)
+    per_prompt = pipe(PROMPTS, seed=3, motion_score=["fast", 0.0], progress=False)
+    assert per_prompt.settings["keyframes"]["motion_score"][1] == 0.0
+    with pytest.raises(ValueError, match="2 motion scores for 1 prompts"):
+        pipe(PROMPTS[:1], motion_score=["fast", "slow"], progress=False)
+    t2v = pipe(PROMPTS, seed=3, first_frame=False, progress=False)  # plain text-to-video keyframes
+    assert "first frame" not in t2v.timings and t2v.settings["first_frame"] == {"source": "none"}
+    assert torch.equal(t2v.first_frames, t2v.keyframes[:, :, 0])
+
+
+def test_image_to_video_and_the_negative_prompt(cascade):
+    pipe = Pipeline.from_config(cascade, ["t2i=null"])
+    image = torch.linspace(-1, 1, 3 * 48 * 64).reshape(1, 3, 48, 64)
+    out = pipe(PROMPTS[:1], image=image, seed=0, progress=False)
+    assert out.first_frames.shape == (1, 3, 32, 32) and out.settings["first_frame"] == {"source": "image"}
+    with pytest.raises(ValueError, match="no t2i checkpoint"):
+        pipe(PROMPTS[:1], progress=False)
+    plain = pipe(PROMPTS[:1], image=image, seed=0, progress=False).frames
+    negative = pipe(PROMPTS[:1], image=image, seed=0, negative_prompt="a green triangle", progress=False).frames
+    assert not torch.equal(plain, negative)  # the negative prompt is used
+
+
+def test_outputs_decode_back(cascade, tmp_path):
+    out = Pipeline.from_config(cascade)(PROMPTS, seed=0, progress=False)
+    paths = write_outputs(out, [tmp_path / "a.mp4", tmp_path / "b.mp4"], gif=True, sheet=True)
+    assert {p.suffix for p in paths} == {".mp4", ".gif", ".png"} and all(p.is_file() for p in paths)
+    frames, _ = read_video(tmp_path / "a.mp4")
+    assert frames.shape == (13, 32, 32, 3) and abs(probe(tmp_path / "a.mp4")["fps"] - 48.0) < 1e-6
+    gif = Image.open(tmp_path / "a.gif")  # Pillow merges identical neighbours: count the time
+    durations = []
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        durations.append(gif.info["duration"])
+    assert sum(durations) == 13 * 20  # 48 fps -> 2 centiseconds a frame
+
+
+def test_sample_py_pipeline_prompts_file(cascade, tmp_path, capsys):
+    import sample
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n\n")
+    code = sample.main(["--pipeline", str(cascade), "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "v"),
+                        "--seed", "1", "--motion-score", "fast", "--fps", "low", "--sheet"])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["000.mp4", "000.png", "001.mp4", "001.png"]
+    assert "keyframes" in capsys.readouterr().out
+    image = tmp_path / "first.png"
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(image)
+    assert sample.main(["--pipeline", str(cascade), "--prompt", PROMPTS[0], "--out", str(tmp_path / "i.mp4"),
+                        "--image", str(image), "t2i=null"]) == 0
+    assert sample.main(["--pipeline", str(tmp_path / "missing.yaml"), "--prompt", "x", "--out", "y.mp4"]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_wrong_checkpoints_are_named(cascade, t2i_run, movq_run):
+    with pytest.raises(ValueError, match=f"'{t2i_run}.*from stage 't2i', expected a keyframe checkpoint"):
+        Pipeline.from_config(cascade, [f"keyframe={t2i_run}"])
+    with pytest.raises(ValueError, match="expected a video_decoder checkpoint"):
+        Pipeline.from_config(cascade, [f"video_decoder={movq_run}"])
+    with pytest.raises(ValueError, match="fps must be one of"):
+        load_pipeline_config(cascade, ["fps=fast"])
+
+
+def test_the_shipped_pipeline_configs_load():
+    for name in ("shapes", "kandinsky"):
+        cfg = load_pipeline_config(ROOT / "configs" / "pipeline" / f"{name}.yaml")
+        assert cfg.keyframe and cfg.interpolation and cfg.video_decoder and cfg.t2i
+
+
+def test_evaluate_shapes_scores_the_cascade(cascade, tmp_path, capsys):
+    import json
+
+    from tools import evaluate_shapes
+
+    out = tmp_path / "eval"
+    assert evaluate_shapes.main(["--pipeline", str(cascade), "--limit", "1", "--batch", "2", "--save-videos", "1",
+                                 "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["prompts"] == 2 and result["seen"]["n"] == 1 and result["held_out"]["n"] == 1
+    assert set(result["seen"]["accuracy"]) == {"background", "color", "shape", "direction", "speed"}
+    assert result["frames"] == 13 and result["video_fps"] == 48.0
+    assert {v["requested"] for v in result["videos"]} <= {"still", "slow", "fast"}
+    assert (out / "sheet.png").is_file() and (out / "videos" / "000.mp4").is_file()
+    assert "| seen | 1 |" in capsys.readouterr().out
+    assert evaluate_shapes.main(["--pipeline", str(cascade), "--limit", "1", "--save-videos", "0", "--out",
+                                 str(tmp_path / "t2v"), "--call", "first_frame=false", "--call", "image_guidance=3"]) == 0
+    result = json.loads((tmp_path / "t2v" / "results.json").read_text())
+    assert result["call"] == {"first_frame": False, "image_guidance": 3} and result["all"]["frame0_psnr"] is None
+    assert evaluate_shapes.main(["--pipeline", str(cascade), "--call", "seed=3", "--out", str(out)]) == 2
+    assert "not a pipeline argument here" in capsys.readouterr().err
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a purple hexagon\n")
+    assert evaluate_shapes.main(["--pipeline", str(cascade), "--prompts", str(bad), "--out", str(out)]) == 2
+    assert "line 1" in capsys.readouterr().err
+
+
+def test_run_ablations_table_with_a_training_ablation(cascade, tmp_path, capsys):
+    import json
+
+    from tools import run_ablations
+
+    ablations = ROOT / "configs" / "ablations"
+    files = [ablations / "first_frame_none.yaml", ablations / "image_guidance_3.yaml", ablations / "noise_aug_off.yaml",
+             ablations / "motion_still.yaml"]
+    out = tmp_path / "abl"
+    assert run_ablations.main(["--pipeline", str(cascade), "--ablations", *map(str, files), "--limit", "1",
+                               "--out", str(out)]) == 0
+    rows = json.loads((out / "ablations.json").read_text())
+    assert [r["name"] for r in rows] == ["no first frame (text-to-video)", "w_I = 3", "still", "off"]
+    assert (out / "runs" / "noise_aug_off" / "checkpoints" / "latest").is_file()  # trained, then sampled
+    variant = load_config([out / "runs" / "noise_aug_off" / "config.yaml"], require_complete=False)
+    assert variant.recipe.noise_aug.enabled is False
+    assert json.loads((out / "noise_aug_off" / "results.json").read_text())["overrides"][-1].startswith("keyframe=")
+    assert "| first frame | no first frame" in (out / "ablations.md").read_text()
+    capsys.readouterr()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("group: x\nname: y\ncolour: red\n")
+    assert run_ablations.main(["--pipeline", str(cascade), "--ablations", str(bad), "--out", str(out)]) == 2
+    assert "unknown keys ['colour']" in capsys.readouterr().err
+
+
+def test_every_shipped_ablation_config_is_valid():
+    from tools.run_ablations import read_ablation
+
+    specs = [read_ablation(f) for f in sorted((ROOT / "configs" / "ablations").glob("*.yaml"))]
+    assert {s["group"] for s in specs} == {"first frame", "noise augmentation (training)", "image guidance", "sampler",
+                                           "motion score"}
