@@ -57,3 +57,12 @@ def motion_preset(prompt: str) -> str:
 
     speed = parse_caption(prompt)["speed"]
     return "still" if speed in ("none", None) else speed
+
+
+def shards_pix_fmt(shards: str) -> str:
+    """The pixel format of the first clip of `shards` (e.g. a run's data.shards), so evaluation
+    references can be coded as the training clips were."""
+    from kvideo.data.shards import ShardIndex
+    from kvideo.data.video_io import probe
+
+    return probe(ShardIndex(shards, key="data.shards").read(0, "mp4"))["pix_fmt"]

@@ -176,6 +176,15 @@ def test_prompt_clip_is_deterministic_and_coded_like_the_shards():
     err = np.abs(raw.astype(np.int16) - coded.astype(np.int16))
     assert 0 < err.mean() < 2.0  # H.264 at crf 14: close, not identical
     assert score_clip(coded, 24.0, prompt)["all_correct"]
+    assert not np.array_equal(coded, prompt_clip(prompt, 3, 64, coded=True, pix_fmt="yuv420p"))
+
+
+def test_shards_pix_fmt_reads_the_first_clip(shapes_shards):
+    from kvideo.data.video_io import probe
+    from kvideo.evaluation import shards_pix_fmt
+
+    assert shards_pix_fmt(str(shapes_shards)) == "yuv444p"  # write_shapesworld's default
+    assert probe(encode_video_bytes(np.zeros((2, 16, 16, 3), np.uint8), 24.0, pix_fmt="yuv420p"))["pix_fmt"] == "yuv420p"
 
 
 # ----------------------------------------------------------------------------- scorer

@@ -547,20 +547,22 @@ def canonical_test_prompts(held_out_per_pair: int = 10, seen_per_pair: int = 2) 
 # ----------------------------------------------------------------------------- dataset writer
 
 
-def prompt_clip(prompt: str, index: int, size: int = 64, coded: bool = False) -> np.ndarray:
+def prompt_clip(prompt: str, index: int, size: int = 64, coded: bool = False,
+                pix_fmt: str = PIX_FMT) -> np.ndarray:
     """A ground-truth clip (48 frames at 24 fps, uint8 (f, h, w, 3)) showing a canonical
     `prompt`, seeded by the prompt and its position `index` in a prompt set (the evaluators'
     reference clips: first frames to condition on, keyframes to interpolate between).
 
-    `coded`: passed through the datasets' H.264 coding (`make_clip`'s defaults), so the clip is
-    what a model trained on the shards saw rather than the sharper raw render."""
+    `coded`: passed through the datasets' H.264 coding (crf `CRF`, `pix_fmt`: give the training
+    shards' own, see `kvideo.evaluation.shards_pix_fmt`), so the clip is what a model trained on
+    the shards saw rather than the sharper raw render."""
     seed = int(hashlib.sha256(f"{index}:{prompt}".encode()).hexdigest()[:8], 16)
     frames = render_clip(clip_spec_from_attributes(parse_caption(prompt), seed, size=size))
     if not coded:
         return frames
     from kvideo.data.video_io import encode_video_bytes, read_video
 
-    return read_video(encode_video_bytes(frames, 24.0, crf=CRF, pix_fmt=PIX_FMT))[0]
+    return read_video(encode_video_bytes(frames, 24.0, crf=CRF, pix_fmt=pix_fmt))[0]
 
 
 def clip_seed(seed: int, split: str, index: int) -> int:

@@ -101,6 +101,7 @@ def probe(src: VideoSource) -> dict:
     - ``num_frames`` (int; the container's count, or ``round(duration * fps)`` when the
       container does not store one, so treat it as an estimate)
     - ``duration_s`` (float), ``width``, ``height`` (int, coded size)
+    - ``pix_fmt`` (str): the coded pixel format, e.g. ``yuv420p`` ("" when unknown)
     - ``rotation`` (int, 0/90/180/270): the display rotation in FFmpeg's display-matrix
       convention (PyAV's ``VideoFrame.rotation``): the picture is meant to be shown rotated
       counter-clockwise by this angle. A phone clip tagged ``rotate=90`` reads as 270.
@@ -119,6 +120,7 @@ def probe(src: VideoSource) -> dict:
             "width": 0,
             "height": 0,
             "rotation": 0,
+            "pix_fmt": "",
         }
         if container.duration is not None:
             info["duration_s"] = container.duration / av.time_base
@@ -128,6 +130,7 @@ def probe(src: VideoSource) -> dict:
         info["fps"] = _frame_rate(stream)
         info["width"] = int(stream.codec_context.width)
         info["height"] = int(stream.codec_context.height)
+        info["pix_fmt"] = str(stream.codec_context.pix_fmt or "")
         if stream.duration is not None and stream.time_base is not None:
             info["duration_s"] = float(stream.duration * stream.time_base)
         if stream.frames and stream.frames > 0:
