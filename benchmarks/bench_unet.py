@@ -3,8 +3,9 @@
     python benchmarks/bench_unet.py [--batch 2] [--frames 8] [--latent 32] [--steps 6]
         [--precision bf16|fp32] [--json FILE]
 
-Both networks are built at a matched parameter count (diffusers' widths are searched to come
-within 10% of ours), take the same input (b, 9, f, h, w) with a (b, 77, context_dim) text
+Both networks are built in the same layout (three levels, channels w/2w/4w, cross-attention on
+the lower two) at a matched parameter count (diffusers' width is searched; the run stops unless
+it comes within 10% of ours), take the same input (b, 9, f, h, w) with a (b, 77, context_dim) text
 context, and run the same training step: forward, MSE against a fixed target, backward, AdamW.
 Steps alternate between the two models (A, B, A, B, ...) in one process, so machine noise hits
 both alike; the report gives samples/s of each and their ratio, the FLOPs of one step
@@ -32,6 +33,9 @@ import torch.nn.functional as F
 
 CONTEXT_DIM = 512
 TOKENS = 77
+DIM_MULT = (1, 2, 4)  # both models: three levels,
+CROSS_ATTENTION = (False, True, True)  # attention on the lower two
+MAX_PARAM_MISMATCH = 0.10
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -51,29 +55,35 @@ def build_ours():
     from kvideo.models.video_unet import VideoUNet, video_unet_config
 
     cfg = video_unet_config("kandinsky", model_channels=128, init_channels=64, time_embed_dim=512,
-                            context_dim=CONTEXT_DIM, dim_mult=[1, 2, 4], num_blocks=[2, 2, 2],
-                            add_cross_attention=[False, True, True], add_self_attention=[False, True, True])
+                            context_dim=CONTEXT_DIM, dim_mult=list(DIM_MULT), num_blocks=[2, 2, 2],
+                            add_cross_attention=list(CROSS_ATTENTION), add_self_attention=list(CROSS_ATTENTION))
     return VideoUNet(cfg)
 
 
-def diffusers_unet(width: int, in_channels: int, meta: bool = False):
+def diffusers_unet(width: int, in_channels: int, cross_attention, meta: bool = False):
+    """diffusers' UNet3D in our layout: one block per level of ours, channels (w, 2w, 4w, ...)
+    following our dim_mult, cross-attention blocks exactly where ours has cross-attention."""
     from diffusers import UNet3DConditionModel
 
+    down = tuple("CrossAttnDownBlock3D" if a else "DownBlock3D" for a in cross_attention)
+    up = tuple("CrossAttnUpBlock3D" if a else "UpBlock3D" for a in reversed(cross_attention))
     ctx = torch.device("meta") if meta else nullcontext()
     with ctx:
         return UNet3DConditionModel(
-            in_channels=in_channels, out_channels=4, block_out_channels=(width, 2 * width, 4 * width, 4 * width),
-            layers_per_block=2, cross_attention_dim=CONTEXT_DIM, attention_head_dim=64, norm_num_groups=32)
+            in_channels=in_channels, out_channels=4, block_out_channels=tuple(width * m for m in DIM_MULT),
+            down_block_types=down, up_block_types=up, layers_per_block=2, cross_attention_dim=CONTEXT_DIM,
+            attention_head_dim=64, norm_num_groups=32)
 
 
 def matched_diffusers(target_params: int, in_channels: int):
-    """The diffusers UNet3D whose width (a multiple of 32) gives the parameter count nearest the target."""
+    """The diffusers UNet3D (our layout) whose width, a multiple of 32 (its group norms), gives the
+    parameter count nearest the target; (model, width, relative parameter difference)."""
     best = None
-    for width in range(64, 513, 32):
-        n = sum(p.numel() for p in diffusers_unet(width, in_channels, meta=True).parameters())
+    for width in range(32, 513, 32):
+        n = sum(p.numel() for p in diffusers_unet(width, in_channels, CROSS_ATTENTION, meta=True).parameters())
         if best is None or abs(n - target_params) < abs(best[1] - target_params):
             best = (width, n)
-    return diffusers_unet(best[0], in_channels), best[0]
+    return diffusers_unet(best[0], in_channels, CROSS_ATTENTION), best[0], best[1] / target_params - 1
 
 
 def peak_rss_reset() -> bool:
@@ -157,8 +167,11 @@ def main(argv=None) -> int:
                               lambda m, x, t, c, k, l, mo: m(x, t, c, k, noise_aug_level=l, motion_score=mo),
                               (x, t, context, mask, level, motion), args.precision))
     if args.only in (None, "diffusers"):
-        theirs, width = matched_diffusers(sum(p.numel() for p in ours.parameters()), 9)
-        print(f"diffusers UNet3DConditionModel width {width}")
+        theirs, width, mismatch = matched_diffusers(sum(p.numel() for p in ours.parameters()), 9)
+        print(f"diffusers UNet3DConditionModel width {width}: {mismatch:+.1%} parameters against ours")
+        if abs(mismatch) > MAX_PARAM_MISMATCH:
+            raise SystemExit(f"no diffusers width comes within {MAX_PARAM_MISMATCH:.0%} of our parameter count "
+                             f"(nearest {mismatch:+.1%}); change the bench width")
         runners.append(Runner("diffusers UNet3DConditionModel", theirs,
                               lambda m, x, t, c: m(x, t, encoder_hidden_states=c).sample,
                               (x, t, context), args.precision))

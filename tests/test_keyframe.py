@@ -73,6 +73,34 @@ def test_init_from_loads_spatial_weights_and_train_spatial_false_freezes_them(tm
     assert moved  # the temporal layers trained
 
 
+def test_spatial_lr_scale_trains_loaded_layers_slower(tmp_path, shapes_shards, movq_run, t2i_run):
+    import json
+
+    from kvideo.stages.base import Phase
+    from kvideo.stages.keyframe import build_keyframe_model
+    from kvideo.stages.t2i import video_phase
+
+    cfg = load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(tmp_path / "a", shapes_shards, movq_run, t2i_run))
+    model = build_keyframe_model(cfg)
+    groups = video_phase(model, 0.25).param_groups(1e-3)
+    assert [g["name"] for g in groups] == ["spatial", "rest"] and groups[0]["lr"] == 0.25e-3
+    temporal = {id(p) for p in model.unet.temporal_parameters()}
+    assert {id(p) for p in groups[1]["params"]} == temporal
+    assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
+    assert len(video_phase(model, 1.0).param_groups(1e-3)) == 1
+    with pytest.raises(ValueError, match="in both"):
+        Phase("main", model, lr_scales=[("a", list(model.unet.parameters()), 0.5),
+                                        ("b", list(model.unet.in_layer.parameters()), 0.5)]).param_groups(1e-3)
+    # a real run logs both rates, the spatial one at the scale through the schedule
+    run = tmp_path / "scaled"
+    train(load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(run, shapes_shards, movq_run, t2i_run, **{
+        "recipe.spatial_lr_scale": 0.25, "train.max_steps": 2, "train.checkpoint_every": 2,
+        "train.preview_every": 0})))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "main/lr_spatial" in r]
+    assert logged and all(r["main/lr_spatial"] == pytest.approx(0.25 * r["main/lr"]) for r in logged)
+
+
 def test_conditioned_input_layout():
     x_t, first = torch.randn(2, 4, 3, 5, 5), torch.randn(2, 4, 5, 5)
     out = conditioned_input(x_t, first, torch.tensor([True, False]))

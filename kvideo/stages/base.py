@@ -7,7 +7,7 @@ stage has two (the generator, then the discriminator), each with its own optimiz
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Dict, Iterable, List, Optional, Tuple
 
@@ -22,7 +22,10 @@ class Phase:
 
     `module` must be a submodule of the stage's model (or the model itself); under DDP the engine
     wraps it and passes the wrapped module to `Stage.loss` in `parts[name]`.
-    `lr`, `betas` and `weight_decay` of None take the `train` section's values.
+    `lr`, `betas` and `weight_decay` of None take the `train` section's values. `lr_scales`
+    gives named subsets of the module's parameters their own learning rate, a multiple of the
+    phase's (e.g. loaded spatial layers slower than new temporal ones); each subset is one
+    optimizer group, the remaining parameters another, and the schedule scales them all alike.
     """
 
     name: str
@@ -30,6 +33,32 @@ class Phase:
     lr: Optional[float] = None
     betas: Optional[Tuple[float, float]] = None
     weight_decay: Optional[float] = None
+    lr_scales: List[Tuple[str, List[nn.Parameter], float]] = field(default_factory=list)
+
+    def param_groups(self, base_lr: float) -> List[dict]:
+        """AdamW groups of the trainable parameters: each `lr_scales` subset, then the rest."""
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        owner = {id(p): "" for p in trainable}
+        groups = []
+        for name, params, scale in self.lr_scales:
+            if scale <= 0:
+                raise ValueError(f"phase '{self.name}': learning-rate scale of '{name}' must be > 0; got {scale}")
+            mine = []
+            for p in params:
+                if id(p) not in owner:
+                    if not p.requires_grad:
+                        continue  # frozen parameters take no learning rate
+                    raise ValueError(f"phase '{self.name}': a parameter of '{name}' is not in the phase's module")
+                if owner[id(p)]:
+                    raise ValueError(f"phase '{self.name}': a parameter is in both '{owner[id(p)]}' and '{name}'")
+                owner[id(p)] = name
+                mine.append(p)
+            if mine:
+                groups.append({"name": name, "params": mine, "lr": base_lr * scale})
+        rest = [p for p in trainable if not owner[id(p)]]
+        if rest:
+            groups.append({"name": "rest", "params": rest, "lr": base_lr})
+        return groups
 
 
 class Stage:

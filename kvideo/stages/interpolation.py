@@ -34,7 +34,8 @@ from kvideo.models.text_encoder import TextEncoderConfig
 from kvideo.stages.base import Phase, Stage
 from kvideo.stages.keyframe import decode_video
 from kvideo.stages.movq import clip_latents, ensure_latent_cache, load_movq
-from kvideo.stages.t2i import DiffusionConfig, T2IModel, build_t2i_model, init_from_t2i, make_schedule
+from kvideo.stages.t2i import (DiffusionConfig, T2IModel, build_t2i_model, init_from_t2i, make_schedule,
+                               video_phase)
 
 # ----------------------------------------------------------------------------------------------
 # Recipe
@@ -66,6 +67,7 @@ class InterpolationRecipe:
     # How the input and output convs start with init_from: "spread" = from the t2i convs
     # (`spread_image_convs`), "fresh" = random (their channels mean something else).
     init_convs: str = "spread"
+    spatial_lr_scale: float = 1.0  # learning rate of the loaded layers (spatial, text encoder), times train.lr
     gaps: int = 4  # gaps per training sample
     passes: List[PassConfig] = field(default_factory=lambda: [PassConfig(stride=4, skip_frames=3),
                                                               PassConfig(stride=1, skip_frames=1)])
@@ -219,7 +221,7 @@ class InterpolationStage(Stage):
         return build_interpolation_model(self.cfg)
 
     def phases(self, model) -> List[Phase]:
-        return [Phase("main", model)]
+        return [video_phase(model, self.rc.spatial_lr_scale)]
 
     def pass_latents(self, batch: dict, step: int, n: Optional[int] = None):
         """Scaled latents (b, c, f, h, w) of the frames of one pass (chosen by step) of the first

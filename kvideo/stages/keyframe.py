@@ -17,7 +17,7 @@ three branches of `text_image_guided`: [text + image, null text + image, null te
 `recipe.init_from` names a t2i checkpoint: its UNet becomes the spatial layers (new input
 channels start at zero, temporal layers are new) and its text encoder is taken over.
 `recipe.train_spatial: false` freezes the spatial layers and the text encoder (the 1.0 recipe);
-true trains everything (1.1).
+true trains everything (1.1), the loaded layers at `recipe.spatial_lr_scale` times train.lr.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from kvideo.diffusion import SAMPLERS, Schedule, text_image_guided, training_los
 from kvideo.models.text_encoder import TextEncoderConfig
 from kvideo.stages.base import Phase, Stage
 from kvideo.stages.movq import clip_latents, ensure_latent_cache, load_movq
-from kvideo.stages.t2i import DiffusionConfig, T2IModel, build_t2i_model, init_from_t2i, make_schedule
+from kvideo.stages.t2i import (DiffusionConfig, T2IModel, build_t2i_model, init_from_t2i, make_schedule,
+                               video_phase)
 
 # ----------------------------------------------------------------------------------------------
 # Recipe
@@ -85,6 +86,7 @@ class KeyframeRecipe:
     movq: str = MISSING  # movq-stage checkpoint
     init_from: Optional[str] = None  # t2i-stage checkpoint for the spatial layers and text encoder
     train_spatial: bool = True  # false: only temporal layers (and new input channels' conv) train
+    spatial_lr_scale: float = 1.0  # learning rate of the loaded spatial layers and text encoder, times train.lr
     latent_scale: float = 1.0
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     dropout: ConditionDropout = field(default_factory=ConditionDropout)
@@ -287,7 +289,7 @@ class KeyframeStage(Stage):
         return build_keyframe_model(self.cfg)
 
     def phases(self, model: T2IModel) -> List[Phase]:
-        return [Phase("main", model)]
+        return [video_phase(model, self.rc.spatial_lr_scale)]
 
     def latents(self, batch: dict) -> torch.Tensor:
         """The batch's clips as (b, c, f, h, w) scaled MoVQ latents."""

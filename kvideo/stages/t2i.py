@@ -144,6 +144,17 @@ def init_from_t2i(model: T2IModel, cfg, keep_new: Sequence[str] = ()) -> Dict[st
     return unet_state
 
 
+def video_phase(model: T2IModel, spatial_lr_scale: float) -> Phase:
+    """The one optimizer phase of a video stage initialised from t2i: the spatial layers and the
+    text encoder (everything but `model.unet.temporal_parameters()`) train at `spatial_lr_scale`
+    times train.lr, the new temporal layers at train.lr."""
+    if spatial_lr_scale == 1.0:
+        return Phase("main", model)
+    temporal = {id(p) for p in model.unet.temporal_parameters()}
+    spatial = [p for p in model.parameters() if id(p) not in temporal]
+    return Phase("main", model, lr_scales=[("spatial", spatial, float(spatial_lr_scale))])
+
+
 def make_schedule(diffusion_cfg) -> Schedule:
     return Schedule.from_name(diffusion_cfg.schedule, diffusion_cfg.num_steps,
                               zero_terminal_snr=diffusion_cfg.zero_terminal_snr)

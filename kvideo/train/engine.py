@@ -177,9 +177,8 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     phases: List[Phase] = stage.phases(model)
     optimizers, schedulers = {}, {}
     for ph in phases:
-        params = [p for p in ph.module.parameters() if p.requires_grad]
         base_lr = ph.lr if ph.lr is not None else tc.lr
-        opt = torch.optim.AdamW(params, lr=base_lr, betas=tuple(ph.betas or tc.betas),
+        opt = torch.optim.AdamW(ph.param_groups(base_lr), lr=base_lr, betas=tuple(ph.betas or tc.betas),
                                 weight_decay=ph.weight_decay if ph.weight_decay is not None else tc.weight_decay)
         optimizers[ph.name] = opt
         schedulers[ph.name] = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
@@ -283,7 +282,9 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             schedulers[ph.name].step()  # each phase's schedule counts its own optimizer steps
             logs[f"{ph.name}/loss"] = total
             logs[f"{ph.name}/grad_norm"] = float(norm)
-            logs[f"{ph.name}/lr"] = opt.param_groups[0]["lr"]
+            for group in opt.param_groups:  # the phase's own rate, and each scaled group's
+                scaled = group.get("name", "rest") != "rest"
+                logs[f"{ph.name}/lr_{group['name']}" if scaled else f"{ph.name}/lr"] = group["lr"]
         if skipped:
             nonfinite_total += 1
             nonfinite_in_row += 1
