@@ -219,8 +219,8 @@ def sample_interpolation(args) -> int:
                           sampler=args.sampler or sc.sampler, steps=steps, spacing=args.spacing or sc.spacing,
                           guidance=sc.guidance if args.guidance is None else args.guidance,
                           latent_scale=rc.latent_scale, negative_prompt=args.negative_prompt,
-                          dynamic_threshold=sc.dynamic_threshold, generator=torch.Generator().manual_seed(args.seed),
-                          callback=lambda *_: bar.update(1))
+                          dynamic_threshold=sc.dynamic_threshold, residual=rc.residual,
+                          generator=torch.Generator().manual_seed(args.seed), callback=lambda *_: bar.update(1))
     bar.close()
     assert latents.shape[2] == frames_after_passes(len(keys), len(passes), rc.frames_per_gap)
     out_fps = fps * (rc.frames_per_gap + 1) ** len(passes)

@@ -269,7 +269,7 @@ class Pipeline:
                                 sampler=ip_settings["sampler"], steps=ip_settings["steps"], spacing=isc.spacing,
                                 guidance=ip_settings["guidance"], latent_scale=ir.latent_scale,
                                 negative_prompt=negative_prompt, dynamic_threshold=isc.dynamic_threshold,
-                                generator=gen, callback=cb) / ir.latent_scale
+                                residual=ir.residual, generator=gen, callback=cb) / ir.latent_scale
             assert z.shape[2] == frames_after_passes(kf_settings["num_keyframes"], n_passes, ir.frames_per_gap)
             out_fps *= (ir.frames_per_gap + 1) ** n_passes
 

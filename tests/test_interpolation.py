@@ -8,7 +8,7 @@ import torch
 from kvideo.config import load_config
 from kvideo.registry import model_info
 from kvideo.stages.interpolation import (
-    frames_after_passes, gap_input, interpolate, interpolation_net, load_interpolation, merge_gaps, split_gaps,
+    frames_after_passes, gap_blend, gap_input, interpolate, interpolation_net, load_interpolation, merge_gaps, split_gaps,
 )
 from kvideo.stages.t2i import make_schedule
 from kvideo.train import checkpoint as ckpt
@@ -87,6 +87,34 @@ def test_interpolation_trains_from_t2i_and_guidance_branches(interpolation_run):
     new = sample_ddim(lambda x, t: net(x, t, context=tokens, context_mask=mask, keys=keys, keep=torch.ones(1)),
                       schedule, x_T, steps=2, spacing="trailing", target="v")
     assert torch.allclose(got, merge_gaps(keys, new, 3), atol=1e-5)
+
+
+def test_gap_blend_is_linear_between_keyframes():
+    frames = torch.arange(9, dtype=torch.float32).reshape(1, 1, 9, 1, 1).expand(2, 4, 9, 3, 3).clone()
+    keys, new = split_gaps(frames, 3)
+    assert torch.allclose(gap_blend(keys, 3), new)  # frames linear in time: the blend is exact
+    keys = torch.randn(2, 4, 3, 5, 5)
+    blend = merge_gaps(keys, gap_blend(keys, 3), 3)
+    assert torch.allclose(blend[:, :, 2], (keys[:, :, 0] + keys[:, :, 1]) / 2, atol=1e-6)
+    assert torch.allclose(blend[:, :, 5], 0.75 * keys[:, :, 1] + 0.25 * keys[:, :, 2], atol=1e-6)
+
+
+def test_residual_recipe_starts_as_the_blend_and_trains(tmp_path, shapes_shards, movq_run, t2i_run):
+    from kvideo.stages.interpolation import build_interpolation_model
+
+    overrides = {"recipe.residual": "true", "recipe.diffusion.target": "x0"}
+    cfg = load_config([CONFIG], tiny_interpolation_overrides(tmp_path / "a", shapes_shards, movq_run, t2i_run,
+                                                             **overrides))
+    model = build_interpolation_model(cfg).eval()
+    keys = torch.randn(1, 4, 3, 8, 8)
+    out = interpolate(model, make_schedule(cfg.recipe.diffusion), keys, [PROMPT], passes=[3], frames_per_gap=3,
+                      target="x0", steps=3, residual=True, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, merge_gaps(keys, gap_blend(keys, 3), 3), atol=1e-6)  # zero residual at init
+    run = tmp_path / "run"
+    train(load_config([CONFIG], tiny_interpolation_overrides(run, shapes_shards, movq_run, t2i_run, **overrides,
+                                                             **{"train.max_steps": 2, "train.checkpoint_every": 2})))
+    model, _, cfg = load_interpolation(run, which="model")
+    assert cfg.recipe.residual and model.unet.out_layer[2].weight.abs().sum() > 0  # the output conv learned
 
 
 def test_interpolation_config_errors(tmp_path, shapes_shards, movq_run, t2i_run):

@@ -89,7 +89,7 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
                               steps=args.steps or sc.steps, spacing=sc.spacing,
                               guidance=sc.guidance if args.guidance is None else args.guidance,
                               latent_scale=rc.latent_scale, dynamic_threshold=sc.dynamic_threshold,
-                              generator=torch.Generator().manual_seed(args.seed + i))
+                              residual=rc.residual, generator=torch.Generator().manual_seed(args.seed + i))
         video = decode_video(movq, latents, rc.latent_scale)[0]  # (3, span, h, w)
         recon = movq.decode(movq.encode(rearrange(truth[:, new_idx], "c f h w -> f c h w"))).clamp(-1, 1)
         blend = linear_blend(keys, k)

@@ -68,6 +68,10 @@ class InterpolationRecipe:
     # (`spread_image_convs`), "fresh" = random (their channels mean something else).
     init_convs: str = "spread"
     spatial_lr_scale: float = 1.0  # learning rate of the loaded layers (spatial, text encoder), times train.lr
+    # Diffuse the new frames' residual over the linear blend of their gap's two keyframe latents
+    # (`gap_blend`) instead of the frames themselves; the output conv starts at zero, so with
+    # target x0 the untrained model returns the blend exactly.
+    residual: bool = False
     gaps: int = 4  # gaps per training sample
     passes: List[PassConfig] = field(default_factory=lambda: [PassConfig(stride=4, skip_frames=3),
                                                               PassConfig(stride=1, skip_frames=1)])
@@ -107,6 +111,15 @@ def split_gaps(latents: torch.Tensor, k: int):
     return keys, rearrange(inner, "b c g k h w -> b (k c) g h w")
 
 
+def gap_blend(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Linear blending of each gap's two keyframes, laid out like split_gaps' new frames: keyframes
+    (b, c, g + 1, h, w) -> (b, k c, g, h, w), new frame j of a gap = left + (right - left) j / (k + 1)."""
+    left, right = keys[:, :, :-1], keys[:, :, 1:]
+    weights = torch.arange(1, k + 1, dtype=keys.dtype, device=keys.device) / (k + 1)
+    blend = left[:, :, None] + (right - left)[:, :, None] * weights[None, None, :, None, None, None]  # (b, c, k, g, h, w)
+    return rearrange(blend, "b c k g h w -> b (k c) g h w")
+
+
 def merge_gaps(keys: torch.Tensor, new: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of split_gaps: keyframes (b, c, g + 1, h, w) and new (b, k c, g, h, w) -> all frames."""
     b, c, n, h, w = keys.shape
@@ -140,12 +153,13 @@ def interpolate(model: T2IModel, schedule: Schedule, keyframes: torch.Tensor, pr
                 passes: Sequence[int], frames_per_gap: int, target: str, sampler: str = "ddim", steps: int = 10,
                 spacing: str = "trailing", guidance: float = 0.5, latent_scale: float = 1.0,
                 negative_prompt: Optional[str] = None, dynamic_threshold: Optional[float] = None,
-                generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
+                residual: bool = False, generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
     """Keyframe latents (b, c, N, h, w) -> (b, c, frames_after_passes(N, len(passes)), h, w).
 
     `passes` lists the skip_frames value of each pass in order (e.g. [3, 1]). Each pass samples
     all gaps at once; the unconditional branch is null text (or the negative prompt), zeroed
-    keyframes and temporal mask 0.
+    keyframes and temporal mask 0. `residual`: the model was trained on residuals over
+    `gap_blend` (recipe.residual), which is added back to its samples.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; choose from {', '.join(SAMPLERS)}")
@@ -163,10 +177,12 @@ def interpolate(model: T2IModel, schedule: Schedule, keyframes: torch.Tensor, pr
         gen_device = generator.device if generator is not None else device
         x_T = torch.randn((b, k * c, n - 1, h, w), generator=generator, device=gen_device).to(device)
         kwargs = dict(steps=steps, spacing=spacing, target=target, dynamic_threshold=dynamic_threshold,
-                      data_range=latent_scale, callback=callback)
+                      data_range=2 * latent_scale if residual else latent_scale, callback=callback)
         if sampler != "dpmpp_2m":
             kwargs["generator"] = generator
         new = SAMPLERS[sampler](net, schedule, x_T, **kwargs)
+        if residual:
+            new = new + gap_blend(keys, k)
         keys = merge_gaps(keys, new, k)
     return keys
 
@@ -193,6 +209,9 @@ def build_interpolation_model(cfg, load_init: bool = True) -> T2IModel:
         image_state = init_from_t2i(model, cfg, keep_new=("in_layer.", "out_layer.2."))
         if cfg.recipe.init_convs == "spread":
             spread_image_convs(model.unet, image_state, k)
+    if cfg.recipe.residual and load_init:  # start at a zero residual: the blend itself
+        nn.init.zeros_(model.unet.out_layer[2].weight)
+        nn.init.zeros_(model.unet.out_layer[2].bias)
     return model
 
 
@@ -234,6 +253,8 @@ class InterpolationStage(Stage):
     def loss(self, model, parts, batch, step, phase):
         z, skip = self.pass_latents(batch, step)
         keys, x0 = split_gaps(z, self.rc.frames_per_gap)
+        if self.rc.residual:
+            x0 = x0 - gap_blend(keys, self.rc.frames_per_gap)
         b = x0.shape[0]
         uncond = torch.rand(b) < self.rc.uncond_prob
         keep = (~uncond).float().to(self.device)
@@ -261,7 +282,7 @@ class InterpolationStage(Stage):
                         frames_per_gap=self.rc.frames_per_gap, target=self.rc.diffusion.target, sampler=s.sampler,
                         steps=self.rc.preview_steps, spacing=s.spacing, guidance=s.guidance,
                         latent_scale=self.rc.latent_scale, dynamic_threshold=s.dynamic_threshold,
-                        generator=torch.Generator().manual_seed(0))
+                        residual=self.rc.residual, generator=torch.Generator().manual_seed(0))
         fake = decode_video(self.movq, z, self.rc.latent_scale)
         real = decode_video(self.movq, true, self.rc.latent_scale)  # the true frames through the MoVQ
         rows = torch.stack([real, fake], dim=1)  # (n, 2, 3, f, H, W)
