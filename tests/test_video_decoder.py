@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from kvideo.config import load_config
-from kvideo.stages.video_decoder import evaluate_video_decoding, load_video_movq, static_background_flicker
+from kvideo.stages.video_decoder import (
+    evaluate_video_decoding, load_video_movq, static_background_flicker, temporal_difference_loss,
+)
 from kvideo.train import checkpoint as ckpt
 from kvideo.train.engine import train
 
@@ -30,7 +32,7 @@ def overrides(run_dir, shards, movq_run, **extra):
 @pytest.fixture(scope="module")
 def vdec_run(tmp_path_factory, shapes_shards, movq_run) -> Path:
     run = tmp_path_factory.mktemp("video_decoder")
-    train(load_config([CONFIG], overrides(run, shapes_shards, movq_run)))
+    train(load_config([CONFIG], overrides(run, shapes_shards, movq_run, **{"recipe.temporal_weight": 0.5})))
     return run
 
 
@@ -45,6 +47,7 @@ def test_trains_with_the_encoder_frozen_and_the_gan_on(vdec_run, movq_run):
     assert any(k.startswith("ae.temporal_convs.") for k in video) and any(k.startswith("disc.") for k in video)
     assert any(not torch.equal(video[k], image[k]) for k in image if k.startswith("ae.decoder."))
     metrics = (vdec_run / "metrics.jsonl").read_text()
+    assert '"vdec/temporal_l1"' in metrics
     assert '"vdec/g_loss"' in metrics and '"flicker_reduction"' in metrics.replace("eval/", "")
 
 
@@ -68,6 +71,10 @@ def test_flicker_metric_and_evaluation(vdec_run, shapes_shards):
     frames[:, :, 1, 2, 2] = 0.5  # flicker on a static pixel: 0.5 up then 0.5 down
     # 2 frame pairs x 16 pixels, one not static (pixel 0, 0 from frame 0 to 1): (0.5 + 0.5) / 31
     assert float(static_background_flicker(frames, truth)) == pytest.approx(1.0 / 31)
+    # the training loss on frame differences: the flicker costs 0.5 twice in each channel (2 x 3 x 16 x 3
+    # differences); the true change alone costs nothing, and a shifted but steady clip costs nothing
+    assert float(temporal_difference_loss(frames, truth)) == pytest.approx(1.0 * 3 / (3 * 2 * 16))
+    assert float(temporal_difference_loss(truth + 0.3, truth)) == pytest.approx(0.0, abs=1e-7)
     ae = load_video_movq(vdec_run)
     from kvideo.data.shards import ClipDataset, ShardIndex, collate
 

@@ -6,7 +6,8 @@ the video decoder decodes exactly as the image decoder. The encoder, quant_conv 
 stay frozen: the latents the diffusion stages produce keep their meaning. Each step encodes a
 clip frame by frame, decodes it with the temporal decoder and trains
 
-  ae    MSE + LPIPS (when local weights are configured) + from `recipe.gan_start` the hinge
+  ae    MSE + LPIPS (when local weights are configured) + `recipe.temporal_weight` times the L1
+        of decoded against true frame differences (`temporal_difference_loss`) + from `recipe.gan_start` the hinge
         generator loss against a 3D PatchGAN (it sees 3-frame neighbourhoods, so flicker is
         visible to it), with the VQGAN adaptive weight;
   disc  the hinge loss of that discriminator on real and decoded clips.
@@ -40,6 +41,9 @@ class VideoDecoderRecipe:
     movq: str = MISSING  # the image movq-stage checkpoint this decoder starts from (and whose encoder it keeps)
     train_spatial: bool = True  # false: only the temporal layers train
     mse_weight: float = 1.0
+    # L1 between the decoded and the true frame-to-frame differences: penalises change the clip
+    # does not have (flicker on a static background) and missing change alike. 0: off (release).
+    temporal_weight: float = 0.0
     lpips_weight: float = 0.1
     lpips_weights: Optional[str] = None
     gan_weight: float = 0.1
@@ -125,6 +129,10 @@ class VideoDecoderStage(Stage):
         recon = rearrange(parts["ae"](z, num_frames=f), "(b f) c h w -> b c f h w", b=b).float()
         rec = self.rc.mse_weight * F.mse_loss(recon, video)
         logs = {"vdec/mse": float(F.mse_loss(recon.detach(), video))}
+        if self.rc.temporal_weight > 0:
+            td = temporal_difference_loss(recon, video)
+            rec = rec + self.rc.temporal_weight * td
+            logs["vdec/temporal_l1"] = float(td.detach())
         if self.lpips is not None:
             p = self.lpips(rearrange(recon, "b c f h w -> (b f) c h w"), rearrange(video, "b c f h w -> (b f) c h w")).mean()
             rec = rec + self.rc.lpips_weight * p
@@ -163,6 +171,11 @@ class VideoDecoderStage(Stage):
     @torch.no_grad()
     def evaluate(self, model: VideoDecoderTrainModule, batches: Iterable[dict]) -> Dict[str, float]:
         return evaluate_video_decoding(model.ae, batches, self.device)
+
+
+def temporal_difference_loss(frames: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Mean |(frame_t - frame_(t-1)) - (true_t - true_(t-1))| over (b, c, f, H, W) clips."""
+    return ((frames[:, :, 1:] - frames[:, :, :-1]) - (truth[:, :, 1:] - truth[:, :, :-1])).abs().mean()
 
 
 def static_background_flicker(frames: torch.Tensor, truth: torch.Tensor, threshold: float = 1e-3) -> torch.Tensor:
