@@ -96,6 +96,28 @@ def test_image_mode_is_explicit_and_ignores_temporal_inputs():
     assert not torch.allclose(one, a[:, :, :1], atol=1e-4)
 
 
+def test_temporal_text_pooling_feeds_only_the_temporal_embedding():
+    torch.manual_seed(0)
+    video = VideoUNet(tiny_video_config(in_channels=4, temporal_text=True)).eval()
+    assert "text_pooling" in video.temporal_modules()
+    x, t, context, mask = video_inputs()
+    plain = VideoUNet(tiny_video_config(in_channels=4)).eval()
+    plain.load_state_dict({k: v for k, v in video.state_dict().items() if not k.startswith("text_pooling.")})
+    with torch.no_grad():
+        assert torch.allclose(video(x, t, context, mask), plain(x, t, context, mask), atol=1e-6)  # zero at init
+        emb = video.embed(t, context, mask)
+        before = video.temporal_embedding(emb, 5, None, None, None, context, mask)
+        randomise_temporal(video)
+        other = torch.randn_like(context)
+        after = video.temporal_embedding(emb, 5, None, None, None, context, mask)
+        assert not torch.allclose(before, after)  # the text now reaches the temporal layers
+        assert not torch.allclose(after, video.temporal_embedding(emb, 5, None, None, None, other, mask))
+        assert torch.equal(video.embed(t, other, mask) - video.embed(t, context, mask),
+                           plain.embed(t, other, mask) - plain.embed(t, context, mask))  # spatial path untouched
+    with pytest.raises(ValueError, match="needs the context"):
+        video.temporal_embedding(emb, 5, None, None, None)
+
+
 def test_temporal_embedding_reaches_only_the_temporal_layers():
     """Motion score, noise-augmentation level and frame index change the output only through the
     temporal layers: the spatial layers' conditioning is identical, and with the temporal layers

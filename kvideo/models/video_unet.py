@@ -18,7 +18,8 @@ information across frames:
 
 The norms of the temporal layers are conditioned per frame on the time embedding plus the
 temporal embedding = MLP(sin(frame index)) + MLP(sin(noise-augmentation level)) +
-MLP(sin(motion score)); the spatial layers never see it. At initialisation every temporal
+MLP(sin(motion score)) (+ with `temporal_text`, a pooling of the text of their own); the
+spatial layers never see it. At initialisation every temporal
 layer is the identity, so the video UNet equals the image UNet applied frame by frame
 (`load_image_weights` copies a trained image UNet in, zero-initialising new input channels).
 `forward(..., temporal=False)` switches the temporal layers off (image mode).
@@ -38,7 +39,7 @@ from torch import nn
 
 from kvideo.models.sizes import extend_config, sized_config
 from kvideo.models.unet import (
-    Attention, ConditionalGroupNorm, TimestepEmbedding, UNet, UNetConfig, _init_channels, unet_config,
+    Attention, AttentionPooling, ConditionalGroupNorm, TimestepEmbedding, UNet, UNetConfig, _init_channels, unet_config,
 )
 from kvideo.nn.layers import zero_module
 
@@ -53,6 +54,10 @@ class VideoUNetConfig(UNetConfig):
 
     in_channels: int = 9  # x_t (4) | first-frame latent in frame 0, zeros elsewhere (4) | mask (1)
     temporal_attention: Optional[List[bool]] = None  # per level; None = where there is self-attention
+    # A second attention pooling of the text, added to the temporal embedding only (output
+    # zero-initialised). Not in the release: its temporal layers see the text only through the
+    # image model's pooled vector and the spatial cross-attention.
+    temporal_text: bool = False
 
 
 def _temporal_attention_levels(cfg) -> List[bool]:
@@ -186,6 +191,10 @@ class VideoUNet(UNet):
         self.frame_embed = TimestepEmbedding(init, e)
         self.noise_aug_embed = TimestepEmbedding(init, e)
         self.motion_embed = TimestepEmbedding(init, e)
+        self.text_pooling = None
+        if cfg.temporal_text:
+            self.text_pooling = AttentionPooling(e, cfg.context_dim, cfg.head_dim)
+            zero_module(self.text_pooling.attention.to_out)
         self.temporal_down = nn.ModuleList()
         for i, level in enumerate(self.down_samples):
             channels = [u.in_resnet.blocks[-1].conv.out_channels for u in level.units]
@@ -204,9 +213,12 @@ class VideoUNet(UNet):
     # -- parameter groups (the stage freezes or trains them; model_info reports them)
 
     def temporal_modules(self) -> Dict[str, nn.Module]:
-        return {"temporal_down": self.temporal_down, "temporal_up": self.temporal_up,
-                "frame_embed": self.frame_embed, "noise_aug_embed": self.noise_aug_embed,
-                "motion_embed": self.motion_embed}
+        modules = {"temporal_down": self.temporal_down, "temporal_up": self.temporal_up,
+                   "frame_embed": self.frame_embed, "noise_aug_embed": self.noise_aug_embed,
+                   "motion_embed": self.motion_embed}
+        if self.text_pooling is not None:
+            modules["text_pooling"] = self.text_pooling
+        return modules
 
     def temporal_parameters(self) -> Iterator[nn.Parameter]:
         for module in self.temporal_modules().values():
@@ -219,8 +231,11 @@ class VideoUNet(UNet):
     # -- forward
 
     def temporal_embedding(self, emb: torch.Tensor, num_frames: int, noise_aug_level: Optional[torch.Tensor],
-                           motion_score: Optional[torch.Tensor], frame_index: Optional[torch.Tensor]) -> torch.Tensor:
-        """Per-frame conditioning of the temporal layers: (b, e) -> (b, f, e)."""
+                           motion_score: Optional[torch.Tensor], frame_index: Optional[torch.Tensor],
+                           context: Optional[torch.Tensor] = None,
+                           context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-frame conditioning of the temporal layers: (b, e) -> (b, f, e). With
+        `temporal_text`, the context's own pooling is part of it."""
         b, device = emb.shape[0], emb.device
         if frame_index is None:
             frame_index = torch.arange(num_frames, device=device)
@@ -238,6 +253,10 @@ class VideoUNet(UNet):
                 raise ValueError(f"VideoUNet: {name} must have shape ({b},); got {tuple(value.shape)}")
         frames = rearrange(self.frame_embed(rearrange(frame_index, "b f -> (b f)")), "(b f) e -> b f e", b=b)
         per_clip = self.noise_aug_embed(level) + self.motion_embed(motion)  # (b, e)
+        if self.text_pooling is not None:
+            if context is None:
+                raise ValueError("VideoUNet: temporal_text needs the context")
+            per_clip = self.text_pooling(per_clip, context, context_mask)  # per_clip + pooled text
         return emb[:, None, :] + frames + per_clip[:, None, :]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -255,7 +274,7 @@ class VideoUNet(UNet):
         emb = self.embed(t, context, context_mask)  # (b, e): one conditioning vector per clip
         down = up = None
         if temporal:
-            temb = self.temporal_embedding(emb, f, noise_aug_level, motion_score, frame_index)
+            temb = self.temporal_embedding(emb, f, noise_aug_level, motion_score, frame_index, context, context_mask)
             down = [_BoundTemporal(layers, f, temb) for layers in self.temporal_down]
             up = [_BoundTemporal(layers, f, temb) for layers in self.temporal_up]
         out = self.run_levels(
