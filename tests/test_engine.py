@@ -161,3 +161,18 @@ def test_gradient_accumulation_and_checkpointing_switch(tmp_path, shapes_shards)
         "train.max_steps": 2, "train.grad_accum": 2, "train.grad_checkpointing": True, "train.eval_every": 0}))
     ts = torch.load(last / "train_state.pt", weights_only=True)
     assert ts["step"] == 2 and ts["data"][0]["batches_done"] == 4
+
+
+def test_training_minutes_leave_out_the_time_a_run_was_stopped(tmp_path):
+    from kvideo.train.logging import training_minutes
+
+    def row(step, time, rate=1.0):
+        return json.dumps({"step": step, "time": time, "steps_per_s": rate})
+
+    rows = [row(10, 100.0), row(20, 110.0), row(30, 121.0),  # killed after step 30, checkpoint at 20
+            row(30, 3720.0), row(40, 3730.0),  # resumed an hour later from step 20: 30 is logged again
+            row(50, 7330.0, rate=0.5)]  # stopped again right after a checkpoint at 40: a gap, no re-log
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    minutes = {step: round(m * 60, 6) for step, m in training_minutes(tmp_path).items()}
+    assert minutes == {10: 10.0, 20: 20.0, 30: 30.0, 40: 40.0, 50: 60.0}
+    assert training_minutes(tmp_path / "missing") == {}

@@ -71,18 +71,32 @@ class MetricsWriter:
 def training_minutes(run_dir: str | Path) -> Dict[int, float]:
     """step -> minutes of training when it was logged, from a run's metrics.jsonl (empty if none).
 
-    Approximate: the clock starts at the first logged step minus the time its logged rate implies.
-    Evaluation tools use it to put checkpoints on a training-time axis.
+    Each row's `steps_per_s` covers the steps since the previous row of the same process, so a
+    stop and resume shows as a wall-clock gap far longer than those steps took: such a gap counts
+    only the time its steps took. Rows a resumed run logs again (it restarts from its last
+    checkpoint, before the stop) replace the earlier ones. Approximate: the clock starts at the
+    first logged step minus the time its logged rate implies. Evaluation tools use it to put
+    checkpoints on a training-time axis.
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return {}
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    rows = [r for r in rows if "steps_per_s" in r]
-    if not rows:
-        return {}
-    t0 = rows[0]["time"] - rows[0]["step"] / rows[0]["steps_per_s"]
-    return {r["step"]: (r["time"] - t0) / 60 for r in rows}
+    rows = [r for r in rows if r.get("steps_per_s")]
+    seconds: Dict[int, float] = {}
+    prev, total = None, 0.0
+    for r in rows:
+        if prev is None or r["step"] <= prev["step"]:  # the first row, or a resumed run's first row
+            done = [s for s in seconds if s < r["step"]]
+            base = max(done, default=0)
+            total = (seconds[base] if done else 0.0) + (r["step"] - base) / r["steps_per_s"]
+        else:
+            took = (r["step"] - prev["step"]) / r["steps_per_s"]
+            wall = r["time"] - prev["time"]
+            total += wall if wall <= 3 * took + 60 else took  # a longer gap: the run was stopped
+        seconds[r["step"]] = total
+        prev = r
+    return {step: sec / 60 for step, sec in seconds.items()}
 
 
 def checkpoints_on_time_axis(path: str | Path, every: bool, at_minutes: Optional[list] = None) -> list:
