@@ -49,11 +49,10 @@ def psnr_from_mse(mse: float) -> float:
 
 def linear_blend(keys: torch.Tensor, k: int) -> torch.Tensor:
     """(c, N, h, w) keyframes -> (c, (N - 1) * k, h, w): the k in-between frames of every gap,
-    blended linearly from the gap's two keyframes."""
-    w = torch.arange(1, k + 1, dtype=keys.dtype) / (k + 1)  # (k,)
-    left, right = keys[:, :-1, None], keys[:, 1:, None]  # (c, N - 1, 1, h, w)
-    blend = left * (1 - w[:, None, None]) + right * w[:, None, None]  # (c, N - 1, k, h, w)
-    return rearrange(blend, "c g k h w -> c (g k) h w")
+    blended linearly from the gap's two keyframes (`gap_blend`, in frame order)."""
+    from kvideo.stages.interpolation import gap_blend
+
+    return rearrange(gap_blend(keys[None], k), "1 (k c) g h w -> c (g k) h w", k=k)
 
 
 @torch.no_grad()

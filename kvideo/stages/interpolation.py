@@ -114,10 +114,9 @@ def split_gaps(latents: torch.Tensor, k: int):
 def gap_blend(keys: torch.Tensor, k: int) -> torch.Tensor:
     """Linear blending of each gap's two keyframes, laid out like split_gaps' new frames: keyframes
     (b, c, g + 1, h, w) -> (b, k c, g, h, w), new frame j of a gap = left + (right - left) j / (k + 1)."""
-    left, right = keys[:, :, :-1], keys[:, :, 1:]
-    weights = torch.arange(1, k + 1, dtype=keys.dtype, device=keys.device) / (k + 1)
-    blend = left[:, :, None] + (right - left)[:, :, None] * weights[None, None, :, None, None, None]  # (b, c, k, g, h, w)
-    return rearrange(blend, "b c k g h w -> b (k c) g h w")
+    left, right = keys[:, :, None, :-1], keys[:, :, None, 1:]  # (b, c, 1, g, h, w)
+    w = (torch.arange(1, k + 1, dtype=keys.dtype, device=keys.device) / (k + 1))[:, None, None, None]  # (k, 1, 1, 1)
+    return rearrange(left * (1 - w) + right * w, "b c k g h w -> b (k c) g h w")
 
 
 def merge_gaps(keys: torch.Tensor, new: torch.Tensor, k: int) -> torch.Tensor:

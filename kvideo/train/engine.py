@@ -282,9 +282,8 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             schedulers[ph.name].step()  # each phase's schedule counts its own optimizer steps
             logs[f"{ph.name}/loss"] = total
             logs[f"{ph.name}/grad_norm"] = float(norm)
-            for group in opt.param_groups:  # the phase's own rate, and each scaled group's
-                scaled = group.get("name", "rest") != "rest"
-                logs[f"{ph.name}/lr_{group['name']}" if scaled else f"{ph.name}/lr"] = group["lr"]
+            for group in opt.param_groups:  # the phase's own rate ("rest"), and each scaled group's
+                logs[f"{ph.name}/lr" if group["name"] == "rest" else f"{ph.name}/lr_{group['name']}"] = group["lr"]
         if skipped:
             nonfinite_total += 1
             nonfinite_in_row += 1
