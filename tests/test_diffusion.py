@@ -186,6 +186,25 @@ def test_training_loss():
     assert torch.equal(info["t"], t) and loss.abs().max() < 1e-10
 
 
+
+def test_timestep_shift():
+    from kvideo.diffusion.losses import draw_timesteps
+
+    # shift 1 is the uniform draw, exactly (runs without the option keep their random stream)
+    assert torch.equal(draw_timesteps(64, 1000, 1.0, torch.Generator().manual_seed(3)),
+                       torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
+    t = draw_timesteps(20000, 1000, 3.0, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
+    # median at T s / (s + 1) = 750; P(t < 500) = P(u < 1/4) for s = 3 (u = t' / (s - (s - 1) t'))
+    assert abs(float(t.double().median()) - 750) < 15
+    assert abs(float((t < 500).double().mean()) - 0.25) < 0.015
+    with pytest.raises(ValueError, match="recipe.diffusion.timestep_shift must be > 0"):
+        draw_timesteps(4, 1000, 0.0)
+    s = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)
+    _, info = training_loss(lambda x, tt: torch.zeros_like(x), s, torch.zeros(512, 4), target="eps",
+                            generator=torch.Generator().manual_seed(1), timestep_shift=3.0)
+    assert float(info["t"].double().median()) > 650
+
 # ----------------------------------------------------------------------------- thresholding
 
 def test_dynamic_threshold_acts_on_the_data_range():

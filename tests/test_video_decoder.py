@@ -64,7 +64,7 @@ def test_at_step_zero_it_decodes_as_the_image_decoder(tmp_path, shapes_shards, m
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-def test_flicker_metric_and_evaluation(vdec_run, shapes_shards):
+def test_flicker_metric_and_evaluation(vdec_run, shapes_shards, movq_run):
     truth = torch.zeros(1, 3, 3, 4, 4)
     truth[:, :, 1:, 0, 0] = 1.0  # one pixel changes: not static
     frames = truth.clone()
@@ -79,8 +79,17 @@ def test_flicker_metric_and_evaluation(vdec_run, shapes_shards):
     from kvideo.data.shards import ClipDataset, ShardIndex, collate
 
     ds = ClipDataset(ShardIndex(str(shapes_shards)), num_frames=4, fps=24, size=[32, 32], seed=0, train=False)
-    out = evaluate_video_decoding(ae, [collate([ds[(0, 0)], ds[(0, 1)]])], torch.device("cpu"), window=3, overlap=1)
+    batch = collate([ds[(0, 0)], ds[(0, 1)]])
+    out = evaluate_video_decoding(ae, [batch], torch.device("cpu"), window=3, overlap=1)
     assert out["clips"] == 2 and out["psnr_video"] > 0 and out["flicker_image"] >= 0
+    # against the image MoVQ the run started from: the video columns stay, the image ones change
+    # (the fine-tuning moved the decoder's spatial weights)
+    from kvideo.stages.movq import load_movq
+
+    start = evaluate_video_decoding(ae, [batch], torch.device("cpu"), window=3, overlap=1,
+                                    image_decoder=load_movq(movq_run))
+    assert start["psnr_video"] == out["psnr_video"] and start["flicker_video"] == out["flicker_video"]
+    assert start["psnr_image"] != out["psnr_image"]
 
 
 def test_mismatched_movq_is_named(tmp_path, shapes_shards, movq_run):
@@ -104,7 +113,13 @@ def test_evaluate_and_sample_video_decoder(tmp_path, vdec_run, shapes_shards, ca
     assert code == 0
     r = json.loads(out.read_text())[0]
     assert r["clips"] == 4 and r["window"] == 3 and r["psnr_video"] > 0 and r["flicker_image"] >= 0
+    assert r["image_decoder"] == "start"
     assert "| step_" in capsys.readouterr().out
+    assert evaluate_video_decoder.main(["--checkpoint", str(vdec_run), "--shards", str(shapes_shards), "--max-clips",
+                                        "4", "--image-decoder", "same", "--out", str(out)]) == 0
+    same = json.loads(out.read_text())[0]
+    assert same["image_decoder"] == "same" and same["psnr_image"] != r["psnr_image"]
+    capsys.readouterr()
 
     clip = tmp_path / "clip.mp4"
     first = next(iter(sorted(shapes_shards.glob("*.tar"))))

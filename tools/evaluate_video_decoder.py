@@ -2,12 +2,14 @@
 
     python tools/evaluate_video_decoder.py --checkpoint RUN_OR_CKPT --shards data/shapes/val
         [--all-checkpoints [--minutes 10 20 40]] [--frames N] [--fps F] [--window W --overlap O]
-        [--max-clips N] [--out results.json]
+        [--max-clips N] [--image-decoder start|same] [--out results.json]
 
 Every clip of `--shards` (the first `--frames` frames at `--fps`, default the run's data
 section, centre crop at the run's data.size) is encoded with the frozen encoder and decoded twice
 from the same continuous latents: by the video decoder (in windows of `--window` frames when
-given) and by the image decoder it started from (the same weights without the temporal layers).
+given) and by an image decoder: `start` (default), the image MoVQ the run started from (its
+recipe.movq, the decoder a user would otherwise decode with), or `same`, the checkpoint's own
+weights without the temporal layers (which moved with the fine-tuning).
 Reported: PSNR of each against the true frames, and static-background flicker, the mean
 absolute change between consecutive decoded frames over the pixels that do not change in the
 true clip (kvideo.stages.video_decoder.static_background_flicker), with the reduction
@@ -35,12 +37,15 @@ def main(argv=None) -> int:
     ap.add_argument("--overlap", type=int, default=4)
     ap.add_argument("--max-clips", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--image-decoder", choices=["start", "same"], default="start",
+                    help="the baseline: the run's recipe.movq (start) or the checkpoint without temporal layers (same)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
     import torch
 
     from kvideo.data.shards import ClipDataset, ShardIndex, eval_batches
+    from kvideo.stages.movq import load_movq
     from kvideo.stages.video_decoder import evaluate_video_decoding, load_video_movq
     from kvideo.train.checkpoint import read_config
 
@@ -61,12 +66,21 @@ def main(argv=None) -> int:
         dataset = ClipDataset(index, num_frames=frames, fps=args.fps or float(cfg["data"]["fps"]),
                               size=list(cfg["data"]["size"]), seed=0, train=False)
         ae = load_video_movq(ckpt)
+        image = None
+        if args.image_decoder == "start":
+            try:
+                image = load_movq(cfg["recipe"]["movq"])
+            except FileNotFoundError as e:
+                print(f"error: {ckpt}: its recipe.movq, the image decoder to compare against, is missing: {e} "
+                      "(or pass --image-decoder same)", file=sys.stderr)
+                return 2
         t0 = time.perf_counter()
         with torch.no_grad():
             r = evaluate_video_decoding(ae, eval_batches(dataset, args.batch_size, -(-args.max_clips // args.batch_size)),
-                                        torch.device("cpu"), window=args.window, overlap=args.overlap)
+                                        torch.device("cpu"), window=args.window, overlap=args.overlap,
+                                        image_decoder=image)
         r.update({"checkpoint": str(ckpt), "step": step, "train_minutes": minutes, "frames": frames,
-                  "window": args.window, "seconds": round(time.perf_counter() - t0, 1)})
+                  "window": args.window, "image_decoder": args.image_decoder, "seconds": round(time.perf_counter() - t0, 1)})
         results.append(r)
         mins = f"{minutes:.1f}" if minutes is not None else "?"
         print(f"| {ckpt.name} | {mins} | {int(r['clips'])} x {frames} | {r['psnr_video']:.2f} dB | "

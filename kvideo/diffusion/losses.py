@@ -31,14 +31,32 @@ def min_snr_weight(snr: torch.Tensor, target: str, gamma: float = 5.0) -> torch.
     return snr.clamp(max=gamma) / (snr + 1.0)
 
 
+def draw_timesteps(n: int, num_steps: int, shift: float = 1.0, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """n training timesteps in {0, ..., num_steps - 1}: uniform for `shift` = 1; for `shift` > 1
+    skewed toward high noise by u -> shift * u / (1 + (shift - 1) * u) on u ~ U(0, 1), the
+    timestep shift of Esser et al. (2024), so the median t is num_steps * shift / (shift + 1).
+    Where frames share their content (video), x_t gives the content away at noise levels that
+    would hide a single image, and the decisions left to the conditioning (which way an object
+    moves) are made only near pure noise: the shift trains more of the steps there."""
+    if shift <= 0:
+        raise ValueError(f"recipe.diffusion.timestep_shift must be > 0 (1 = uniform), got {shift}")
+    if shift == 1.0:
+        return torch.randint(0, num_steps, (n,), generator=generator, device=device)
+    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    u = shift * u / (1.0 + (shift - 1.0) * u)
+    return (u * num_steps).long().clamp(max=num_steps - 1)
+
+
 def training_loss(model_fn: Callable[..., torch.Tensor], schedule: Schedule, x0: torch.Tensor, *, target: str,
                   generator: torch.Generator | None = None, weighting: str | None = None, min_snr_gamma: float = 5.0,
-                  t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                  timestep_shift: float = 1.0, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                   model_kwargs: dict | None = None) -> tuple[torch.Tensor, dict]:
     """Per-sample denoising loss E|model(x_t, t) - target|^2 for a batch of clean x0.
 
-    Draws t ~ U{0, ..., T-1} of shape (b,) and then eps ~ N(0, I) from `generator` (in that
-    order, on the generator's device) unless `t` / `noise` are given; forms
+    Draws t of shape (b,) (`draw_timesteps`: uniform over {0, ..., T-1} unless `timestep_shift`
+    > 1) and then eps ~ N(0, I) from `generator` (in that order, on the generator's device)
+    unless `t` / `noise` are given; forms
     x_t = q_sample(x0, t, eps); calls `model_fn(x_t, t, **model_kwargs)`; returns
     (loss of shape (b,), info) where the loss is the mean squared error over all non-batch
     dims, times the weight (1, or `min_snr_weight` when weighting="min_snr").
@@ -50,7 +68,7 @@ def training_loss(model_fn: Callable[..., torch.Tensor], schedule: Schedule, x0:
     b = x0.shape[0]
     gen_device = generator.device if generator is not None else x0.device
     if t is None:
-        t = torch.randint(0, schedule.num_steps, (b,), generator=generator, device=gen_device)
+        t = draw_timesteps(b, schedule.num_steps, timestep_shift, generator, gen_device)
     t = t.to(x0.device).long()
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)

@@ -265,7 +265,7 @@ class InterpolationStage(Stage):
 
         d = self.rc.diffusion
         loss, info = training_loss(model_fn, self.schedule, x0, target=d.target, weighting=d.weighting,
-                                   min_snr_gamma=d.min_snr_gamma)
+                                   min_snr_gamma=d.min_snr_gamma, timestep_shift=d.timestep_shift)
         return loss.mean(), {"interpolation/mse": float(info["mse"].mean()), f"interpolation/skip{skip}": 1.0}
 
     @torch.no_grad()

@@ -311,7 +311,7 @@ class KeyframeStage(Stage):
 
         d = self.rc.diffusion
         loss, info = training_loss(model_fn, self.schedule, x0, target=d.target, weighting=d.weighting,
-                                   min_snr_gamma=d.min_snr_gamma)
+                                   min_snr_gamma=d.min_snr_gamma, timestep_shift=d.timestep_shift)
         return loss.mean(), {"keyframe/mse": float(info["mse"].mean()), "keyframe/latent_std": float(x0.std())}
 
     @torch.no_grad()

@@ -43,6 +43,8 @@ class DiffusionConfig:
     target: str = "eps"  # eps | v | x0
     weighting: Optional[str] = None  # None | min_snr
     min_snr_gamma: float = 5.0
+    # Training timesteps skewed toward high noise (kvideo.diffusion.losses.draw_timesteps); 1 = uniform.
+    timestep_shift: float = 1.0
 
 
 @dataclass
@@ -241,7 +243,8 @@ class T2IStage(Stage):
         drop = torch.rand(len(captions)) < self.rc.text_dropout
         d = self.rc.diffusion
         loss, info = training_loss(lambda x, t: parts["main"](x, t, captions, drop), self.schedule, x0,
-                                   target=d.target, weighting=d.weighting, min_snr_gamma=d.min_snr_gamma)
+                                   target=d.target, weighting=d.weighting, min_snr_gamma=d.min_snr_gamma,
+                                   timestep_shift=d.timestep_shift)
         return loss.mean(), {"t2i/mse": float(info["mse"].mean()), "t2i/latent_std": float(x0.std())}
 
     @torch.no_grad()

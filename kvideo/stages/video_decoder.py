@@ -189,9 +189,13 @@ def static_background_flicker(frames: torch.Tensor, truth: torch.Tensor, thresho
 
 @torch.no_grad()
 def evaluate_video_decoding(ae: nn.Module, batches: Iterable[dict], device: torch.device,
-                            window: Optional[int] = None, overlap: int = 4) -> Dict[str, float]:
-    """PSNR and static-background flicker of the video decoder and of the image decoder (the same
-    weights without temporal layers: `decode`) on real clips, through the continuous latent."""
+                            window: Optional[int] = None, overlap: int = 4,
+                            image_decoder: Optional[nn.Module] = None) -> Dict[str, float]:
+    """PSNR and static-background flicker of the video decoder and of an image decoder on real
+    clips, through the continuous latent of `ae`'s (frozen) encoder. The image decoder is
+    `image_decoder.decode` (the image MoVQ the run started from, sharing that encoder) or, by
+    default, `ae.decode`: the same weights without the temporal layers."""
+    image = ae if image_decoder is None else image_decoder
     sums = {"psnr_video": 0.0, "psnr_image": 0.0, "flicker_video": 0.0, "flicker_image": 0.0}
     n = 0
     for batch in batches:
@@ -199,7 +203,7 @@ def evaluate_video_decoding(ae: nn.Module, batches: Iterable[dict], device: torc
         b, _, f = video.shape[:3]
         z = rearrange(ae.encode(rearrange(video, "b c f h w -> (b f) c h w")), "(b f) c h w -> b c f h w", b=b)
         vid = ae.decode_video(z, window=window, overlap=overlap).clamp(-1, 1)
-        img = rearrange(ae.decode(rearrange(z, "b c f h w -> (b f) c h w")), "(b f) c h w -> b c f h w", b=b).clamp(-1, 1)
+        img = rearrange(image.decode(rearrange(z, "b c f h w -> (b f) c h w")), "(b f) c h w -> b c f h w", b=b).clamp(-1, 1)
         for name, out in (("video", vid), ("image", img)):
             sums[f"psnr_{name}"] += float(psnr(rearrange(out, "b c f h w -> (b f) c h w"),
                                                rearrange(video, "b c f h w -> (b f) c h w")).mean()) * b
