@@ -132,7 +132,8 @@ def test_input_and_output_convs_start_from_the_t2i_convs(tmp_path, shapes_shards
 
     image, _ = load_stage_weights(t2i_run, "t2i")
     w_in, w_out = image["unet.in_layer.weight"], image["unet.out_layer.2.weight"]
-    overrides = tiny_interpolation_overrides(tmp_path, shapes_shards, movq_run, t2i_run)
+    # (the residual recipe zeroes the output conv instead: test_residual_recipe_starts_as_the_blend_and_trains)
+    overrides = tiny_interpolation_overrides(tmp_path, shapes_shards, movq_run, t2i_run, **{"recipe.residual": "false"})
     spread = build_interpolation_model(load_config([CONFIG], overrides)).unet
     assert torch.equal(spread.in_layer.weight[:, :4], torch.zeros_like(w_in))  # left keyframe
     assert torch.allclose(spread.in_layer.weight[:, 4:8], w_in / 3) and torch.allclose(spread.in_layer.weight[:, 12:16], w_in / 3)
