@@ -186,7 +186,6 @@ def test_training_loss():
     assert torch.equal(info["t"], t) and loss.abs().max() < 1e-10
 
 
-
 def test_timestep_shift():
     from kvideo.diffusion.losses import draw_timesteps
 
@@ -204,6 +203,7 @@ def test_timestep_shift():
     _, info = training_loss(lambda x, tt: torch.zeros_like(x), s, torch.zeros(512, 4), target="eps",
                             generator=torch.Generator().manual_seed(1), timestep_shift=3.0)
     assert float(info["t"].double().median()) > 650
+
 
 # ----------------------------------------------------------------------------- thresholding
 

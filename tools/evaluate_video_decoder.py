@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = []
+    results, image_decoders = [], {}
     print("| checkpoint | train min | clips x frames | PSNR video decoder | PSNR image decoder | flicker video | "
           "flicker image | flicker reduction | s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -69,7 +69,10 @@ def main(argv=None) -> int:
         image = None
         if args.image_decoder == "start":
             try:
-                image = load_movq(cfg["recipe"]["movq"])
+                movq = cfg["recipe"]["movq"]  # loaded once for all the checkpoints of a run
+                if movq not in image_decoders:
+                    image_decoders[movq] = load_movq(movq)
+                image = image_decoders[movq]
             except FileNotFoundError as e:
                 print(f"error: {ckpt}: its recipe.movq, the image decoder to compare against, is missing: {e} "
                       "(or pass --image-decoder same)", file=sys.stderr)

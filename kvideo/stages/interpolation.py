@@ -34,7 +34,7 @@ from kvideo.models.text_encoder import TextEncoderConfig
 from kvideo.stages.base import Phase, Stage
 from kvideo.stages.keyframe import decode_video
 from kvideo.stages.movq import clip_latents, ensure_latent_cache, load_movq
-from kvideo.stages.t2i import (DiffusionConfig, T2IModel, build_t2i_model, init_from_t2i, make_schedule,
+from kvideo.stages.t2i import (DiffusionConfig, T2IModel, build_t2i_model, init_from_t2i, loss_options, make_schedule,
                                video_phase)
 
 # ----------------------------------------------------------------------------------------------
@@ -263,9 +263,7 @@ class InterpolationStage(Stage):
         def model_fn(x_t, t):
             return net(gap_input(x_t, keys, keep), t, batch["caption"], uncond, skip_frames=skip_t, temporal_mask=keep)
 
-        d = self.rc.diffusion
-        loss, info = training_loss(model_fn, self.schedule, x0, target=d.target, weighting=d.weighting,
-                                   min_snr_gamma=d.min_snr_gamma, timestep_shift=d.timestep_shift)
+        loss, info = training_loss(model_fn, self.schedule, x0, **loss_options(self.rc.diffusion))
         return loss.mean(), {"interpolation/mse": float(info["mse"].mean()), f"interpolation/skip{skip}": 1.0}
 
     @torch.no_grad()

@@ -35,7 +35,7 @@ from kvideo.diffusion import SAMPLERS, Schedule, text_image_guided, training_los
 from kvideo.models.text_encoder import TextEncoderConfig
 from kvideo.stages.base import Phase, Stage
 from kvideo.stages.movq import clip_latents, ensure_latent_cache, load_movq
-from kvideo.stages.t2i import (DiffusionConfig, T2IModel, build_t2i_model, init_from_t2i, make_schedule,
+from kvideo.stages.t2i import (DiffusionConfig, T2IModel, build_t2i_model, init_from_t2i, loss_options, make_schedule,
                                video_phase)
 
 # ----------------------------------------------------------------------------------------------
@@ -309,9 +309,7 @@ class KeyframeStage(Stage):
             return net(conditioned_input(x_t, first, ~drop_image.to(self.device)), t, batch["caption"], drop_text,
                        noise_aug_level=level, motion_score=motion)
 
-        d = self.rc.diffusion
-        loss, info = training_loss(model_fn, self.schedule, x0, target=d.target, weighting=d.weighting,
-                                   min_snr_gamma=d.min_snr_gamma, timestep_shift=d.timestep_shift)
+        loss, info = training_loss(model_fn, self.schedule, x0, **loss_options(self.rc.diffusion))
         return loss.mean(), {"keyframe/mse": float(info["mse"].mean()), "keyframe/latent_std": float(x0.std())}
 
     @torch.no_grad()

@@ -162,6 +162,12 @@ def make_schedule(diffusion_cfg) -> Schedule:
                               zero_terminal_snr=diffusion_cfg.zero_terminal_snr)
 
 
+def loss_options(diffusion_cfg) -> dict:
+    """The `training_loss` keywords a DiffusionConfig sets (target, weighting, timestep shift)."""
+    return {"target": diffusion_cfg.target, "weighting": diffusion_cfg.weighting,
+            "min_snr_gamma": diffusion_cfg.min_snr_gamma, "timestep_shift": diffusion_cfg.timestep_shift}
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------
@@ -241,10 +247,8 @@ class T2IStage(Stage):
         x0 = self.latents(batch)
         captions = [c for c in batch["caption"] for _ in range(x0.shape[0] // len(batch["caption"]))]
         drop = torch.rand(len(captions)) < self.rc.text_dropout
-        d = self.rc.diffusion
         loss, info = training_loss(lambda x, t: parts["main"](x, t, captions, drop), self.schedule, x0,
-                                   target=d.target, weighting=d.weighting, min_snr_gamma=d.min_snr_gamma,
-                                   timestep_shift=d.timestep_shift)
+                                   **loss_options(self.rc.diffusion))
         return loss.mean(), {"t2i/mse": float(info["mse"].mean()), "t2i/latent_std": float(x0.std())}
 
     @torch.no_grad()
