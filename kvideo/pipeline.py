@@ -19,7 +19,8 @@ inference"):
 Unlike the release, the negative prompt is used (it replaces the null text of every guided
 stage), any motion preset the keyframe model defines is accepted (and nothing else), and one
 seed (or generator) fixes the whole video. Every stage's setting is an argument of `__call__`,
-defaulting to that stage's `recipe.sampling`. Checkpoints are checked against each other when
+defaulting to that stage's `recipe.sampling`, whose keys the pipeline config's `sampling` can
+replace per stage (`sampling: {keyframe: {spacing: trailing}}`). Checkpoints are checked against each other when
 the pipeline is built: each must be of its stage, and the keyframe, interpolation and video
 decoder stages must share one latent space (the same MoVQ encoder), or it is a ValueError that
 names the files.
@@ -31,12 +32,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, read_write
+from omegaconf.errors import ValidationError
 
 from kvideo.data.latent_cache import fingerprint
 from kvideo.stages.interpolation import frames_after_passes, interpolate, load_interpolation
@@ -60,6 +62,26 @@ class PipelineConfig:
     fps: str = "medium"  # default fps preset
     decode_window: Optional[int] = 16  # video-decoder window (frames); none: the whole clip at once
     decode_overlap: int = 4
+    # Per stage (t2i, keyframe, interpolation), keys of that checkpoint's recipe.sampling to replace,
+    # e.g. {keyframe: {spacing: trailing}}: the defaults every __call__ argument falls back to.
+    sampling: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+
+SAMPLING_STAGES = ("t2i", "keyframe", "interpolation")
+
+
+def override_sampling(stage_cfg, overrides: Dict[str, Any], stage: str, checkpoint: str) -> None:
+    """Replace keys of `stage_cfg.recipe.sampling` in place; an unknown key is a ValueError naming it."""
+    sampling = stage_cfg.recipe.sampling
+    for key, value in overrides.items():
+        if key not in sampling:
+            raise ValueError(f"pipeline config: sampling.{stage}.{key} is not a sampling setting of the {stage} "
+                             f"checkpoint '{checkpoint}' (it has: {', '.join(sampling)})")
+        try:
+            with read_write(sampling):
+                sampling[key] = value
+        except ValidationError as e:
+            raise ValueError(f"pipeline config: sampling.{stage}.{key} = {value!r}: {e.msg}") from None
 
 
 @dataclass
@@ -83,6 +105,9 @@ def load_pipeline_config(path: Union[str, Path], overrides: Sequence[str] = ()) 
         raise ValueError(f"pipeline config '{path}': 'keyframe' (the keyframe checkpoint) is required")
     if cfg.fps not in FPS_PRESETS:
         raise ValueError(f"pipeline config '{path}': fps must be one of {list(FPS_PRESETS)}; got {cfg.fps!r}")
+    if unknown := sorted(set(cfg.sampling) - set(SAMPLING_STAGES)):
+        raise ValueError(f"pipeline config '{path}': sampling.{unknown[0]} is not a stage; "
+                         f"expected some of {', '.join(SAMPLING_STAGES)}")
     return cfg
 
 
@@ -115,11 +140,11 @@ class Pipeline:
         self.cfg = cfg
         self.device = device = torch.device(cfg.device)
         self.keyframe, self.movq, self.kf_cfg = load_keyframe(cfg.keyframe, cfg.which, device)
-        self.t2i = None
+        self.t2i = self.t2i_cfg = None
         if cfg.t2i:
             self.t2i, self.t2i_movq, self.t2i_cfg = load_t2i(cfg.t2i, cfg.which, device)
         latent = fingerprint(self.movq.encoder), fingerprint(self.movq.quant_conv)
-        self.interp = None
+        self.interp = self.ip_cfg = None
         if cfg.interpolation:
             self.interp, interp_movq, self.ip_cfg = load_interpolation(cfg.interpolation, cfg.which, device)
             if (fingerprint(interp_movq.encoder), fingerprint(interp_movq.quant_conv)) != latent:
@@ -139,6 +164,11 @@ class Pipeline:
                 raise ValueError(f"video decoder checkpoint '{cfg.video_decoder}' has another MoVQ encoder than the "
                                  f"keyframe checkpoint '{cfg.keyframe}' ('{self.kf_cfg.recipe.movq}'): its decoder "
                                  "would misread the latents")
+        stage_cfgs = {"t2i": self.t2i_cfg, "keyframe": self.kf_cfg, "interpolation": self.ip_cfg}
+        for stage, overrides in cfg.sampling.items():
+            if stage_cfgs.get(stage) is None:
+                raise ValueError(f"pipeline config: sampling.{stage} is given but the pipeline has no {stage} checkpoint")
+            override_sampling(stage_cfgs[stage], overrides, stage, getattr(cfg, stage))
 
     @classmethod
     def from_config(cls, path: Union[str, Path], overrides: Sequence[str] = ()) -> "Pipeline":
@@ -216,6 +246,7 @@ class Pipeline:
             ts = self.t2i_cfg.recipe.sampling
             s = self.cfg.first_frame_scale
             first_settings = {"source": "t2i", "sampler": t2i_sampler or ts.sampler, "steps": t2i_steps or ts.steps,
+                              "spacing": ts.spacing,
                               "guidance": ts.guidance if t2i_guidance is None else t2i_guidance,
                               "size": [height * s, width * s]}
             with bars.stage("first frame", first_settings["steps"]) as cb:
@@ -234,6 +265,7 @@ class Pipeline:
 
         # 2. keyframes
         kf_settings = {"sampler": keyframe_sampler or ks.sampler, "steps": keyframe_steps or ks.steps,
+                       "spacing": ks.spacing,
                        "text_guidance": ks.text_guidance if text_guidance is None else text_guidance,
                        "image_guidance": ks.image_guidance if image_guidance is None else image_guidance,
                        "noise_aug_level": (rc.noise_aug.sample_level if rc.noise_aug.enabled else 0)
@@ -261,6 +293,7 @@ class Pipeline:
             ir, isc = self.ip_cfg.recipe, self.ip_cfg.recipe.sampling
             skips = [p.skip_frames for p in ir.passes][:n_passes]
             ip_settings.update(sampler=interpolation_sampler or isc.sampler, steps=interpolation_steps or isc.steps,
+                               spacing=isc.spacing,
                                guidance=isc.guidance if interpolation_guidance is None else interpolation_guidance,
                                skip_frames=skips)
             with bars.stage("interpolation", ip_settings["steps"] * n_passes) as cb:

@@ -1,5 +1,6 @@
 """kvideo.diffusion against diffusers' schedulers (a dev dependency), plus its own identities."""
 
+import dataclasses
 import math
 
 import pytest
@@ -203,6 +204,39 @@ def test_timestep_shift():
     _, info = training_loss(lambda x, tt: torch.zeros_like(x), s, torch.zeros(512, 4), target="eps",
                             generator=torch.Generator().manual_seed(1), timestep_shift=3.0)
     assert float(info["t"].double().median()) > 650
+
+
+def test_inference_timestep_shift():
+    """A schedule samples with its training shift: each trailing step moved toward pure noise by
+    u -> s u / (1 + (s - 1) u) on u = (t + 1) / T, 999 and the ordering kept; shift 1 changes nothing."""
+    plain = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)
+    shifted = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True, timestep_shift=3.0)
+    assert shifted.timesteps(10, "trailing").tolist() == [999, 963, 922, 874, 817, 749, 666, 561, 428, 249]
+    for spacing in ("leading", "trailing", "linspace"):
+        base, moved = plain.timesteps(15, spacing), shifted.timesteps(15, spacing)
+        assert torch.equal(base, Schedule(plain.betas).timesteps(15, spacing))
+        assert len(moved) == 15 and bool((moved[:-1] > moved[1:]).all()) and bool((moved >= base).all())
+    assert len(shifted.timesteps(1000, "trailing")) < 1000  # merged where the shift makes steps equal
+    with pytest.raises(ValueError, match="timestep_shift must be > 0"):
+        Schedule(plain.betas, timestep_shift=0.0)
+
+
+def test_eps_models_cannot_start_at_zero_snr():
+    """Every sampler refuses a plan whose first step has SNR 0 for an eps model (x0 would be
+    (x - eps) / 0): trailing spacing, or leading spacing shifted onto the last timestep."""
+    from kvideo.diffusion.samplers import SAMPLERS
+
+    zero = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)
+    x = torch.randn(1, 2, 4, 4)
+    eps_model = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    for name, sample in SAMPLERS.items():
+        with pytest.raises(ValueError, match="start at the zero-SNR timestep 999"):
+            sample(eps_model, zero, x, steps=4, spacing="trailing", target="eps")
+        assert torch.isfinite(sample(eps_model, zero, x, steps=4, spacing="leading", target="eps")).all()
+        assert torch.isfinite(sample(eps_model, zero, x, steps=4, spacing="trailing", target="v")).all()
+    with pytest.raises(ValueError, match="timestep shift 1000.0"):
+        SAMPLERS["ddim"](eps_model, dataclasses.replace(zero, timestep_shift=1000.0), x, steps=4, spacing="leading",
+                         target="eps")
 
 
 # ----------------------------------------------------------------------------- thresholding

@@ -25,7 +25,8 @@ PROMPT = "a red circle moving left quickly on a black background"
 def tiny_keyframe_overrides(run_dir, shards, movq_run, t2i_run, **extra):
     values = dict(item.split("=", 1) for item in tiny_t2i_overrides(run_dir, shards, movq_run))
     values.update({"data.num_frames": 4, "data.fps": 12.0, "recipe.init_from": str(t2i_run), "train.batch_size": 2,
-                   "recipe.latent_scale": 1.0, "recipe.diffusion.target": "eps", "recipe.sampling.steps": 2})
+                   "recipe.latent_scale": 1.0, "recipe.diffusion.target": "eps", "recipe.sampling.steps": 2,
+                   "recipe.sampling.spacing": "leading"})  # eps cannot start at the zero-SNR t = 999
     values.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -45,6 +46,14 @@ def test_keyframe_trains_from_the_t2i_checkpoint(keyframe_run, t2i_run):
     weights = ckpt.load_weights(last, "model")[0]
     assert any(k.startswith("unet.temporal_down") for k in weights)
     assert weights["unet.in_layer.weight"].shape[1] == 9  # x_t | first frame | mask
+
+
+def test_a_sampling_plan_the_model_cannot_follow_stops_before_training(tmp_path, shapes_shards, movq_run, t2i_run):
+    overrides = tiny_keyframe_overrides(tmp_path / "run", shapes_shards, movq_run, t2i_run,
+                                        **{"recipe.sampling.spacing": "trailing"})
+    with pytest.raises(ValueError, match=r"recipe.sampling \(spacing 'trailing'\) with recipe.diffusion \(target 'eps'\)"):
+        train(load_config([KEYFRAME_CONFIG], overrides))
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_init_from_loads_spatial_weights_and_train_spatial_false_freezes_them(tmp_path, shapes_shards, movq_run,
@@ -244,10 +253,16 @@ def test_evaluate_keyframes_scores_canonical_prompts(tmp_path, keyframe_run, cap
     from tools import evaluate_keyframes
 
     code = evaluate_keyframes.main(["--checkpoint", str(keyframe_run), "--all-checkpoints", "--limit", "2",
-                                    "--steps", "1", "--motion-score", "fast", "--out", str(tmp_path)])
+                                    "--steps", "1", "--motion-score", "fast", "--spacing", "leading",
+                                    "--dynamic-threshold", "none", "--timestep-shift", "3", "--out", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "results.json").read_text())[0]
+    assert result["spacing"] == "leading" and result["dynamic_threshold"] is None and result["timestep_shift"] == 3
     assert result["step"] == 3 and result["seen"]["n"] == 2 and result["held_out"]["n"] == 2
     assert all(r["motion_score"] == 0.164 for r in result["videos_detail"])
     assert 0.0 <= result["seen"]["direction"] <= 1.0 and result["seen"]["frame0_psnr"] > 0
     assert "| step_0000003 |" in capsys.readouterr().out
+    # the tiny run predicts eps: trailing spacing would start it at the zero-SNR timestep
+    assert evaluate_keyframes.main(["--checkpoint", str(keyframe_run), "--limit", "1", "--steps", "1",
+                                    "--spacing", "trailing"]) == 2
+    assert "start at the zero-SNR timestep 999" in capsys.readouterr().err

@@ -118,6 +118,22 @@ def test_wrong_checkpoints_are_named(cascade, t2i_run, movq_run):
         load_pipeline_config(cascade, ["fps=fast"])
 
 
+def test_pipeline_config_overrides_a_stage_sampling(cascade):
+    pipe = Pipeline.from_config(cascade, ["sampling.keyframe.steps=1", "sampling.keyframe.text_guidance=2.5"])
+    out = pipe(PROMPTS[:1], seed=3, fps="low", progress=False)
+    assert out.settings["keyframes"]["steps"] == 1 and out.settings["keyframes"]["text_guidance"] == 2.5
+    assert out.settings["first_frame"]["steps"] == pipe.t2i_cfg.recipe.sampling.steps  # other stages untouched
+    # the tiny keyframe model predicts eps, which cannot start at the zero-SNR timestep
+    with pytest.raises(ValueError, match="start at the zero-SNR timestep 999"):
+        Pipeline.from_config(cascade, ["sampling.keyframe.spacing=trailing"])(PROMPTS[:1], fps="low", progress=False)
+    with pytest.raises(ValueError, match="sampling.keyframe.spacin is not a sampling setting"):
+        Pipeline.from_config(cascade, ["sampling.keyframe.spacin=trailing"])
+    with pytest.raises(ValueError, match="sampling.keyframe.steps = 'many'"):
+        Pipeline.from_config(cascade, ["sampling.keyframe.steps=many"])
+    with pytest.raises(ValueError, match="sampling.video_decoder is not a stage"):
+        load_pipeline_config(cascade, ["sampling.video_decoder.steps=2"])
+
+
 def test_the_shipped_pipeline_configs_load():
     for name in ("shapes", "kandinsky"):
         cfg = load_pipeline_config(ROOT / "configs" / "pipeline" / f"{name}.yaml")

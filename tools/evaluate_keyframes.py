@@ -1,7 +1,8 @@
 """Score keyframe videos of a keyframe checkpoint on the canonical ShapesWorld prompts.
 
     python tools/evaluate_keyframes.py --checkpoint RUN_OR_CKPT [--all-checkpoints [--minutes 10 20 30 60]]
-        [--sampler dpmpp_2m] [--steps 15] [--text-guidance W] [--image-guidance W]
+        [--sampler dpmpp_2m] [--steps 15] [--spacing leading|trailing|linspace]
+        [--dynamic-threshold P|none] [--timestep-shift S] [--text-guidance W] [--image-guidance W]
         [--noise-aug-level L] [--motion-score X|PRESET] [--limit N] [--out DIR]
 
 For every canonical test prompt (seen and held-out pairs, kvideo.data.shapesworld) a ground-truth
@@ -18,6 +19,7 @@ results.json and a contact sheet per checkpoint (rows: videos, columns: keyframe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from kvideo.diffusion.schedule import SPACINGS
 from kvideo.evaluation import (add_checkpoint_arguments, add_prompt_arguments, canonical_prompts,
                                checkpoints_from_args, motion_preset)
 
@@ -53,7 +56,12 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
 
     model, movq, cfg = load_keyframe(ckpt_dir)
     rc, sc = cfg.recipe, cfg.recipe.sampling
+    spacing = sc.spacing if args.spacing is None else args.spacing
+    threshold = sc.dynamic_threshold if args.dynamic_threshold is None else (
+        None if args.dynamic_threshold == "none" else float(args.dynamic_threshold))
     schedule = make_schedule(rc.diffusion)
+    if args.timestep_shift is not None:
+        schedule = dataclasses.replace(schedule, timestep_shift=args.timestep_shift)
     h, w = cfg.data.size
     fps, num_frames = float(cfg.data.fps), int(cfg.data.num_frames)
     rows, sheets = [], []
@@ -68,10 +76,10 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
             model, schedule, [prompt], latent, num_frames=num_frames, target=rc.diffusion.target,
             motion_score=motion, motion_scale=rc.motion.scale,
             noise_aug_level=rc.noise_aug.sample_level if args.noise_aug_level is None else args.noise_aug_level,
-            sampler=args.sampler, steps=args.steps, spacing=sc.spacing,
+            sampler=args.sampler, steps=args.steps, spacing=spacing,
             text_guidance=sc.text_guidance if args.text_guidance is None else args.text_guidance,
             image_guidance=sc.image_guidance if args.image_guidance is None else args.image_guidance,
-            latent_scale=rc.latent_scale, dynamic_threshold=sc.dynamic_threshold,
+            latent_scale=rc.latent_scale, dynamic_threshold=threshold,
             generator=torch.Generator().manual_seed(args.seed + i))
         video = decode_video(movq, latents, rc.latent_scale)[0]  # (3, f, h, w) in [-1, 1]
         frames = ((rearrange(video, "c f h w -> f h w c") + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -87,7 +95,10 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
         })
         sheets.append(video.transpose(0, 1))  # (f, 3, h, w)
     seconds = time.perf_counter() - t0
-    result = {"checkpoint": str(ckpt_dir), "sampler": args.sampler, "steps": args.steps, "videos": len(rows),
+    result = {"checkpoint": str(ckpt_dir), "sampler": args.sampler, "steps": args.steps, "spacing": spacing,
+              "timestep_shift": schedule.timestep_shift,
+              "dynamic_threshold": threshold,
+              "videos": len(rows),
               "keyframes": num_frames, "fps": fps, "sampling_s": round(seconds, 1),
               "text_guidance": sc.text_guidance if args.text_guidance is None else args.text_guidance,
               "image_guidance": sc.image_guidance if args.image_guidance is None else args.image_guidance,
@@ -111,7 +122,7 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
         from torchvision.utils import save_image
 
         out.mkdir(parents=True, exist_ok=True)
-        save_image((torch.cat(sheets) + 1) / 2, out / f"{ckpt_dir.name}_{args.sampler}{args.steps}.png", nrow=num_frames)
+        save_image((torch.cat(sheets) + 1) / 2, out / f"{ckpt_dir.name}_{args.sampler}{args.steps}_{spacing}.png", nrow=num_frames)
     return result
 
 
@@ -120,6 +131,10 @@ def main(argv=None) -> int:
     add_checkpoint_arguments(ap)
     ap.add_argument("--sampler", default="dpmpp_2m", choices=["ddpm", "ddim", "dpmpp_2m"])
     ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--spacing", choices=SPACINGS, help="inference timestep spacing (default: the run's recipe.sampling)")
+    ap.add_argument("--dynamic-threshold", help="percentile of x0 thresholding, or 'none' (default: the run's)")
+    ap.add_argument("--timestep-shift", type=float,
+                    help="shift of the inference timesteps (default: the run's recipe.diffusion.timestep_shift)")
     ap.add_argument("--text-guidance", type=float)
     ap.add_argument("--image-guidance", type=float)
     ap.add_argument("--noise-aug-level", type=int)

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .schedule import Schedule, check_target
+from .schedule import Schedule, check_target, shift_noise_level
 
 
 def min_snr_weight(snr: torch.Tensor, target: str, gamma: float = 5.0) -> torch.Tensor:
@@ -43,8 +43,7 @@ def draw_timesteps(n: int, num_steps: int, shift: float = 1.0, generator: torch.
         raise ValueError(f"recipe.diffusion.timestep_shift must be > 0 (1 = uniform), got {shift}")
     if shift == 1.0:
         return torch.randint(0, num_steps, (n,), generator=generator, device=device)
-    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-    u = shift * u / (1.0 + (shift - 1.0) * u)
+    u = shift_noise_level(torch.rand(n, generator=generator, device=device, dtype=torch.float64), shift)
     return (u * num_steps).long().clamp(max=num_steps - 1)
 
 

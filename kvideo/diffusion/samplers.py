@@ -77,9 +77,15 @@ def _denoise(model_fn: ModelFn, schedule: Schedule, x: torch.Tensor, t: int, tar
     return x0, out, processed
 
 
-def _plan(schedule: Schedule, steps: int, spacing: str, target: str) -> list[int]:
+def plan_timesteps(schedule: Schedule, steps: int, spacing: str, target: str) -> list[int]:
+    """The sampler's decreasing timesteps; a ValueError for a plan the target cannot follow."""
     check_target(target)
-    return schedule.timesteps(steps, spacing).tolist()
+    ts = schedule.timesteps(steps, spacing).tolist()
+    if target == "eps" and _alpha_bar(schedule, ts[0]) == 0.0:
+        raise ValueError(f"{steps} '{spacing}' steps (timestep shift {schedule.timestep_shift}) start at the zero-SNR "
+                         f"timestep {ts[0]}, where an eps-prediction model cannot give x0: use 'leading' spacing or "
+                         "a v-prediction model")
+    return ts
 
 
 def _alpha_bar(schedule: Schedule, t: int) -> float:
@@ -104,7 +110,7 @@ def sample_ddpm(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *, ste
     """
     if variance not in ("fixed_small", "fixed_small_log", "fixed_large"):
         raise ValueError(f"unknown variance {variance!r}")
-    ts = _plan(schedule, steps, spacing, target)
+    ts = plan_timesteps(schedule, steps, spacing, target)
     x = x_T
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -134,7 +140,7 @@ def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *, ste
     s = eta * sqrt((1 - ab_t') / (1 - ab_t) * (1 - ab_t / ab_t')); eta = 0 is deterministic,
     eta = 1 is DDPM-like. t' is the next inference timestep (alpha_bar = 1 past the end).
     """
-    ts = _plan(schedule, steps, spacing, target)
+    ts = plan_timesteps(schedule, steps, spacing, target)
     x = x_T
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -171,7 +177,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *,
     difference of order 2**-12 * |x_T|. `generator` is unused (the solver is deterministic) and
     accepted for a uniform signature.
     """
-    ts = _plan(schedule, steps, spacing, target)
+    ts = plan_timesteps(schedule, steps, spacing, target)
 
     def alpha_sigma_lambda(t: int) -> tuple[float, float, float]:
         ab = _alpha_bar(schedule, t)

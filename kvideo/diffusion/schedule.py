@@ -31,6 +31,15 @@ def check_target(target: str) -> str:
     return target
 
 
+def shift_noise_level(u, shift: float):
+    """The timestep shift of Esser et al. (2024) on a noise level u in [0, 1] (t / T):
+    u -> shift * u / (1 + (shift - 1) * u). shift > 1 moves every level toward pure noise (u = 1),
+    keeping 0 and 1 fixed; shift = 1 is the identity. Works on floats, arrays and tensors."""
+    if shift <= 0:
+        raise ValueError(f"timestep_shift must be > 0 (1 = no shift), got {shift}")
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
 # ----------------------------------------------------------------------------- betas
 
 def betas_for(name: str, num_steps: int = 1000, *, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -84,25 +93,29 @@ class Schedule:
     """A discrete noise schedule: float64 tables indexed by integer timestep t in [0, T).
 
     Build with `Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)` or from betas.
-    `steps_offset` only affects "leading" inference spacing (diffusers' `steps_offset`).
+    `steps_offset` only affects "leading" inference spacing (diffusers' `steps_offset`);
+    `timestep_shift` only the inference timesteps (`timesteps`): a model trained with a shift of
+    its training timesteps (`kvideo.diffusion.losses.draw_timesteps`) samples with the same one.
     """
 
     betas: torch.Tensor
     steps_offset: int = 0
+    timestep_shift: float = 1.0
     alphas_cumprod: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         self.betas = self.betas.double().cpu()
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        shift_noise_level(1.0, self.timestep_shift)  # validates it
 
     @classmethod
     def from_name(cls, name: str = "squaredcos_cap_v2", num_steps: int = 1000, *, zero_terminal_snr: bool = False,
-                  steps_offset: int = 0, **beta_kwargs) -> "Schedule":
+                  steps_offset: int = 0, timestep_shift: float = 1.0, **beta_kwargs) -> "Schedule":
         """The schedule `betas_for(name, num_steps, **beta_kwargs)`, optionally rescaled to zero terminal SNR."""
         betas = betas_for(name, num_steps, **beta_kwargs)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
-        return cls(betas, steps_offset=steps_offset)
+        return cls(betas, steps_offset=steps_offset, timestep_shift=timestep_shift)
 
     @property
     def num_steps(self) -> int:
@@ -194,6 +207,11 @@ class Schedule:
         - "leading":  arange(n) * (T // n), reversed, + steps_offset   (T=1000, n=50: 980 ... 0)
         - "trailing": round(arange(T, 0, -T / n)) - 1                   (T=1000, n=10: 999, 899 ... 99)
         - "linspace": round(linspace(0, T - 1, n)), reversed            (T=1000, n=10: 999, 888 ... 0)
+
+        `timestep_shift` > 1 then moves each step toward pure noise (`shift_noise_level` on (t + 1) / T),
+        as SD3 samples with the shift it trained with (trailing, n=10, shift 3: 999, 963, 922 ...
+        249): more of the steps fall where the conditioning, not x_t, decides the content.
+        Steps the shift makes equal are merged (only when n is near T).
         """
         T, n = self.num_steps, num_inference_steps
         if not 0 < n <= T:
@@ -208,4 +226,7 @@ class Schedule:
             raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
         if ts.max() >= T or ts.min() < 0:
             raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {T}) (steps_offset={self.steps_offset})")
+        if self.timestep_shift != 1.0:
+            u = shift_noise_level((ts.astype(np.float64) + 1) / T, self.timestep_shift)
+            ts = np.unique(np.clip(np.round(u * T) - 1, 0, T - 1).astype(np.int64))[::-1]
         return torch.from_numpy(ts.copy())

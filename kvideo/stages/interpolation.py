@@ -233,7 +233,7 @@ class InterpolationStage(Stage):
             raise ValueError(f"recipe.uncond_prob must be in [0, 1), got {self.rc.uncond_prob}")
         self.movq = load_movq(self.rc.movq, device=device).requires_grad_(False)
         ensure_latent_cache(cfg, self.movq, device)
-        self.schedule = make_schedule(self.rc.diffusion)
+        self.schedule = make_schedule(self.rc.diffusion, self.rc.sampling)
 
     def build_model(self) -> nn.Module:
         return build_interpolation_model(self.cfg)

@@ -279,7 +279,7 @@ class KeyframeStage(Stage):
         super().__init__(cfg, device)
         self.movq = load_movq(self.rc.movq, device=device).requires_grad_(False)
         ensure_latent_cache(cfg, self.movq, device)
-        self.schedule = make_schedule(self.rc.diffusion)
+        self.schedule = make_schedule(self.rc.diffusion, self.rc.sampling)
         if cfg.data.num_frames < 2:
             raise ValueError(f"stage keyframe needs data.num_frames >= 2 (keyframes per clip); got {cfg.data.num_frames}")
         draw_dropout(self.rc.dropout, 0)  # validate the rates now, not at the first step

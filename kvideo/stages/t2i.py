@@ -23,7 +23,7 @@ from einops import rearrange
 from omegaconf import MISSING
 from torch import nn
 
-from kvideo.diffusion import SAMPLERS, Schedule, text_guided, training_loss
+from kvideo.diffusion import SAMPLERS, Schedule, plan_timesteps, text_guided, training_loss
 from kvideo.models.text_encoder import TextEncoder, TextEncoderConfig
 from kvideo.stages.base import Phase, Stage
 from kvideo.stages.movq import clip_latents, ensure_latent_cache, load_movq
@@ -43,7 +43,8 @@ class DiffusionConfig:
     target: str = "eps"  # eps | v | x0
     weighting: Optional[str] = None  # None | min_snr
     min_snr_gamma: float = 5.0
-    # Training timesteps skewed toward high noise (kvideo.diffusion.losses.draw_timesteps); 1 = uniform.
+    # Training timesteps skewed toward high noise (kvideo.diffusion.losses.draw_timesteps), and the
+    # inference timesteps by the same shift (Schedule.timesteps); 1 = uniform.
     timestep_shift: float = 1.0
 
 
@@ -157,9 +158,20 @@ def video_phase(model: T2IModel, spatial_lr_scale: float) -> Phase:
     return Phase("main", model, lr_scales=[("spatial", spatial, float(spatial_lr_scale))])
 
 
-def make_schedule(diffusion_cfg) -> Schedule:
-    return Schedule.from_name(diffusion_cfg.schedule, diffusion_cfg.num_steps,
-                              zero_terminal_snr=diffusion_cfg.zero_terminal_snr)
+def make_schedule(diffusion_cfg, sampling_cfg=None) -> Schedule:
+    """The stage's noise schedule; it samples with the timestep shift the stage trains with.
+    With `sampling_cfg` (a stage's recipe.sampling), a sampling plan the model cannot follow
+    (an eps model asked to start at the zero-SNR timestep) is an error now, not at the first preview."""
+    schedule = Schedule.from_name(diffusion_cfg.schedule, diffusion_cfg.num_steps,
+                                  zero_terminal_snr=diffusion_cfg.zero_terminal_snr,
+                                  timestep_shift=diffusion_cfg.timestep_shift)
+    if sampling_cfg is not None:
+        try:
+            plan_timesteps(schedule, sampling_cfg.steps, sampling_cfg.spacing, diffusion_cfg.target)
+        except ValueError as e:
+            raise ValueError(f"recipe.sampling (spacing '{sampling_cfg.spacing}') with recipe.diffusion "
+                             f"(target '{diffusion_cfg.target}'): {e}") from None
+    return schedule
 
 
 def loss_options(diffusion_cfg) -> dict:
@@ -190,10 +202,6 @@ def sample_images(model: T2IModel, movq: nn.Module, schedule: Schedule, prompts:
     f = movq.downsample_factor
     if height % f or width % f:
         raise ValueError(f"image size {height}x{width} is not divisible by the MoVQ factor {f}")
-    if target == "eps" and float(schedule.alphas_cumprod[-1]) == 0.0 and \
-            int(schedule.timesteps(steps, spacing)[0]) == schedule.num_steps - 1:
-        raise ValueError(f"'{spacing}' spacing starts at the zero-SNR timestep {schedule.num_steps - 1}, where an "
-                         f"eps-prediction model cannot give x0: use 'leading' spacing or a v-prediction model")
     b = len(prompts)
     tokens, mask = model.context(prompts)
     if negative_prompt:
@@ -230,7 +238,7 @@ class T2IStage(Stage):
             raise ValueError(f"recipe.text_dropout must be in [0, 1), got {self.rc.text_dropout}")
         self.movq = load_movq(self.rc.movq, device=device).requires_grad_(False)
         ensure_latent_cache(cfg, self.movq, device)
-        self.schedule = make_schedule(self.rc.diffusion)
+        self.schedule = make_schedule(self.rc.diffusion, self.rc.sampling)
 
     def build_model(self) -> nn.Module:
         return build_t2i_model(self.cfg)
