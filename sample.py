@@ -118,7 +118,7 @@ def sample_t2i(args) -> int:
     height, width = args.size or list(cfg.data.size)
     bar = tqdm(total=steps, desc="t2i")
     images = sample_images(
-        model, movq, make_schedule(cfg.recipe.diffusion), [args.prompt] * args.num, height=height, width=width,
+        model, movq, make_schedule(cfg.recipe.diffusion, cfg.recipe.sampling), [args.prompt] * args.num, height=height, width=width,
         target=cfg.recipe.diffusion.target, latent_scale=cfg.recipe.latent_scale,
         sampler=args.sampler or sc.sampler, steps=steps, spacing=args.spacing or sc.spacing,
         guidance=sc.guidance if args.guidance is None else args.guidance, negative_prompt=args.negative_prompt,
@@ -168,7 +168,7 @@ def sample_keyframe(args) -> int:
                              "(the keyframe run has no recipe.init_from)")
         t2i, t2i_movq, t2i_cfg = load_t2i(t2i_path, which=args.which)
         ts = t2i_cfg.recipe.sampling
-        first = sample_images(t2i, t2i_movq, make_schedule(t2i_cfg.recipe.diffusion), [args.prompt], height=height,
+        first = sample_images(t2i, t2i_movq, make_schedule(t2i_cfg.recipe.diffusion, t2i_cfg.recipe.sampling), [args.prompt], height=height,
                               width=width, target=t2i_cfg.recipe.diffusion.target,
                               latent_scale=t2i_cfg.recipe.latent_scale, sampler=ts.sampler, steps=ts.steps,
                               spacing=ts.spacing, guidance=ts.guidance, negative_prompt=args.negative_prompt,
@@ -179,7 +179,7 @@ def sample_keyframe(args) -> int:
     steps = args.steps or sc.steps
     bar = tqdm(total=steps, desc="keyframes")
     latents = sample_keyframes(
-        model, make_schedule(rc.diffusion), [args.prompt], first_latent, num_frames=args.frames or cfg.data.num_frames,
+        model, make_schedule(rc.diffusion, rc.sampling), [args.prompt], first_latent, num_frames=args.frames or cfg.data.num_frames,
         target=rc.diffusion.target, motion_score=motion, motion_scale=rc.motion.scale,
         noise_aug_level=rc.noise_aug.sample_level if args.noise_aug_level is None else args.noise_aug_level,
         sampler=args.sampler or sc.sampler, steps=steps, spacing=args.spacing or sc.spacing,
@@ -214,7 +214,7 @@ def sample_interpolation(args) -> int:
         z = rearrange(movq.encode(keys).float() * rc.latent_scale, "f c h w -> 1 c f h w")
     steps = args.steps or sc.steps
     bar = tqdm(total=steps * len(passes), desc="interpolation")
-    latents = interpolate(model, make_schedule(rc.diffusion), z, [args.prompt or ""], passes=passes,
+    latents = interpolate(model, make_schedule(rc.diffusion, rc.sampling), z, [args.prompt or ""], passes=passes,
                           frames_per_gap=rc.frames_per_gap, target=rc.diffusion.target,
                           sampler=args.sampler or sc.sampler, steps=steps, spacing=args.spacing or sc.spacing,
                           guidance=sc.guidance if args.guidance is None else args.guidance,

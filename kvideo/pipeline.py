@@ -246,11 +246,11 @@ class Pipeline:
             ts = self.t2i_cfg.recipe.sampling
             s = self.cfg.first_frame_scale
             first_settings = {"source": "t2i", "sampler": t2i_sampler or ts.sampler, "steps": t2i_steps or ts.steps,
-                              "spacing": ts.spacing,
+                              "spacing": ts.spacing, "timestep_shift": ts.timestep_shift,
                               "guidance": ts.guidance if t2i_guidance is None else t2i_guidance,
                               "size": [height * s, width * s]}
             with bars.stage("first frame", first_settings["steps"]) as cb:
-                big = sample_images(self.t2i, self.t2i_movq, make_schedule(self.t2i_cfg.recipe.diffusion), prompts,
+                big = sample_images(self.t2i, self.t2i_movq, make_schedule(self.t2i_cfg.recipe.diffusion, ts), prompts,
                                     height=height * s, width=width * s, target=self.t2i_cfg.recipe.diffusion.target,
                                     latent_scale=self.t2i_cfg.recipe.latent_scale, sampler=first_settings["sampler"],
                                     steps=first_settings["steps"], spacing=ts.spacing,
@@ -265,7 +265,7 @@ class Pipeline:
 
         # 2. keyframes
         kf_settings = {"sampler": keyframe_sampler or ks.sampler, "steps": keyframe_steps or ks.steps,
-                       "spacing": ks.spacing,
+                       "spacing": ks.spacing, "timestep_shift": ks.timestep_shift,
                        "text_guidance": ks.text_guidance if text_guidance is None else text_guidance,
                        "image_guidance": ks.image_guidance if image_guidance is None else image_guidance,
                        "noise_aug_level": (rc.noise_aug.sample_level if rc.noise_aug.enabled else 0)
@@ -274,7 +274,7 @@ class Pipeline:
                        "num_keyframes": int(num_keyframes or kf.data.num_frames)}
         with bars.stage("keyframes", kf_settings["steps"]) as cb:
             latents = sample_keyframes(
-                self.keyframe, make_schedule(rc.diffusion), prompts, first_latent,
+                self.keyframe, make_schedule(rc.diffusion, ks), prompts, first_latent,
                 num_frames=kf_settings["num_keyframes"], target=rc.diffusion.target, motion_score=motion,
                 motion_scale=rc.motion.scale, noise_aug_level=kf_settings["noise_aug_level"],
                 sampler=kf_settings["sampler"], steps=kf_settings["steps"], spacing=ks.spacing,
@@ -293,11 +293,11 @@ class Pipeline:
             ir, isc = self.ip_cfg.recipe, self.ip_cfg.recipe.sampling
             skips = [p.skip_frames for p in ir.passes][:n_passes]
             ip_settings.update(sampler=interpolation_sampler or isc.sampler, steps=interpolation_steps or isc.steps,
-                               spacing=isc.spacing,
+                               spacing=isc.spacing, timestep_shift=isc.timestep_shift,
                                guidance=isc.guidance if interpolation_guidance is None else interpolation_guidance,
                                skip_frames=skips)
             with bars.stage("interpolation", ip_settings["steps"] * n_passes) as cb:
-                z = interpolate(self.interp, make_schedule(ir.diffusion), z * ir.latent_scale, prompts, passes=skips,
+                z = interpolate(self.interp, make_schedule(ir.diffusion, isc), z * ir.latent_scale, prompts, passes=skips,
                                 frames_per_gap=ir.frames_per_gap, target=ir.diffusion.target,
                                 sampler=ip_settings["sampler"], steps=ip_settings["steps"], spacing=isc.spacing,
                                 guidance=ip_settings["guidance"], latent_scale=ir.latent_scale,

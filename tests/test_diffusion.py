@@ -207,7 +207,7 @@ def test_timestep_shift():
 
 
 def test_inference_timestep_shift():
-    """A schedule samples with its training shift: each trailing step moved toward pure noise by
+    """A schedule's inference shift moves each step toward pure noise by
     u -> s u / (1 + (s - 1) u) on u = (t + 1) / T, 999 and the ordering kept; shift 1 changes nothing."""
     plain = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)
     shifted = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True, timestep_shift=3.0)

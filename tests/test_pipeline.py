@@ -119,9 +119,11 @@ def test_wrong_checkpoints_are_named(cascade, t2i_run, movq_run):
 
 
 def test_pipeline_config_overrides_a_stage_sampling(cascade):
-    pipe = Pipeline.from_config(cascade, ["sampling.keyframe.steps=1", "sampling.keyframe.text_guidance=2.5"])
+    pipe = Pipeline.from_config(cascade, ["sampling.keyframe.steps=1", "sampling.keyframe.text_guidance=2.5",
+                                          "sampling.keyframe.timestep_shift=2"])
     out = pipe(PROMPTS[:1], seed=3, fps="low", progress=False)
     assert out.settings["keyframes"]["steps"] == 1 and out.settings["keyframes"]["text_guidance"] == 2.5
+    assert out.settings["keyframes"]["timestep_shift"] == 2
     assert out.settings["first_frame"]["steps"] == pipe.t2i_cfg.recipe.sampling.steps  # other stages untouched
     # the tiny keyframe model predicts eps, which cannot start at the zero-SNR timestep
     with pytest.raises(ValueError, match="start at the zero-SNR timestep 999"):

@@ -64,7 +64,7 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
 
     model, movq, cfg = load_interpolation(ckpt_dir)
     rc, sc = cfg.recipe, cfg.recipe.sampling
-    schedule = make_schedule(rc.diffusion)
+    schedule = make_schedule(rc.diffusion, rc.sampling)
     k, gaps = int(rc.frames_per_gap), int(rc.gaps)
     last = rc.passes[-1]
     span = gaps * (k + 1) + 1

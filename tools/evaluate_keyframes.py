@@ -59,7 +59,7 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
     spacing = sc.spacing if args.spacing is None else args.spacing
     threshold = sc.dynamic_threshold if args.dynamic_threshold is None else (
         None if args.dynamic_threshold == "none" else float(args.dynamic_threshold))
-    schedule = make_schedule(rc.diffusion)
+    schedule = make_schedule(rc.diffusion, sc)
     if args.timestep_shift is not None:
         schedule = dataclasses.replace(schedule, timestep_shift=args.timestep_shift)
     h, w = cfg.data.size
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--spacing", choices=SPACINGS, help="inference timestep spacing (default: the run's recipe.sampling)")
     ap.add_argument("--dynamic-threshold", help="percentile of x0 thresholding, or 'none' (default: the run's)")
     ap.add_argument("--timestep-shift", type=float,
-                    help="shift of the inference timesteps (default: the run's recipe.diffusion.timestep_shift)")
+                    help="shift of the inference timesteps (default: the run's recipe.sampling.timestep_shift)")
     ap.add_argument("--text-guidance", type=float)
     ap.add_argument("--image-guidance", type=float)
     ap.add_argument("--noise-aug-level", type=int)

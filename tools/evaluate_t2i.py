@@ -36,7 +36,7 @@ def evaluate(ckpt_dir: Path, prompts: list, per_prompt: int, sampler: str, steps
     from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
 
     model, movq, cfg = load_t2i(ckpt_dir)
-    schedule = make_schedule(cfg.recipe.diffusion)
+    schedule = make_schedule(cfg.recipe.diffusion, cfg.recipe.sampling)
     h, w = cfg.data.size
     spacing = spacing or cfg.recipe.sampling.spacing
     if threshold is None:

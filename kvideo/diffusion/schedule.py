@@ -94,8 +94,8 @@ class Schedule:
 
     Build with `Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)` or from betas.
     `steps_offset` only affects "leading" inference spacing (diffusers' `steps_offset`);
-    `timestep_shift` only the inference timesteps (`timesteps`): a model trained with a shift of
-    its training timesteps (`kvideo.diffusion.losses.draw_timesteps`) samples with the same one.
+    `timestep_shift` only the inference timesteps (`timesteps`; a stage sets it from its
+    recipe.sampling.timestep_shift).
     """
 
     betas: torch.Tensor
@@ -209,8 +209,8 @@ class Schedule:
         - "linspace": round(linspace(0, T - 1, n)), reversed            (T=1000, n=10: 999, 888 ... 0)
 
         `timestep_shift` > 1 then moves each step toward pure noise (`shift_noise_level` on (t + 1) / T),
-        as SD3 samples with the shift it trained with (trailing, n=10, shift 3: 999, 963, 922 ...
-        249): more of the steps fall where the conditioning, not x_t, decides the content.
+        as SD3 samples (trailing, n=10, shift 3: 999, 963, 922 ... 249): more of the steps fall
+        where the conditioning, not x_t, decides the content.
         Steps the shift makes equal are merged (only when n is near T).
         """
         T, n = self.num_steps, num_inference_steps

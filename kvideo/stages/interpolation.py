@@ -53,6 +53,7 @@ class InterpolationSamplingConfig:
     sampler: str = "ddim"
     steps: int = 10
     spacing: str = "trailing"
+    timestep_shift: float = 1.0  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
     guidance: float = 0.5  # (w + 1) * cond - w * uncond
     dynamic_threshold: Optional[float] = None
 

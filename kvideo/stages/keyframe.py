@@ -76,6 +76,7 @@ class KeyframeSamplingConfig:
     sampler: str = "ddpm"
     steps: int = 50
     spacing: str = "leading"
+    timestep_shift: float = 1.0  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
     text_guidance: float = 5.0  # w_T
     image_guidance: float = 2.0  # w_I
     dynamic_threshold: Optional[float] = 0.995

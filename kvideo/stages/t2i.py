@@ -43,8 +43,8 @@ class DiffusionConfig:
     target: str = "eps"  # eps | v | x0
     weighting: Optional[str] = None  # None | min_snr
     min_snr_gamma: float = 5.0
-    # Training timesteps skewed toward high noise (kvideo.diffusion.losses.draw_timesteps), and the
-    # inference timesteps by the same shift (Schedule.timesteps); 1 = uniform.
+    # Training timesteps skewed toward high noise (kvideo.diffusion.losses.draw_timesteps); 1 = uniform.
+    # (The inference timesteps have a shift of their own: recipe.sampling.timestep_shift.)
     timestep_shift: float = 1.0
 
 
@@ -55,6 +55,7 @@ class SamplingConfig:
     sampler: str = "ddpm"  # ddpm | ddim | dpmpp_2m
     steps: int = 50
     spacing: str = "leading"
+    timestep_shift: float = 1.0  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
     guidance: float = 5.0  # Kandinsky convention: (w + 1) * cond - w * uncond
     dynamic_threshold: Optional[float] = 0.995  # percentile; None disables
 
@@ -159,12 +160,12 @@ def video_phase(model: T2IModel, spatial_lr_scale: float) -> Phase:
 
 
 def make_schedule(diffusion_cfg, sampling_cfg=None) -> Schedule:
-    """The stage's noise schedule; it samples with the timestep shift the stage trains with.
-    With `sampling_cfg` (a stage's recipe.sampling), a sampling plan the model cannot follow
-    (an eps model asked to start at the zero-SNR timestep) is an error now, not at the first preview."""
+    """The stage's noise schedule. With `sampling_cfg` (the stage's recipe.sampling) it samples
+    with that config's timestep shift, and a sampling plan the model cannot follow (an eps model
+    asked to start at the zero-SNR timestep) is an error now, not at the first preview."""
     schedule = Schedule.from_name(diffusion_cfg.schedule, diffusion_cfg.num_steps,
                                   zero_terminal_snr=diffusion_cfg.zero_terminal_snr,
-                                  timestep_shift=diffusion_cfg.timestep_shift)
+                                  timestep_shift=1.0 if sampling_cfg is None else sampling_cfg.timestep_shift)
     if sampling_cfg is not None:
         try:
             plan_timesteps(schedule, sampling_cfg.steps, sampling_cfg.spacing, diffusion_cfg.target)
