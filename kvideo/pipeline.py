@@ -77,6 +77,8 @@ def override_sampling(stage_cfg, overrides: Dict[str, Any], stage: str, checkpoi
         if key not in sampling:
             raise ValueError(f"pipeline config: sampling.{stage}.{key} is not a sampling setting of the {stage} "
                              f"checkpoint '{checkpoint}' (it has: {', '.join(sampling)})")
+        if isinstance(sampling[key], float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # `timestep_shift=2` on the command line
         try:
             with read_write(sampling):
                 sampling[key] = value
