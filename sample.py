@@ -152,7 +152,8 @@ def load_image(path: str, size=None) -> torch.Tensor:
 def sample_keyframe(args) -> int:
     from tqdm import tqdm
 
-    from kvideo.stages.keyframe import decode_video, load_keyframe, resolve_motion_score, sample_keyframes
+    from kvideo.stages.keyframe import (decode_video, load_keyframe, resolve_motion_score, sample_keyframes,
+                                        sampling_noise_level)
     from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
 
     model, movq, cfg = load_keyframe(args.checkpoint, which=args.which)
@@ -181,7 +182,7 @@ def sample_keyframe(args) -> int:
     latents = sample_keyframes(
         model, make_schedule(rc.diffusion, rc.sampling), [args.prompt], first_latent, num_frames=args.frames or cfg.data.num_frames,
         target=rc.diffusion.target, motion_score=motion, motion_scale=rc.motion.scale,
-        noise_aug_level=rc.noise_aug.sample_level if args.noise_aug_level is None else args.noise_aug_level,
+        noise_aug_level=sampling_noise_level(rc.noise_aug) if args.noise_aug_level is None else args.noise_aug_level,
         sampler=args.sampler or sc.sampler, steps=steps, spacing=args.spacing or sc.spacing,
         text_guidance=sc.text_guidance if args.text_guidance is None else args.text_guidance,
         image_guidance=sc.image_guidance if args.image_guidance is None else args.image_guidance,

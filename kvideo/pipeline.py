@@ -42,7 +42,8 @@ from omegaconf.errors import ValidationError
 
 from kvideo.data.latent_cache import fingerprint
 from kvideo.stages.interpolation import frames_after_passes, interpolate, load_interpolation
-from kvideo.stages.keyframe import decode_video, load_keyframe, resolve_motion_score, sample_keyframes
+from kvideo.stages.keyframe import (decode_video, load_keyframe, resolve_motion_score, sample_keyframes,
+                                    sampling_noise_level)
 from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
 
 FPS_PRESETS: Dict[str, int] = {"low": 0, "medium": 1, "high": 2}  # interpolation passes (the release's fps=...)
@@ -270,8 +271,8 @@ class Pipeline:
                        "spacing": ks.spacing, "timestep_shift": ks.timestep_shift,
                        "text_guidance": ks.text_guidance if text_guidance is None else text_guidance,
                        "image_guidance": ks.image_guidance if image_guidance is None else image_guidance,
-                       "noise_aug_level": (rc.noise_aug.sample_level if rc.noise_aug.enabled else 0)
-                       if noise_aug_level is None else int(noise_aug_level),
+                       "noise_aug_level": sampling_noise_level(rc.noise_aug) if noise_aug_level is None
+                       else int(noise_aug_level),
                        "motion_score": motion.tolist() if torch.is_tensor(motion) else motion,
                        "num_keyframes": int(num_keyframes or kf.data.num_frames)}
         with bars.stage("keyframes", kf_settings["steps"]) as cb:

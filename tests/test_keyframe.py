@@ -10,7 +10,7 @@ from PIL import Image
 from kvideo.config import load_config
 from kvideo.stages.keyframe import (
     ConditionDropout, MotionConfig, NoiseAugConfig, conditioned_input, draw_dropout, draw_noise_levels,
-    keyframe_net, load_keyframe, resolve_motion_score, sample_keyframes,
+    keyframe_net, load_keyframe, resolve_motion_score, sample_keyframes, sampling_noise_level,
 )
 from kvideo.stages.t2i import make_schedule
 from kvideo.train import checkpoint as ckpt
@@ -138,6 +138,9 @@ def test_noise_augmentation_levels():
     log_levels = draw_noise_levels(NoiseAugConfig(distribution="log_uniform", max_level=100), 50_000, g)
     assert log_levels.max() <= 100 and float(log_levels.float().median()) < 15  # favours small levels
     assert not draw_noise_levels(NoiseAugConfig(enabled=False), 10).any()
+    # sampling gives the level the model was trained with: 0 for a model trained without augmentation
+    assert sampling_noise_level(NoiseAugConfig(sample_level=20)) == 20
+    assert sampling_noise_level(NoiseAugConfig(enabled=False, sample_level=20)) == 0
     with pytest.raises(ValueError, match="distribution"):
         draw_noise_levels(NoiseAugConfig(distribution="beta"), 4)
 

@@ -50,13 +50,14 @@ def motion_for(prompt: str, presets, fixed) -> float:
 @torch.no_grad()
 def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
     from kvideo.data.shapesworld import prompt_clip, score_clip
-    from kvideo.stages.keyframe import decode_video, load_keyframe, sample_keyframes
+    from kvideo.stages.keyframe import decode_video, load_keyframe, sample_keyframes, sampling_noise_level
     from kvideo.stages.movq import psnr
     from kvideo.stages.t2i import make_schedule
 
     model, movq, cfg = load_keyframe(ckpt_dir)
     rc, sc = cfg.recipe, cfg.recipe.sampling
     spacing = sc.spacing if args.spacing is None else args.spacing
+    level = sampling_noise_level(rc.noise_aug) if args.noise_aug_level is None else args.noise_aug_level
     threshold = sc.dynamic_threshold if args.dynamic_threshold is None else (
         None if args.dynamic_threshold == "none" else float(args.dynamic_threshold))
     schedule = make_schedule(rc.diffusion, sc)
@@ -75,7 +76,7 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
         latents = sample_keyframes(
             model, schedule, [prompt], latent, num_frames=num_frames, target=rc.diffusion.target,
             motion_score=motion, motion_scale=rc.motion.scale,
-            noise_aug_level=rc.noise_aug.sample_level if args.noise_aug_level is None else args.noise_aug_level,
+            noise_aug_level=level,
             sampler=args.sampler, steps=args.steps, spacing=spacing,
             text_guidance=sc.text_guidance if args.text_guidance is None else args.text_guidance,
             image_guidance=sc.image_guidance if args.image_guidance is None else args.image_guidance,
@@ -102,7 +103,7 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
               "keyframes": num_frames, "fps": fps, "sampling_s": round(seconds, 1),
               "text_guidance": sc.text_guidance if args.text_guidance is None else args.text_guidance,
               "image_guidance": sc.image_guidance if args.image_guidance is None else args.image_guidance,
-              "noise_aug_level": rc.noise_aug.sample_level if args.noise_aug_level is None else args.noise_aug_level,
+              "noise_aug_level": level,
               "motion_score": args.motion_score}
     for split in ("seen", "held_out", "all"):
         sel = [r for r in rows if split == "all" or r["split"] == split]

@@ -126,6 +126,12 @@ def noise_augment(schedule: Schedule, latent: torch.Tensor, level: torch.Tensor,
     return schedule.q_sample(latent, level.to(latent.device).long(), noise)
 
 
+def sampling_noise_level(cfg: NoiseAugConfig) -> int:
+    """The first frame's noise-augmentation level at sampling: `sample_level`, or 0 for a model
+    trained without augmentation (it has only ever seen a clean first frame at level 0)."""
+    return int(cfg.sample_level) if cfg.enabled else 0
+
+
 def draw_noise_levels(cfg: NoiseAugConfig, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Training levels (n,) long from the configured distribution; zeros when disabled."""
     if not cfg.enabled:
@@ -325,7 +331,7 @@ class KeyframeStage(Stage):
         latents = sample_keyframes(
             model, self.schedule, batch["caption"][:n], x0[:, :, 0], num_frames=x0.shape[2],
             target=self.rc.diffusion.target, motion_score=batch["motion_score"][:n], motion_scale=self.rc.motion.scale,
-            noise_aug_level=self.rc.noise_aug.sample_level if self.rc.noise_aug.enabled else 0,
+            noise_aug_level=sampling_noise_level(self.rc.noise_aug),
             sampler="dpmpp_2m", steps=self.rc.preview_steps, spacing=s.spacing, text_guidance=s.text_guidance,
             image_guidance=s.image_guidance, latent_scale=self.rc.latent_scale,
             dynamic_threshold=s.dynamic_threshold, generator=torch.Generator().manual_seed(0))
