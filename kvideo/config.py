@@ -42,6 +42,10 @@ class DataConfig:
     val_shards: Optional[str] = None  # held-out shards for `train.eval_every`
     num_frames: int = 1  # 1: single frames (image stages); > 1: clips of this many frames
     fps: float = 24.0  # clip frames are picked by timestamp at this rate
+    # Training draws a clip's start uniformly where a window of this many seconds fits (None: the
+    # clip's own span, (num_frames - 1) / fps). An image model that makes the first frames of a
+    # video cascade sets the keyframe clip's span, so it learns frames a keyframe clip starts from.
+    window_s: Optional[float] = None
     size: List[int] = field(default_factory=lambda: [64, 64])  # (height, width) after resize+crop
     random_crop: bool = True  # random crop in training; centre crop when false (always in eval)
     num_workers: int = 2  # DataLoader worker processes per rank

@@ -50,6 +50,11 @@ def canonical_prompts(limit: Optional[int] = None) -> list:
     return prompts
 
 
+def pct(v: Optional[float]) -> str:
+    """A rate as a table cell: "93%", or "-" when it was not measured."""
+    return "-" if v is None else f"{v:.0%}"
+
+
 def motion_preset(prompt: str) -> str:
     """The motion preset a ShapesWorld prompt asks for: "still", "slow" or "fast" (the preset
     names of configs/keyframe/shapes.yaml)."""

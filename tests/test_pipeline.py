@@ -161,12 +161,30 @@ def test_evaluate_shapes_scores_the_cascade(cascade, tmp_path, capsys):
                                  str(tmp_path / "t2v"), "--call", "first_frame=false", "--call", "image_guidance=3"]) == 0
     result = json.loads((tmp_path / "t2v" / "results.json").read_text())
     assert result["call"] == {"first_frame": False, "image_guidance": 3} and result["all"]["frame0_psnr"] is None
+    assert all(v["first_frame_fits"] is None for v in result["videos"]) and result["all"]["first_frame_fits"] is None
     assert evaluate_shapes.main(["--pipeline", str(cascade), "--call", "seed=3", "--out", str(out)]) == 2
     assert "not a pipeline argument here" in capsys.readouterr().err
     bad = tmp_path / "bad.txt"
     bad.write_text("a purple hexagon\n")
     assert evaluate_shapes.main(["--pipeline", str(cascade), "--prompts", str(bad), "--out", str(out)]) == 2
     assert "line 1" in capsys.readouterr().err
+
+
+def test_evaluate_shapes_splits_direction_by_first_frame_room():
+    from tools.evaluate_shapes import markdown, summarise
+
+    def video(fits, direction_ok, requested="fast"):
+        correct = {a: True for a in ("background", "color", "shape", "speed")}
+        return {"correct": {**correct, "direction": direction_ok}, "all_correct": direction_ok, "area_cv": 0.1,
+                "color_drift": 1.0, "frame0_psnr": 30.0, "requested": requested, "speed_px_per_24fps_frame": 0.8,
+                "first_frame_fits": fits}
+
+    rows = [video(True, True), video(True, True), video(True, False), video(False, False), video(None, True, "still")]
+    s = summarise(rows)
+    assert s["first_frame_fits"] == 0.75  # the still prompt is not judged
+    assert s["direction_if_first_frame_fits"] == {"n": 3, "accuracy": 2 / 3}
+    assert s["direction_if_first_frame_not"] == {"n": 1, "accuracy": 0.0}
+    assert "| 75% | 67% (3) / 0% (1) |" in markdown({"seen": s})
 
 
 def test_run_ablations_table_with_a_training_ablation(cascade, tmp_path, capsys):
@@ -176,12 +194,15 @@ def test_run_ablations_table_with_a_training_ablation(cascade, tmp_path, capsys)
 
     ablations = ROOT / "configs" / "ablations"
     files = [ablations / "first_frame_none.yaml", ablations / "image_guidance_3.yaml", ablations / "noise_aug_off.yaml",
-             ablations / "motion_still.yaml"]
+             ablations / "motion_still.yaml", ablations / "first_frame_generated.yaml", ablations / "noise_aug_on.yaml"]
     out = tmp_path / "abl"
     assert run_ablations.main(["--pipeline", str(cascade), "--ablations", *map(str, files), "--limit", "1",
                                "--out", str(out)]) == 0
     rows = json.loads((out / "ablations.json").read_text())
-    assert [r["name"] for r in rows] == ["no first frame (text-to-video)", "w_I = 3", "still", "off"]
+    assert [r["name"] for r in rows] == ["generated first frame", "no first frame (text-to-video)", "w_I = 3", "still",
+                                         "off", "on"]
+    # the default cascade (call {}) is the reference of two groups: sampled once, for the first
+    assert rows[-1]["videos_of"] == "first_frame_generated" and not (out / "noise_aug_on").exists()
     assert (out / "runs" / "noise_aug_off" / "checkpoints" / "latest").is_file()  # trained, then sampled
     variant = load_config([out / "runs" / "noise_aug_off" / "config.yaml"], require_complete=False)
     assert variant.recipe.noise_aug.enabled is False

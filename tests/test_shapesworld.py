@@ -12,7 +12,7 @@ import pytest
 from kvideo.data.shapesworld import (
     BACKGROUNDS, COLORS, DIRECTIONS, HELD_OUT_PAIRS, SHAPES, SPEEDS, ClipSpec, allowed_pairs,
     canonical_test_prompts, caption, check_motion_fits, clip_spec_from_attributes, make_clip,
-    metadata, parse_caption, prompt_clip, render_clip, sample_clip_spec, score_clip, score_many,
+    metadata, motion_room, parse_caption, prompt_clip, render_clip, sample_clip_spec, score_clip, score_many,
     spec_from_metadata,
 )
 from kvideo.data.video_io import encode_video_bytes, read_video
@@ -215,6 +215,25 @@ def test_scorer_on_yuv420p_and_other_sizes_and_rates():
         result = score_clip(render_clip(spec), 30, caption(spec))
         assert result["all_correct"], (attrs, result["pred"])
         assert result["speed_requested"] == SPEEDS.get(attrs["speed"], 0.0)
+
+
+def test_motion_room_of_the_first_and_the_last_frame():
+    # a clip's first frame leaves room for its whole trip; its last frame, fast, does not
+    for i, attrs in enumerate(covering_attributes(40)):
+        spec = clip_spec_from_attributes(attrs, i)
+        frames = render_clip(spec)
+        first = motion_room(frames[0], caption(spec), fps=spec.fps, num_frames=spec.num_frames)
+        if spec.direction == "still":
+            assert first is None
+            continue
+        assert first["fits"], (caption(spec), first)
+        travel = SPEEDS[spec.speed] * spec.canvas_size * (spec.num_frames - 1) / spec.fps
+        assert first["travel_px"] == pytest.approx(travel)
+        last = motion_room(frames[-1], caption(spec), fps=spec.fps, num_frames=spec.num_frames)
+        assert last["room_px"] == pytest.approx(first["room_px"] - travel, abs=1.5)
+        assert last["fits"] is (spec.speed == "slow" and last["room_px"] >= travel)
+    empty = np.zeros((64, 64, 3), np.uint8)
+    assert motion_room(empty, "a red circle moving left quickly on a black background", fps=24, num_frames=29) is None
 
 
 def test_scorer_rejects_wrong_prompts():

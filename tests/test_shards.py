@@ -49,6 +49,21 @@ def test_frames_follow_the_requested_fps(shapes_shards):
     assert torch.allclose(clip, expected, atol=1e-5)
 
 
+def test_window_s_keeps_an_image_at_the_start_of_a_window(shapes_shards):
+    """data.window_s: a single frame is drawn only where a clip of window_s seconds still fits."""
+    index = ShardIndex(str(shapes_shards))
+    meta = index.metadata(0)
+    duration = meta["num_frames"] / meta["fps"]
+    image = ClipDataset(index, num_frames=1, fps=24.0, size=[32, 32], seed=0)
+    starts = [image._window(meta, torch.Generator().manual_seed(k)) for k in range(200)]
+    reserved = ClipDataset(index, num_frames=1, fps=24.0, size=[32, 32], seed=0, window_s=0.75 * duration)
+    kept = [reserved._window(meta, torch.Generator().manual_seed(k)) for k in range(200)]
+    assert max(starts) > 0.5 * duration  # without it, anywhere in the clip
+    assert 0 <= min(kept) and max(kept) <= 0.25 * duration and max(kept) > 0.2 * duration
+    with pytest.raises(ValueError, match="data.window_s"):
+        ClipDataset(index, num_frames=6, fps=12.0, size=[32, 32], seed=0, window_s=0.1)
+
+
 def test_ranks_and_epochs_cover_the_data_without_duplicates():
     n, bs, world = 103, 4, 3
     per_rank = []

@@ -8,7 +8,8 @@ import torch
 
 from kvideo.config import load_config
 from kvideo.stages.video_decoder import (
-    evaluate_video_decoding, load_video_movq, static_background_flicker, temporal_difference_loss,
+    evaluate_video_decoding, flicker_by_distance, load_video_movq, static_background_flicker,
+    temporal_difference_loss,
 )
 from kvideo.train import checkpoint as ckpt
 from kvideo.train.engine import train
@@ -51,17 +52,34 @@ def test_trains_with_the_encoder_frozen_and_the_gan_on(vdec_run, movq_run):
     assert '"vdec/g_loss"' in metrics and '"flicker_reduction"' in metrics.replace("eval/", "")
 
 
-def test_at_step_zero_it_decodes_as_the_image_decoder(tmp_path, shapes_shards, movq_run):
+@pytest.mark.parametrize("zero_conv", [True, False])
+def test_at_step_zero_it_decodes_as_the_image_decoder(tmp_path, shapes_shards, movq_run, zero_conv):
     from kvideo.stages.movq import load_movq
     from kvideo.stages.video_decoder import build_video_decoder
 
-    cfg = load_config([CONFIG], overrides(tmp_path, shapes_shards, movq_run))
+    cfg = load_config([CONFIG], overrides(tmp_path, shapes_shards, movq_run, **{"model.temporal_zero_conv": zero_conv}))
     ae = build_video_decoder(cfg).ae.eval()
+    conv = ae.temporal_convs["up_0_block_0"][0].conv.weight
+    assert bool(conv.any()) is not zero_conv  # the release's zero conv, or a random one behind the zero gate
     image_ema = load_movq(movq_run)  # build_video_decoder starts from the EMA weights
     z = torch.randn(2, 4, 5, 8, 8)
     expected = image_ema.decode(z.permute(0, 2, 1, 3, 4).reshape(10, 4, 8, 8))
     got = ae.decode_video(z).permute(0, 2, 1, 3, 4).reshape(10, 3, 32, 32)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_spatial_lr_scale_puts_the_loaded_decoder_in_its_own_group(tmp_path, shapes_shards, movq_run):
+    from kvideo.stages.video_decoder import VideoDecoderStage, build_video_decoder
+
+    cfg = load_config([CONFIG], overrides(tmp_path, shapes_shards, movq_run, **{"recipe.spatial_lr_scale": 0.1}))
+    model = build_video_decoder(cfg)
+    ae = VideoDecoderStage(cfg, torch.device("cpu")).phases(model)[0]
+    groups = ae.param_groups(1e-3)
+    assert [g["name"] for g in groups] == ["spatial", "rest"] and groups[0]["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.ae.temporal_parameters()}
+    frozen = {id(p) for part in (model.ae.encoder, model.ae.quant_conv, model.ae.quantize) for p in part.parameters()}
+    assert not frozen & {id(p) for p in groups[0]["params"]}  # the frozen encoder takes no learning rate
+    assert any(id(p) == id(model.ae.decoder.conv_out.weight) for p in groups[0]["params"])
 
 
 def test_flicker_metric_and_evaluation(vdec_run, shapes_shards, movq_run):
@@ -90,6 +108,25 @@ def test_flicker_metric_and_evaluation(vdec_run, shapes_shards, movq_run):
                                     image_decoder=load_movq(movq_run))
     assert start["psnr_video"] == out["psnr_video"] and start["flicker_video"] == out["flicker_video"]
     assert start["psnr_image"] != out["psnr_image"]
+    bands = out["flicker_by_distance"]
+    assert [b["band"] for b in bands] == ["<= 1 px", "<= 2 px", "<= 4 px", "<= 8 px", "<= 16 px", "> 16 px"]
+    assert sum(b["static_share"] for b in bands) == pytest.approx(1.0)
+    assert sum(b["share_of_image_flicker"] for b in bands) == pytest.approx(1.0)
+
+
+def test_flicker_by_distance_puts_each_pixel_in_one_band():
+    truth = torch.zeros(1, 3, 2, 40, 40)
+    truth[:, :, 1, 10, 10] = 1.0  # one pixel moves
+    frames = truth.clone()
+    frames[:, :, 1, 10, 11] = 0.3  # a leak next to it (1 px away)
+    frames[:, :, 1, 10, 14] = 0.2  # 4 px away
+    frames[:, :, 1, 35, 35] = 0.1  # far from any motion
+    sums, counts = flicker_by_distance(frames, truth)
+    # rings of the 3x3, 5x5, 9x9, 17x17 and 33x33 squares around the moving pixel (the last clipped
+    # by the canvas edge to 27x27), then the rest of the 1599 static pixels
+    assert counts.tolist() == [8, 16, 56, 208, 27 * 27 - 289, 1599 - (27 * 27 - 1)]
+    assert sums.tolist() == pytest.approx([0.3, 0.0, 0.2, 0.0, 0.0, 0.1])
+    assert float(static_background_flicker(frames, truth)) == pytest.approx(0.6 / 1599)
 
 
 def test_mismatched_movq_is_named(tmp_path, shapes_shards, movq_run):

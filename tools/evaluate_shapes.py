@@ -14,7 +14,11 @@ Each video is scored (`kvideo.data.shapesworld.score_clip`):
                   for seen and held-out pairs;
   speed           measured object speed (px per 24-fps frame) by requested speed;
   consistency     object-area coefficient of variation and colour drift over the video;
-  first-frame     PSNR of the video's frame 0 against the first frame it was conditioned on.
+  first-frame     PSNR of the video's frame 0 against the first frame it was conditioned on,
+                  and whether that first frame leaves the object room for the requested motion
+                  (`motion_room`: a generated first frame with the object at the edge it is asked
+                  to move toward is a start no ShapesWorld clip has), with the direction accuracy
+                  of the videos whose first frame fits and of those whose does not.
 
 Writes DIR/results.json (settings, summary, every video's scores), DIR/results.md (the tables),
 DIR/sheet.png (the first 8 videos, one row each) and the first --save-videos videos as mp4s.
@@ -30,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from kvideo.evaluation import pct
 
 ATTRS = ("background", "color", "shape", "direction", "speed")
 
@@ -68,16 +74,18 @@ def summarise(rows: list) -> dict:
     for key in ("area_cv", "color_drift", "frame0_psnr"):
         vals = [r[key] for r in rows if r[key] is not None]
         out[key if key == "frame0_psnr" else f"mean_{key}"] = float(np.mean(vals)) if vals else None
+    judged = [r for r in rows if r.get("first_frame_fits") is not None]  # moving prompts, object found
+    out["first_frame_fits"] = float(np.mean([r["first_frame_fits"] for r in judged])) if judged else None
+    for fits in (True, False):
+        sel = [r["correct"]["direction"] for r in judged if r["first_frame_fits"] is fits]
+        out[f"direction_if_first_frame_{'fits' if fits else 'not'}"] = {"n": len(sel), "accuracy": float(np.mean(sel))
+                                                                          if sel else None}
     out["speed_px_per_24fps_frame"] = {}
     for name in ("still", "slow", "fast"):
         vals = [r["speed_px_per_24fps_frame"] or 0.0 for r in rows if r["requested"] == name]
         if vals:
             out["speed_px_per_24fps_frame"][name] = float(np.mean(vals))
     return out
-
-
-def pct(v) -> str:
-    return "-" if v is None else f"{v:.0%}"
 
 
 def speeds_cell(speeds: dict) -> str:
@@ -91,8 +99,9 @@ def psnr_cell(v) -> str:
 
 def markdown(summary: dict) -> str:
     lines = ["| split | videos | background | colour | shape | direction | speed | all correct | "
-             "area CV | colour drift | frame-0 PSNR | speed px/frame still / slow / fast |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "area CV | colour drift | frame-0 PSNR | speed px/frame still / slow / fast | first frame leaves room | "
+             "direction if it does / does not |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for split in ("seen", "held_out", "all"):
         s = summary.get(split, {"n": 0})
         if not s["n"]:
@@ -102,8 +111,18 @@ def markdown(summary: dict) -> str:
         drift = "-" if s["mean_color_drift"] is None else f"{s['mean_color_drift']:.1f}"
         lines.append(f"| {split} | {s['n']} | " + " | ".join(pct(acc[a]) for a in ATTRS)
                      + f" | {pct(s['all_correct'])} | {cv} | {drift} | {psnr_cell(s['frame0_psnr'])} | "
-                     f"{speeds_cell(s['speed_px_per_24fps_frame'])} |")
+                     f"{speeds_cell(s['speed_px_per_24fps_frame'])} | {pct(s.get('first_frame_fits'))} | "
+                     f"{room_cell(s)} |")
     return "\n".join(lines)
+
+
+def room_cell(summary: dict) -> str:
+    """Direction accuracy of the videos whose first frame leaves room for the motion / does not (n)."""
+    cells = []
+    for key in ("direction_if_first_frame_fits", "direction_if_first_frame_not"):
+        d = summary.get(key) or {"n": 0, "accuracy": None}
+        cells.append(f"{pct(d['accuracy'])} ({d['n']})")
+    return " / ".join(cells)
 
 
 def pipeline_call_arguments(items) -> dict:
@@ -132,7 +151,7 @@ def evaluate(pipe, prompts: list, args, out: Path) -> dict:
     from tqdm import tqdm
     from torchvision.utils import save_image
 
-    from kvideo.data.shapesworld import SPEEDS, score_clip
+    from kvideo.data.shapesworld import SPEEDS, motion_room, score_clip
     from kvideo.evaluation import motion_preset
     from kvideo.pipeline import VideoOutput, video_to_uint8, write_outputs
     from kvideo.stages.movq import psnr
@@ -154,6 +173,8 @@ def evaluate(pipe, prompts: list, args, out: Path) -> dict:
         for j, item in enumerate(items):
             frames = video_to_uint8(video.frames[j])
             r = score_clip(frames, video.fps, item["prompt"])
+            room = motion_room(video_to_uint8(video.first_frames[j][:, None])[0], item["prompt"], fps=video.fps,
+                               num_frames=frames.shape[0]) if conditioned else None
             speed_pf = r["speed_measured_px_per_frame"]
             rows.append({"prompt": item["prompt"], "split": item["split"], "requested": presets[j],
                          "correct": {a: bool(r["correct"][a]) for a in ATTRS}, "all_correct": bool(r["all_correct"]),
@@ -163,7 +184,10 @@ def evaluate(pipe, prompts: list, args, out: Path) -> dict:
                          "speed_requested_px_per_24fps_frame": SPEEDS.get(r["target"]["speed"], 0.0)
                          * frames.shape[2] / 24.0,
                          "frame0_psnr": float(psnr(video.frames[j][:, 0][None], video.first_frames[j][None])[0])
-                         if conditioned else None})
+                         if conditioned else None,
+                         "first_frame_room_px": None if room is None else room["room_px"],
+                         "travel_px": None if room is None else room["travel_px"],
+                         "first_frame_fits": None if room is None else room["fits"]})
             if len(sheet) < 8:
                 sheet.append(video.frames[j].transpose(0, 1))  # (f, 3, h, w)
             index = start + j

@@ -2,12 +2,15 @@
 
     python tools/evaluate_t2i.py --checkpoint RUN_OR_CKPT [--all-checkpoints [--minutes 10 20 30 60]]
         [--per-prompt 2] [--sampler dpmpp_2m] [--steps 15] [--guidance 5] [--spacing trailing]
-        [--threshold 0.995|off] [--out DIR]
+        [--threshold 0.995|off] [--room-frames 29 --room-fps 24] [--out DIR]
 
 Samples every canonical test prompt (seen and held-out pairs, kvideo.data.shapesworld), scores
 each image as a one-frame clip with the ShapesWorld scorer and reports the accuracy of the
 attributes a single frame shows: background, colour and shape (and all three at once), for
-seen and held-out pairs. With --all-checkpoints every checkpoint of the run is scored, with the
+seen and held-out pairs, and for the moving prompts how often the image leaves the object room for
+the motion (`kvideo.data.shapesworld.motion_room`) over a video of --room-frames at --room-fps
+(default: the ShapesWorld cascade's 29 frames at 24 fps): a first frame for the keyframe stage
+must. With --all-checkpoints every checkpoint of the run is scored, with the
 training wall time at which it was written (from metrics.jsonl), to show accuracy against
 training time; --minutes keeps the last checkpoint within each budget. Prints a markdown table; --out writes results.json and an image grid per
 checkpoint.
@@ -24,15 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvideo.evaluation import add_checkpoint_arguments, canonical_prompts, checkpoints_from_args
+from kvideo.evaluation import add_checkpoint_arguments, canonical_prompts, checkpoints_from_args, pct
 
 FRAME_ATTRIBUTES = ("background", "color", "shape")
 
 
 @torch.no_grad()
 def evaluate(ckpt_dir: Path, prompts: list, per_prompt: int, sampler: str, steps: int, guidance: float,
-             seed: int, out: Path | None, spacing: str | None = None, threshold: str | None = None) -> dict:
-    from kvideo.data.shapesworld import score_clip
+             seed: int, out: Path | None, spacing: str | None = None, threshold: str | None = None,
+             room: tuple = (29, 24.0)) -> dict:
+    from kvideo.data.shapesworld import motion_room, score_clip
     from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
 
     model, movq, cfg = load_t2i(ckpt_dir)
@@ -55,7 +59,9 @@ def evaluate(ckpt_dir: Path, prompts: list, per_prompt: int, sampler: str, steps
         frames = ((imgs.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         for frame in frames:
             r = score_clip(frame[None], 24.0, item["prompt"])
-            rows.append({"split": item["split"], **{k: bool(r["correct"][k]) for k in FRAME_ATTRIBUTES}})
+            fit = motion_room(frame, item["prompt"], num_frames=room[0], fps=room[1])
+            rows.append({"split": item["split"], **{k: bool(r["correct"][k]) for k in FRAME_ATTRIBUTES},
+                         "fits": None if fit is None else fit["fits"]})
     seconds = time.perf_counter() - t0
     result = {"checkpoint": str(ckpt_dir), "sampler": sampler, "steps": steps, "guidance": guidance,
               "spacing": spacing, "dynamic_threshold": dyn,
@@ -65,6 +71,8 @@ def evaluate(ckpt_dir: Path, prompts: list, per_prompt: int, sampler: str, steps
         acc = {k: float(np.mean([r[k] for r in sel])) for k in FRAME_ATTRIBUTES} if sel else {}
         if sel:
             acc["all_three"] = float(np.mean([all(r[k] for k in FRAME_ATTRIBUTES) for r in sel]))
+            judged = [r["fits"] for r in sel if r["fits"] is not None]
+            acc["room_for_motion"] = float(np.mean(judged)) if judged else None
         result[split] = {"n": len(sel), **acc}
     if out is not None:
         from torchvision.utils import save_image
@@ -85,6 +93,8 @@ def main(argv=None) -> int:
                     help="timestep spacing (default: the checkpoint's recipe.sampling.spacing)")
     ap.add_argument("--threshold", help="dynamic-thresholding percentile, or 'off' "
                     "(default: the checkpoint's recipe.sampling.dynamic_threshold)")
+    ap.add_argument("--room-frames", type=int, default=29, help="video length for the room-for-motion check")
+    ap.add_argument("--room-fps", type=float, default=24.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -95,18 +105,18 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else None
     results = []
     print("| checkpoint | train min | seen bg | seen colour | seen shape | seen all | held-out colour | "
-          "held-out shape | held-out all | sampling s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "held-out shape | held-out all | room for motion seen / held-out | sampling s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for ckpt, step, minutes in ckpts:
         r = evaluate(ckpt, prompts, args.per_prompt, args.sampler, args.steps, args.guidance, args.seed, out,
-                     args.spacing, args.threshold)
+                     args.spacing, args.threshold, (args.room_frames, args.room_fps))
         r["step"], r["train_minutes"] = step, minutes
         results.append(r)
         s, h = r["seen"], r["held_out"]
         mins = f"{r['train_minutes']:.1f}" if r["train_minutes"] is not None else "?"
         print(f"| {ckpt.name} | {mins} | {s['background']:.0%} | {s['color']:.0%} | {s['shape']:.0%} | "
               f"{s['all_three']:.0%} | {h['color']:.0%} | {h['shape']:.0%} | {h['all_three']:.0%} | "
-              f"{r['sampling_s']} |", flush=True)
+              f"{pct(s['room_for_motion'])} / {pct(h['room_for_motion'])} | {r['sampling_s']} |", flush=True)
     if out is not None:
         (out / "results.json").write_text(json.dumps(results, indent=2))
     return 0

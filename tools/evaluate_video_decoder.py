@@ -2,7 +2,7 @@
 
     python tools/evaluate_video_decoder.py --checkpoint RUN_OR_CKPT --shards data/shapes/val
         [--all-checkpoints [--minutes 10 20 40]] [--frames N] [--fps F] [--window W --overlap O]
-        [--max-clips N] [--image-decoder start|same] [--out results.json]
+        [--max-clips N] [--image-decoder start|same] [--by-distance] [--out results.json]
 
 Every clip of `--shards` (the first `--frames` frames at `--fps`, default the run's data
 section, centre crop at the run's data.size) is encoded with the frozen encoder and decoded twice
@@ -13,7 +13,10 @@ weights without the temporal layers (which moved with the fine-tuning).
 Reported: PSNR of each against the true frames, and static-background flicker, the mean
 absolute change between consecutive decoded frames over the pixels that do not change in the
 true clip (kvideo.stages.video_decoder.static_background_flicker), with the reduction
-1 - flicker_video / flicker_image. Prints a markdown table.
+1 - flicker_video / flicker_image. Prints a markdown table; `--by-distance` adds, per
+checkpoint, the flicker in bands of distance from the nearest moving pixel (next to a moving
+edge it is the decoder's blur travelling with the object; far from motion, frame-to-frame
+inconsistency).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--image-decoder", choices=["start", "same"], default="start",
                     help="the baseline: the run's recipe.movq (start) or the checkpoint without temporal layers (same)")
+    ap.add_argument("--by-distance", action="store_true",
+                    help="also print the flicker by distance from the nearest moving pixel, per checkpoint")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
@@ -56,7 +61,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results, image_decoders = [], {}
+    results, image_decoders, by_distance = [], {}, []
     print("| checkpoint | train min | clips x frames | PSNR video decoder | PSNR image decoder | flicker video | "
           "flicker image | flicker reduction | s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -89,6 +94,16 @@ def main(argv=None) -> int:
         print(f"| {ckpt.name} | {mins} | {int(r['clips'])} x {frames} | {r['psnr_video']:.2f} dB | "
               f"{r['psnr_image']:.2f} dB | {r['flicker_video']:.5f} | {r['flicker_image']:.5f} | "
               f"{r['flicker_reduction']:.1%} | {r['seconds']} |", flush=True)
+        if args.by_distance:
+            by_distance.append((ckpt.name, r["flicker_by_distance"]))
+    for name, bands in by_distance:
+        print(f"\n{name}: static-background flicker by distance from the nearest moving pixel\n")
+        print("| distance | share of static pixels | flicker video | flicker image | reduction | share of image flicker |")
+        print("|---|---|---|---|---|---|")
+        for band in bands:
+            reduction = 1.0 - band["flicker_video"] / max(band["flicker_image"], 1e-12)
+            print(f"| {band['band']} | {band['static_share']:.1%} | {band['flicker_video']:.5f} | "
+                  f"{band['flicker_image']:.5f} | {reduction:.1%} | {band['share_of_image_flicker']:.1%} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))

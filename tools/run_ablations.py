@@ -9,7 +9,8 @@ when the ablation is a training change, `train: {stage, overrides}`: the runner 
 stage again into DIR/runs/NAME from the config of the pipeline's checkpoint for it (same data,
 same budget) with the overrides, and samples the cascade with the new run in its place. Every
 ablation is scored by tools/evaluate_shapes.py on the same prompts and seed, into DIR/NAME/;
-finished ablations are reused unless --force. Writes DIR/ablations.md and DIR/ablations.json.
+finished ablations are reused unless --force, and ablations with the same call and training (the
+default cascade is the reference row of several groups) are sampled once. Writes DIR/ablations.md and DIR/ablations.json.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script, `tools` is not yet importable
 from tools import evaluate_shapes  # noqa: E402
-from tools.evaluate_shapes import pct, psnr_cell, speeds_cell  # noqa: E402
+from kvideo.evaluation import pct  # noqa: E402
+from tools.evaluate_shapes import psnr_cell, speeds_cell  # noqa: E402
 
 STAGES = ("t2i", "keyframe", "interpolation", "video_decoder")
 
@@ -104,10 +106,14 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = []
+    rows, ran = [], {}  # ran: (call, train) -> the results of the first ablation that sampled it
     for spec in specs:
+        key = json.dumps({"call": spec["call"], "train": spec.get("train")}, sort_keys=True)
         result_file = out / spec["stem"] / "results.json"
-        if args.force or not result_file.is_file():
+        if key in ran:  # e.g. the default cascade, the reference row of several groups: sampled once
+            result_file = ran[key]
+            print(f"== {spec['group']}: {spec['name']}: the same videos as {result_file.parent.name}", flush=True)
+        elif args.force or not result_file.is_file():
             overrides = list(args.overrides)
             if spec.get("train"):
                 overrides.append(f"{spec['train']['stage']}={train_variant(spec, pipeline_cfg, out)}")
@@ -121,7 +127,8 @@ def main(argv=None) -> int:
             if evaluate_shapes.main(cmd) != 0:
                 print(f"error: ablation '{spec['file']}' failed", file=sys.stderr)
                 return 2
-        rows.append(row(spec, json.loads(result_file.read_text())))
+        ran.setdefault(key, result_file)
+        rows.append({**row(spec, json.loads(result_file.read_text())), "videos_of": result_file.parent.name})
     rows.sort(key=lambda r: (r["group"], r["file"]))
     table = markdown(rows)
     (out / "ablations.md").write_text(table + "\n")

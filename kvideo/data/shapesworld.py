@@ -397,7 +397,7 @@ def analyze_clip(frames: np.ndarray, fps: float) -> dict:
                background_rgb=bg_rgb.tolist(), background_distance=bg_dist, color_rgb=None,
                fill_ratio=None, speed_measured=None, speed_px_per_second=None,
                velocity_px_per_second=None, detected_frac=0.0, area_cv=None,
-               color_drift=None, track_rmse_px=None)
+               color_drift=None, track_rmse_px=None, first_box_px=None)
 
     dist = np.linalg.norm(x - bg_rgb, axis=-1)  # (f, h, w)
     coarse = dist > MASK_MIN_DISTANCE
@@ -410,7 +410,7 @@ def analyze_clip(frames: np.ndarray, fps: float) -> dict:
     rows, cols = np.mgrid[0 : x.shape[1], 0 : x.shape[2]] + 0.5  # pixel centres (y, x)
     kernel = np.ones((3, 3), np.uint8)
     mask = np.zeros_like(coarse)
-    areas, fills, centroids, colors, times = [], [], [], [], []
+    areas, fills, centroids, colors, times, boxes = [], [], [], [], [], []
     for i in range(num):
         n, labels, stats, _ = cv2.connectedComponentsWithStats(
             (dist[i] > threshold).astype(np.uint8), connectivity=8)
@@ -428,6 +428,7 @@ def analyze_clip(frames: np.ndarray, fps: float) -> dict:
         areas.append(area)
         fills.append(area / (box_w * box_h))
         centroids.append(((alpha * cols).sum() / area, (alpha * rows).sum() / area))
+        boxes.append(_box(alpha))
         colors.append(np.median(x[i][mask[i]], axis=0))
         times.append(i / fps)
     if not areas:
@@ -437,7 +438,7 @@ def analyze_clip(frames: np.ndarray, fps: float) -> dict:
     fill = float(np.median(fills))
     out.update(color=_nearest(COLORS, color_rgb)[0], color_rgb=color_rgb.tolist(), fill_ratio=fill,
                shape=min(FILL_RATIOS, key=lambda s: abs(FILL_RATIOS[s] - fill)),
-               detected_frac=len(areas) / num, area_cv=float(areas.std() / areas.mean()),
+               detected_frac=len(areas) / num, area_cv=float(areas.std() / areas.mean()), first_box_px=boxes[0],
                color_drift=float(np.linalg.norm(colors - color_rgb, axis=1).mean()))
     if len(areas) < 2:
         return out
@@ -456,6 +457,35 @@ def analyze_clip(frames: np.ndarray, fps: float) -> dict:
                speed_px_per_second=speed * width, velocity_px_per_second=[float(vx), float(vy)],
                track_rmse_px=float(np.sqrt((residual ** 2).sum(1).mean())))
     return out
+
+
+def _box(alpha: np.ndarray) -> list:
+    """[x0, y0, x1, y1] (px) of the soft mask: the columns and rows it covers by at least 1/2."""
+    cols, rows = np.nonzero(alpha.sum(0) >= 0.5)[0], np.nonzero(alpha.sum(1) >= 0.5)[0]
+    if not len(cols) or not len(rows):
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
+
+
+def motion_room(frame: np.ndarray, prompt_or_attrs, *, fps: float, num_frames: int) -> dict | None:
+    """Does an image leave room for the motion a caption asks for over `num_frames` at `fps`?
+
+    ``{"room_px": free pixels between the object and the edge it moves toward, "travel_px": how
+    far the caption's speed carries it, "fits": room >= travel}``; None for a still caption or
+    an image with no object. A ShapesWorld clip always fits (its start point is drawn so), so a
+    generated first frame that does not is a conditioning no video of that caption starts from.
+    """
+    target = _target_attributes(prompt_or_attrs)
+    if target["direction"] == "still":
+        return None
+    box = analyze_clip(np.asarray(frame)[None], fps)["first_box_px"]
+    if box is None:
+        return None
+    size_y, size_x = np.asarray(frame).shape[:2]
+    x0, y0, x1, y1 = box
+    room = {"left": x0, "right": size_x - x1, "up": y0, "down": size_y - y1}[target["direction"]]
+    travel = SPEEDS[target["speed"]] * size_x * (num_frames - 1) / fps
+    return {"room_px": float(room), "travel_px": float(travel), "fits": bool(room >= travel)}
 
 
 def _target_attributes(prompt_or_attrs) -> dict:

@@ -147,9 +147,12 @@ class ClipDataset(Dataset):
     """
 
     def __init__(self, index: ShardIndex, *, num_frames: int, fps: float, size: Sequence[int], seed: int,
-                 train: bool = True, random_crop: bool = True):
+                 train: bool = True, random_crop: bool = True, window_s: Optional[float] = None):
         if num_frames < 1:
             raise ValueError(f"data.num_frames must be >= 1, got {num_frames}")
+        if window_s is not None and window_s < (num_frames - 1) / fps:
+            raise ValueError(f"data.window_s={window_s} is shorter than the clip itself "
+                             f"({num_frames} frames at {fps} fps span {(num_frames - 1) / fps:.3f} s)")
         if len(size) != 2:
             raise ValueError(f"data.size must be [height, width], got {list(size)}")
         self.index = index
@@ -159,17 +162,18 @@ class ClipDataset(Dataset):
         self.seed = seed
         self.train = train  # random clip start (and crop); eval: the first frames, centre crop
         self.random_crop = random_crop
+        self.window_s = window_s
 
     def __len__(self) -> int:
         return len(self.index)
 
     def _window(self, meta: dict, gen: Optional[torch.Generator]) -> float:
-        """Start time (s) of the clip: uniform over the positions where it fits."""
+        """Start time (s) of the clip: uniform over the positions where it (or `window_s`) fits."""
         duration = float(meta["num_frames"]) / float(meta["fps"]) if "num_frames" in meta and "fps" in meta else None
-        span = (self.num_frames - 1) / self.fps
+        span = (self.num_frames - 1) / self.fps if self.window_s is None else self.window_s
         if duration is None or gen is None:
             return 0.0
-        room = max(0.0, duration - span - 1e-6 if self.num_frames > 1 else duration - 1.0 / float(meta["fps"]))
+        room = max(0.0, duration - span - 1e-6 if span > 0 else duration - 1.0 / float(meta["fps"]))
         return float(torch.rand((), generator=gen, dtype=torch.float64)) * room
 
     def __getitem__(self, item: Tuple[int, int]) -> dict:
@@ -314,7 +318,7 @@ def build_dataset(data_cfg, seed: int, *, train: bool) -> ClipDataset:
     key = "data.shards" if train else "data.val_shards"
     spec = data_cfg.shards if train else data_cfg.val_shards
     kwargs = dict(num_frames=data_cfg.num_frames, fps=data_cfg.fps, size=list(data_cfg.size), seed=seed, train=train,
-                  random_crop=data_cfg.random_crop)
+                  random_crop=data_cfg.random_crop, window_s=data_cfg.get("window_s"))
     if train and data_cfg.get("latent_cache"):
         from kvideo.data.latent_cache import LatentClipDataset
 

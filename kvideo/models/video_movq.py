@@ -43,6 +43,9 @@ from kvideo.nn.temporal import TemporalConvBlend
 class VideoMovqConfig(MovqConfig):
     temporal_mid_blocks: bool = False  # temporal convs in the middle ResNet blocks too
     temporal_kernel: int = 3  # the Conv3d is temporal_kernel x 3 x 3
+    # The temporal convs start at zero with their gates (the release: both factors of the blend at
+    # zero) or, false, at PyTorch's default init behind the zero gate (still the identity at init).
+    temporal_zero_conv: bool = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,10 +114,10 @@ class VideoMoVQ(MoVQ):
         if cfg.temporal_mid_blocks:
             for name in ("block_1", "block_2"):
                 block = getattr(dec.mid, name)
-                convs[_key(f"mid.{name}")] = self._blends(block, kernel)
+                convs[_key(f"mid.{name}")] = self._blends(block, kernel, cfg.temporal_zero_conv)
         for j, level in enumerate(dec.up):
             for i, block in enumerate(level.block):
-                convs[_key(f"up.{j}.block.{i}")] = self._blends(block, kernel)
+                convs[_key(f"up.{j}.block.{i}")] = self._blends(block, kernel, cfg.temporal_zero_conv)
         self.temporal_convs = nn.ModuleDict(convs)
         attn: Dict[str, nn.Module] = {}
         lowest = len(dec.up) - 1
@@ -126,9 +129,9 @@ class VideoMoVQ(MoVQ):
         self.temporal_attn = nn.ModuleDict(attn)
 
     @staticmethod
-    def _blends(block: nn.Module, kernel: Tuple[int, int, int]) -> nn.ModuleList:
-        return nn.ModuleList([TemporalConvBlend(block.conv1.out_channels, kernel),
-                              TemporalConvBlend(block.conv2.out_channels, kernel)])
+    def _blends(block: nn.Module, kernel: Tuple[int, int, int], zero_conv: bool) -> nn.ModuleList:
+        return nn.ModuleList([TemporalConvBlend(block.conv1.out_channels, kernel, zero_conv),
+                              TemporalConvBlend(block.conv2.out_channels, kernel, zero_conv)])
 
     def temporal_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.temporal_convs.parameters()

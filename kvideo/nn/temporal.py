@@ -16,16 +16,21 @@ from torch import nn
 
 
 class TemporalConvBlend(nn.Module):
-    """h = (1 - a m) h + a m Conv3d(h) on (b, c, f, h, w); gate a and conv start at zero."""
+    """h = (1 - a m) h + a m Conv3d(h) on (b, c, f, h, w); the gate a starts at zero (identity).
 
-    def __init__(self, channels: int, kernel_size: Sequence[int] = (3, 1, 1)) -> None:
+    The conv starts at zero too (the release) or, `zero_conv=False`, at PyTorch's default init:
+    with both factors at zero the gate's gradient is -h . dL/dh, with no conv to say what mixing
+    frames would gain, and neither factor may move for a long time (docs/NOTES.md)."""
+
+    def __init__(self, channels: int, kernel_size: Sequence[int] = (3, 1, 1), zero_conv: bool = True) -> None:
         super().__init__()
         kernel = tuple(int(k) for k in kernel_size)
         if len(kernel) != 3 or any(k % 2 == 0 for k in kernel):
             raise ValueError(f"TemporalConvBlend: kernel_size must be three odd sizes (f, h, w); got {kernel_size}")
         self.conv = nn.Conv3d(channels, channels, kernel, padding=tuple(k // 2 for k in kernel))
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
+        if zero_conv:
+            nn.init.zeros_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
         self.gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -60,6 +60,17 @@ class Phase:
             groups.append({"name": "rest", "params": rest, "lr": base_lr})
         return groups
 
+    @classmethod
+    def new_layers_faster(cls, name: str, module: nn.Module, new: Iterable[nn.Parameter], loaded_lr_scale: float) -> "Phase":
+        """A phase over `module` whose loaded layers (all but the `new` parameters) train at
+        `loaded_lr_scale` times the phase's learning rate, e.g. the spatial layers of a model
+        that gained temporal ones; 1.0 is one group at one rate."""
+        if loaded_lr_scale == 1.0:
+            return cls(name, module)
+        new_ids = {id(p) for p in new}
+        loaded = [p for p in module.parameters() if id(p) not in new_ids]
+        return cls(name, module, lr_scales=[("spatial", loaded, float(loaded_lr_scale))])
+
 
 class Stage:
     """Base class of a training stage; subclasses are registered by name in `kvideo.registry`."""

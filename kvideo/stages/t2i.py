@@ -152,11 +152,7 @@ def video_phase(model: T2IModel, spatial_lr_scale: float) -> Phase:
     """The one optimizer phase of a video stage initialised from t2i: the spatial layers and the
     text encoder (everything but `model.unet.temporal_parameters()`) train at `spatial_lr_scale`
     times train.lr, the new temporal layers at train.lr."""
-    if spatial_lr_scale == 1.0:
-        return Phase("main", model)
-    temporal = {id(p) for p in model.unet.temporal_parameters()}
-    spatial = [p for p in model.parameters() if id(p) not in temporal]
-    return Phase("main", model, lr_scales=[("spatial", spatial, float(spatial_lr_scale))])
+    return Phase.new_layers_faster("main", model, model.unet.temporal_parameters(), spatial_lr_scale)
 
 
 def make_schedule(diffusion_cfg, sampling_cfg=None) -> Schedule:
