@@ -61,7 +61,8 @@ class Phase:
         return groups
 
     @classmethod
-    def new_layers_faster(cls, name: str, module: nn.Module, new: Iterable[nn.Parameter], loaded_lr_scale: float) -> "Phase":
+    def new_layers_faster(cls, name: str, module: nn.Module, new: Iterable[nn.Parameter],
+                          loaded_lr_scale: float) -> "Phase":
         """A phase over `module` whose loaded layers (all but the `new` parameters) train at
         `loaded_lr_scale` times the phase's learning rate, e.g. the spatial layers of a model
         that gained temporal ones; 1.0 is one group at one rate."""

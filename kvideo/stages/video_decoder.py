@@ -13,9 +13,7 @@ clip frame by frame, decodes it with the temporal decoder and trains
   disc  the hinge loss of that discriminator on real and decoded clips.
 
 `recipe.train_spatial: false` trains only the temporal layers; `recipe.spatial_lr_scale` trains
-the loaded spatial decoder slower than the new temporal layers (whose gate and conv both start at
-zero, so their output grows with the product of two learned factors: at one small learning rate
-they move late).
+the loaded spatial decoder slower than the new temporal layers.
 """
 
 from __future__ import annotations
