@@ -173,8 +173,8 @@ def evaluate(pipe, prompts: list, args, out: Path) -> dict:
         for j, item in enumerate(items):
             frames = video_to_uint8(video.frames[j])
             r = score_clip(frames, video.fps, item["prompt"])
-            room = motion_room(video_to_uint8(video.first_frames[j][:, None])[0], item["prompt"], fps=video.fps,
-                               num_frames=frames.shape[0]) if conditioned else None
+            room = (motion_room(video_to_uint8(video.first_frames[j][:, None])[0], item["prompt"], fps=video.fps,
+                                num_frames=frames.shape[0]) if conditioned else None) or {}
             speed_pf = r["speed_measured_px_per_frame"]
             rows.append({"prompt": item["prompt"], "split": item["split"], "requested": presets[j],
                          "correct": {a: bool(r["correct"][a]) for a in ATTRS}, "all_correct": bool(r["all_correct"]),
@@ -185,9 +185,8 @@ def evaluate(pipe, prompts: list, args, out: Path) -> dict:
                          * frames.shape[2] / 24.0,
                          "frame0_psnr": float(psnr(video.frames[j][:, 0][None], video.first_frames[j][None])[0])
                          if conditioned else None,
-                         "first_frame_room_px": None if room is None else room["room_px"],
-                         "travel_px": None if room is None else room["travel_px"],
-                         "first_frame_fits": None if room is None else room["fits"]})
+                         "first_frame_room_px": room.get("room_px"), "travel_px": room.get("travel_px"),
+                         "first_frame_fits": room.get("fits")})
             if len(sheet) < 8:
                 sheet.append(video.frames[j].transpose(0, 1))  # (f, 3, h, w)
             index = start + j

@@ -10,7 +10,8 @@ stage again into DIR/runs/NAME from the config of the pipeline's checkpoint for 
 same budget) with the overrides, and samples the cascade with the new run in its place. Every
 ablation is scored by tools/evaluate_shapes.py on the same prompts and seed, into DIR/NAME/;
 finished ablations are reused unless --force, and ablations with the same call and training (the
-default cascade is the reference row of several groups) are sampled once. Writes DIR/ablations.md and DIR/ablations.json.
+default cascade is the reference row of several groups) are sampled once. Writes
+DIR/ablations.md and DIR/ablations.json.
 """
 
 from __future__ import annotations

@@ -410,7 +410,8 @@ def analyze_clip(frames: np.ndarray, fps: float) -> dict:
     rows, cols = np.mgrid[0 : x.shape[1], 0 : x.shape[2]] + 0.5  # pixel centres (y, x)
     kernel = np.ones((3, 3), np.uint8)
     mask = np.zeros_like(coarse)
-    areas, fills, centroids, colors, times, boxes = [], [], [], [], [], []
+    areas, fills, centroids, colors, times = [], [], [], [], []
+    first_box = None
     for i in range(num):
         n, labels, stats, _ = cv2.connectedComponentsWithStats(
             (dist[i] > threshold).astype(np.uint8), connectivity=8)
@@ -428,7 +429,7 @@ def analyze_clip(frames: np.ndarray, fps: float) -> dict:
         areas.append(area)
         fills.append(area / (box_w * box_h))
         centroids.append(((alpha * cols).sum() / area, (alpha * rows).sum() / area))
-        boxes.append(_box(alpha))
+        first_box = first_box or _box(alpha)
         colors.append(np.median(x[i][mask[i]], axis=0))
         times.append(i / fps)
     if not areas:
@@ -438,7 +439,7 @@ def analyze_clip(frames: np.ndarray, fps: float) -> dict:
     fill = float(np.median(fills))
     out.update(color=_nearest(COLORS, color_rgb)[0], color_rgb=color_rgb.tolist(), fill_ratio=fill,
                shape=min(FILL_RATIOS, key=lambda s: abs(FILL_RATIOS[s] - fill)),
-               detected_frac=len(areas) / num, area_cv=float(areas.std() / areas.mean()), first_box_px=boxes[0],
+               detected_frac=len(areas) / num, area_cv=float(areas.std() / areas.mean()), first_box_px=first_box,
                color_drift=float(np.linalg.norm(colors - color_rgb, axis=1).mean()))
     if len(areas) < 2:
         return out

@@ -236,8 +236,8 @@ def evaluate_video_decoding(ae: nn.Module, batches: Iterable[dict], device: torc
         for name, out in (("video", vid), ("image", img)):
             sums[f"psnr_{name}"] += float(psnr(rearrange(out, "b c f h w -> (b f) c h w"),
                                                rearrange(video, "b c f h w -> (b f) c h w")).mean()) * b
-            sums[f"flicker_{name}"] += float(static_background_flicker(out, video)) * b
-            band_sum, band_count = flicker_by_distance(out, video)
+            band_sum, band_count = flicker_by_distance(out, video)  # static_background_flicker, by band
+            sums[f"flicker_{name}"] += float(band_sum.sum() / band_count.sum().clamp(min=1)) * b
             band_sums[name] = band_sums[name] + band_sum
         band_counts = band_counts + band_count
         n += b
