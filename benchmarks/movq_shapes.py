@@ -40,7 +40,7 @@ def render_if_missing(out: Path, num_clips: int, seed: int, split: str) -> None:
 @torch.no_grad()
 def score(ckpt_dir: Path, val: Path, batch_size: int = 64) -> dict:
     """PSNR (continuous and quantised latent) and codebook usage on every frame of `val`."""
-    from kvideo.data.shapesworld import aggregate_scores, score_clip
+    from kvideo.data.shapes_scorer import aggregate_scores, score_clip
     from kvideo.data.shards import ClipDataset, ShardIndex, collate
     from kvideo.stages.movq import evaluate_reconstruction, frames_of, load_movq
 

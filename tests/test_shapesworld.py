@@ -12,9 +12,9 @@ import pytest
 from kvideo.data.shapesworld import (
     BACKGROUNDS, COLORS, DIRECTIONS, HELD_OUT_PAIRS, SHAPES, SPEEDS, ClipSpec, allowed_pairs,
     canonical_test_prompts, caption, check_motion_fits, clip_spec_from_attributes, make_clip,
-    metadata, motion_room, parse_caption, prompt_clip, render_clip, sample_clip_spec, score_clip, score_many,
-    spec_from_metadata,
+    metadata, parse_caption, prompt_clip, render_clip, sample_clip_spec, spec_from_metadata,
 )
+from kvideo.data.shapes_scorer import motion_room, score_clip, score_many
 from kvideo.data.video_io import encode_video_bytes, read_video
 
 MOTIONS = [(d, s) for d in DIRECTIONS[:4] for s in SPEEDS] + [("still", "none")]

@@ -52,20 +52,25 @@ def test_trains_with_the_encoder_frozen_and_the_gan_on(vdec_run, movq_run):
     assert '"vdec/g_loss"' in metrics and '"flicker_reduction"' in metrics.replace("eval/", "")
 
 
-@pytest.mark.parametrize("zero_conv", [True, False])
-def test_at_step_zero_it_decodes_as_the_image_decoder(tmp_path, shapes_shards, movq_run, zero_conv):
+@pytest.mark.parametrize("init", ["zero", "default", "identity"])
+def test_at_step_zero_it_decodes_as_the_image_decoder(tmp_path, shapes_shards, movq_run, init):
     from kvideo.stages.movq import load_movq
     from kvideo.stages.video_decoder import build_video_decoder
 
-    cfg = load_config([CONFIG], overrides(tmp_path, shapes_shards, movq_run, **{"model.temporal_zero_conv": zero_conv}))
+    cfg = load_config([CONFIG], overrides(tmp_path, shapes_shards, movq_run, **{"model.temporal_conv_init": init}))
     ae = build_video_decoder(cfg).ae.eval()
-    conv = ae.temporal_convs["up_0_block_0"][0].conv.weight
-    assert bool(conv.any()) is not zero_conv  # the release's zero conv, or a random one behind the zero gate
+    blend = ae.temporal_convs["up_0_block_0"][0]
+    assert bool(blend.conv.weight.any()) is (init != "zero") and blend.gate.item() == (1.0 if init == "identity" else 0.0)
     image_ema = load_movq(movq_run)  # build_video_decoder starts from the EMA weights
     z = torch.randn(2, 4, 5, 8, 8)
     expected = image_ema.decode(z.permute(0, 2, 1, 3, 4).reshape(10, 4, 8, 8))
     got = ae.decode_video(z).permute(0, 2, 1, 3, 4).reshape(10, 3, 32, 32)
     assert torch.allclose(got, expected, atol=1e-5)
+    # what each start gives the temporal convs to learn from at step 0: only the identity start
+    # lets the convs' weights take a gradient (the zero gate multiplies theirs by zero)
+    got.square().mean().backward()
+    conv_grads = [float(b.conv.weight.grad.abs().sum()) for pair in ae.temporal_convs.values() for b in pair]
+    assert all((g > 0) is (init == "identity") for g in conv_grads), conv_grads
 
 
 def test_spatial_lr_scale_puts_the_loaded_decoder_in_its_own_group(tmp_path, shapes_shards, movq_run):

@@ -49,7 +49,8 @@ def motion_for(prompt: str, presets, fixed) -> float:
 
 @torch.no_grad()
 def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
-    from kvideo.data.shapesworld import prompt_clip, score_clip
+    from kvideo.data.shapes_scorer import score_clip
+    from kvideo.data.shapesworld import prompt_clip
     from kvideo.stages.keyframe import decode_video, load_keyframe, sample_keyframes, sampling_noise_level
     from kvideo.stages.movq import psnr
     from kvideo.stages.t2i import make_schedule

@@ -8,7 +8,7 @@ Every prompt (default: the canonical test set, seen and held-out pairs; `--promp
 with one ShapesWorld caption per line) goes through `kvideo.pipeline.Pipeline` from its text
 alone: t2i first frame, keyframes with the motion preset the prompt's speed names (still / slow
 / fast; `--call motion_score=X` fixes one for every prompt), interpolation, video decoder.
-Each video is scored (`kvideo.data.shapesworld.score_clip`):
+Each video is scored (`kvideo.data.shapes_scorer.score_clip`):
 
   accuracy        per attribute (background, colour, shape, direction, speed) and all-correct,
                   for seen and held-out pairs;
@@ -151,7 +151,8 @@ def evaluate(pipe, prompts: list, args, out: Path) -> dict:
     from tqdm import tqdm
     from torchvision.utils import save_image
 
-    from kvideo.data.shapesworld import SPEEDS, motion_room, score_clip
+    from kvideo.data.shapes_scorer import motion_room, score_clip
+    from kvideo.data.shapesworld import SPEEDS
     from kvideo.evaluation import motion_preset
     from kvideo.pipeline import VideoOutput, video_to_uint8, write_outputs
     from kvideo.stages.movq import psnr

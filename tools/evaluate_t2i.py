@@ -8,7 +8,7 @@ Samples every canonical test prompt (seen and held-out pairs, kvideo.data.shapes
 each image as a one-frame clip with the ShapesWorld scorer and reports the accuracy of the
 attributes a single frame shows: background, colour and shape (and all three at once), for
 seen and held-out pairs, and for the moving prompts how often the image leaves the object room for
-the motion (`kvideo.data.shapesworld.motion_room`) over a video of --room-frames at --room-fps
+the motion (`kvideo.data.shapes_scorer.motion_room`) over a video of --room-frames at --room-fps
 (default: the ShapesWorld cascade's 29 frames at 24 fps): a first frame for the keyframe stage
 must. With --all-checkpoints every checkpoint of the run is scored, with the
 training wall time at which it was written (from metrics.jsonl), to show accuracy against
@@ -36,7 +36,7 @@ FRAME_ATTRIBUTES = ("background", "color", "shape")
 def evaluate(ckpt_dir: Path, prompts: list, per_prompt: int, sampler: str, steps: int, guidance: float,
              seed: int, out: Path | None, spacing: str | None = None, threshold: str | None = None,
              room: tuple = (29, 24.0)) -> dict:
-    from kvideo.data.shapesworld import motion_room, score_clip
+    from kvideo.data.shapes_scorer import motion_room, score_clip
     from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
 
     model, movq, cfg = load_t2i(ckpt_dir)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvideo.data.shapesworld import ATTRIBUTES, UNKNOWN, aggregate_scores, parse_caption, score_clip
+from kvideo.data.shapes_scorer import aggregate_scores, score_clip
+from kvideo.data.shapesworld import ATTRIBUTES, UNKNOWN, parse_caption
 from kvideo.data.video_io import VideoDecodeError, probe, read_video
 
 

@@ -6,7 +6,8 @@ gains temporal layers that work on frames folded into the batch:
 
 - in every ResNet block of the up levels (and of the middle when `temporal_mid_blocks`), after
   each of its two convs, `h = (1 - a) h + a Conv3d_3x3x3(h)` with the gate a and the conv
-  starting at 0 (`kvideo.nn.temporal.TemporalConvBlend`);
+  starting at 0 (`kvideo.nn.temporal.TemporalConvBlend`; `temporal_conv_init` chooses another
+  start that is also the identity);
 - temporal attention (single head, latent-conditioned norm, as the spatial AttnBlock, but over
   frames at each pixel) after the middle attention and after each attention of the lowest
   up level, its output projection zero-initialised.
@@ -32,7 +33,7 @@ from torch import nn
 from kvideo.models.movq import MOVQ_SIZES, MoVQ, MovqConfig, _apply_norm, _make_norm
 from kvideo.models.sizes import extend_config, sized_config
 from kvideo.nn.layers import attention, zero_module
-from kvideo.nn.temporal import TemporalConvBlend
+from kvideo.nn.temporal import CONV_INITS, TemporalConvBlend
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -43,9 +44,10 @@ from kvideo.nn.temporal import TemporalConvBlend
 class VideoMovqConfig(MovqConfig):
     temporal_mid_blocks: bool = False  # temporal convs in the middle ResNet blocks too
     temporal_kernel: int = 3  # the Conv3d is temporal_kernel x 3 x 3
-    # The temporal convs start at zero with their gates (the release: both factors of the blend at
-    # zero) or, false, at PyTorch's default init behind the zero gate (still the identity at init).
-    temporal_zero_conv: bool = True
+    # How the temporal convs and their gates start (kvideo.nn.temporal.TemporalConvBlend; the layer
+    # is the identity at init in every case): "zero" (the release: conv and gate at zero),
+    # "default" (the conv at PyTorch's init behind the zero gate), "identity" (conv = identity, gate 1).
+    temporal_conv_init: str = "zero"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,16 +110,18 @@ class VideoMoVQ(MoVQ):
     """MoVQ + `temporal_convs` and `temporal_attn` in the decoder. decode(z) stays the image path."""
 
     def __init__(self, cfg: VideoMovqConfig) -> None:
+        if cfg.temporal_conv_init not in CONV_INITS:
+            raise ValueError(f"model.temporal_conv_init must be one of {CONV_INITS}; got {cfg.temporal_conv_init!r}")
         super().__init__(cfg)
         dec, kernel = self.decoder, (cfg.temporal_kernel, 3, 3)
         convs: Dict[str, nn.Module] = {}
         if cfg.temporal_mid_blocks:
             for name in ("block_1", "block_2"):
                 block = getattr(dec.mid, name)
-                convs[_key(f"mid.{name}")] = self._blends(block, kernel, cfg.temporal_zero_conv)
+                convs[_key(f"mid.{name}")] = self._blends(block, kernel, cfg.temporal_conv_init)
         for j, level in enumerate(dec.up):
             for i, block in enumerate(level.block):
-                convs[_key(f"up.{j}.block.{i}")] = self._blends(block, kernel, cfg.temporal_zero_conv)
+                convs[_key(f"up.{j}.block.{i}")] = self._blends(block, kernel, cfg.temporal_conv_init)
         self.temporal_convs = nn.ModuleDict(convs)
         attn: Dict[str, nn.Module] = {}
         lowest = len(dec.up) - 1
@@ -129,9 +133,9 @@ class VideoMoVQ(MoVQ):
         self.temporal_attn = nn.ModuleDict(attn)
 
     @staticmethod
-    def _blends(block: nn.Module, kernel: Tuple[int, int, int], zero_conv: bool) -> nn.ModuleList:
-        return nn.ModuleList([TemporalConvBlend(block.conv1.out_channels, kernel, zero_conv),
-                              TemporalConvBlend(block.conv2.out_channels, kernel, zero_conv)])
+    def _blends(block: nn.Module, kernel: Tuple[int, int, int], init: str) -> nn.ModuleList:
+        return nn.ModuleList([TemporalConvBlend(block.conv1.out_channels, kernel, init),
+                              TemporalConvBlend(block.conv2.out_channels, kernel, init)])
 
     def temporal_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.temporal_convs.parameters()
