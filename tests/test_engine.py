@@ -176,3 +176,22 @@ def test_training_minutes_leave_out_the_time_a_run_was_stopped(tmp_path):
     minutes = {step: round(m * 60, 6) for step, m in training_minutes(tmp_path).items()}
     assert minutes == {10: 10.0, 20: 20.0, 30: 30.0, 40: 40.0, 50: 60.0}
     assert training_minutes(tmp_path / "missing") == {}
+
+
+def test_ema_shadows_only_trainable_parameters():
+    from kvideo.train.ema import EMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    model[0].requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    ema = EMA(model, decay=0.5, warmup=False)
+    assert set(ema.state_dict()) == {"1.weight", "1.bias"}
+    with torch.no_grad():
+        model[1].weight.add_(2.0)
+    before = ema.params["1.weight"].clone()
+    ema.update(model)
+    torch.testing.assert_close(ema.params["1.weight"], before + 1.0)  # halfway to the moved weight
+    shadow = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    shadow.load_state_dict(model.state_dict())
+    ema.copy_to(shadow)
+    assert torch.equal(shadow[0].weight, frozen) and torch.equal(shadow[1].weight, ema.params["1.weight"])

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kvideo.config import load_config
 from kvideo.stages.video_decoder import (
@@ -47,6 +48,11 @@ def test_trains_with_the_encoder_frozen_and_the_gan_on(vdec_run, movq_run):
             assert torch.equal(video[key], image[key]), key
     assert any(k.startswith("ae.temporal_convs.") for k in video) and any(k.startswith("disc.") for k in video)
     assert any(not torch.equal(video[k], image[k]) for k in image if k.startswith("ae.decoder."))
+    # the frozen encoder is its own EMA: written once, in model.safetensors; the EMA state is complete
+    ema_file = load_file(str(last / "ema.safetensors"))
+    assert not any(k.startswith("ae.encoder.") for k in ema_file) and any(k.startswith("ae.decoder.") for k in ema_file)
+    ema = ckpt.load_weights(last, "ema")[0]
+    assert ema.keys() == video.keys() and torch.equal(ema["ae.encoder.conv_in.weight"], video["ae.encoder.conv_in.weight"])
     metrics = (vdec_run / "metrics.jsonl").read_text()
     assert '"vdec/temporal_l1"' in metrics
     assert '"vdec/g_loss"' in metrics and '"flicker_reduction"' in metrics.replace("eval/", "")

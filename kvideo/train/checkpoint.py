@@ -3,7 +3,8 @@
     run_dir/checkpoints/
       step_0001000/
         model.safetensors   weights of the unwrapped model (no `module.` / `_orig_mod.`)
-        ema.safetensors     EMA weights, same keys
+        ema.safetensors     EMA of the trainable weights and the buffers, same keys (frozen
+                            weights are model.safetensors', not written twice)
         config.yaml         the resolved run config (also inside both .safetensors as metadata)
         train_state.pt      optimizer and scheduler states, RNG states of every rank, step,
                             data position; plain tensors and containers, loadable with
@@ -136,13 +137,18 @@ def read_config(ckpt_dir: str | Path) -> dict:
 
 
 def load_weights(ckpt_dir: str | Path, which: str = "ema") -> Tuple[Dict[str, torch.Tensor], dict]:
-    """(state_dict, config) from `model` or `ema` weights of a checkpoint directory."""
+    """(state_dict, config) from `model` or `ema` weights of a checkpoint directory. The `ema`
+    state is complete: ema.safetensors laid over model.safetensors (the EMA leaves frozen weights out)."""
     if which not in ("model", "ema"):
         raise ValueError(f"which must be 'model' or 'ema', got '{which}'")
-    path = Path(ckpt_dir) / f"{which}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{ckpt_dir}' has no {path.name}")
-    return load_file(str(path)), read_config(ckpt_dir)
+    files = ["model"] + (["ema"] if which == "ema" else [])
+    state: Dict[str, torch.Tensor] = {}
+    for name in files:
+        path = Path(ckpt_dir) / f"{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint '{ckpt_dir}' has no {path.name}")
+        state.update(load_file(str(path)))
+    return state, read_config(ckpt_dir)
 
 
 def load_stage_weights(path: str | Path, stage: str, which: str = "ema"):

@@ -9,8 +9,13 @@ from torch import nn
 
 
 class EMA:
-    """Float32 shadow copies of every parameter, updated after each optimizer step.
+    """Float32 shadow copies of every trainable parameter, updated after each optimizer step.
 
+    A frozen parameter (a pretrained text tower, the video decoder's encoder) is its own average
+    and is not shadowed: at full size that would be gigabytes of memory and of every checkpoint's
+    ema.safetensors, which therefore holds only the trainable parameters and the buffers
+    (`kvideo.train.checkpoint.load_weights` lays it over model.safetensors). Which parameters are
+    trainable is read once, here: build the EMA after the stage has frozen what it freezes.
     Persistent buffers (e.g. codebook usage counts) are copied, not averaged; non-persistent ones
     (e.g. a causal attention mask) are not part of the weights and are left out. With `warmup`, the decay of
     the n-th update is min(decay, (1 + n) / (10 + n)) so early averages are not dominated by
@@ -23,7 +28,7 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        self.params = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        self.params = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
         persistent = set(model.state_dict())
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers() if n in persistent}
 
@@ -36,17 +41,19 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
         for name, p in model.named_parameters():
-            self.params[name].lerp_(p.detach().float(), 1.0 - d)
+            if name in self.params:
+                self.params[name].lerp_(p.detach().float(), 1.0 - d)
         for name, b in model.named_buffers():
             if name in self.buffers:
                 self.buffers[name].copy_(b)
         self.num_updates += 1
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        """EMA weights under the model's own keys (loadable into the model directly)."""
+        """EMA weights of the trainable parameters and the buffers, under the model's own keys."""
         return {**self.params, **self.buffers}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor], num_updates: int) -> None:
+        """From a full state dict (`load_weights(..., "ema")`, the EMA over the model's weights)."""
         for name in self.params:
             self.params[name].copy_(state[name])
         for name in self.buffers:
@@ -55,6 +62,7 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Load the EMA weights into `model` (e.g. a copy used for previews)."""
+        """Load the EMA weights into `model` (e.g. a copy used for previews); frozen ones stay."""
         target = model.state_dict()
-        model.load_state_dict({k: v.to(dtype=target[k].dtype) for k, v in self.state_dict().items()})
+        target.update({k: v.to(dtype=target[k].dtype) for k, v in self.state_dict().items()})
+        model.load_state_dict(target)
