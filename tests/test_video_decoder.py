@@ -58,14 +58,16 @@ def test_trains_with_the_encoder_frozen_and_the_gan_on(vdec_run, movq_run):
     assert '"vdec/g_loss"' in metrics and '"flicker_reduction"' in metrics.replace("eval/", "")
 
 
-@pytest.mark.parametrize("init", ["zero", "default", "identity"])
-def test_at_step_zero_it_decodes_as_the_image_decoder(tmp_path, shapes_shards, movq_run, init):
+@pytest.mark.parametrize("init, spatial", [("zero", 3), ("default", 3), ("identity", 3), ("identity", 1)])
+def test_at_step_zero_it_decodes_as_the_image_decoder(tmp_path, shapes_shards, movq_run, init, spatial):
     from kvideo.stages.movq import load_movq
     from kvideo.stages.video_decoder import build_video_decoder
 
-    cfg = load_config([CONFIG], overrides(tmp_path, shapes_shards, movq_run, **{"model.temporal_conv_init": init}))
+    cfg = load_config([CONFIG], overrides(tmp_path, shapes_shards, movq_run, **{
+        "model.temporal_conv_init": init, "model.temporal_spatial_kernel": spatial}))
     ae = build_video_decoder(cfg).ae.eval()
     blend = ae.temporal_convs["up_0_block_0"][0]
+    assert blend.conv.kernel_size == (3, spatial, spatial)
     assert bool(blend.conv.weight.any()) is (init != "zero") and blend.gate.item() == (1.0 if init == "identity" else 0.0)
     image_ema = load_movq(movq_run)  # build_video_decoder starts from the EMA weights
     z = torch.randn(2, 4, 5, 8, 8)
