@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kvideo.config import to_yaml
@@ -141,13 +142,14 @@ def load_weights(ckpt_dir: str | Path, which: str = "ema") -> Tuple[Dict[str, to
     state is complete: ema.safetensors laid over model.safetensors (the EMA leaves frozen weights out)."""
     if which not in ("model", "ema"):
         raise ValueError(f"which must be 'model' or 'ema', got '{which}'")
-    files = ["model"] + (["ema"] if which == "ema" else [])
-    state: Dict[str, torch.Tensor] = {}
-    for name in files:
-        path = Path(ckpt_dir) / f"{name}.safetensors"
+    paths = {name: Path(ckpt_dir) / f"{name}.safetensors" for name in dict.fromkeys([which, "model"])}
+    for path in paths.values():
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint '{ckpt_dir}' has no {path.name}")
-        state.update(load_file(str(path)))
+    state = load_file(str(paths[which]))
+    if which == "ema":  # the frozen weights, read from model.safetensors alone
+        with safe_open(str(paths["model"]), framework="pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys() if k not in state})
     return state, read_config(ckpt_dir)
 
 
