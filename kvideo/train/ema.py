@@ -40,9 +40,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
-        for name, p in model.named_parameters():
-            if name in self.params:
-                self.params[name].lerp_(p.detach().float(), 1.0 - d)
+        params = dict(model.named_parameters())
+        for name, shadow in self.params.items():
+            shadow.lerp_(params[name].detach().float(), 1.0 - d)
         for name, b in model.named_buffers():
             if name in self.buffers:
                 self.buffers[name].copy_(b)
