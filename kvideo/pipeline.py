@@ -20,10 +20,11 @@ Unlike the release, the negative prompt is used (it replaces the null text of ev
 stage), any motion preset the keyframe model defines is accepted (and nothing else), and one
 seed (or generator) fixes the whole video. Every stage's setting is an argument of `__call__`,
 defaulting to that stage's `recipe.sampling`, whose keys the pipeline config's `sampling` can
-replace per stage (`sampling: {keyframe: {spacing: trailing}}`). Checkpoints are checked against each other when
-the pipeline is built: each must be of its stage, and the keyframe, interpolation and video
-decoder stages must share one latent space (the same MoVQ encoder), or it is a ValueError that
-names the files.
+replace per stage (`sampling: {keyframe: {spacing: trailing}}`); `pipe.settings(**arguments)`
+resolves them without sampling (what the call would run, as `VideoOutput.settings`).
+Checkpoints are checked against each other when the pipeline is built: each must be of its
+stage, and the keyframe, interpolation and video decoder stages must share one latent space
+(the same MoVQ encoder), or it is a ValueError that names the files.
 """
 
 from __future__ import annotations
@@ -193,68 +194,109 @@ class Pipeline:
             raise ValueError(f"{passes} interpolation pass(es) requested (fps={fps!r}); {have}")
         return passes
 
-    @torch.no_grad()
-    def __call__(self, prompts: Union[str, Sequence[str]], *, negative_prompt: Optional[str] = None,
-                 image: Optional[torch.Tensor] = None, seed: Optional[int] = 0,
-                 generator: Optional[torch.Generator] = None, size: Optional[Sequence[int]] = None,
+    def settings(self, *, image: bool = False, first_frame: bool = True, size: Optional[Sequence[int]] = None,
                  num_keyframes: Optional[int] = None, fps: Optional[str] = None, passes: Optional[int] = None,
                  motion_score: Union[str, float, Sequence[Union[str, float]], None] = None,
-                 noise_aug_level: Optional[int] = None,
-                 t2i_sampler: Optional[str] = None, t2i_steps: Optional[int] = None,
-                 t2i_guidance: Optional[float] = None, keyframe_sampler: Optional[str] = None,
-                 keyframe_steps: Optional[int] = None, text_guidance: Optional[float] = None,
-                 image_guidance: Optional[float] = None, interpolation_sampler: Optional[str] = None,
-                 interpolation_steps: Optional[int] = None, interpolation_guidance: Optional[float] = None,
-                 decode_window: Optional[int] = None, first_frame: bool = True, progress: bool = True) -> VideoOutput:
-        """Videos for `prompts` (one per prompt). `image` (b or 1, 3, h, w) in [-1, 1] replaces
-        the t2i first frame (resized and centre-cropped). `motion_score`: a number or preset
-        name, or a list of them (one per prompt). `first_frame=False` samples plain text-to-video
-        keyframes (no first frame; `first_frames` is then the first keyframe). `generator` wins
-        over `seed`; the same seed and arguments give the same video."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompts")
-        b, kf = len(prompts), self.kf_cfg
+                 noise_aug_level: Optional[int] = None, t2i_sampler: Optional[str] = None,
+                 t2i_steps: Optional[int] = None, t2i_guidance: Optional[float] = None,
+                 keyframe_sampler: Optional[str] = None, keyframe_steps: Optional[int] = None,
+                 text_guidance: Optional[float] = None, image_guidance: Optional[float] = None,
+                 interpolation_sampler: Optional[str] = None, interpolation_steps: Optional[int] = None,
+                 interpolation_guidance: Optional[float] = None, decode_window: Optional[int] = None,
+                 negative_prompt: Optional[str] = None, seed: Optional[int] = 0) -> Dict[str, Any]:
+        """What a call with these arguments runs, every stage's setting resolved against its
+        checkpoint's `recipe.sampling` (and the pipeline config), without sampling anything:
+        `__call__` runs exactly this and returns it as `VideoOutput.settings`. `image`: whether
+        the call gives a first-frame image. Bad arguments are the ValueError the call would raise."""
+        kf = self.kf_cfg
         rc, ks = kf.recipe, kf.recipe.sampling
-        height, width = (int(s) for s in (size or kf.data.size))
+        height, width = (int(v) for v in (size or kf.data.size))
         factor = self.movq.downsample_factor
         if height % factor or width % factor:
             raise ValueError(f"size {height}x{width} is not a multiple of the MoVQ's downsampling factor {factor}")
-        gen = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
         n_passes = self._passes(fps, passes)
         if isinstance(motion_score, (list, tuple)):  # one per prompt
-            if len(motion_score) != b:
-                raise ValueError(f"{len(motion_score)} motion scores for {b} prompts")
-            motion = torch.tensor([resolve_motion_score(rc.motion, m) for m in motion_score])
+            motion = [resolve_motion_score(rc.motion, m) for m in motion_score]
         else:
             motion = resolve_motion_score(rc.motion, motion_score)
+
+        if not first_frame:  # plain text-to-video keyframes: the model's image-dropped branch
+            if image:
+                raise ValueError("an image was given with first_frame=False")
+            first = {"source": "none"}
+        elif image:
+            first = {"source": "image"}
+        else:
+            if self.t2i is None:
+                raise ValueError("no first frame: the pipeline config has no t2i checkpoint and no image was given")
+            ts, s = self.t2i_cfg.recipe.sampling, self.cfg.first_frame_scale
+            first = {"source": "t2i", "sampler": t2i_sampler or ts.sampler, "steps": t2i_steps or ts.steps,
+                     "spacing": ts.spacing, "timestep_shift": ts.timestep_shift,
+                     "guidance": ts.guidance if t2i_guidance is None else t2i_guidance,
+                     "size": [height * s, width * s]}
+        keyframes = {"sampler": keyframe_sampler or ks.sampler, "steps": keyframe_steps or ks.steps,
+                     "spacing": ks.spacing, "timestep_shift": ks.timestep_shift,
+                     "text_guidance": ks.text_guidance if text_guidance is None else text_guidance,
+                     "image_guidance": ks.image_guidance if image_guidance is None else image_guidance,
+                     "noise_aug_level": sampling_noise_level(rc.noise_aug) if noise_aug_level is None
+                     else int(noise_aug_level),
+                     "motion_score": motion, "num_keyframes": int(num_keyframes or kf.data.num_frames)}
+        interp: Dict[str, object] = {"passes": n_passes}
+        if n_passes:
+            isc = self.ip_cfg.recipe.sampling
+            interp.update(sampler=interpolation_sampler or isc.sampler, steps=interpolation_steps or isc.steps,
+                          spacing=isc.spacing, timestep_shift=isc.timestep_shift,
+                          guidance=isc.guidance if interpolation_guidance is None else interpolation_guidance,
+                          skip_frames=[p.skip_frames for p in self.ip_cfg.recipe.passes][:n_passes])
+        return {"first_frame": first, "keyframes": keyframes, "interpolation": interp,
+                "decoder": "video" if self.decoder is not None else "image",
+                "decode_window": decode_window if decode_window is not None else self.cfg.decode_window,
+                "size": [height, width], "negative_prompt": negative_prompt, "seed": seed}
+
+    @torch.no_grad()
+    def __call__(self, prompts: Union[str, Sequence[str]], *, image: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None, seed: Optional[int] = 0, progress: bool = True,
+                 motion_score: Union[str, float, Sequence[Union[str, float]], None] = None,
+                 **arguments: Any) -> VideoOutput:
+        """Videos for `prompts` (one per prompt). `arguments` are those of `settings` (size,
+        num_keyframes, fps or passes, noise_aug_level, each stage's sampler / steps / guidance,
+        decode_window, first_frame, negative_prompt). `image` (b or 1, 3, h, w) in [-1, 1]
+        replaces the t2i first frame (resized and centre-cropped). `motion_score`: a number or
+        preset name, or a list of them (one per prompt). `first_frame=False` samples plain
+        text-to-video keyframes (no first frame; `first_frames` is then the first keyframe).
+        `generator` wins over `seed`; the same seed and arguments give the same video."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts")
+        b = len(prompts)
+        if isinstance(motion_score, (list, tuple)) and len(motion_score) != b:
+            raise ValueError(f"{len(motion_score)} motion scores for {b} prompts")
+        settings = self.settings(image=image is not None, motion_score=motion_score,
+                                 seed=seed if generator is None else None, **arguments)
+        first_settings, kf_settings, ip_settings = (settings[k] for k in ("first_frame", "keyframes", "interpolation"))
+        negative_prompt = settings["negative_prompt"]
+        height, width = settings["size"]
+        rc = self.kf_cfg.recipe
+        motion = kf_settings["motion_score"]
+        motion = torch.tensor(motion) if isinstance(motion, list) else motion
+        gen = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
         timings: Dict[str, float] = {}
         bars = _Progress(progress, timings)
 
         # 1. first frame
-        if not first_frame:  # plain text-to-video keyframes: the model's image-dropped branch
-            if image is not None:
-                raise ValueError("an image was given with first_frame=False")
-            first, first_settings = None, {"source": "none"}
-        elif image is not None:
+        first = None
+        if first_settings["source"] == "image":
             first = _fit(image.to(self.device).float(), height, width)
             if first.shape[0] == 1 and b > 1:
                 first = first.expand(b, -1, -1, -1)
             if first.shape[0] != b:
                 raise ValueError(f"{first.shape[0]} images for {b} prompts")
-            first_settings = {"source": "image"}
-        else:
-            if self.t2i is None:
-                raise ValueError("no first frame: the pipeline config has no t2i checkpoint and no image was given")
+        elif first_settings["source"] == "t2i":
             ts = self.t2i_cfg.recipe.sampling
-            s = self.cfg.first_frame_scale
-            first_settings = {"source": "t2i", "sampler": t2i_sampler or ts.sampler, "steps": t2i_steps or ts.steps,
-                              "spacing": ts.spacing, "timestep_shift": ts.timestep_shift,
-                              "guidance": ts.guidance if t2i_guidance is None else t2i_guidance,
-                              "size": [height * s, width * s]}
+            big_h, big_w = first_settings["size"]
             with bars.stage("first frame", first_settings["steps"]) as cb:
                 big = sample_images(self.t2i, self.t2i_movq, make_schedule(self.t2i_cfg.recipe.diffusion, ts), prompts,
-                                    height=height * s, width=width * s, target=self.t2i_cfg.recipe.diffusion.target,
+                                    height=big_h, width=big_w, target=self.t2i_cfg.recipe.diffusion.target,
                                     latent_scale=self.t2i_cfg.recipe.latent_scale, sampler=first_settings["sampler"],
                                     steps=first_settings["steps"], spacing=ts.spacing,
                                     guidance=first_settings["guidance"], negative_prompt=negative_prompt,
@@ -263,18 +305,11 @@ class Pipeline:
         if first is not None:
             first_latent = self.movq.encode(first).float() * rc.latent_scale  # re-encoded at the video size
         else:
-            c = self.keyframe.unet.cfg.out_channels
+            c, factor = self.keyframe.unet.cfg.out_channels, self.movq.downsample_factor
             first_latent = torch.zeros(b, c, height // factor, width // factor, device=self.device)
 
         # 2. keyframes
-        kf_settings = {"sampler": keyframe_sampler or ks.sampler, "steps": keyframe_steps or ks.steps,
-                       "spacing": ks.spacing, "timestep_shift": ks.timestep_shift,
-                       "text_guidance": ks.text_guidance if text_guidance is None else text_guidance,
-                       "image_guidance": ks.image_guidance if image_guidance is None else image_guidance,
-                       "noise_aug_level": sampling_noise_level(rc.noise_aug) if noise_aug_level is None
-                       else int(noise_aug_level),
-                       "motion_score": motion.tolist() if torch.is_tensor(motion) else motion,
-                       "num_keyframes": int(num_keyframes or kf.data.num_frames)}
+        ks = self.kf_cfg.recipe.sampling
         with bars.stage("keyframes", kf_settings["steps"]) as cb:
             latents = sample_keyframes(
                 self.keyframe, make_schedule(rc.diffusion, ks), prompts, first_latent,
@@ -290,37 +325,30 @@ class Pipeline:
         z = latents / rc.latent_scale  # unscaled MoVQ latents (b, c, n, h, w)
 
         # 3. interpolation
-        out_fps = float(kf.data.fps)
-        ip_settings: Dict[str, object] = {"passes": n_passes}
+        out_fps = float(self.kf_cfg.data.fps)
+        n_passes = ip_settings["passes"]
         if n_passes:
             ir, isc = self.ip_cfg.recipe, self.ip_cfg.recipe.sampling
-            skips = [p.skip_frames for p in ir.passes][:n_passes]
-            ip_settings.update(sampler=interpolation_sampler or isc.sampler, steps=interpolation_steps or isc.steps,
-                               spacing=isc.spacing, timestep_shift=isc.timestep_shift,
-                               guidance=isc.guidance if interpolation_guidance is None else interpolation_guidance,
-                               skip_frames=skips)
             with bars.stage("interpolation", ip_settings["steps"] * n_passes) as cb:
-                z = interpolate(self.interp, make_schedule(ir.diffusion, isc), z * ir.latent_scale, prompts, passes=skips,
-                                frames_per_gap=ir.frames_per_gap, target=ir.diffusion.target,
-                                sampler=ip_settings["sampler"], steps=ip_settings["steps"], spacing=isc.spacing,
-                                guidance=ip_settings["guidance"], latent_scale=ir.latent_scale,
-                                negative_prompt=negative_prompt, dynamic_threshold=isc.dynamic_threshold,
-                                residual=ir.residual, generator=gen, callback=cb) / ir.latent_scale
+                z = interpolate(self.interp, make_schedule(ir.diffusion, isc), z * ir.latent_scale, prompts,
+                                passes=ip_settings["skip_frames"], frames_per_gap=ir.frames_per_gap,
+                                target=ir.diffusion.target, sampler=ip_settings["sampler"],
+                                steps=ip_settings["steps"], spacing=isc.spacing, guidance=ip_settings["guidance"],
+                                latent_scale=ir.latent_scale, negative_prompt=negative_prompt,
+                                dynamic_threshold=isc.dynamic_threshold, residual=ir.residual, generator=gen,
+                                callback=cb) / ir.latent_scale
             assert z.shape[2] == frames_after_passes(kf_settings["num_keyframes"], n_passes, ir.frames_per_gap)
             out_fps *= (ir.frames_per_gap + 1) ** n_passes
 
         # 4. decoding
-        window = decode_window if decode_window is not None else self.cfg.decode_window
         with bars.stage("decode", 1) as cb:
             if self.decoder is not None:
-                frames = self.decoder.decode_video(z, window=window, overlap=self.cfg.decode_overlap).clamp(-1, 1)
+                frames = self.decoder.decode_video(z, window=settings["decode_window"],
+                                                   overlap=self.cfg.decode_overlap).clamp(-1, 1)
             else:
                 frames = decode_video(self.movq, z, 1.0)
             if cb:
                 cb()
-        settings = {"first_frame": first_settings, "keyframes": kf_settings, "interpolation": ip_settings,
-                    "decoder": "video" if self.decoder is not None else "image", "size": [height, width],
-                    "negative_prompt": negative_prompt, "seed": seed if generator is None else None}
         return VideoOutput(frames=frames, fps=out_fps, first_frames=first, keyframes=keyframes, timings=timings,
                            settings=settings)
 

@@ -58,6 +58,7 @@ def test_cascade_shapes_fps_determinism_and_timings(cascade):
         pipe(PROMPTS[:1], motion_score="normal", progress=False)
     per_prompt = pipe(PROMPTS, seed=3, motion_score=["fast", 0.0], progress=False)
     assert per_prompt.settings["keyframes"]["motion_score"][1] == 0.0
+    assert pipe.settings(motion_score=["fast", 0.0], seed=3) == per_prompt.settings  # what the call ran, unsampled
     with pytest.raises(ValueError, match="2 motion scores for 1 prompts"):
         pipe(PROMPTS[:1], motion_score=["fast", "slow"], progress=False)
     t2v = pipe(PROMPTS, seed=3, first_frame=False, progress=False)  # plain text-to-video keyframes
@@ -194,15 +195,19 @@ def test_run_ablations_table_with_a_training_ablation(cascade, tmp_path, capsys)
 
     ablations = ROOT / "configs" / "ablations"
     files = [ablations / "first_frame_none.yaml", ablations / "image_guidance_3.yaml", ablations / "noise_aug_off.yaml",
-             ablations / "motion_still.yaml", ablations / "first_frame_generated.yaml", ablations / "noise_aug_on.yaml"]
+             ablations / "motion_still.yaml", ablations / "first_frame_generated.yaml", ablations / "noise_aug_on.yaml",
+             ablations / "image_guidance_2.yaml"]
     out = tmp_path / "abl"
     assert run_ablations.main(["--pipeline", str(cascade), "--ablations", *map(str, files), "--limit", "1",
                                "--out", str(out)]) == 0
     rows = json.loads((out / "ablations.json").read_text())
-    assert [r["name"] for r in rows] == ["generated first frame", "no first frame (text-to-video)", "w_I = 3", "still",
-                                         "off", "on"]
-    # the default cascade (call {}) is the reference of two groups: sampled once, for the first
-    assert rows[-1]["videos_of"] == "first_frame_generated" and not (out / "noise_aug_on").exists()
+    assert [r["name"] for r in rows] == ["generated first frame", "no first frame (text-to-video)", "w_I = 2",
+                                         "w_I = 3", "still", "off", "on"]
+    # the default cascade is the reference of three groups: sampled once, for the first; w_I = 2 is
+    # the keyframe default, so its call resolves to the default cascade too
+    assert rows[-1]["videos_of"] == rows[2]["videos_of"] == "first_frame_generated"
+    assert not (out / "noise_aug_on").exists() and not (out / "image_guidance_2").exists()
+    assert rows[3]["videos_of"] == "image_guidance_3"
     assert (out / "runs" / "noise_aug_off" / "checkpoints" / "latest").is_file()  # trained, then sampled
     variant = load_config([out / "runs" / "noise_aug_off" / "config.yaml"], require_complete=False)
     assert variant.recipe.noise_aug.enabled is False
@@ -213,6 +218,12 @@ def test_run_ablations_table_with_a_training_ablation(cascade, tmp_path, capsys)
     bad.write_text("group: x\nname: y\ncolour: red\n")
     assert run_ablations.main(["--pipeline", str(cascade), "--ablations", str(bad), "--out", str(out)]) == 2
     assert "unknown keys ['colour']" in capsys.readouterr().err
+    bad.write_text("group: x\nname: y\ncall: {keyframe_sampler: ddpm, fps: high}\n")
+    assert run_ablations.main(["--pipeline", str(cascade), "--ablations", str(bad), "--out", str(out)]) == 2
+    assert f"ablation '{bad}': --call fps: not a pipeline argument" in capsys.readouterr().err
+    bad.write_text("group: x\nname: y\ncall: {passes: 2}\n")
+    assert run_ablations.main(["--pipeline", str(cascade), "--ablations", str(bad), "--out", str(out)]) == 2
+    assert f"ablation '{bad}': 2 interpolation pass(es) requested" in capsys.readouterr().err
 
 
 def test_every_shipped_ablation_config_is_valid():

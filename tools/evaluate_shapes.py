@@ -133,8 +133,8 @@ def pipeline_call_arguments(items) -> dict:
 
     from kvideo.pipeline import Pipeline
 
-    allowed = set(inspect.signature(Pipeline.__call__).parameters) - {"self", "prompts", "progress", "seed",
-                                                                      "generator", "fps"}
+    allowed = ({"motion_score", *inspect.signature(Pipeline.settings).parameters}
+               - {"self", "image", "seed", "fps"})  # seed and fps are --seed and --fps
     kwargs = {}
     for item in items or ():
         if "=" not in item:

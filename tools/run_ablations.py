@@ -10,8 +10,9 @@ stage again into DIR/runs/NAME from the config of the pipeline's checkpoint for 
 same budget) with the overrides, and samples the cascade with the new run in its place. Every
 ablation is scored by tools/evaluate_shapes.py on the same prompts and seed, into DIR/NAME/;
 finished ablations are reused unless --force, and ablations with the same call and training (the
-default cascade is the reference row of several groups) are sampled once. Writes
-DIR/ablations.md and DIR/ablations.json.
+default cascade is the reference row of several groups) are sampled once: calls are compared
+by the settings they resolve to, so `{image_guidance: 2.0}` is the default cascade when 2.0 is
+the keyframe checkpoint's default. Writes DIR/ablations.md and DIR/ablations.json.
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ def train_variant(spec: dict, pipeline_cfg, out: Path) -> str:
     return str(run_dir)
 
 
+def resolved_settings(pipe, spec: dict) -> dict:
+    """What the ablation's call runs, resolved against the pipeline's stage defaults (as
+    tools/evaluate_shapes.py calls it): ablations that resolve alike are the same videos."""
+    try:
+        call = evaluate_shapes.pipeline_call_arguments(f"{k}={json.dumps(v)}" for k, v in spec["call"].items())
+        settings = pipe.settings(**call)
+    except ValueError as e:
+        raise ValueError(f"ablation '{spec['file']}': {e}") from None
+    if "motion_score" not in call:  # evaluate_shapes then gives each prompt its caption's preset
+        settings["keyframes"]["motion_score"] = "each prompt's preset"
+    return settings
+
+
 def row(spec: dict, result: dict) -> dict:
     seen, held = result["seen"], result.get("held_out", {"n": 0})
     return {"group": spec["group"], "name": spec["name"], "file": spec["file"], "videos": result["prompts"],
@@ -97,19 +111,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
-    from kvideo.pipeline import load_pipeline_config
+    from kvideo.pipeline import Pipeline, load_pipeline_config
 
     out = Path(args.out)
     files = [Path(f) for f in args.ablations] if args.ablations else sorted((ROOT / "configs" / "ablations").glob("*.yaml"))
     try:
         specs = [read_ablation(f) for f in files]
         pipeline_cfg = load_pipeline_config(args.pipeline, args.overrides)
+        pipe = Pipeline(pipeline_cfg)
+        keys = [json.dumps({"settings": resolved_settings(pipe, spec), "train": spec.get("train")}, sort_keys=True)
+                for spec in specs]
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows, ran = [], {}  # ran: (call, train) -> the results of the first ablation that sampled it
-    for spec in specs:
-        key = json.dumps({"call": spec["call"], "train": spec.get("train")}, sort_keys=True)
+    del pipe  # evaluate_shapes loads the pipeline of each ablation itself
+    rows, ran = [], {}  # ran: resolved settings and training -> the results of the first ablation that sampled it
+    for spec, key in zip(specs, keys):
         result_file = out / spec["stem"] / "results.json"
         if key in ran:  # e.g. the default cascade, the reference row of several groups: sampled once
             result_file = ran[key]
@@ -122,8 +139,8 @@ def main(argv=None) -> int:
                    "--out", str(out / spec["stem"])]
             if args.limit:
                 cmd += ["--limit", str(args.limit)]
-            for key, value in spec["call"].items():
-                cmd += ["--call", f"{key}={json.dumps(value)}"]
+            for name, value in spec["call"].items():
+                cmd += ["--call", f"{name}={json.dumps(value)}"]
             print(f"== {spec['group']}: {spec['name']}", flush=True)
             if evaluate_shapes.main(cmd) != 0:
                 print(f"error: ablation '{spec['file']}' failed", file=sys.stderr)
