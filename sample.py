@@ -3,6 +3,8 @@
     python sample.py --pipeline configs/pipeline/shapes.yaml --prompt "..." --out out.mp4
         [--seed N] [--image first.png] [--motion-score X|PRESET] [--fps low|medium|high]
         [--negative-prompt "..."] [--gif] [--sheet] [--prompts-file FILE --out-dir DIR]
+        [--size H W] [--frames N] [--window W] [--text-guidance W] [--image-guidance W]
+        [--noise-aug-level L] [--passes N] [--call KEY=VALUE ...]
         [key=value ...  pipeline config overrides, e.g. device=cuda]
 
     python sample.py --stage movq --checkpoint RUN_OR_CKPT --input VIDEO.mp4 --out RECON.mp4
@@ -24,9 +26,11 @@
 
 --pipeline runs kvideo.pipeline: first frame (t2i, or --image), keyframes, interpolation
 (0, 1 or 2 passes by --fps), video decoder, with a progress bar and the time of each stage; it
-writes an H.264 mp4 per prompt (and with --gif / --sheet a GIF and a PNG contact sheet: first
-frame, keyframes, every frame). --prompts-file has one prompt per line; each video goes to
---out-dir/NNN.mp4. The pipeline YAML names each stage's checkpoint.
+writes an H.264 mp4 per prompt, a JSON beside it with the prompt and every stage's resolved
+settings (and with --gif / --sheet a GIF and a PNG contact sheet: first frame, keyframes, every
+frame). --prompts-file has one prompt per line; each video goes to --out-dir/NNN.mp4. The
+pipeline YAML names each stage's checkpoint. --call sets any other argument of the pipeline
+call (each stage's sampler, steps and guidance, first_frame=false for text-to-video keyframes).
 
 Single stages (--stage):
   movq   encode a video frame by frame to the continuous latent the diffusion stages use, decode
@@ -53,6 +57,7 @@ Single stages (--stage):
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -259,7 +264,7 @@ def sample_video_decoder(args) -> int:
 
 
 def sample_pipeline(args) -> int:
-    from kvideo.pipeline import Pipeline, write_outputs
+    from kvideo.pipeline import Pipeline, call_arguments, write_outputs
 
     if args.prompts_file:
         path = Path(args.prompts_file)
@@ -275,14 +280,21 @@ def sample_pipeline(args) -> int:
         if not args.prompt or not args.out:
             raise ValueError("--pipeline needs --prompt and --out (or --prompts-file and --out-dir)")
         prompts, outs = [args.prompt], [Path(args.out)]
+    arguments = call_arguments(args.call, exclude=("seed",))  # the flags below win over --call
+    flags = {"negative_prompt": args.negative_prompt, "motion_score": args.motion_score, "fps": args.fps,
+             "passes": args.passes, "noise_aug_level": args.noise_aug_level, "text_guidance": args.text_guidance,
+             "image_guidance": args.image_guidance, "size": args.size, "num_keyframes": args.frames,
+             "decode_window": args.window}
+    arguments.update({k: v for k, v in flags.items() if v is not None})
     pipe = Pipeline.from_config(args.pipeline, args.overrides)
     image = load_image(args.image) if args.image else None  # the pipeline fits it to the video size
-    out = pipe(prompts, negative_prompt=args.negative_prompt, image=image, seed=args.seed,
-               motion_score=args.motion_score, fps=args.fps, passes=args.passes,
-               noise_aug_level=args.noise_aug_level, text_guidance=args.text_guidance,
-               image_guidance=args.image_guidance)
+    out = pipe(prompts, image=image, seed=args.seed, **arguments)
     for path in write_outputs(out, outs, gif=args.gif, sheet=args.sheet):
         print(f"wrote {path}")
+    for prompt, path in zip(prompts, outs):  # what made each video, beside it
+        record = {"prompt": prompt, "pipeline": args.pipeline, "overrides": args.overrides, "fps": out.fps,
+                  "frames": out.frames.shape[2], "settings": out.settings, "seconds": out.timings}
+        path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in out.timings.items())
     print(f"{len(prompts)} video(s) of {out.frames.shape[2]} frames at {out.fps:g} fps; {times}")
     return 0
@@ -302,6 +314,9 @@ def main(argv=None) -> int:
     pipe.add_argument("--out-dir")
     pipe.add_argument("--gif", action="store_true", help="also write a GIF beside each mp4")
     pipe.add_argument("--sheet", action="store_true", help="also write a PNG contact sheet beside each mp4")
+    pipe.add_argument("--call", action="append", metavar="KEY=VALUE",
+                      help="any other argument of the pipeline call (kvideo.pipeline.Pipeline.settings), e.g. "
+                           "keyframe_steps=15, keyframe_sampler=dpmpp_2m, first_frame=false (repeatable)")
     ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))
     movq = ap.add_argument_group("movq, interpolation and video_decoder")
     movq.add_argument("--input", help="video to reconstruct (movq, video_decoder) or keyframes to interpolate")

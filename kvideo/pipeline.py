@@ -29,11 +29,12 @@ stage, and the keyframe, interpolation and video decoder stages must share one l
 
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -351,6 +352,22 @@ class Pipeline:
                 cb()
         return VideoOutput(frames=frames, fps=out_fps, first_frames=first, keyframes=keyframes, timings=timings,
                            settings=settings)
+
+
+def call_arguments(items: Iterable[str], exclude: Sequence[str] = ()) -> Dict[str, Any]:
+    """Command-line `key=value` items -> keyword arguments of a pipeline call, values typed as
+    YAML (`3` an int, `false` a bool, `[fast, 0.1]` a list). A key that is not an argument of
+    `Pipeline.settings` (or is in `exclude`) is a ValueError naming it and the allowed keys."""
+    allowed = {"motion_score", *inspect.signature(Pipeline.settings).parameters} - {"self", "image", *exclude}
+    kwargs: Dict[str, Any] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--call '{item}': expected key=value")
+        key, value = item.split("=", 1)
+        if key not in allowed:
+            raise ValueError(f"--call {key}: not a pipeline argument here; choose from {', '.join(sorted(allowed))}")
+        kwargs[key] = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
+    return kwargs
 
 
 def _fit(images: torch.Tensor, height: int, width: int) -> torch.Tensor:

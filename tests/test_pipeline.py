@@ -1,6 +1,7 @@
 """The whole cascade on tiny trained stages: shapes, fps, determinism, image-to-video, the
 negative prompt, outputs that decode back, and clear errors for wrong checkpoints."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -98,10 +99,20 @@ def test_sample_py_pipeline_prompts_file(cascade, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
     code = sample.main(["--pipeline", str(cascade), "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "v"),
-                        "--seed", "1", "--motion-score", "fast", "--fps", "low", "--sheet"])
+                        "--seed", "1", "--motion-score", "fast", "--fps", "low", "--sheet", "--frames", "3",
+                        "--call", "keyframe_steps=1", "--call", "text_guidance=9", "--text-guidance", "3"])
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["000.mp4", "000.png", "001.mp4", "001.png"]
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["000.json", "000.mp4", "000.png", "001.json",
+                                                                  "001.mp4", "001.png"]
     assert "keyframes" in capsys.readouterr().out
+    record = json.loads((tmp_path / "v" / "001.json").read_text())
+    assert record["prompt"] == PROMPTS[1] and record["frames"] == 3 == probe(tmp_path / "v" / "001.mp4")["num_frames"]
+    kf = record["settings"]["keyframes"]
+    assert (kf["steps"], kf["text_guidance"], kf["num_keyframes"]) == (1, 3, 3)  # the flag wins over --call
+    assert record["settings"]["interpolation"] == {"passes": 0}
+    assert sample.main(["--pipeline", str(cascade), "--prompt", "x", "--out", str(tmp_path / "c.mp4"),
+                        "--call", "keyframe_stepz=3"]) == 2
+    assert "--call keyframe_stepz: not a pipeline argument" in capsys.readouterr().err
     image = tmp_path / "first.png"
     Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(image)
     assert sample.main(["--pipeline", str(cascade), "--prompt", PROMPTS[0], "--out", str(tmp_path / "i.mp4"),

@@ -126,24 +126,10 @@ def room_cell(summary: dict) -> str:
 
 
 def pipeline_call_arguments(items) -> dict:
-    """`--call key=value` items -> keyword arguments of the pipeline call (YAML-typed values)."""
-    import inspect
+    """`--call key=value` items -> pipeline call arguments (seed and fps are --seed and --fps)."""
+    from kvideo.pipeline import call_arguments
 
-    from omegaconf import OmegaConf
-
-    from kvideo.pipeline import Pipeline
-
-    allowed = ({"motion_score", *inspect.signature(Pipeline.settings).parameters}
-               - {"self", "image", "seed", "fps"})  # seed and fps are --seed and --fps
-    kwargs = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ValueError(f"--call '{item}': expected key=value")
-        key, value = item.split("=", 1)
-        if key not in allowed:
-            raise ValueError(f"--call {key}: not a pipeline argument here; choose from {', '.join(sorted(allowed))}")
-        kwargs[key] = OmegaConf.from_dotlist([f"v={value}"])["v"]  # YAML types: 3 -> int, false -> bool
-    return kwargs
+    return call_arguments(items, exclude=("seed", "fps"))
 
 
 @torch.no_grad()
