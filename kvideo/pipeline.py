@@ -358,7 +358,7 @@ def call_arguments(items: Iterable[str], exclude: Sequence[str] = ()) -> Dict[st
     """Command-line `key=value` items -> keyword arguments of a pipeline call, values typed as
     YAML (`3` an int, `false` a bool, `[fast, 0.1]` a list). A key that is not an argument of
     `Pipeline.settings` (or is in `exclude`) is a ValueError naming it and the allowed keys."""
-    allowed = {"motion_score", *inspect.signature(Pipeline.settings).parameters} - {"self", "image", *exclude}
+    allowed = set(inspect.signature(Pipeline.settings).parameters) - {"self", "image", *exclude}
     kwargs: Dict[str, Any] = {}
     for item in items or ():
         if "=" not in item:

@@ -64,11 +64,16 @@ def train_variant(spec: dict, pipeline_cfg, out: Path) -> str:
     return str(run_dir)
 
 
+def call_items(spec: dict) -> list:
+    """The ablation's call as evaluate_shapes' `--call key=value` items."""
+    return [f"{name}={json.dumps(value)}" for name, value in spec["call"].items()]
+
+
 def resolved_settings(pipe, spec: dict) -> dict:
     """What the ablation's call runs, resolved against the pipeline's stage defaults (as
     tools/evaluate_shapes.py calls it): ablations that resolve alike are the same videos."""
     try:
-        call = evaluate_shapes.pipeline_call_arguments(f"{k}={json.dumps(v)}" for k, v in spec["call"].items())
+        call = evaluate_shapes.pipeline_call_arguments(call_items(spec))
         settings = pipe.settings(**call)
     except ValueError as e:
         raise ValueError(f"ablation '{spec['file']}': {e}") from None
@@ -139,8 +144,8 @@ def main(argv=None) -> int:
                    "--out", str(out / spec["stem"])]
             if args.limit:
                 cmd += ["--limit", str(args.limit)]
-            for name, value in spec["call"].items():
-                cmd += ["--call", f"{name}={json.dumps(value)}"]
+            for item in call_items(spec):
+                cmd += ["--call", item]
             print(f"== {spec['group']}: {spec['name']}", flush=True)
             if evaluate_shapes.main(cmd) != 0:
                 print(f"error: ablation '{spec['file']}' failed", file=sys.stderr)
