@@ -6,13 +6,17 @@
     if (ckpts := checkpoints_from_args(args)) is None:  # [(checkpoint dir, step, minutes or None)]
         return 2
     prompts = canonical_prompts(args.limit)
+    score_checkpoints(ckpts, lambda ckpt: evaluate(ckpt, prompts), ["seen all", ...],
+                      lambda r: [pct(r["seen"]["all"]), ...], out=Path(args.out) / "results.json")
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 from kvideo.train.logging import checkpoints_on_time_axis
 
@@ -38,6 +42,27 @@ def checkpoints_from_args(args: argparse.Namespace) -> Optional[list]:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return None
+
+
+def score_checkpoints(ckpts: list, score: Callable[[Path], dict], columns: list,
+                      cells: Callable[[dict], list], out: Optional[Path] = None) -> list:
+    """Score each checkpoint of `ckpts` (from `checkpoints_from_args`) and print a markdown table
+    as it goes, one row a checkpoint: its name, its training minutes, then `cells(result)` under
+    `columns`. `score(ckpt)` returns the checkpoint's results; each gets "step" and
+    "train_minutes". Returns the results, also written to `out` as JSON when it is given."""
+    print("| checkpoint | train min | " + " | ".join(columns) + " |")
+    print("|" + "---|" * (len(columns) + 2))
+    results = []
+    for ckpt, step, minutes in ckpts:
+        r = score(ckpt)
+        r["step"], r["train_minutes"] = step, minutes
+        results.append(r)
+        print("| " + " | ".join([ckpt.name, "?" if minutes is None else f"{minutes:.1f}", *cells(r)]) + " |",
+              flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+    return results
 
 
 def canonical_prompts(limit: Optional[int] = None) -> list:

@@ -187,6 +187,20 @@ def test_shards_pix_fmt_reads_the_first_clip(shapes_shards):
     assert probe(encode_video_bytes(np.zeros((2, 16, 16, 3), np.uint8), 24.0, pix_fmt="yuv420p"))["pix_fmt"] == "yuv420p"
 
 
+def test_score_checkpoints_prints_a_row_each_and_writes_the_results(tmp_path, capsys):
+    from kvideo.evaluation import pct, score_checkpoints
+
+    ckpts = [(tmp_path / "step_0000010", 10, 1.25), (tmp_path / "step_0000020", 20, None)]
+    out = tmp_path / "eval" / "results.json"
+    results = score_checkpoints(ckpts, lambda ckpt: {"acc": int(ckpt.name[-2:]) / 40}, ["acc"],
+                                lambda r: [pct(r["acc"])], out)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["| checkpoint | train min | acc |", "|---|---|---|",
+                     "| step_0000010 | 1.2 | 25% |", "| step_0000020 | ? | 50% |"]
+    assert json.loads(out.read_text()) == results == [{"acc": 0.25, "step": 10, "train_minutes": 1.25},
+                                                      {"acc": 0.5, "step": 20, "train_minutes": None}]
+
+
 # ----------------------------------------------------------------------------- scorer
 
 

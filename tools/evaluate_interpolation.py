@@ -29,7 +29,6 @@ contact sheet (per clip: truth, blend, model).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 from einops import rearrange
 
 from kvideo.evaluation import (add_checkpoint_arguments, add_prompt_arguments, canonical_prompts,
-                               checkpoints_from_args, shards_pix_fmt)
+                               checkpoints_from_args, score_checkpoints, shards_pix_fmt)
 
 
 def psnr_from_mse(mse: float) -> float:
@@ -144,23 +143,17 @@ def main(argv=None) -> int:
         return 2
     prompts = canonical_prompts(args.limit)
     out = Path(args.out) if args.out else None
-    results = []
-    print("| checkpoint | train min | clips | model PSNR | linear blend PSNR | model - blend | MoVQ ceiling | "
-          "still / slow / fast (model - blend) | sampling s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for ckpt, step, minutes in ckpts:
-        r = evaluate(ckpt, prompts, args, out)
-        r["step"], r["train_minutes"] = step, minutes
-        results.append(r)
+
+    def cells(r):
         a = r["all"]
         by_motion = " / ".join(f"{r[m]['model_minus_blend_db']:+.1f}" if m in r and np.isfinite(r[m]["blend_psnr"])
                                else "-" for m in ("still", "slow", "fast"))
-        mins = f"{minutes:.1f}" if minutes is not None else "?"
-        print(f"| {ckpt.name} | {mins} | {a['n']} | {a['model_psnr']:.2f} dB | {a['blend_psnr']:.2f} dB | "
-              f"{a['model_minus_blend_db']:+.2f} dB | {a['ceiling_psnr']:.2f} dB | {by_motion} | {r['sampling_s']} |",
-              flush=True)
-    if out is not None:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        return [str(a["n"]), f"{a['model_psnr']:.2f} dB", f"{a['blend_psnr']:.2f} dB",
+                f"{a['model_minus_blend_db']:+.2f} dB", f"{a['ceiling_psnr']:.2f} dB", by_motion, str(r["sampling_s"])]
+
+    score_checkpoints(ckpts, lambda ckpt: evaluate(ckpt, prompts, args, out),
+                      ["clips", "model PSNR", "linear blend PSNR", "model - blend", "MoVQ ceiling",
+                       "still / slow / fast (model - blend)", "sampling s"], cells, out / "results.json" if out else None)
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from einops import rearrange
 
 from kvideo.diffusion.schedule import SPACINGS
 from kvideo.evaluation import (add_checkpoint_arguments, add_prompt_arguments, canonical_prompts,
-                               checkpoints_from_args, motion_preset)
+                               checkpoints_from_args, motion_preset, pct, score_checkpoints)
 
 ATTRS = ("direction", "speed", "background", "color", "shape")
 
@@ -148,30 +147,21 @@ def main(argv=None) -> int:
         return 2
     prompts = canonical_prompts(args.limit)
     out = Path(args.out) if args.out else None
-    results = []
-    print("| checkpoint | train min | seen direction | seen slow/fast | seen frame-0 PSNR | held-out direction | "
-          "held-out slow/fast | mean speed px/frame | sampling s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for ckpt, step, minutes in ckpts:
-        try:
-            r = evaluate(ckpt, prompts, args, out)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        r["step"], r["train_minutes"] = step, minutes
-        results.append(r)
+
+    def cells(r):
         s, h = r["seen"], r.get("held_out", {})
-        mins = f"{r['train_minutes']:.1f}" if r["train_minutes"] is not None else "?"
-
-        def pct(v):
-            return "-" if v is None else f"{v:.0%}"
-
         speed = r["all"]["mean_speed_px_per_24fps_frame"]
-        print(f"| {ckpt.name} | {mins} | {pct(s['direction'])} | {pct(s['speed'])} | {s['frame0_psnr']:.1f} dB | "
-              f"{pct(h.get('direction'))} | {pct(h.get('speed'))} | "
-              f"{'-' if speed is None else f'{speed:.3f}'} | {r['sampling_s']} |", flush=True)
-    if out is not None:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        return [pct(s["direction"]), pct(s["speed"]), f"{s['frame0_psnr']:.1f} dB", pct(h.get("direction")),
+                pct(h.get("speed")), "-" if speed is None else f"{speed:.3f}", str(r["sampling_s"])]
+
+    try:
+        score_checkpoints(ckpts, lambda ckpt: evaluate(ckpt, prompts, args, out),
+                          ["seen direction", "seen slow/fast", "seen frame-0 PSNR", "held-out direction",
+                           "held-out slow/fast", "mean speed px/frame", "sampling s"],
+                          cells, out / "results.json" if out else None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -19,7 +19,6 @@ checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvideo.evaluation import add_checkpoint_arguments, canonical_prompts, checkpoints_from_args, pct
+from kvideo.evaluation import (add_checkpoint_arguments, canonical_prompts, checkpoints_from_args, pct,
+                               score_checkpoints)
 
 FRAME_ATTRIBUTES = ("background", "color", "shape")
 
@@ -103,22 +103,18 @@ def main(argv=None) -> int:
         return 2
     prompts = canonical_prompts()
     out = Path(args.out) if args.out else None
-    results = []
-    print("| checkpoint | train min | seen bg | seen colour | seen shape | seen all | held-out colour | "
-          "held-out shape | held-out all | room for motion seen / held-out | sampling s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for ckpt, step, minutes in ckpts:
-        r = evaluate(ckpt, prompts, args.per_prompt, args.sampler, args.steps, args.guidance, args.seed, out,
-                     args.spacing, args.threshold, (args.room_frames, args.room_fps))
-        r["step"], r["train_minutes"] = step, minutes
-        results.append(r)
+
+    def cells(r):
         s, h = r["seen"], r["held_out"]
-        mins = f"{r['train_minutes']:.1f}" if r["train_minutes"] is not None else "?"
-        print(f"| {ckpt.name} | {mins} | {s['background']:.0%} | {s['color']:.0%} | {s['shape']:.0%} | "
-              f"{s['all_three']:.0%} | {h['color']:.0%} | {h['shape']:.0%} | {h['all_three']:.0%} | "
-              f"{pct(s['room_for_motion'])} / {pct(h['room_for_motion'])} | {r['sampling_s']} |", flush=True)
-    if out is not None:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        return [pct(s["background"]), pct(s["color"]), pct(s["shape"]), pct(s["all_three"]), pct(h["color"]),
+                pct(h["shape"]), pct(h["all_three"]), f"{pct(s['room_for_motion'])} / {pct(h['room_for_motion'])}",
+                str(r["sampling_s"])]
+
+    score_checkpoints(
+        ckpts, lambda ckpt: evaluate(ckpt, prompts, args.per_prompt, args.sampler, args.steps, args.guidance,
+                                     args.seed, out, args.spacing, args.threshold, (args.room_frames, args.room_fps)),
+        ["seen bg", "seen colour", "seen shape", "seen all", "held-out colour", "held-out shape", "held-out all",
+         "room for motion seen / held-out", "sampling s"], cells, out / "results.json" if out else None)
     return 0
 
 

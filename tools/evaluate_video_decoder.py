@@ -22,12 +22,11 @@ inconsistency).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from kvideo.evaluation import add_checkpoint_arguments, checkpoints_from_args
+from kvideo.evaluation import add_checkpoint_arguments, checkpoints_from_args, score_checkpoints
 
 
 def main(argv=None) -> int:
@@ -61,11 +60,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results, image_decoders, by_distance = [], {}, []
-    print("| checkpoint | train min | clips x frames | PSNR video decoder | PSNR image decoder | flicker video | "
-          "flicker image | flicker reduction | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for ckpt, step, minutes in ckpts:
+    image_decoders = {}
+
+    def score(ckpt):
         cfg = read_config(ckpt)
         frames = args.frames or int(cfg["data"]["num_frames"])
         dataset = ClipDataset(index, num_frames=frames, fps=args.fps or float(cfg["data"]["fps"]),
@@ -79,24 +76,31 @@ def main(argv=None) -> int:
                     image_decoders[movq] = load_movq(movq)
                 image = image_decoders[movq]
             except FileNotFoundError as e:
-                print(f"error: {ckpt}: its recipe.movq, the image decoder to compare against, is missing: {e} "
-                      "(or pass --image-decoder same)", file=sys.stderr)
-                return 2
+                raise FileNotFoundError(f"{ckpt}: its recipe.movq, the image decoder to compare against, is missing: "
+                                        f"{e} (or pass --image-decoder same)") from e
         t0 = time.perf_counter()
         with torch.no_grad():
             r = evaluate_video_decoding(ae, eval_batches(dataset, args.batch_size, -(-args.max_clips // args.batch_size)),
                                         torch.device("cpu"), window=args.window, overlap=args.overlap,
                                         image_decoder=image)
-        r.update({"checkpoint": str(ckpt), "step": step, "train_minutes": minutes, "frames": frames,
-                  "window": args.window, "image_decoder": args.image_decoder, "seconds": round(time.perf_counter() - t0, 1)})
-        results.append(r)
-        mins = f"{minutes:.1f}" if minutes is not None else "?"
-        print(f"| {ckpt.name} | {mins} | {int(r['clips'])} x {frames} | {r['psnr_video']:.2f} dB | "
-              f"{r['psnr_image']:.2f} dB | {r['flicker_video']:.5f} | {r['flicker_image']:.5f} | "
-              f"{r['flicker_reduction']:.1%} | {r['seconds']} |", flush=True)
-        if args.by_distance:
-            by_distance.append((ckpt.name, r["flicker_by_distance"]))
-    for name, bands in by_distance:
+        r.update({"checkpoint": str(ckpt), "frames": frames, "window": args.window,
+                  "image_decoder": args.image_decoder, "seconds": round(time.perf_counter() - t0, 1)})
+        return r
+
+    def cells(r):
+        return [f"{int(r['clips'])} x {r['frames']}", f"{r['psnr_video']:.2f} dB", f"{r['psnr_image']:.2f} dB",
+                f"{r['flicker_video']:.5f}", f"{r['flicker_image']:.5f}", f"{r['flicker_reduction']:.1%}",
+                str(r["seconds"])]
+
+    try:
+        results = score_checkpoints(ckpts, score, ["clips x frames", "PSNR video decoder", "PSNR image decoder",
+                                                   "flicker video", "flicker image", "flicker reduction", "s"],
+                                    cells, Path(args.out) if args.out else None)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in results if args.by_distance else []:
+        name, bands = Path(r["checkpoint"]).name, r["flicker_by_distance"]
         print(f"\n{name}: static-background flicker by distance from the nearest moving pixel\n")
         print("| distance | share of static pixels | flicker video | flicker image | reduction | share of image flicker |")
         print("|---|---|---|---|---|---|")
@@ -104,9 +108,6 @@ def main(argv=None) -> int:
             reduction = 1.0 - band["flicker_video"] / max(band["flicker_image"], 1e-12)
             print(f"| {band['band']} | {band['static_share']:.1%} | {band['flicker_video']:.5f} | "
                   f"{band['flicker_image']:.5f} | {reduction:.1%} | {band['share_of_image_flicker']:.1%} |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
 
 
