@@ -1,0 +1,61 @@
+"""Same behaviour, proven: today's code against the golden outputs recorded before the
+architecture moved (tests/golden_cases.py says what they are and how they were recorded).
+
+On a machine like the recording one (same CPU model, torch version and thread count) the outputs
+must be bitwise equal. Elsewhere the CPU kernels sum in another order, so they are compared
+within a tolerance scaled to float32 rounding.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import golden_cases
+
+OUTPUTS = golden_cases.GOLDEN / "outputs.safetensors"
+
+
+@pytest.fixture(scope="module")
+def computed(tmp_path_factory):
+    root = golden_cases.resolved_copy(tmp_path_factory.mktemp("golden"))
+    return golden_cases.stored_form(golden_cases.compute(root))
+
+
+def _same_host() -> bool:
+    with safe_open(str(OUTPUTS), framework="pt") as f:
+        recorded = json.loads(f.metadata()["host"])
+    return recorded == golden_cases.host()
+
+
+def test_every_output_matches_the_recording(computed):
+    expected = load_file(str(OUTPUTS))
+    assert set(computed) == set(expected), (sorted(set(expected) - set(computed))[:5],
+                                            sorted(set(computed) - set(expected))[:5])
+    exact = _same_host()
+    differ = []
+    for key in sorted(expected):
+        a, b = computed[key], expected[key]
+        assert a.shape == b.shape and a.dtype == b.dtype, key
+        if exact:
+            ok = torch.equal(a, b)
+        else:
+            ok = torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+        if not ok:
+            differ.append(f"{key}: max |diff| {float((a.double() - b.double()).abs().max()):.3g}")
+    assert not differ, f"{len(differ)} of {len(expected)} outputs differ ({'bitwise' if exact else 'tolerance'}):\n" \
+                       + "\n".join(differ[:20])
+
+
+def test_the_fixture_checkpoints_are_in_the_recorded_format():
+    """The checkpoints were written by the code the fixture protects: nothing re-wrote them."""
+    root = golden_cases.GOLDEN / "checkpoints"
+    stages = sorted(p.name for p in root.iterdir())
+    assert stages == sorted(golden_cases.STAGES)
+    for stage in stages:
+        step = root / stage / "checkpoints" / (root / stage / "checkpoints" / "latest").read_text().strip()
+        assert {p.name for p in step.iterdir()} == {"model.safetensors", "ema.safetensors", "config.yaml"}
+        assert f"stage: {stage}" in (step / "config.yaml").read_text()
