@@ -1,7 +1,7 @@
 """Sample from trained kvideo stages, or from the whole cascade.
 
     python sample.py --pipeline configs/pipeline/shapes.yaml --prompt "..." --out out.mp4
-        [--seed N] [--image first.png] [--motion-score X|PRESET] [--fps low|medium|high]
+        [--seed N] [--image first.png] [--motion-score X|PRESET] [--fps-preset low|medium|high]
         [--negative-prompt "..."] [--gif] [--sheet] [--prompts-file FILE --out-dir DIR]
         [--size H W] [--frames N] [--window W] [--text-guidance W] [--image-guidance W]
         [--noise-aug-level L] [--passes N] [--call KEY=VALUE ...]
@@ -25,7 +25,7 @@
         [--window W] [--overlap O] [--max-frames N] [--side-by-side]
 
 --pipeline runs kvideo.pipeline: first frame (t2i, or --image), keyframes, interpolation
-(0, 1 or 2 passes by --fps), video decoder, with a progress bar and the time of each stage; it
+(0, 1 or 2 passes by --fps-preset), video decoder, with a progress bar and the time of each stage; it
 writes an H.264 mp4 per prompt, a JSON beside it with the prompt and every stage's resolved
 settings (and with --gif / --sheet a GIF and a PNG contact sheet: first frame, keyframes, every
 frame). --prompts-file has one prompt per line; each video goes to --out-dir/NNN.mp4. The
@@ -97,7 +97,8 @@ def fit_size(path: str, factor: int, size=None) -> tuple:
 
 
 def sample_movq(args) -> int:
-    from kvideo.stages.movq import load_movq, psnr
+    from kvideo.inference.autoencoder import load_movq
+    from kvideo.metrics.reconstruction import psnr
 
     ae = load_movq(args.checkpoint, which=args.which)
     size = fit_size(args.input, ae.downsample_factor, args.size)
@@ -115,20 +116,17 @@ def sample_t2i(args) -> int:
     from torchvision.utils import save_image
     from tqdm import tqdm
 
-    from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
+    from kvideo.inference.loading import load_bundle
+    from kvideo.inference.sampling import FirstFrameOptions, sample_first_frames
 
-    model, movq, cfg = load_t2i(args.checkpoint, which=args.which)
-    sc = cfg.recipe.sampling
-    steps = args.steps or sc.steps
-    height, width = args.size or list(cfg.data.size)
-    bar = tqdm(total=steps, desc="t2i")
-    images = sample_images(
-        model, movq, make_schedule(cfg.recipe.diffusion, cfg.recipe.sampling), [args.prompt] * args.num, height=height, width=width,
-        target=cfg.recipe.diffusion.target, latent_scale=cfg.recipe.latent_scale,
-        sampler=args.sampler or sc.sampler, steps=steps, spacing=args.spacing or sc.spacing,
-        guidance=sc.guidance if args.guidance is None else args.guidance, negative_prompt=args.negative_prompt,
-        dynamic_threshold=sc.dynamic_threshold, generator=torch.Generator().manual_seed(args.seed),
-        callback=lambda *_: bar.update(1))
+    t2i = load_bundle(args.checkpoint, "t2i", args.which)
+    height, width = args.size or list(t2i.cfg.data.size)
+    options = FirstFrameOptions.from_recipe(t2i.cfg, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                                            guidance=args.guidance, height=height, width=width,
+                                            negative_prompt=args.negative_prompt)
+    bar = tqdm(total=options.spec.steps, desc="t2i")
+    images = sample_first_frames(t2i, [args.prompt] * args.num, options, generator=torch.Generator().manual_seed(args.seed),
+                                 callback=lambda *_: bar.update(1))
     bar.close()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_image((images + 1) / 2, args.out, nrow=len(images))
@@ -157,89 +155,83 @@ def load_image(path: str, size=None) -> torch.Tensor:
 def sample_keyframe(args) -> int:
     from tqdm import tqdm
 
-    from kvideo.stages.keyframe import (decode_video, load_keyframe, resolve_motion_score, sample_keyframes,
-                                        sampling_noise_level)
-    from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
+    from kvideo.inference.autoencoder import decode_latents
+    from kvideo.inference.loading import load_bundle
+    from kvideo.inference.sampling import (FirstFrameOptions, KeyframeOptions, first_frames_at, resolve_motion_score,
+                                           sample_keyframes)
 
-    model, movq, cfg = load_keyframe(args.checkpoint, which=args.which)
-    rc, sc = cfg.recipe, cfg.recipe.sampling
-    height, width = args.size or list(cfg.data.size)
+    kf = load_bundle(args.checkpoint, "keyframe", args.which)
+    rc = kf.recipe
+    height, width = args.size or list(kf.cfg.data.size)
     generator = torch.Generator().manual_seed(args.seed)
     if args.image:
         first = load_image(args.image, (height, width))
-    else:
+    else:  # as the pipeline makes it: the t2i image at --first-frame-scale times the size, fitted
         t2i_path = args.t2i or rc.init_from
         if not t2i_path:
             raise ValueError("no first frame: give --image, or --t2i with a t2i checkpoint "
                              "(the keyframe run has no recipe.init_from)")
-        t2i, t2i_movq, t2i_cfg = load_t2i(t2i_path, which=args.which)
-        ts = t2i_cfg.recipe.sampling
-        first = sample_images(t2i, t2i_movq, make_schedule(t2i_cfg.recipe.diffusion, t2i_cfg.recipe.sampling), [args.prompt], height=height,
-                              width=width, target=t2i_cfg.recipe.diffusion.target,
-                              latent_scale=t2i_cfg.recipe.latent_scale, sampler=ts.sampler, steps=ts.steps,
-                              spacing=ts.spacing, guidance=ts.guidance, negative_prompt=args.negative_prompt,
-                              dynamic_threshold=ts.dynamic_threshold, generator=generator)
+        t2i = load_bundle(t2i_path, "t2i", args.which)
+        s = args.first_frame_scale
+        options = FirstFrameOptions.from_recipe(t2i.cfg, height=height * s, width=width * s,
+                                                negative_prompt=args.negative_prompt)
+        first = first_frames_at(t2i, [args.prompt], options, (height, width), generator=generator)
     with torch.no_grad():
-        first_latent = movq.encode(first).float() * rc.latent_scale
+        first_latent = kf.movq.encode(first).float() * rc.latent_scale
     motion = resolve_motion_score(rc.motion, args.motion_score)
-    steps = args.steps or sc.steps
-    bar = tqdm(total=steps, desc="keyframes")
-    latents = sample_keyframes(
-        model, make_schedule(rc.diffusion, rc.sampling), [args.prompt], first_latent, num_frames=args.frames or cfg.data.num_frames,
-        target=rc.diffusion.target, motion_score=motion, motion_scale=rc.motion.scale,
-        noise_aug_level=sampling_noise_level(rc.noise_aug) if args.noise_aug_level is None else args.noise_aug_level,
-        sampler=args.sampler or sc.sampler, steps=steps, spacing=args.spacing or sc.spacing,
-        text_guidance=sc.text_guidance if args.text_guidance is None else args.text_guidance,
-        image_guidance=sc.image_guidance if args.image_guidance is None else args.image_guidance,
-        latent_scale=rc.latent_scale, negative_prompt=args.negative_prompt, dynamic_threshold=sc.dynamic_threshold,
-        generator=generator, callback=lambda *_: bar.update(1))
+    options = KeyframeOptions.from_recipe(kf.cfg, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                                          text_guidance=args.text_guidance, image_guidance=args.image_guidance,
+                                          noise_aug_level=args.noise_aug_level, num_frames=args.frames,
+                                          negative_prompt=args.negative_prompt)
+    bar = tqdm(total=options.spec.steps, desc="keyframes")
+    latents = sample_keyframes(kf, [args.prompt], first_latent, motion, options, generator=generator,
+                               callback=lambda *_: bar.update(1))
     bar.close()
-    video = decode_video(movq, latents, rc.latent_scale)[0]  # (3, f, h, w)
-    write_frames(args.out, video, cfg.data.fps)
-    print(f"wrote {args.out} ({video.shape[1]} keyframes at {cfg.data.fps:g} fps, motion score {motion:g})")
+    video = decode_latents(kf.movq, latents, rc.latent_scale)[0]  # (3, f, h, w)
+    write_frames(args.out, video, kf.cfg.data.fps)
+    print(f"wrote {args.out} ({video.shape[1]} keyframes at {kf.cfg.data.fps:g} fps, motion score {motion:g})")
     return 0
 
 
 def sample_interpolation(args) -> int:
     from tqdm import tqdm
 
-    from kvideo.stages.interpolation import frames_after_passes, interpolate, load_interpolation
-    from kvideo.stages.keyframe import decode_video
-    from kvideo.stages.t2i import make_schedule
+    from kvideo.inference.autoencoder import decode_latents
+    from kvideo.inference.gaps import frames_after_passes
+    from kvideo.inference.loading import load_bundle
+    from kvideo.inference.sampling import InterpolationOptions, interpolate
 
-    model, movq, cfg = load_interpolation(args.checkpoint, which=args.which)
-    rc, sc = cfg.recipe, cfg.recipe.sampling
+    ip = load_bundle(args.checkpoint, "interpolation", args.which)
+    rc = ip.recipe
     skips = [p.skip_frames for p in rc.passes]
     if args.passes is not None and not 1 <= args.passes <= len(skips):
         raise ValueError(f"--passes {args.passes}: the run has {len(skips)} pass(es) (recipe.passes)")
-    passes = skips[: args.passes or len(skips)]  # the first passes: from the keyframe spacing down
-    keys, fps = read_clip(args.input, args.size or list(cfg.data.size), args.max_frames)
+    skips = skips[: args.passes or len(skips)]  # the first passes: from the keyframe spacing down
+    keys, fps = read_clip(args.input, args.size or list(ip.cfg.data.size), args.max_frames)
     if len(keys) < 2:
         raise ValueError(f"'{args.input}' has {len(keys)} frame: interpolation needs at least 2 keyframes")
     with torch.no_grad():
-        z = rearrange(movq.encode(keys).float() * rc.latent_scale, "f c h w -> 1 c f h w")
-    steps = args.steps or sc.steps
-    bar = tqdm(total=steps * len(passes), desc="interpolation")
-    latents = interpolate(model, make_schedule(rc.diffusion, rc.sampling), z, [args.prompt or ""], passes=passes,
-                          frames_per_gap=rc.frames_per_gap, target=rc.diffusion.target,
-                          sampler=args.sampler or sc.sampler, steps=steps, spacing=args.spacing or sc.spacing,
-                          guidance=sc.guidance if args.guidance is None else args.guidance,
-                          latent_scale=rc.latent_scale, negative_prompt=args.negative_prompt,
-                          dynamic_threshold=sc.dynamic_threshold, residual=rc.residual,
-                          generator=torch.Generator().manual_seed(args.seed), callback=lambda *_: bar.update(1))
+        z = rearrange(ip.movq.encode(keys).float() * rc.latent_scale, "f c h w -> 1 c f h w")
+    options = InterpolationOptions.from_recipe(ip.cfg, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                                               guidance=args.guidance, skip_frames=skips,
+                                               negative_prompt=args.negative_prompt)
+    passes = len(skips)
+    bar = tqdm(total=options.spec.steps * passes, desc="interpolation")
+    latents = interpolate(ip, z, [args.prompt or ""], options, generator=torch.Generator().manual_seed(args.seed),
+                          callback=lambda *_: bar.update(1))
     bar.close()
-    assert latents.shape[2] == frames_after_passes(len(keys), len(passes), rc.frames_per_gap)
-    out_fps = fps * (rc.frames_per_gap + 1) ** len(passes)
-    write_frames(args.out, decode_video(movq, latents, rc.latent_scale)[0], out_fps)
+    assert latents.shape[2] == frames_after_passes(len(keys), passes, rc.frames_per_gap)
+    out_fps = fps * (rc.frames_per_gap + 1) ** passes
+    write_frames(args.out, decode_latents(ip.movq, latents, rc.latent_scale)[0], out_fps)
     print(f"wrote {args.out} ({len(keys)} keyframes -> {latents.shape[2]} frames at {out_fps:g} fps, "
-          f"{len(passes)} pass(es))")
+          f"{passes} pass(es))")
     return 0
 
 
 def sample_video_decoder(args) -> int:
-    from kvideo.stages.movq import psnr
-    from kvideo.stages.video_decoder import load_video_movq, static_background_flicker
-    from kvideo.train.checkpoint import load_stage_weights
+    from kvideo.inference.autoencoder import load_video_movq
+    from kvideo.inference.checkpoints import load_stage_weights
+    from kvideo.metrics.reconstruction import psnr, static_background_flicker
 
     ae = load_video_movq(args.checkpoint, which=args.which)
     _, cfg = load_stage_weights(args.checkpoint, "video_decoder", args.which)
@@ -281,7 +273,7 @@ def sample_pipeline(args) -> int:
             raise ValueError("--pipeline needs --prompt and --out (or --prompts-file and --out-dir)")
         prompts, outs = [args.prompt], [Path(args.out)]
     arguments = call_arguments(args.call, exclude=("seed",))  # the flags below win over --call
-    flags = {"negative_prompt": args.negative_prompt, "motion_score": args.motion_score, "fps": args.fps,
+    flags = {"negative_prompt": args.negative_prompt, "motion_score": args.motion_score, "fps_preset": args.fps_preset,
              "passes": args.passes, "noise_aug_level": args.noise_aug_level, "text_guidance": args.text_guidance,
              "image_guidance": args.image_guidance, "size": args.size, "num_keyframes": args.frames,
              "decode_window": args.window}
@@ -309,7 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     ap.add_argument("overrides", nargs="*", help="--pipeline: config overrides key=value")
     pipe = ap.add_argument_group("pipeline")
-    pipe.add_argument("--fps", choices=["low", "medium", "high"], help="interpolation passes 0 / 1 / 2")
+    pipe.add_argument("--fps-preset", choices=["low", "medium", "high"], help="interpolation passes 0 / 1 / 2")
     pipe.add_argument("--prompts-file", help="one prompt per line (with --out-dir)")
     pipe.add_argument("--out-dir")
     pipe.add_argument("--gif", action="store_true", help="also write a GIF beside each mp4")
@@ -334,6 +326,9 @@ def main(argv=None) -> int:
     kf = ap.add_argument_group("keyframe")
     kf.add_argument("--image", help="first frame to animate (any picture); default: sampled by the t2i model")
     kf.add_argument("--t2i", help="t2i checkpoint for the first frame (default: the run's recipe.init_from)")
+    kf.add_argument("--first-frame-scale", type=int, default=2,
+                    help="the t2i image is this many times the video size, then fitted, as the pipeline's "
+                         "first_frame_scale (release: 2; configs/pipeline/shapes.yaml: 1)")
     kf.add_argument("--motion-score", help="a number (shard motion-score units) or a preset name")
     kf.add_argument("--frames", type=int, help="keyframes (default: the run's data.num_frames)")
     kf.add_argument("--text-guidance", type=float)

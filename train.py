@@ -9,7 +9,9 @@ The config names the stage (`stage: movq | ...`); later files and `key=value` ov
 
 import sys
 
-from kvideo.config import ConfigError, load_config
+from kvideo.config import ConfigError
+
+from kvideo.registry import load_config
 from kvideo.train.engine import train
 
 

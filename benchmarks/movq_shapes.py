@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def render_if_missing(out: Path, num_clips: int, seed: int, split: str) -> None:
-    from kvideo.data.shapesworld import write_shapesworld
+    from kvideo.data.shapesworld import ShapesWorldSpec, write_shapesworld
 
     if (out / "dataset.json").is_file():
         return
-    write_shapesworld(out, num_clips, size=64, seed=seed, split=split, workers=2)
+    write_shapesworld(out, ShapesWorldSpec(num_clips, size=64, seed=seed, split=split), workers=2)
 
 
 @torch.no_grad()
@@ -42,7 +42,8 @@ def score(ckpt_dir: Path, val: Path, batch_size: int = 64) -> dict:
     """PSNR (continuous and quantised latent) and codebook usage on every frame of `val`."""
     from kvideo.data.shapes_scorer import aggregate_scores, score_clip
     from kvideo.data.shards import ClipDataset, ShardIndex, collate
-    from kvideo.stages.movq import evaluate_reconstruction, frames_of, load_movq
+    from kvideo.inference.autoencoder import load_movq
+    from kvideo.metrics.reconstruction import evaluate_reconstruction, frames_of
 
     ae = load_movq(ckpt_dir)
     index = ShardIndex(str(val), key="val")

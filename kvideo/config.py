@@ -1,8 +1,9 @@
 """Typed configuration: dataclass schemas under OmegaConf, and `load_config`.
 
 A run is described by one `Config`. Its sections that every stage shares (`data`, `train`) have
-fixed schemas here; the sections that depend on the stage are typed by the stage and model
-registries (`kvideo.registry`):
+fixed schemas here; the sections that depend on the stage are typed by the `Schemas` the loader
+is handed (`kvideo.registry.SCHEMAS`: each stage's recipe schema and the models' schemas; this
+module imports neither):
 
     stage: movq              # a registered stage; decides the schema of `recipe`
     model:
@@ -12,8 +13,8 @@ registries (`kvideo.registry`):
     recipe:                  # the stage's training recipe: losses, conditioning dropout, ...
       gan_start: 50000
 
-`load_config(files, overrides)` merges YAML files left to right, then `key=value` overrides, over
-the schema. An unknown key or a value of the wrong type stops start-up with a `ConfigError` that
+`load_config(files, overrides, schemas=...)` merges YAML files left to right, then `key=value`
+overrides, over the schema (`kvideo.registry.load_config` hands it the registered schemas). An unknown key or a value of the wrong type stops start-up with a `ConfigError` that
 names the dotted key and lists the valid keys next to it. Defaults live in these schemas only:
 code reads `cfg.train.lr`, never `cfg.get("lr", 1e-4)`.
 """
@@ -24,7 +25,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -102,6 +103,31 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the valid choices."""
 
 
+@dataclass(frozen=True)
+class ModelSchema:
+    """A model a config can name: the dataclass of its hyper-parameters and its named sizes."""
+
+    schema: type
+    sizes: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class StageSchema:
+    """A stage a config can name: the dataclass of its `recipe` section and its default model."""
+
+    recipe: type
+    default_model: str
+
+
+@dataclass(frozen=True)
+class Schemas:
+    """What types the stage-dependent sections: stage name -> StageSchema, model name -> ModelSchema
+    (or anything with `schema` and `sizes`)."""
+
+    stages: Dict[str, StageSchema]
+    models: Dict[str, Any]
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
@@ -138,22 +164,20 @@ def _merge(schema: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"{source}: wrong type for config key '{key}': {e.msg}") from None
 
 
-def _schema_for(raw: DictConfig) -> DictConfig:
+def _schema_for(raw: DictConfig, schemas: Schemas) -> DictConfig:
     """Build the typed schema for a raw config by reading its `stage` and `model.name`."""
-    from kvideo import registry  # the registry imports the stages, which import this module
-
     stage = raw.get("stage")
     if stage is None or OmegaConf.is_missing(raw, "stage"):
-        raise ConfigError(f"config key 'stage' is required. Valid stages: {', '.join(registry.STAGES)}")
-    if stage not in registry.STAGES:
-        raise ConfigError(f"config key 'stage': unknown stage '{stage}'. Valid stages: {', '.join(registry.STAGES)}")
-    stage_cls = registry.STAGES[stage]
+        raise ConfigError(f"config key 'stage' is required. Valid stages: {', '.join(schemas.stages)}")
+    if stage not in schemas.stages:
+        raise ConfigError(f"config key 'stage': unknown stage '{stage}'. Valid stages: {', '.join(schemas.stages)}")
+    stage_schema = schemas.stages[stage]
 
     model_raw = raw.get("model") or {}
-    model_name = model_raw.get("name", stage_cls.default_model)
-    if model_name not in registry.MODELS:
-        raise ConfigError(f"config key 'model.name': unknown model '{model_name}'. Valid models: {', '.join(registry.MODELS)}")
-    entry = registry.MODELS[model_name]
+    model_name = model_raw.get("name", stage_schema.default_model)
+    if model_name not in schemas.models:
+        raise ConfigError(f"config key 'model.name': unknown model '{model_name}'. Valid models: {', '.join(schemas.models)}")
+    entry = schemas.models[model_name]
     section = _model_section_schema(model_name, entry.schema)
     size = model_raw.get("size")
     if size is not None:
@@ -166,13 +190,14 @@ def _schema_for(raw: DictConfig) -> DictConfig:
 
     schema = OmegaConf.structured(Config)
     schema.model = model_node
-    schema.recipe = OmegaConf.structured(stage_cls.recipe_schema)
+    schema.recipe = OmegaConf.structured(stage_schema.recipe)
     return schema
 
 
-def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), *, base: Optional[dict] = None,
-                require_complete: bool = True) -> DictConfig:
-    """Load a run config: YAML `files` merged left to right, then `key=value` `overrides`.
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), *, schemas: Schemas,
+                base: Optional[dict] = None, require_complete: bool = True) -> DictConfig:
+    """Load a run config: YAML `files` merged left to right, then `key=value` `overrides`, typed by
+    `schemas` (`kvideo.registry.load_config` passes the registered ones).
 
     `base` (a plain dict, e.g. the config stored in a checkpoint) is merged first when given.
     `require_complete=False` allows missing values (for tools that only build the model).
@@ -199,7 +224,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
         raws.append(("command line", OmegaConf.from_dotlist(list(overrides))))
 
     untyped = OmegaConf.merge(*[r for _, r in raws]) if raws else OmegaConf.create({})
-    cfg = _schema_for(untyped)
+    cfg = _schema_for(untyped, schemas)
     for source, raw in raws:
         cfg = _merge(cfg, raw, source)
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -220,16 +245,8 @@ def to_yaml(cfg: DictConfig | dict) -> str:
     return OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg))
 
 
-def model_config(cfg: DictConfig) -> Any:
-    """The `model` section as an instance of the model's schema dataclass (without name/size)."""
-    from kvideo import registry
-
-    entry = registry.MODELS[cfg.model.name]
-    values = {f.name: _plain(cfg.model[f.name]) for f in dataclasses.fields(entry.schema)}
-    return entry.schema(**values)
-
-
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """A config node as plain Python data; anything else unchanged."""
     if isinstance(value, (DictConfig,)) or OmegaConf.is_list(value):
         return OmegaConf.to_container(value, resolve=True)
     return value

@@ -1,8 +1,8 @@
 """The whole cascade at inference: prompts -> first frame -> keyframes -> interpolation -> frames.
 
     pipe = Pipeline.from_config("configs/pipeline/shapes.yaml")
-    out = pipe(["a red circle moving left slowly on a white background"], seed=0, fps="medium")
-    out.frames  # (b, 3, f, H, W) in [-1, 1], played at out.fps
+    out = pipe(["a red circle moving left slowly on a white background"], seed=0, fps_preset="medium")
+    out.frames  # (b, 3, f, H, W) in [-1, 1], played at out.fps frames per second
 
 The stages, as the release runs them (../shared/reference/kandinsky_video.md, "The cascade at
 inference"):
@@ -11,8 +11,8 @@ inference"):
    centre-cropped and re-encoded with the keyframe model's MoVQ; or a user image (image-to-video);
 2. keyframes: the keyframe model from that latent, with the motion score, the
    noise-augmentation level and three-way text / image guidance;
-3. interpolation: 0, 1 or 2 passes (an fps preset or a pass count), each turning N frames into
-   4N - 3;
+3. interpolation: 0, 1 or 2 passes (an fps preset, low / medium / high as the release's `fps`
+   argument, or a pass count), each turning N frames into 4N - 3;
 4. decoding: the temporal video decoder over overlapping windows, or the MoVQ's image decoder
    frame by frame when the pipeline has no video decoder.
 
@@ -20,8 +20,10 @@ Unlike the release, the negative prompt is used (it replaces the null text of ev
 stage), any motion preset the keyframe model defines is accepted (and nothing else), and one
 seed (or generator) fixes the whole video. Every stage's setting is an argument of `__call__`,
 defaulting to that stage's `recipe.sampling`, whose keys the pipeline config's `sampling` can
-replace per stage (`sampling: {keyframe: {spacing: trailing}}`); `pipe.settings(**arguments)`
-resolves them without sampling (what the call would run, as `VideoOutput.settings`).
+replace per stage (`sampling: {keyframe: {spacing: trailing}}`); the arguments are the fields of
+`PipelineCall`, and `pipe.settings(**arguments)` resolves them without sampling (what the call
+would run, as `VideoOutput.settings`). The stages run through the inference layer
+(`kvideo.inference`); nothing here imports training code.
 Checkpoints are checked against each other when the pipeline is built: each must be of its
 stage, and the keyframe, interpolation and video decoder stages must share one latent space
 (the same MoVQ encoder), or it is a ValueError that names the files.
@@ -29,10 +31,9 @@ stage, and the keyframe, interpolation and video decoder stages must share one l
 
 from __future__ import annotations
 
-import inspect
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -42,13 +43,14 @@ from einops import rearrange
 from omegaconf import OmegaConf, read_write
 from omegaconf.errors import ValidationError
 
-from kvideo.data.latent_cache import fingerprint
-from kvideo.stages.interpolation import frames_after_passes, interpolate, load_interpolation
-from kvideo.stages.keyframe import (decode_video, load_keyframe, resolve_motion_score, sample_keyframes,
-                                    sampling_noise_level)
-from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
+from kvideo.inference.autoencoder import decode_latents, latent_space, load_video_movq
+from kvideo.inference.gaps import frames_after_passes
+from kvideo.inference.loading import Bundle, load_bundle
+from kvideo.inference.sampling import (FirstFrameOptions, InterpolationOptions, KeyframeOptions, first_frames_at,
+                                       fit_frames, interpolate, resolve_motion_score, sample_keyframes)
 
 FPS_PRESETS: Dict[str, int] = {"low": 0, "medium": 1, "high": 2}  # interpolation passes (the release's fps=...)
+RENAMED_KEYS = {"fps": "fps_preset"}  # old pipeline key or call argument -> its name now
 
 
 @dataclass
@@ -62,7 +64,7 @@ class PipelineConfig:
     which: str = "ema"  # ema | model weights of every checkpoint
     device: str = "cpu"
     first_frame_scale: int = 2  # the t2i image is this many times the video size (release: 2)
-    fps: str = "medium"  # default fps preset
+    fps_preset: str = "medium"  # default interpolation preset: low | medium | high = 0 | 1 | 2 passes
     decode_window: Optional[int] = 16  # video-decoder window (frames); none: the whole clip at once
     decode_overlap: int = 4
     # Per stage (t2i, keyframe, interpolation), keys of that checkpoint's recipe.sampling to replace,
@@ -71,6 +73,71 @@ class PipelineConfig:
 
 
 SAMPLING_STAGES = ("t2i", "keyframe", "interpolation")
+MotionScore = Union[str, float, Sequence[Union[str, float]], None]
+
+
+@dataclass
+class PipelineCall:
+    """The settings of one pipeline call. None falls back to the stage's `recipe.sampling` (after the
+    pipeline config's `sampling` replacements) or the pipeline config."""
+
+    first_frame: bool = True  # False: plain text-to-video keyframes (no first frame)
+    size: Optional[List[int]] = None  # (height, width); None: the keyframe model's data.size
+    num_keyframes: Optional[int] = None
+    fps_preset: Optional[str] = None  # low | medium | high: 0 / 1 / 2 interpolation passes
+    passes: Optional[int] = None  # wins over fps_preset
+    motion_score: MotionScore = None  # a number or preset name, or one per prompt
+    noise_aug_level: Optional[int] = None
+    t2i_sampler: Optional[str] = None
+    t2i_steps: Optional[int] = None
+    t2i_guidance: Optional[float] = None
+    keyframe_sampler: Optional[str] = None
+    keyframe_steps: Optional[int] = None
+    text_guidance: Optional[float] = None
+    image_guidance: Optional[float] = None
+    interpolation_sampler: Optional[str] = None
+    interpolation_steps: Optional[int] = None
+    interpolation_guidance: Optional[float] = None
+    decode_window: Optional[int] = None
+    negative_prompt: Optional[str] = None
+    seed: Optional[int] = 0
+
+
+@dataclass
+class CallPlan:
+    """A call's settings resolved against the stages: what `__call__` runs."""
+
+    source: str  # first frame: "t2i" | "image" | "none"
+    first_frame_options: Optional[FirstFrameOptions]  # the t2i image's options (source "t2i")
+    keyframes: KeyframeOptions
+    motion: Union[float, List[float]]
+    interpolation: Optional[InterpolationOptions]  # None: no pass
+    decoder: str  # "video" | "image"
+    decode_window: Optional[int]
+    size: List[int]
+    seed: Optional[int]
+
+    def settings(self) -> Dict[str, Any]:
+        """The plan as plain data (VideoOutput.settings, the JSON beside each mp4)."""
+        first: Dict[str, Any] = {"source": self.source}
+        if self.first_frame_options is not None:
+            f = self.first_frame_options
+            first.update(_spec_settings(f.spec), guidance=f.guidance, size=[f.height, f.width])
+        k = self.keyframes
+        keyframes = {**_spec_settings(k.spec), "text_guidance": k.text_guidance, "image_guidance": k.image_guidance,
+                     "noise_aug_level": k.noise_aug_level, "motion_score": self.motion, "num_keyframes": k.num_frames}
+        interp: Dict[str, Any] = {"passes": 0}
+        if self.interpolation is not None:
+            i = self.interpolation
+            interp = {"passes": len(i.skip_frames), **_spec_settings(i.spec), "guidance": i.guidance,
+                      "skip_frames": list(i.skip_frames)}
+        return {"first_frame": first, "keyframes": keyframes, "interpolation": interp, "decoder": self.decoder,
+                "decode_window": self.decode_window, "size": list(self.size),
+                "negative_prompt": self.keyframes.negative_prompt, "seed": self.seed}
+
+
+def _spec_settings(spec) -> Dict[str, Any]:
+    return {k: asdict(spec)[k] for k in ("sampler", "steps", "spacing", "timestep_shift")}
 
 
 def override_sampling(stage_cfg, overrides: Dict[str, Any], stage: str, checkpoint: str) -> None:
@@ -103,13 +170,19 @@ def load_pipeline_config(path: Union[str, Path], overrides: Sequence[str] = ()) 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pipeline config '{path}' does not exist")
-    merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), OmegaConf.load(path),
-                             OmegaConf.from_dotlist(list(overrides)))
+    raw = [("", OmegaConf.load(path)), ("override ", OmegaConf.from_dotlist(list(overrides)))]
+    for source, values in raw:
+        for old, new in RENAMED_KEYS.items():
+            if old in values:
+                raise ValueError(f"pipeline config '{path}': {source}key '{old}' is now '{new}' "
+                                 f"(an interpolation preset: {', '.join(FPS_PRESETS)})")
+    merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), *[values for _, values in raw])
     cfg = OmegaConf.to_object(merged)
     if not cfg.keyframe:
         raise ValueError(f"pipeline config '{path}': 'keyframe' (the keyframe checkpoint) is required")
-    if cfg.fps not in FPS_PRESETS:
-        raise ValueError(f"pipeline config '{path}': fps must be one of {list(FPS_PRESETS)}; got {cfg.fps!r}")
+    if cfg.fps_preset not in FPS_PRESETS:
+        raise ValueError(f"pipeline config '{path}': fps_preset must be one of {list(FPS_PRESETS)}; "
+                         f"got {cfg.fps_preset!r}")
     if unknown := sorted(set(cfg.sampling) - set(SAMPLING_STAGES)):
         raise ValueError(f"pipeline config '{path}': sampling.{unknown[0]} is not a stage; "
                          f"expected some of {', '.join(SAMPLING_STAGES)}")
@@ -144,36 +217,34 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
         self.device = device = torch.device(cfg.device)
-        self.keyframe, self.movq, self.kf_cfg = load_keyframe(cfg.keyframe, cfg.which, device)
-        self.t2i = self.t2i_cfg = None
-        if cfg.t2i:
-            self.t2i, self.t2i_movq, self.t2i_cfg = load_t2i(cfg.t2i, cfg.which, device)
-        latent = fingerprint(self.movq.encoder), fingerprint(self.movq.quant_conv)
-        self.interp = self.ip_cfg = None
+        self.keyframe: Bundle = load_bundle(cfg.keyframe, "keyframe", cfg.which, device)
+        self.movq = self.keyframe.movq  # the latent space of the keyframes and everything after them
+        self.t2i: Optional[Bundle] = load_bundle(cfg.t2i, "t2i", cfg.which, device) if cfg.t2i else None
+        latent = latent_space(self.movq)
+        self.interpolation: Optional[Bundle] = None
         if cfg.interpolation:
-            self.interp, interp_movq, self.ip_cfg = load_interpolation(cfg.interpolation, cfg.which, device)
-            if (fingerprint(interp_movq.encoder), fingerprint(interp_movq.quant_conv)) != latent:
+            self.interpolation = load_bundle(cfg.interpolation, "interpolation", cfg.which, device)
+            if latent_space(self.interpolation.movq) != latent:
                 raise ValueError(f"interpolation checkpoint '{cfg.interpolation}' works in the latent space of "
-                                 f"'{self.ip_cfg.recipe.movq}', the keyframe checkpoint '{cfg.keyframe}' in that of "
-                                 f"'{self.kf_cfg.recipe.movq}': train them on one MoVQ")
-            c = self.keyframe.unet.cfg.out_channels
-            if self.interp.unet.cfg.out_channels != c * self.ip_cfg.recipe.frames_per_gap:
-                raise ValueError(f"interpolation checkpoint '{cfg.interpolation}' predicts "
-                                 f"{self.interp.unet.cfg.out_channels} channels per gap; keyframe latents have {c}")
+                                 f"'{self.interpolation.recipe.movq}', the keyframe checkpoint '{cfg.keyframe}' in "
+                                 f"that of '{self.keyframe.recipe.movq}': train them on one MoVQ")
+            c = self.keyframe.denoiser.unet.cfg.out_channels
+            predicted = self.interpolation.denoiser.unet.cfg.out_channels
+            if predicted != c * self.interpolation.recipe.frames_per_gap:
+                raise ValueError(f"interpolation checkpoint '{cfg.interpolation}' predicts {predicted} channels per "
+                                 f"gap; keyframe latents have {c}")
         self.decoder = None
         if cfg.video_decoder:
-            from kvideo.stages.video_decoder import load_video_movq
-
             self.decoder = load_video_movq(cfg.video_decoder, cfg.which, device)
-            if (fingerprint(self.decoder.encoder), fingerprint(self.decoder.quant_conv)) != latent:
+            if latent_space(self.decoder) != latent:
                 raise ValueError(f"video decoder checkpoint '{cfg.video_decoder}' has another MoVQ encoder than the "
-                                 f"keyframe checkpoint '{cfg.keyframe}' ('{self.kf_cfg.recipe.movq}'): its decoder "
+                                 f"keyframe checkpoint '{cfg.keyframe}' ('{self.keyframe.recipe.movq}'): its decoder "
                                  "would misread the latents")
-        stage_cfgs = {"t2i": self.t2i_cfg, "keyframe": self.kf_cfg, "interpolation": self.ip_cfg}
+        bundles = {"t2i": self.t2i, "keyframe": self.keyframe, "interpolation": self.interpolation}
         for stage, overrides in cfg.sampling.items():
-            if stage_cfgs.get(stage) is None:
+            if bundles.get(stage) is None:
                 raise ValueError(f"pipeline config: sampling.{stage} is given but the pipeline has no {stage} checkpoint")
-            override_sampling(stage_cfgs[stage], overrides, stage, getattr(cfg, stage))
+            override_sampling(bundles[stage].cfg, overrides, stage, getattr(cfg, stage))
 
     @classmethod
     def from_config(cls, path: Union[str, Path], overrides: Sequence[str] = ()) -> "Pipeline":
@@ -181,86 +252,76 @@ class Pipeline:
 
     @property
     def max_passes(self) -> int:
-        return len(self.ip_cfg.recipe.passes) if self.interp is not None else 0
+        return len(self.interpolation.recipe.passes) if self.interpolation is not None else 0
 
-    def _passes(self, fps: Optional[str], passes: Optional[int]) -> int:
+    def _passes(self, fps_preset: Optional[str], passes: Optional[int]) -> int:
         if passes is None:
-            fps = fps or self.cfg.fps
-            if fps not in FPS_PRESETS:
-                raise ValueError(f"unknown fps preset {fps!r}; choose from {', '.join(FPS_PRESETS)}")
-            passes = FPS_PRESETS[fps]
+            fps_preset = fps_preset or self.cfg.fps_preset
+            if fps_preset not in FPS_PRESETS:
+                raise ValueError(f"unknown fps preset {fps_preset!r}; choose from {', '.join(FPS_PRESETS)}")
+            passes = FPS_PRESETS[fps_preset]
         if not 0 <= passes <= self.max_passes:
             have = (f"the interpolation checkpoint '{self.cfg.interpolation}' was trained for {self.max_passes} "
-                    "pass(es) (recipe.passes)") if self.interp is not None else "the pipeline has no interpolation stage"
-            raise ValueError(f"{passes} interpolation pass(es) requested (fps={fps!r}); {have}")
+                    "pass(es) (recipe.passes)") if self.interpolation is not None \
+                else "the pipeline has no interpolation stage"
+            raise ValueError(f"{passes} interpolation pass(es) requested (fps_preset={fps_preset!r}); {have}")
         return passes
 
-    def settings(self, *, image: bool = False, first_frame: bool = True, size: Optional[Sequence[int]] = None,
-                 num_keyframes: Optional[int] = None, fps: Optional[str] = None, passes: Optional[int] = None,
-                 motion_score: Union[str, float, Sequence[Union[str, float]], None] = None,
-                 noise_aug_level: Optional[int] = None, t2i_sampler: Optional[str] = None,
-                 t2i_steps: Optional[int] = None, t2i_guidance: Optional[float] = None,
-                 keyframe_sampler: Optional[str] = None, keyframe_steps: Optional[int] = None,
-                 text_guidance: Optional[float] = None, image_guidance: Optional[float] = None,
-                 interpolation_sampler: Optional[str] = None, interpolation_steps: Optional[int] = None,
-                 interpolation_guidance: Optional[float] = None, decode_window: Optional[int] = None,
-                 negative_prompt: Optional[str] = None, seed: Optional[int] = 0) -> Dict[str, Any]:
-        """What a call with these arguments runs, every stage's setting resolved against its
-        checkpoint's `recipe.sampling` (and the pipeline config), without sampling anything:
-        `__call__` runs exactly this and returns it as `VideoOutput.settings`. `image`: whether
-        the call gives a first-frame image. Bad arguments are the ValueError the call would raise."""
-        kf = self.kf_cfg
-        rc, ks = kf.recipe, kf.recipe.sampling
-        height, width = (int(v) for v in (size or kf.data.size))
+    def plan(self, call: PipelineCall, image: bool = False) -> CallPlan:
+        """What a call with these settings runs, every stage's options resolved against its
+        checkpoint's recipe (and the pipeline config), without sampling anything. `image`: whether
+        the call gives a first-frame image. Bad settings are the ValueError the call would raise."""
+        keyframe_cfg = self.keyframe.cfg
+        height, width = (int(v) for v in (call.size or keyframe_cfg.data.size))
         factor = self.movq.downsample_factor
         if height % factor or width % factor:
             raise ValueError(f"size {height}x{width} is not a multiple of the MoVQ's downsampling factor {factor}")
-        n_passes = self._passes(fps, passes)
-        if isinstance(motion_score, (list, tuple)):  # one per prompt
-            motion = [resolve_motion_score(rc.motion, m) for m in motion_score]
+        n_passes = self._passes(call.fps_preset, call.passes)
+        if isinstance(call.motion_score, (list, tuple)):  # one per prompt
+            motion = [resolve_motion_score(keyframe_cfg.recipe.motion, m) for m in call.motion_score]
         else:
-            motion = resolve_motion_score(rc.motion, motion_score)
+            motion = resolve_motion_score(keyframe_cfg.recipe.motion, call.motion_score)
 
-        if not first_frame:  # plain text-to-video keyframes: the model's image-dropped branch
+        first_frame_options = None
+        if not call.first_frame:  # plain text-to-video keyframes: the model's image-dropped branch
             if image:
                 raise ValueError("an image was given with first_frame=False")
-            first = {"source": "none"}
+            source = "none"
         elif image:
-            first = {"source": "image"}
+            source = "image"
         else:
             if self.t2i is None:
                 raise ValueError("no first frame: the pipeline config has no t2i checkpoint and no image was given")
-            ts, s = self.t2i_cfg.recipe.sampling, self.cfg.first_frame_scale
-            first = {"source": "t2i", "sampler": t2i_sampler or ts.sampler, "steps": t2i_steps or ts.steps,
-                     "spacing": ts.spacing, "timestep_shift": ts.timestep_shift,
-                     "guidance": ts.guidance if t2i_guidance is None else t2i_guidance,
-                     "size": [height * s, width * s]}
-        keyframes = {"sampler": keyframe_sampler or ks.sampler, "steps": keyframe_steps or ks.steps,
-                     "spacing": ks.spacing, "timestep_shift": ks.timestep_shift,
-                     "text_guidance": ks.text_guidance if text_guidance is None else text_guidance,
-                     "image_guidance": ks.image_guidance if image_guidance is None else image_guidance,
-                     "noise_aug_level": sampling_noise_level(rc.noise_aug) if noise_aug_level is None
-                     else int(noise_aug_level),
-                     "motion_score": motion, "num_keyframes": int(num_keyframes or kf.data.num_frames)}
-        interp: Dict[str, object] = {"passes": n_passes}
+            source, scale = "t2i", self.cfg.first_frame_scale
+            first_frame_options = FirstFrameOptions.from_recipe(self.t2i.cfg, sampler=call.t2i_sampler, steps=call.t2i_steps,
+                                                  guidance=call.t2i_guidance, height=height * scale,
+                                                  width=width * scale, negative_prompt=call.negative_prompt)
+        keyframes = KeyframeOptions.from_recipe(
+            keyframe_cfg, sampler=call.keyframe_sampler, steps=call.keyframe_steps, text_guidance=call.text_guidance,
+            image_guidance=call.image_guidance, noise_aug_level=call.noise_aug_level, num_frames=call.num_keyframes,
+            use_image=source != "none", negative_prompt=call.negative_prompt)
+        interp = None
         if n_passes:
-            isc = self.ip_cfg.recipe.sampling
-            interp.update(sampler=interpolation_sampler or isc.sampler, steps=interpolation_steps or isc.steps,
-                          spacing=isc.spacing, timestep_shift=isc.timestep_shift,
-                          guidance=isc.guidance if interpolation_guidance is None else interpolation_guidance,
-                          skip_frames=[p.skip_frames for p in self.ip_cfg.recipe.passes][:n_passes])
-        return {"first_frame": first, "keyframes": keyframes, "interpolation": interp,
-                "decoder": "video" if self.decoder is not None else "image",
-                "decode_window": decode_window if decode_window is not None else self.cfg.decode_window,
-                "size": [height, width], "negative_prompt": negative_prompt, "seed": seed}
+            interp = InterpolationOptions.from_recipe(
+                self.interpolation.cfg, sampler=call.interpolation_sampler, steps=call.interpolation_steps,
+                guidance=call.interpolation_guidance,
+                skip_frames=[p.skip_frames for p in self.interpolation.recipe.passes][:n_passes],
+                negative_prompt=call.negative_prompt)
+        return CallPlan(source, first_frame_options, keyframes, motion, interp, "video" if self.decoder is not None else "image",
+                        call.decode_window if call.decode_window is not None else self.cfg.decode_window,
+                        [height, width], call.seed)
+
+    def settings(self, *, image: bool = False, **arguments: Any) -> Dict[str, Any]:
+        """`plan(PipelineCall(**arguments), image).settings()`: what a call with these arguments runs,
+        as plain data; an unknown argument is a ValueError naming it."""
+        return self.plan(_pipeline_call(arguments), image).settings()
 
     @torch.no_grad()
     def __call__(self, prompts: Union[str, Sequence[str]], *, image: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None, seed: Optional[int] = 0, progress: bool = True,
-                 motion_score: Union[str, float, Sequence[Union[str, float]], None] = None,
-                 **arguments: Any) -> VideoOutput:
-        """Videos for `prompts` (one per prompt). `arguments` are those of `settings` (size,
-        num_keyframes, fps or passes, noise_aug_level, each stage's sampler / steps / guidance,
+                 motion_score: MotionScore = None, **arguments: Any) -> VideoOutput:
+        """Videos for `prompts` (one per prompt). `arguments` are the fields of `PipelineCall` (size,
+        num_keyframes, fps_preset or passes, noise_aug_level, each stage's sampler / steps / guidance,
         decode_window, first_frame, negative_prompt). `image` (b or 1, 3, h, w) in [-1, 1]
         replaces the t2i first frame (resized and centre-cropped). `motion_score`: a number or
         preset name, or a list of them (one per prompt). `first_frame=False` samples plain
@@ -272,93 +333,82 @@ class Pipeline:
         b = len(prompts)
         if isinstance(motion_score, (list, tuple)) and len(motion_score) != b:
             raise ValueError(f"{len(motion_score)} motion scores for {b} prompts")
-        settings = self.settings(image=image is not None, motion_score=motion_score,
-                                 seed=seed if generator is None else None, **arguments)
-        first_settings, kf_settings, ip_settings = (settings[k] for k in ("first_frame", "keyframes", "interpolation"))
-        negative_prompt = settings["negative_prompt"]
-        height, width = settings["size"]
-        rc = self.kf_cfg.recipe
-        motion = kf_settings["motion_score"]
-        motion = torch.tensor(motion) if isinstance(motion, list) else motion
+        call = _pipeline_call({**arguments, "motion_score": motion_score, "seed": seed if generator is None else None})
+        plan = self.plan(call, image is not None)
+        height, width = plan.size
+        motion = torch.tensor(plan.motion) if isinstance(plan.motion, list) else plan.motion
         gen = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
         timings: Dict[str, float] = {}
         bars = _Progress(progress, timings)
 
         # 1. first frame
-        first = None
-        if first_settings["source"] == "image":
-            first = _fit(image.to(self.device).float(), height, width)
-            if first.shape[0] == 1 and b > 1:
-                first = first.expand(b, -1, -1, -1)
-            if first.shape[0] != b:
-                raise ValueError(f"{first.shape[0]} images for {b} prompts")
-        elif first_settings["source"] == "t2i":
-            ts = self.t2i_cfg.recipe.sampling
-            big_h, big_w = first_settings["size"]
-            with bars.stage("first frame", first_settings["steps"]) as cb:
-                big = sample_images(self.t2i, self.t2i_movq, make_schedule(self.t2i_cfg.recipe.diffusion, ts), prompts,
-                                    height=big_h, width=big_w, target=self.t2i_cfg.recipe.diffusion.target,
-                                    latent_scale=self.t2i_cfg.recipe.latent_scale, sampler=first_settings["sampler"],
-                                    steps=first_settings["steps"], spacing=ts.spacing,
-                                    guidance=first_settings["guidance"], negative_prompt=negative_prompt,
-                                    dynamic_threshold=ts.dynamic_threshold, generator=gen, callback=cb)
-                first = _fit(big, height, width)
-        if first is not None:
-            first_latent = self.movq.encode(first).float() * rc.latent_scale  # re-encoded at the video size
+        first_frames = None
+        if plan.source == "image":
+            first_frames = fit_frames(image.to(self.device).float(), height, width)
+            if first_frames.shape[0] == 1 and b > 1:
+                first_frames = first_frames.expand(b, -1, -1, -1)
+            if first_frames.shape[0] != b:
+                raise ValueError(f"{first_frames.shape[0]} images for {b} prompts")
+        elif plan.source == "t2i":
+            with bars.stage("first frame", plan.first_frame_options.spec.steps) as cb:
+                first_frames = first_frames_at(self.t2i, prompts, plan.first_frame_options, (height, width),
+                                               generator=gen, callback=cb)
+        scale = self.keyframe.recipe.latent_scale
+        if first_frames is not None:
+            first_latent = self.movq.encode(first_frames).float() * scale  # re-encoded at the video size
         else:
-            c, factor = self.keyframe.unet.cfg.out_channels, self.movq.downsample_factor
+            c, factor = self.keyframe.denoiser.unet.cfg.out_channels, self.movq.downsample_factor
             first_latent = torch.zeros(b, c, height // factor, width // factor, device=self.device)
 
         # 2. keyframes
-        ks = self.kf_cfg.recipe.sampling
-        with bars.stage("keyframes", kf_settings["steps"]) as cb:
-            latents = sample_keyframes(
-                self.keyframe, make_schedule(rc.diffusion, ks), prompts, first_latent,
-                num_frames=kf_settings["num_keyframes"], target=rc.diffusion.target, motion_score=motion,
-                motion_scale=rc.motion.scale, noise_aug_level=kf_settings["noise_aug_level"],
-                sampler=kf_settings["sampler"], steps=kf_settings["steps"], spacing=ks.spacing,
-                text_guidance=kf_settings["text_guidance"], image_guidance=kf_settings["image_guidance"],
-                latent_scale=rc.latent_scale, negative_prompt=negative_prompt, dynamic_threshold=ks.dynamic_threshold,
-                use_image=first is not None, generator=gen, callback=cb)
-        keyframes = decode_video(self.movq, latents, rc.latent_scale)
-        if first is None:
-            first = keyframes[:, :, 0]
-        z = latents / rc.latent_scale  # unscaled MoVQ latents (b, c, n, h, w)
+        with bars.stage("keyframes", plan.keyframes.spec.steps) as cb:
+            latents = sample_keyframes(self.keyframe, prompts, first_latent, motion, plan.keyframes, generator=gen,
+                                       callback=cb)
+        keyframes = decode_latents(self.movq, latents, scale)
+        if first_frames is None:
+            first_frames = keyframes[:, :, 0]
+        z = latents / scale  # unscaled MoVQ latents (b, c, n, h, w)
 
         # 3. interpolation
-        out_fps = float(self.kf_cfg.data.fps)
-        n_passes = ip_settings["passes"]
-        if n_passes:
-            ir, isc = self.ip_cfg.recipe, self.ip_cfg.recipe.sampling
-            with bars.stage("interpolation", ip_settings["steps"] * n_passes) as cb:
-                z = interpolate(self.interp, make_schedule(ir.diffusion, isc), z * ir.latent_scale, prompts,
-                                passes=ip_settings["skip_frames"], frames_per_gap=ir.frames_per_gap,
-                                target=ir.diffusion.target, sampler=ip_settings["sampler"],
-                                steps=ip_settings["steps"], spacing=isc.spacing, guidance=ip_settings["guidance"],
-                                latent_scale=ir.latent_scale, negative_prompt=negative_prompt,
-                                dynamic_threshold=isc.dynamic_threshold, residual=ir.residual, generator=gen,
-                                callback=cb) / ir.latent_scale
-            assert z.shape[2] == frames_after_passes(kf_settings["num_keyframes"], n_passes, ir.frames_per_gap)
-            out_fps *= (ir.frames_per_gap + 1) ** n_passes
+        fps = float(self.keyframe.cfg.data.fps)  # frames per second of the output
+        if plan.interpolation is not None:
+            recipe, passes = self.interpolation.recipe, len(plan.interpolation.skip_frames)
+            with bars.stage("interpolation", plan.interpolation.spec.steps * passes) as cb:
+                z = interpolate(self.interpolation, z * recipe.latent_scale, prompts, plan.interpolation,
+                                generator=gen, callback=cb) / recipe.latent_scale
+            assert z.shape[2] == frames_after_passes(plan.keyframes.num_frames, passes, recipe.frames_per_gap)
+            fps *= (recipe.frames_per_gap + 1) ** passes
 
         # 4. decoding
         with bars.stage("decode", 1) as cb:
             if self.decoder is not None:
-                frames = self.decoder.decode_video(z, window=settings["decode_window"],
+                frames = self.decoder.decode_video(z, window=plan.decode_window,
                                                    overlap=self.cfg.decode_overlap).clamp(-1, 1)
             else:
-                frames = decode_video(self.movq, z, 1.0)
+                frames = decode_latents(self.movq, z, 1.0)
             if cb:
                 cb()
-        return VideoOutput(frames=frames, fps=out_fps, first_frames=first, keyframes=keyframes, timings=timings,
-                           settings=settings)
+        return VideoOutput(frames=frames, fps=fps, first_frames=first_frames, keyframes=keyframes, timings=timings,
+                           settings=plan.settings())
+
+
+def _pipeline_call(arguments: Dict[str, Any]) -> PipelineCall:
+    for old, new in RENAMED_KEYS.items():
+        if old in arguments:
+            raise ValueError(f"pipeline argument '{old}' is now '{new}' (an interpolation preset: "
+                             f"{', '.join(FPS_PRESETS)})")
+    known = {f.name for f in fields(PipelineCall)}
+    unknown = sorted(set(arguments) - known)
+    if unknown:
+        raise ValueError(f"'{unknown[0]}' is not a pipeline argument; choose from {', '.join(sorted(known))}")
+    return PipelineCall(**arguments)
 
 
 def call_arguments(items: Iterable[str], exclude: Sequence[str] = ()) -> Dict[str, Any]:
     """Command-line `key=value` items -> keyword arguments of a pipeline call, values typed as
     YAML (`3` an int, `false` a bool, `[fast, 0.1]` a list). A key that is not an argument of
-    `Pipeline.settings` (or is in `exclude`) is a ValueError naming it and the allowed keys."""
-    allowed = set(inspect.signature(Pipeline.settings).parameters) - {"self", "image", *exclude}
+    `PipelineCall` (or is in `exclude`) is a ValueError naming it and the allowed keys."""
+    allowed = {f.name for f in fields(PipelineCall)} - set(exclude)
     kwargs: Dict[str, Any] = {}
     for item in items or ():
         if "=" not in item:
@@ -368,14 +418,6 @@ def call_arguments(items: Iterable[str], exclude: Sequence[str] = ()) -> Dict[st
             raise ValueError(f"--call {key}: not a pipeline argument here; choose from {', '.join(sorted(allowed))}")
         kwargs[key] = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
     return kwargs
-
-
-def _fit(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(b, 3, h, w) in [-1, 1] -> resized to cover (height, width) and centre-cropped, as the
-    release turns its 2x first frame into the video's."""
-    from kvideo.data.shards import resize_and_crop
-
-    return resize_and_crop(images, (height, width), None).clamp(-1, 1)
 
 
 def video_to_uint8(video: torch.Tensor) -> "numpy.ndarray":  # noqa: F821

@@ -1,26 +1,29 @@
-"""Names -> constructors: the models and stages a config can name, and their named sizes.
+"""Names -> constructors and schemas: the models and stages a config can name, and their sizes.
 
 No import strings in configs: `model.name: movq` and `stage: movq` are looked up here, so
-go-to-definition works and a rename breaks loudly.
+go-to-definition works and a rename breaks loudly. This module hands the schemas to the config
+loader (`load_config`); the training stages that run a stage's recipe are registered in
+`kvideo.train.stages`, which the inference side never imports.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
+from omegaconf import DictConfig
 from torch import nn
 
-from kvideo.models.movq import MOVQ_SIZES, MoVQ, MovqConfig
+from kvideo import config
+from kvideo.config import Schemas, StageSchema
 from kvideo.models.interpolation_unet import INTERPOLATION_UNET_SIZES, InterpolationUNet, InterpolationUNetConfig
+from kvideo.models.movq import MOVQ_SIZES, MoVQ, MovqConfig
 from kvideo.models.unet import UNET_SIZES, UNet, UNetConfig
 from kvideo.models.video_movq import VIDEO_MOVQ_SIZES, VideoMoVQ, VideoMovqConfig
 from kvideo.models.video_unet import VIDEO_UNET_SIZES, VideoUNet, VideoUNetConfig
-from kvideo.stages.interpolation import InterpolationStage
-from kvideo.stages.keyframe import KeyframeStage
-from kvideo.stages.movq import MovqStage
-from kvideo.stages.t2i import T2IStage
-from kvideo.stages.video_decoder import VideoDecoderStage
+from kvideo.recipes import InterpolationRecipe, KeyframeRecipe, MovqRecipe, T2IRecipe, VideoDecoderRecipe
 
 
 @dataclass(frozen=True)
@@ -38,19 +41,32 @@ MODELS: Dict[str, ModelEntry] = {
     "interpolation_unet": ModelEntry(InterpolationUNetConfig, InterpolationUNet, INTERPOLATION_UNET_SIZES),
 }
 
-STAGES: Dict[str, type] = {
-    "movq": MovqStage,
-    "t2i": T2IStage,
-    "keyframe": KeyframeStage,
-    "interpolation": InterpolationStage,
-    "video_decoder": VideoDecoderStage,
+STAGES: Dict[str, StageSchema] = {
+    "movq": StageSchema(MovqRecipe, "movq"),
+    "t2i": StageSchema(T2IRecipe, "unet"),
+    "keyframe": StageSchema(KeyframeRecipe, "video_unet"),
+    "interpolation": StageSchema(InterpolationRecipe, "interpolation_unet"),
+    "video_decoder": StageSchema(VideoDecoderRecipe, "video_movq"),
 }
 
+SCHEMAS = Schemas(stages=STAGES, models=MODELS)
 
-def build_model(cfg) -> nn.Module:
+
+def load_config(files: Sequence[Union[str, Path]] = (), overrides: Sequence[str] = (), *, base: Optional[dict] = None,
+                require_complete: bool = True) -> DictConfig:
+    """`kvideo.config.load_config` typed by the registered stages and models."""
+    return config.load_config(files, overrides, schemas=SCHEMAS, base=base, require_complete=require_complete)
+
+
+def model_config(cfg: DictConfig) -> Any:
+    """The `model` section as an instance of the model's schema dataclass (without name/size)."""
+    entry = MODELS[cfg.model.name]
+    values = {f.name: config.plain(cfg.model[f.name]) for f in dataclasses.fields(entry.schema)}
+    return entry.schema(**values)
+
+
+def build_model(cfg: DictConfig) -> nn.Module:
     """The model named by a run config's `model` section, randomly initialised."""
-    from kvideo.config import model_config
-
     return MODELS[cfg.model.name].build(model_config(cfg))
 
 
@@ -67,7 +83,7 @@ def count_parameters(model: nn.Module) -> Dict[str, Any]:
     return info
 
 
-def model_info(cfg) -> Dict[str, Any]:
+def model_info(cfg: DictConfig) -> Dict[str, Any]:
     """Parameter counts of the model a config names, built on the meta device (no memory)."""
     import torch
 

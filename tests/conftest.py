@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from kvideo.config import load_config
-from kvideo.data.shapesworld import write_shapesworld
+from kvideo.registry import load_config
+from kvideo.data.shapesworld import ShapesWorldSpec, write_shapesworld
 from kvideo.train.engine import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 def shapes_shards(tmp_path_factory) -> Path:
     """24 ShapesWorld clips, 32x32, 12 frames at 24 fps, in 3 shards."""
     out = tmp_path_factory.mktemp("shapes_train")
-    write_shapesworld(out, 24, size=32, seed=0, num_frames=12, clips_per_shard=8, progress=False)
+    write_shapesworld(out, ShapesWorldSpec(24, size=32, seed=0, num_frames=12, clips_per_shard=8), progress=False)
     return out
 
 

@@ -124,14 +124,14 @@ def perturb_(model: torch.nn.Module, seed: int) -> None:
 
 
 def _stage(stage: str, cfg):
-    from kvideo.registry import STAGES as REGISTERED
+    from kvideo.train.stages import STAGES as REGISTERED
 
     return REGISTERED[stage](cfg, torch.device("cpu"))
 
 
 def build_initial(stage: str, root: Path):
     """(stage object, model) with the builder's initial weights, seeded."""
-    from kvideo.config import load_config
+    from kvideo.registry import load_config
 
     cfg = load_config([ROOT / "configs" / stage / "shapes.yaml"], stage_overrides(stage, root))
     s = _stage(stage, cfg)
@@ -141,8 +141,8 @@ def build_initial(stage: str, root: Path):
 
 def load_trainable(stage: str, root: Path):
     """(stage object, model) with the checkpoint's model weights."""
-    from kvideo.config import load_config
-    from kvideo.train.checkpoint import load_stage_weights
+    from kvideo.inference.checkpoints import load_stage_weights
+    from kvideo.registry import load_config
 
     state, cfg = load_stage_weights(root / stage, stage, "model")
     s = _stage(stage, load_config(base=dict(_plain(cfg))))
@@ -183,61 +183,64 @@ def train_step(stage: str, root: Path) -> Dict[str, torch.Tensor]:
 @torch.no_grad()
 def samples(root: Path) -> Dict[str, torch.Tensor]:
     """Every sampler's output from the fixture checkpoints, with fixed generators."""
-    from kvideo.stages.interpolation import interpolate, load_interpolation
-    from kvideo.stages.keyframe import load_keyframe, sample_keyframes
-    from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
-    from kvideo.stages.video_decoder import load_video_movq
+    from kvideo.inference.autoencoder import load_video_movq
+    from kvideo.inference.loading import load_bundle
+    from kvideo.inference.sampling import (FirstFrameOptions, InterpolationOptions, KeyframeOptions, interpolate,
+                                           sample_first_frames, sample_keyframes)
 
     out = {}
-    t2i, movq, cfg = load_t2i(root / "t2i")
-    rc = cfg.recipe
-    schedule = make_schedule(rc.diffusion, rc.sampling)
+    t2i = load_bundle(root / "t2i", "t2i")
     for sampler in ("ddpm", "ddim", "dpmpp_2m"):
-        out[f"t2i/{sampler}"] = sample_images(
-            t2i, movq, schedule, PROMPTS, height=32, width=32, target=rc.diffusion.target,
-            latent_scale=rc.latent_scale, sampler=sampler, steps=3, spacing="trailing", guidance=4.0,
-            dynamic_threshold=0.995, generator=torch.Generator().manual_seed(0))
-    out["t2i/negative"] = sample_images(
-        t2i, movq, schedule, PROMPTS, height=32, width=32, target=rc.diffusion.target, latent_scale=0.7,
-        sampler="ddpm", steps=2, spacing="leading", guidance=3.0, negative_prompt="a green triangle",
-        generator=torch.Generator().manual_seed(1))
+        options = FirstFrameOptions.from_recipe(t2i.cfg, sampler=sampler, steps=3, spacing="trailing", guidance=4.0,
+                                                dynamic_threshold=0.995, height=32, width=32)
+        out[f"t2i/{sampler}"] = sample_first_frames(t2i, PROMPTS, options, generator=torch.Generator().manual_seed(0))
+    # latent_scale 0.7 and no thresholding, as recipe changes: the latents are scaled and decoded at that scale
+    t2i.cfg = changed(t2i.cfg, "recipe.latent_scale=0.7", "recipe.sampling.dynamic_threshold=null")
+    options = FirstFrameOptions.from_recipe(t2i.cfg, sampler="ddpm", steps=2, spacing="leading", guidance=3.0,
+                                            negative_prompt="a green triangle", height=32, width=32)
+    out["t2i/negative"] = sample_first_frames(t2i, PROMPTS, options, generator=torch.Generator().manual_seed(1))
 
-    kf, movq, cfg = load_keyframe(root / "keyframe")
-    rc = cfg.recipe
+    kf = load_bundle(root / "keyframe", "keyframe")
     first = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(2))
-    schedule = make_schedule(rc.diffusion, rc.sampling)
     for use_image in (True, False):
-        out[f"keyframe/image_{use_image}"] = sample_keyframes(
-            kf, schedule, PROMPTS, first, num_frames=4, target=rc.diffusion.target,
-            motion_score=torch.tensor([0.01, 0.04]), motion_scale=rc.motion.scale, noise_aug_level=20,
-            sampler="ddpm", steps=3, spacing="trailing", text_guidance=4.0, image_guidance=2.0,
-            latent_scale=rc.latent_scale, dynamic_threshold=0.995, use_image=use_image,
-            generator=torch.Generator().manual_seed(3))
-    out["keyframe/dpmpp_negative"] = sample_keyframes(
-        kf, schedule, PROMPTS, first, num_frames=3, target=rc.diffusion.target, motion_score=0.03,
-        motion_scale=rc.motion.scale, noise_aug_level=0, sampler="dpmpp_2m", steps=3, spacing="trailing",
-        text_guidance=5.0, image_guidance=1.5, negative_prompt="a green triangle",
-        generator=torch.Generator().manual_seed(4))
+        options = KeyframeOptions.from_recipe(kf.cfg, sampler="ddpm", steps=3, spacing="trailing", text_guidance=4.0,
+                                              image_guidance=2.0, noise_aug_level=20, dynamic_threshold=0.995,
+                                              num_frames=4, use_image=use_image)
+        out[f"keyframe/image_{use_image}"] = sample_keyframes(kf, PROMPTS, first, torch.tensor([0.01, 0.04]), options,
+                                                              generator=torch.Generator().manual_seed(3))
+    options = KeyframeOptions.from_recipe(changed(kf.cfg, "recipe.sampling.dynamic_threshold=null"),
+                                          sampler="dpmpp_2m", steps=3, spacing="trailing", text_guidance=5.0,
+                                          image_guidance=1.5, noise_aug_level=0, num_frames=3,
+                                          negative_prompt="a green triangle")
+    out["keyframe/dpmpp_negative"] = sample_keyframes(kf, PROMPTS, first, 0.03, options,
+                                                      generator=torch.Generator().manual_seed(4))
 
-    ip, movq, cfg = load_interpolation(root / "interpolation")
-    rc = cfg.recipe
+    ip = load_bundle(root / "interpolation", "interpolation")
     keys = torch.randn((2, 4, 3, 8, 8), generator=torch.Generator().manual_seed(5))
-    schedule = make_schedule(rc.diffusion, rc.sampling)
     for passes in ([3], [3, 1]):
-        out[f"interpolation/passes_{len(passes)}"] = interpolate(
-            ip, schedule, keys, PROMPTS, passes=passes, frames_per_gap=rc.frames_per_gap,
-            target=rc.diffusion.target, sampler="ddim", steps=3, spacing="trailing", guidance=0.5,
-            latent_scale=rc.latent_scale, residual=rc.residual, generator=torch.Generator().manual_seed(6))
-    out["interpolation/ddpm_plain"] = interpolate(
-        ip, schedule, keys[:1], PROMPTS[:1], passes=[1], frames_per_gap=rc.frames_per_gap, target=rc.diffusion.target,
-        sampler="ddpm", steps=2, spacing="trailing", guidance=1.0, latent_scale=rc.latent_scale, residual=False,
-        negative_prompt="a green triangle", dynamic_threshold=0.99, generator=torch.Generator().manual_seed(7))
+        options = InterpolationOptions.from_recipe(ip.cfg, sampler="ddim", steps=3, spacing="trailing", guidance=0.5,
+                                                   skip_frames=passes)
+        out[f"interpolation/passes_{len(passes)}"] = interpolate(ip, keys, PROMPTS, options,
+                                                                 generator=torch.Generator().manual_seed(6))
+    options = InterpolationOptions.from_recipe(ip.cfg, sampler="ddpm", steps=2, spacing="trailing", guidance=1.0,
+                                               skip_frames=[1], residual=False, negative_prompt="a green triangle",
+                                               dynamic_threshold=0.99)
+    out["interpolation/ddpm_plain"] = interpolate(ip, keys[:1], PROMPTS[:1], options,
+                                                  generator=torch.Generator().manual_seed(7))
 
     decoder = load_video_movq(root / "video_decoder")
     z = torch.randn((1, 4, 9, 8, 8), generator=torch.Generator().manual_seed(8))
     out["decoder/whole"] = decoder.decode_video(z)
     out["decoder/window_4_overlap_2"] = decoder.decode_video(z, window=4, overlap=2)
     return out
+
+
+def changed(cfg, *overrides: str):
+    """A copy of a typed run config with `key=value` overrides (a case that changes a recipe value)."""
+    from kvideo.config import to_plain
+    from kvideo.registry import load_config
+
+    return load_config(base=to_plain(cfg), overrides=list(overrides), require_complete=False)
 
 
 @torch.no_grad()
@@ -251,15 +254,15 @@ def pipeline_calls(root: Path) -> Dict[str, torch.Tensor]:
                               + ["first_frame_scale: 2", "decode_window: 8", "decode_overlap: 2"]) + "\n")
     pipe = Pipeline.from_config(yaml)
     out = {}
-    call = pipe(PROMPTS, seed=3, fps="high", t2i_steps=2, keyframe_steps=2, interpolation_steps=2,
+    call = pipe(PROMPTS, seed=3, fps_preset="high", t2i_steps=2, keyframe_steps=2, interpolation_steps=2,
                 motion_score=["fast", 0.01], progress=False)
     for name in ("frames", "first_frames", "keyframes"):
         out[f"pipeline/t2v/{name}"] = getattr(call, name)
     image = torch.linspace(-1, 1, 3 * 48 * 64).reshape(1, 3, 48, 64)
-    call = pipe(PROMPTS[:1], image=image, seed=0, fps="medium", negative_prompt="a green triangle",
+    call = pipe(PROMPTS[:1], image=image, seed=0, fps_preset="medium", negative_prompt="a green triangle",
                 keyframe_sampler="ddim", keyframe_steps=3, interpolation_steps=2, progress=False)
     out["pipeline/i2v/frames"] = call.frames
-    call = pipe(PROMPTS, seed=5, first_frame=False, fps="low", keyframe_steps=2, progress=False)
+    call = pipe(PROMPTS, seed=5, first_frame=False, fps_preset="low", keyframe_steps=2, progress=False)
     out["pipeline/no_first_frame/frames"] = call.frames
     return out
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvideo.config import ConfigError, load_config, model_config, to_plain
+from kvideo.config import ConfigError, to_plain
+from kvideo.registry import load_config, model_config
 from kvideo.models.movq import MovqConfig
 from kvideo.registry import model_info
 

@@ -1,6 +1,5 @@
 """kvideo.diffusion against diffusers' schedulers (a dev dependency), plus its own identities."""
 
-import dataclasses
 import math
 
 import pytest
@@ -9,7 +8,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as their_rescale
 
 from kvideo.diffusion import (
-    Schedule, betas_for, dynamic_threshold, min_snr_weight, sample_ddim, sample_ddpm, sample_dpmpp_2m, training_loss,
+    LossSpec, SamplerSpec, Schedule, betas_for, dynamic_threshold, min_snr_weight, sample, training_loss,
 )
 
 SCHEDULE_KW = {
@@ -25,6 +24,25 @@ def model_fn(x, t):
     """A fixed analytic 'network': nonlinear in x and dependent on t; t is (b,) or a scalar."""
     t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
     return 0.1 * x * (1 + t / 1000) + 0.05 * torch.sin(3 * x)
+
+
+def run_sampler(sampler, model_fn, schedule, x, *, steps, spacing="leading", target="eps", generator=None,
+                callback=None, data_range=1.0, **spec):
+    """`sample` with SamplerSpec(sampler, steps, spacing, **spec): the old per-sampler call shape."""
+    return sample(model_fn, schedule, x, SamplerSpec(sampler, steps, spacing, **spec), target=target,
+                  data_range=data_range, generator=generator, callback=callback)
+
+
+def sample_ddpm(*args, **kwargs):
+    return run_sampler("ddpm", *args, **kwargs)
+
+
+def sample_ddim(*args, **kwargs):
+    return run_sampler("ddim", *args, **kwargs)
+
+
+def sample_dpmpp_2m(*args, **kwargs):
+    return run_sampler("dpmpp_2m", *args, **kwargs)
 
 
 def ours_and_theirs(name, zero_snr, cls, **config):
@@ -172,10 +190,9 @@ def test_training_loss():
 
     for target in ("eps", "v", "x0"):
         for weighting in (None, "min_snr"):
-            l1, info = training_loss(net, s, x0, target=target, generator=torch.Generator().manual_seed(5),
-                                     weighting=weighting, model_kwargs={"cond": 7})
-            l2, _ = training_loss(net, s, x0, target=target, generator=torch.Generator().manual_seed(5),
-                                  weighting=weighting, model_kwargs={"cond": 7})
+            spec = LossSpec(target=target, weighting=weighting)
+            l1, info = training_loss(lambda x, t: net(x, t, 7), s, x0, spec, generator=torch.Generator().manual_seed(5))
+            l2, _ = training_loss(lambda x, t: net(x, t, 7), s, x0, spec, generator=torch.Generator().manual_seed(5))
             assert l1.shape == (4,) and torch.isfinite(l1).all() and torch.equal(l1, l2) and calls["cond"] == 7
             expect = info["target"].pow(2).flatten(1).mean(1) * info["weight"]
             assert torch.allclose(l1, expect)
@@ -183,7 +200,7 @@ def test_training_loss():
     t = torch.tensor([0, 1, 500, 999])
     noise = torch.randn_like(x0)
     perfect = lambda x, tt: s.target_for(x0, noise, tt, "v")  # noqa: E731
-    loss, info = training_loss(perfect, s, x0, target="v", t=t, noise=noise, weighting="min_snr")
+    loss, info = training_loss(perfect, s, x0, LossSpec(target="v", weighting="min_snr"), t=t, noise=noise)
     assert torch.equal(info["t"], t) and loss.abs().max() < 1e-10
 
 
@@ -201,24 +218,31 @@ def test_timestep_shift():
     with pytest.raises(ValueError, match="recipe.diffusion.timestep_shift must be > 0"):
         draw_timesteps(4, 1000, 0.0)
     s = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)
-    _, info = training_loss(lambda x, tt: torch.zeros_like(x), s, torch.zeros(512, 4), target="eps",
-                            generator=torch.Generator().manual_seed(1), timestep_shift=3.0)
+    _, info = training_loss(lambda x, tt: torch.zeros_like(x), s, torch.zeros(512, 4),
+                            LossSpec(target="eps", timestep_shift=3.0), generator=torch.Generator().manual_seed(1))
     assert float(info["t"].double().median()) > 650
 
 
 def test_inference_timestep_shift():
-    """A schedule's inference shift moves each step toward pure noise by
+    """The inference shift moves each step toward pure noise by
     u -> s u / (1 + (s - 1) u) on u = (t + 1) / T, 999 and the ordering kept; shift 1 changes nothing."""
     plain = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)
-    shifted = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True, timestep_shift=3.0)
-    assert shifted.timesteps(10, "trailing").tolist() == [999, 963, 922, 874, 817, 749, 666, 561, 428, 249]
+    assert plain.timesteps(10, "trailing", shift=3.0).tolist() == [999, 963, 922, 874, 817, 749, 666, 561, 428, 249]
     for spacing in ("leading", "trailing", "linspace"):
-        base, moved = plain.timesteps(15, spacing), shifted.timesteps(15, spacing)
-        assert torch.equal(base, Schedule(plain.betas).timesteps(15, spacing))
+        base, moved = plain.timesteps(15, spacing), plain.timesteps(15, spacing, shift=3.0)
+        assert torch.equal(base, plain.timesteps(15, spacing, shift=1.0))
         assert len(moved) == 15 and bool((moved[:-1] > moved[1:]).all()) and bool((moved >= base).all())
-    assert len(shifted.timesteps(1000, "trailing")) < 1000  # merged where the shift makes steps equal
+    assert len(plain.timesteps(1000, "trailing", shift=3.0)) < 1000  # merged where the shift makes steps equal
     with pytest.raises(ValueError, match="timestep_shift must be > 0"):
-        Schedule(plain.betas, timestep_shift=0.0)
+        plain.timesteps(10, "trailing", shift=0.0)
+    # the sampler's spec carries the shift: the plan and a sample follow it
+    from kvideo.diffusion import plan_timesteps
+
+    spec = SamplerSpec("ddim", 10, "trailing", timestep_shift=3.0)
+    assert plan_timesteps(plain, spec, "v") == plain.timesteps(10, "trailing", shift=3.0).tolist()
+    seen = []
+    sample(model_fn, plain, x_T(), spec, target="v", callback=lambda i, n, t, x: seen.append(t))
+    assert seen == plain.timesteps(10, "trailing", shift=3.0).tolist()
 
 
 def test_eps_models_cannot_start_at_zero_snr():
@@ -229,14 +253,13 @@ def test_eps_models_cannot_start_at_zero_snr():
     zero = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)
     x = torch.randn(1, 2, 4, 4)
     eps_model = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    for name, sample in SAMPLERS.items():
+    for name in SAMPLERS:
         with pytest.raises(ValueError, match="start at the zero-SNR timestep 999"):
-            sample(eps_model, zero, x, steps=4, spacing="trailing", target="eps")
-        assert torch.isfinite(sample(eps_model, zero, x, steps=4, spacing="leading", target="eps")).all()
-        assert torch.isfinite(sample(eps_model, zero, x, steps=4, spacing="trailing", target="v")).all()
+            run_sampler(name, eps_model, zero, x, steps=4, spacing="trailing", target="eps")
+        assert torch.isfinite(run_sampler(name, eps_model, zero, x, steps=4, spacing="leading", target="eps")).all()
+        assert torch.isfinite(run_sampler(name, eps_model, zero, x, steps=4, spacing="trailing", target="v")).all()
     with pytest.raises(ValueError, match="timestep shift 1000.0"):
-        SAMPLERS["ddim"](eps_model, dataclasses.replace(zero, timestep_shift=1000.0), x, steps=4, spacing="leading",
-                         target="eps")
+        run_sampler("ddim", eps_model, zero, x, steps=4, spacing="leading", target="eps", timestep_shift=1000.0)
 
 
 # ----------------------------------------------------------------------------- thresholding

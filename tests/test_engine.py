@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvideo.config import load_config
-from kvideo.stages.movq import MovqStage
+from kvideo.registry import load_config
+from kvideo.train.stages.movq import MovqStage
 from kvideo.train import checkpoint as ckpt
 from kvideo.train.engine import NonFiniteLossError, train
 

@@ -5,14 +5,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvideo.config import load_config
-from kvideo.registry import model_info
-from kvideo.stages.interpolation import (
-    frames_after_passes, gap_blend, gap_input, interpolate, interpolation_net, load_interpolation, merge_gaps, split_gaps,
-)
-from kvideo.stages.t2i import make_schedule
+from dataclasses import replace
+
+from omegaconf import OmegaConf
+
+from kvideo.diffusion import SamplerSpec, sample
+from kvideo.inference.conditioning import InterpolationCondition, Prompts, gap_input
+from kvideo.inference.denoiser import make_schedule
+from kvideo.inference.gaps import frames_after_passes, gap_blend, merge_gaps, split_gaps
+from kvideo.inference.loading import load_bundle
+from kvideo.inference.sampling import InterpolationOptions, interpolate
+from kvideo.registry import load_config, model_info
 from kvideo.train import checkpoint as ckpt
 from kvideo.train.engine import train
+from kvideo.train.stages.interpolation import InterpolationStage
 
 from conftest import ROOT, tiny_t2i_overrides
 
@@ -34,6 +40,18 @@ def interpolation_run(tmp_path_factory, shapes_shards, movq_run, t2i_run) -> Pat
     run = tmp_path_factory.mktemp("interpolation")
     train(load_config([CONFIG], tiny_interpolation_overrides(run, shapes_shards, movq_run, t2i_run)))
     return run
+
+
+def build_interpolation_model(cfg):
+    """The interpolation model as training builds it (recipe.init_from loaded in)."""
+    return InterpolationStage(cfg, torch.device("cpu")).build_model()
+
+
+def with_target(bundle, target):
+    """The bundle with its recipe's prediction target changed (the samplers read it from there)."""
+    cfg = OmegaConf.create(OmegaConf.to_container(bundle.cfg))
+    cfg.recipe.diffusion.target = target
+    return replace(bundle, cfg=cfg)
 
 
 def test_pass_arithmetic():
@@ -65,28 +83,54 @@ def test_gap_input_and_the_unconditional_branch():
 def test_interpolation_trains_from_t2i_and_guidance_branches(interpolation_run):
     assert ckpt.latest_checkpoint(interpolation_run).name == "step_0000003"
     assert (interpolation_run / "previews" / "step_0000003.png").is_file()
-    model, movq, cfg = load_interpolation(interpolation_run)
+    bundle = with_target(load_bundle(interpolation_run, "interpolation"), "v")
+    model, cfg = bundle.denoiser, bundle.cfg
+    assert cfg.recipe.frames_per_gap == 3 and cfg.recipe.latent_scale == 1.0
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.unet.temporal_parameters():
             p.add_(0.1 * torch.randn_like(p))
     schedule = make_schedule(cfg.recipe.diffusion)
+    assert torch.equal(schedule.alphas_cumprod, bundle.schedule.alphas_cumprod)
     keys = torch.randn(1, 4, 3, 8, 8)
-    out = interpolate(model, schedule, keys, [PROMPT], passes=[3, 1], frames_per_gap=3, target="v", steps=2,
+    spec = SamplerSpec("ddim", steps=2, spacing="trailing")
+    out = interpolate(bundle, keys, [PROMPT], InterpolationOptions(spec, skip_frames=(3, 1)),
                       generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 4, frames_after_passes(3, 2), 8, 8)
     assert torch.equal(out[:, :, ::16], keys)  # keyframes pass through both passes unchanged
-    # w = 0: the conditional branch alone, checked against sampling it by hand
-    from kvideo.diffusion import sample_ddim
-
-    got = interpolate(model, schedule, keys, [PROMPT], passes=[3], frames_per_gap=3, target="v", steps=2,
-                      guidance=0.0, generator=torch.Generator().manual_seed(1))
-    tokens, mask = model.context([PROMPT])
-    net = interpolation_net(model.unet, 3)
+    # w = 0: the conditional branch alone, checked against sampling it by hand (the UNet called directly)
+    got = interpolate(bundle, keys, [PROMPT], InterpolationOptions(spec, guidance=0.0, skip_frames=(3,)),
+                      generator=torch.Generator().manual_seed(1))
+    text = model.context([PROMPT])
     x_T = torch.randn((1, 12, 2, 8, 8), generator=torch.Generator().manual_seed(1))
-    new = sample_ddim(lambda x, t: net(x, t, context=tokens, context_mask=mask, keys=keys, keep=torch.ones(1)),
-                      schedule, x_T, steps=2, spacing="trailing", target="v")
+
+    def direct(x, t):
+        keep = torch.ones(1)
+        return model.unet(gap_input(x, keys, keep), t, text.tokens, text.mask, skip_frames=torch.full((1,), 3),
+                          temporal_mask=keep)
+
+    new = sample(direct, schedule, x_T, spec, target="v")
     assert torch.allclose(got, merge_gaps(keys, new, 3), atol=1e-5)
+
+
+def test_interpolation_condition_is_the_unet_call_on_the_gap_input(interpolation_run):
+    """denoiser(x, t, InterpolationCondition) is the UNet on [left | x_t | right] per gap with the
+    pass's skip_frames and `keep` as the temporal mask (the old interpolation_net), for Prompts and
+    TextContext alike; keep 0 is the unconditional branch (zeroed keyframes)."""
+    model = load_bundle(interpolation_run, "interpolation").denoiser
+    g = torch.Generator().manual_seed(3)
+    keys, x = torch.randn(2, 4, 3, 8, 8, generator=g), torch.randn(2, 12, 2, 8, 8, generator=g)
+    t, keep = torch.tensor([100, 900]), torch.tensor([1.0, 0.0])
+    prompts = [PROMPT, "a red circle moving left quickly on a black background"]
+    text = model.context(prompts)
+    with torch.no_grad():
+        for skip in (3, 1):
+            direct = model.unet(gap_input(x, keys, keep), t, text.tokens, text.mask,
+                                skip_frames=torch.full((2,), skip), temporal_mask=keep)
+            for cond_text in (text, Prompts(prompts)):
+                assert torch.equal(model(x, t, InterpolationCondition(cond_text, keys, keep, skip)), direct)
+    with pytest.raises(ValueError, match="keys must be"):
+        InterpolationCondition(text, keys[:, :, 0], keep, 3)
 
 
 def test_gap_blend_is_linear_between_keyframes():
@@ -100,25 +144,26 @@ def test_gap_blend_is_linear_between_keyframes():
 
 
 def test_residual_recipe_starts_as_the_blend_and_trains(tmp_path, shapes_shards, movq_run, t2i_run):
-    from kvideo.stages.interpolation import build_interpolation_model
-
     overrides = {"recipe.residual": "true", "recipe.diffusion.target": "x0"}
     cfg = load_config([CONFIG], tiny_interpolation_overrides(tmp_path / "a", shapes_shards, movq_run, t2i_run,
                                                              **overrides))
-    model = build_interpolation_model(cfg).eval()
+    stage = InterpolationStage(cfg, torch.device("cpu"))
+    model = stage.build_model().eval()
     keys = torch.randn(1, 4, 3, 8, 8)
-    out = interpolate(model, make_schedule(cfg.recipe.diffusion), keys, [PROMPT], passes=[3], frames_per_gap=3,
-                      target="x0", steps=3, residual=True, generator=torch.Generator().manual_seed(0))
+    options = InterpolationOptions(SamplerSpec("ddim", steps=3, spacing="trailing"), skip_frames=(3,), residual=True)
+    out = interpolate(stage.bundle(model), keys, [PROMPT], options, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(out, merge_gaps(keys, gap_blend(keys, 3), 3), atol=1e-6)  # zero residual at init
     run = tmp_path / "run"
     train(load_config([CONFIG], tiny_interpolation_overrides(run, shapes_shards, movq_run, t2i_run, **overrides,
                                                              **{"train.max_steps": 2, "train.checkpoint_every": 2})))
-    model, _, cfg = load_interpolation(run, which="model")
+    bundle = load_bundle(run, "interpolation", which="model")
+    model, cfg = bundle.denoiser, bundle.cfg
+    assert InterpolationOptions.from_recipe(cfg).residual
     assert cfg.recipe.residual and model.unet.out_layer[2].weight.abs().sum() > 0  # the output conv learned
 
 
 def test_interpolation_config_errors(tmp_path, shapes_shards, movq_run, t2i_run):
-    from kvideo.registry import STAGES
+    from kvideo.train.stages import STAGES
 
     cfg = load_config([CONFIG], tiny_interpolation_overrides(tmp_path, shapes_shards, movq_run, t2i_run,
                                                              **{"data.num_frames": 8}))
@@ -127,7 +172,6 @@ def test_interpolation_config_errors(tmp_path, shapes_shards, movq_run, t2i_run)
 
 
 def test_input_and_output_convs_start_from_the_t2i_convs(tmp_path, shapes_shards, movq_run, t2i_run):
-    from kvideo.stages.interpolation import build_interpolation_model
     from kvideo.train.checkpoint import load_stage_weights
 
     image, _ = load_stage_weights(t2i_run, "t2i")

@@ -7,14 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from kvideo.config import load_config
-from kvideo.stages.keyframe import (
-    ConditionDropout, MotionConfig, NoiseAugConfig, conditioned_input, draw_dropout, draw_noise_levels,
-    keyframe_net, load_keyframe, resolve_motion_score, sample_keyframes, sampling_noise_level,
-)
-from kvideo.stages.t2i import make_schedule
+from kvideo.diffusion import SamplerSpec, sample
+from kvideo.inference.conditioning import KeyframeCondition, Prompts, TextContext, conditioned_input
+from kvideo.inference.denoiser import make_schedule
+from kvideo.inference.loading import load_bundle
+from kvideo.inference.sampling import KeyframeOptions, resolve_motion_score, sample_keyframes, sampling_noise_level
+from kvideo.recipes import ConditionDropout, MotionConfig, NoiseAugConfig
+from kvideo.registry import load_config
 from kvideo.train import checkpoint as ckpt
 from kvideo.train.engine import train
+from kvideo.train.stages.keyframe import KeyframeStage, draw_dropout, draw_noise_levels
 
 from conftest import ROOT, tiny_t2i_overrides
 
@@ -56,10 +58,13 @@ def test_a_sampling_plan_the_model_cannot_follow_stops_before_training(tmp_path,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def build_keyframe_model(cfg):
+    """The keyframe model as training builds it (recipe.init_from loaded in)."""
+    return KeyframeStage(cfg, torch.device("cpu")).build_model()
+
+
 def test_init_from_loads_spatial_weights_and_train_spatial_false_freezes_them(tmp_path, shapes_shards, movq_run,
                                                                               t2i_run):
-    from kvideo.stages.keyframe import build_keyframe_model
-
     t2i_weights = ckpt.load_weights(ckpt.latest_checkpoint(t2i_run), "ema")[0]
     cfg = load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(tmp_path / "a", shapes_shards, movq_run, t2i_run))
     model = build_keyframe_model(cfg)
@@ -85,9 +90,8 @@ def test_init_from_loads_spatial_weights_and_train_spatial_false_freezes_them(tm
 def test_spatial_lr_scale_trains_loaded_layers_slower(tmp_path, shapes_shards, movq_run, t2i_run):
     import json
 
-    from kvideo.stages.base import Phase
-    from kvideo.stages.keyframe import build_keyframe_model
-    from kvideo.stages.t2i import video_phase
+    from kvideo.train.stages.base import Phase
+    from kvideo.train.stages.diffusion import video_phase
 
     cfg = load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(tmp_path / "a", shapes_shards, movq_run, t2i_run))
     model = build_keyframe_model(cfg)
@@ -160,31 +164,37 @@ def test_motion_presets_and_numbers():
 
 def test_three_way_guidance_branches_are_the_right_conditions(keyframe_run):
     """w_T = w_I = 1 gives the text+image branch alone and w_T = w_I = 0 the unconditional one,
-    each checked against sampling with that branch built by hand."""
-    from kvideo.diffusion import sample_ddim
-
-    model, movq, cfg = load_keyframe(keyframe_run)
+    each checked against sampling with that branch built by hand (the UNet called directly)."""
+    bundle = load_bundle(keyframe_run, "keyframe")
+    model, cfg = bundle.denoiser, bundle.cfg
     torch.manual_seed(0)
     with torch.no_grad():  # a trained model's temporal layers are not identities: make them matter
         for p in model.unet.temporal_parameters():
             p.add_(0.05 * torch.randn_like(p))
     schedule = make_schedule(cfg.recipe.diffusion)
+    assert torch.equal(schedule.alphas_cumprod, bundle.schedule.alphas_cumprod)
+    assert cfg.recipe.diffusion.target == "eps" and cfg.recipe.latent_scale == 1.0
     first = torch.randn(1, 4, 8, 8)
-    common = dict(num_frames=3, target="eps", motion_score=0.1, motion_scale=cfg.recipe.motion.scale,
-                  noise_aug_level=0, sampler="ddim", steps=2)
-    net = keyframe_net(model.unet, cfg.recipe.motion.scale)
-    tokens, mask = model.context([PROMPT])
+    scale = cfg.recipe.motion.scale
+
+    def options(w, **changes):
+        return KeyframeOptions(SamplerSpec("ddim", steps=2), text_guidance=w, image_guidance=w,
+                               **{"noise_aug_level": 0, "num_frames": 3, **changes})
+
+    def unet_call(ctx, ctx_mask, has_image, motion=0.1):
+        def direct(x, t):
+            return model.unet(conditioned_input(x, first, torch.tensor([has_image])), t, ctx, ctx_mask,
+                              noise_aug_level=torch.zeros(1, dtype=torch.long),
+                              motion_score=torch.tensor([motion]) * scale)
+        return direct
+
+    text = model.context([PROMPT])
+    tokens, mask = text.tokens, text.mask
     null_tokens, null_mask = model.text.null_context(1)
     for w, (ctx, ctx_mask, has_image) in ((1.0, (tokens, mask, 1.0)), (0.0, (null_tokens, null_mask, 0.0))):
-        got = sample_keyframes(model, schedule, [PROMPT], first, text_guidance=w, image_guidance=w,
-                               generator=torch.Generator().manual_seed(1), **common)
-
-        def direct(x, t):
-            return net(x, t, context=ctx, context_mask=ctx_mask, first=first, has_image=torch.tensor([has_image]),
-                       noise_aug_level=torch.zeros(1, dtype=torch.long), motion_score=torch.tensor([0.1]))
-
+        got = sample_keyframes(bundle, [PROMPT], first, 0.1, options(w), generator=torch.Generator().manual_seed(1))
         x_T = torch.randn((1, 4, 3, 8, 8), generator=torch.Generator().manual_seed(1))
-        expected = sample_ddim(direct, schedule, x_T, steps=2, target="eps")
+        expected = sample(unet_call(ctx, ctx_mask, has_image), schedule, x_T, SamplerSpec("ddim", steps=2), target="eps")
         assert torch.allclose(got, expected, atol=1e-4), (w, (got - expected).abs().max())
     # without the first frame a branch has noise level 0, as in training (where the image is
     # dropped the level is zeroed): the unconditional branch, and use_image=False's text branch
@@ -192,22 +202,46 @@ def test_three_way_guidance_branches_are_the_right_conditions(keyframe_run):
     torch.randn(first.shape, generator=g)  # the noise-augmentation draw comes first
     x_T = torch.randn((1, 4, 3, 8, 8), generator=g)
     for w, use_image, ctx, ctx_mask in ((0.0, True, null_tokens, null_mask), (1.0, False, tokens, mask)):
-        got = sample_keyframes(model, schedule, [PROMPT], first, text_guidance=w, image_guidance=w,
-                               use_image=use_image, generator=torch.Generator().manual_seed(1),
-                               **{**common, "noise_aug_level": 20})
-
-        def direct(x, t):
-            return net(x, t, context=ctx, context_mask=ctx_mask, first=first, has_image=torch.tensor([0.0]),
-                       noise_aug_level=torch.zeros(1, dtype=torch.long), motion_score=torch.tensor([0.1]))
-
-        expected = sample_ddim(direct, schedule, x_T, steps=2, target="eps")
+        got = sample_keyframes(bundle, [PROMPT], first, 0.1, options(w, use_image=use_image, noise_aug_level=20),
+                               generator=torch.Generator().manual_seed(1))
+        expected = sample(unet_call(ctx, ctx_mask, 0.0), schedule, x_T, SamplerSpec("ddim", steps=2), target="eps")
         assert torch.allclose(got, expected, atol=1e-4), (w, use_image, (got - expected).abs().max())
     # the motion score reaches the model (through recipe.motion.scale)
-    faster = sample_keyframes(model, schedule, [PROMPT], first, text_guidance=1.0, image_guidance=1.0,
-                              generator=torch.Generator().manual_seed(1), **{**common, "motion_score": 0.5})
-    slower = sample_keyframes(model, schedule, [PROMPT], first, text_guidance=1.0, image_guidance=1.0,
-                              generator=torch.Generator().manual_seed(1), **common)
+    faster = sample_keyframes(bundle, [PROMPT], first, 0.5, options(1.0), generator=torch.Generator().manual_seed(1))
+    slower = sample_keyframes(bundle, [PROMPT], first, 0.1, options(1.0), generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(faster, slower, atol=1e-4)
+
+
+def test_keyframe_condition_is_the_unet_call_on_the_conditioned_input(keyframe_run):
+    """denoiser(x, t, KeyframeCondition) is the UNet on [x_t | first | mask] with the level and the
+    motion score times recipe.motion.scale (the old keyframe_net), for Prompts and TextContext alike;
+    `dropped` gives the training branches: null text, and no image at level 0."""
+    bundle = load_bundle(keyframe_run, "keyframe")
+    model, scale = bundle.denoiser, bundle.recipe.motion.scale
+    g = torch.Generator().manual_seed(2)
+    x, first = torch.randn(2, 4, 3, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t, level, motion = torch.tensor([10, 500]), torch.tensor([0, 30]), torch.tensor([0.1, 0.4])
+    has_image = torch.tensor([1.0, 0.0])
+    prompts = [PROMPT, "a blue square moving up slowly on a white background"]
+    text = model.context(prompts)
+    with torch.no_grad():
+        direct = model.unet(conditioned_input(x, first, has_image), t, text.tokens, text.mask, noise_aug_level=level,
+                            motion_score=motion * scale)
+        for cond_text in (text, Prompts(prompts)):
+            got = model(x, t, KeyframeCondition(cond_text, first, has_image, level, motion, scale))
+            assert torch.equal(got, direct)
+        # training's dropout: sample 0 loses its text, sample 1 its image
+        cond = KeyframeCondition(Prompts(prompts), first, torch.ones(2, dtype=torch.bool), level.flip(0), motion, scale)
+        dropped = cond.dropped(text=torch.tensor([True, False]), image=torch.tensor([False, True]))
+        assert dropped.has_image.tolist() == [True, False] and dropped.noise_level.tolist() == [30, 0]
+        mixed = model.context(prompts, drop=torch.tensor([True, False]))
+        null_tokens, _ = model.text.null_context(1)
+        assert torch.equal(mixed.tokens[0], null_tokens[0]) and torch.equal(mixed.tokens[1], text.tokens[1])
+        expected = model.unet(conditioned_input(x, first, torch.tensor([True, False])), t, mixed.tokens, mixed.mask,
+                              noise_aug_level=torch.tensor([30, 0]), motion_score=motion * scale)
+        assert torch.equal(model(x, t, dropped), expected)
+    with pytest.raises(ValueError, match="batch size"):
+        KeyframeCondition(text, first[:1], has_image, level, motion, scale)
 
 
 def _sample(tmp_path, run, name, *extra):

@@ -6,19 +6,21 @@ import json
 import pytest
 import torch
 from einops import rearrange
+from omegaconf import OmegaConf
 
 from conftest import MOVQ_CONFIG, T2I_CONFIG, tiny_movq_overrides, tiny_t2i_overrides
-from kvideo.config import load_config
-from kvideo.data.latent_cache import LatentClipDataset, build_latent_cache
+from kvideo.registry import load_config
+from kvideo.data.datasets import build_dataset
+from kvideo.data.latent_cache import LatentCacheSpec, LatentClipDataset, build_latent_cache
 from kvideo.data.shards import ClipDataset, ShardIndex, collate
-from kvideo.stages.movq import load_movq
+from kvideo.inference.autoencoder import load_movq
 from kvideo.train.engine import train
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, shapes_shards, movq_run):
     out = tmp_path_factory.mktemp("latent_cache")
-    build_latent_cache(out, str(shapes_shards), load_movq(movq_run), str(movq_run), (32, 32))
+    build_latent_cache(LatentCacheSpec(out, str(shapes_shards), str(movq_run), (32, 32)), load_movq(movq_run))
     return out
 
 
@@ -44,7 +46,8 @@ def test_rebuild_redoes_only_missing_shards_and_refuses_other_weights(tmp_path, 
     assert len(files) == 3
     stamps = {f.name: f.stat().st_mtime_ns for f in files}
     files[1].unlink()
-    build_latent_cache(cache, str(shapes_shards), load_movq(movq_run), str(movq_run), (32, 32))
+    spec = LatentCacheSpec(cache, str(shapes_shards), str(movq_run), (32, 32))
+    build_latent_cache(spec, load_movq(movq_run))
     after = {f.name: f.stat().st_mtime_ns for f in sorted(cache.glob("*.safetensors"))}
     assert after.keys() == stamps.keys()
     assert [n for n in after if after[n] != stamps[n]] == [files[1].name]
@@ -54,13 +57,24 @@ def test_rebuild_redoes_only_missing_shards_and_refuses_other_weights(tmp_path, 
     with torch.no_grad():
         next(other.parameters()).add_(1.0)
     with pytest.raises(ValueError, match=r"data.latent_cache .* holds latents of the MoVQ"):
-        build_latent_cache(cache, str(shapes_shards), other, "other", (32, 32))
+        build_latent_cache(LatentCacheSpec(cache, str(shapes_shards), "other", (32, 32)), other)
     with pytest.raises(ValueError, match=r"data.size"):
-        build_latent_cache(cache, str(shapes_shards), load_movq(movq_run), str(movq_run), (16, 16))
+        build_latent_cache(LatentCacheSpec(cache, str(shapes_shards), str(movq_run), (16, 16)), load_movq(movq_run))
     with pytest.raises(ValueError, match=r"other shards .* not of data.shards"):
-        build_latent_cache(cache, str(sorted(shapes_shards.glob("*.tar"))[0]), load_movq(movq_run), str(movq_run),
-                           (32, 32))
+        one_shard = str(sorted(shapes_shards.glob("*.tar"))[0])
+        build_latent_cache(LatentCacheSpec(cache, one_shard, str(movq_run), (32, 32)), load_movq(movq_run))
     assert json.loads((cache / "cache.json").read_text())["size"] == [32, 32]
+
+
+@pytest.mark.parametrize("field,kwargs", [("cache", dict(cache="")), ("shards", dict(shards="")),
+                                          ("movq_source", dict(movq_source="")), ("size", dict(size=(32,))),
+                                          ("size", dict(size=(0, 32))), ("size", dict(size="32"))])
+def test_latent_cache_spec_names_the_bad_field(field, kwargs):
+    good = dict(cache="c", shards="s.tar", movq_source="m", size=(32, 32))
+    with pytest.raises(ValueError, match=rf"LatentCacheSpec\.{field} "):
+        LatentCacheSpec(**{**good, **kwargs})
+    spec = LatentCacheSpec(**{**good, "size": [32, "16"]})
+    assert spec.size == (32, 16) and spec.cache.name == "c"
 
 
 def test_incomplete_cache_is_an_error(tmp_path, shapes_shards):
@@ -69,6 +83,15 @@ def test_incomplete_cache_is_an_error(tmp_path, shapes_shards):
                                                   "movq_fingerprint": "0" * 64}))
     with pytest.raises(FileNotFoundError, match="incomplete: 3 of 3"):
         LatentClipDataset(ShardIndex(str(shapes_shards)), tmp_path, num_frames=1, fps=24, size=[32, 32], seed=0)
+
+
+def test_build_dataset_reads_the_cache_for_training_only(cache, shapes_shards):
+    data = OmegaConf.create(dict(shards=str(shapes_shards), val_shards=str(shapes_shards), num_frames=1, fps=24.0,
+                                 size=[32, 32], random_crop=False, latent_cache=str(cache)))
+    assert type(build_dataset(data, 0, train=True)) is LatentClipDataset
+    assert type(build_dataset(data, 0, train=False)) is ClipDataset
+    data.latent_cache = None
+    assert type(build_dataset(data, 0, train=True)) is ClipDataset
 
 
 def test_latent_stages_train_from_the_cache_and_pixel_stages_refuse_it(tmp_path, shapes_shards, movq_run):

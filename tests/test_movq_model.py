@@ -1,4 +1,4 @@
-"""MoVQ autoencoder, its discriminator and LPIPS, and the shared layers they use (CPU, < 40 s)."""
+"""MoVQ autoencoder, its discriminator, and the shared layers they use (CPU, < 40 s)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import math
 
 import pytest
 import torch
-import torchvision
 
 import kvideo.nn.layers as layers
 from kvideo.models.discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
-from kvideo.models.lpips import LPIPS, TAP_CHANNELS, convert_lpips_weights
 from kvideo.models.movq import MOVQ_SIZES, MoVQ, MovqConfig, VectorQuantizer, movq_config
 from kvideo.nn import attention
 from kvideo.registry import count_parameters
@@ -286,61 +284,3 @@ def test_adaptive_gan_weight_is_finite_and_keeps_the_graph():
         recon, _, _ = model(x)
         with pytest.raises(RuntimeError, match="no autograd graph"):
             adaptive_gan_weight((recon - x).abs().mean(), hinge_g_loss(disc(recon)), model.last_layer_weight())
-
-
-# ----------------------------------------------------------------------------------------------
-# LPIPS
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def lpips_sources(tmp_path_factory):
-    """A torchvision-layout VGG16 file (random features, a stand-in classifier key) and an
-    official-layout lin file (random non-negative heads)."""
-    root = tmp_path_factory.mktemp("lpips")
-    torch.manual_seed(0)
-    features = torchvision.models.vgg16(weights=None).features
-    vgg = {f"features.{k}": v for k, v in features.state_dict().items()}
-    vgg["classifier.6.bias"] = torch.zeros(1000)
-    lin = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(TAP_CHANNELS)}
-    torch.save(vgg, root / "vgg16.pth")
-    torch.save(lin, root / "vgg_lin.pth")
-    return root
-
-
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_lpips_loads_from_one_local_file(lpips_sources, tmp_path, suffix):
-    path = convert_lpips_weights(lpips_sources / "vgg16.pth", lpips_sources / "vgg_lin.pth", tmp_path / f"lpips{suffix}")
-    lpips = LPIPS(path)
-    assert not lpips.training and not any(p.requires_grad for p in lpips.parameters())
-    lpips.train()
-    assert not lpips.training
-    x, y = images(2, 32, 32, seed=0), images(2, 32, 32, seed=1)
-    x.requires_grad_(True)
-    d = lpips(x, y)
-    assert d.shape == (2,) and (d > 0).all()
-    torch.testing.assert_close(lpips(y, y), torch.zeros(2))
-    d.sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    # the VGG weights really came from the file
-    torch.testing.assert_close(lpips.features[28].bias, torch.load(lpips_sources / "vgg16.pth")["features.28.bias"])
-
-
-def test_lpips_errors(lpips_sources, tmp_path):
-    with pytest.raises(FileNotFoundError, match="never downloads"):
-        LPIPS(tmp_path / "missing.pth")
-    torch.save({"net.0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
-    with pytest.raises(KeyError, match="missing"):
-        LPIPS(tmp_path / "wrong.pth")
-    good = convert_lpips_weights(lpips_sources / "vgg16.pth", lpips_sources / "vgg_lin.pth", tmp_path / "ok.pth")
-    state = torch.load(good)
-    state["lins.0.weight"] = -state["lins.0.weight"]
-    torch.save(state, tmp_path / "negative.pth")
-    with pytest.raises(ValueError, match="non-negative"):
-        LPIPS(tmp_path / "negative.pth")
-    state["lins.0.weight"] = torch.rand(1, 32, 1, 1)
-    torch.save(state, tmp_path / "shape.pth")
-    with pytest.raises(ValueError, match="wrong shape"):
-        LPIPS(tmp_path / "shape.pth")
-    with pytest.raises(KeyError, match="lin0.model.1.weight"):
-        convert_lpips_weights(lpips_sources / "vgg16.pth", lpips_sources / "vgg16.pth", tmp_path / "x.pth")

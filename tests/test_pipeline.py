@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kvideo.config import load_config
+from kvideo.registry import load_config
 from kvideo.data.video_io import probe, read_video
 from kvideo.pipeline import Pipeline, load_pipeline_config, write_outputs
 from kvideo.train.engine import train
@@ -40,20 +40,22 @@ def cascade(tmp_path_factory, shapes_shards, movq_run, t2i_run) -> Path:
 
 def test_cascade_shapes_fps_determinism_and_timings(cascade):
     pipe = Pipeline.from_config(cascade)
-    out = pipe(PROMPTS, seed=3, fps="medium", progress=False)
+    out = pipe(PROMPTS, seed=3, fps_preset="medium", progress=False)
     assert out.frames.shape == (2, 3, 13, 32, 32)  # 4 keyframes -> 4 * 4 - 3 frames, one pass
     assert out.fps == 48.0  # 12-fps keyframes, 3 new frames per gap
     assert out.frames.abs().max() <= 1.0
     assert out.keyframes.shape == (2, 3, 4, 32, 32) and out.first_frames.shape == (2, 3, 32, 32)
     assert set(out.timings) == {"first frame", "keyframes", "interpolation", "decode"}
     assert out.settings["first_frame"]["size"] == [64, 64]  # the t2i image at 2x, then fitted
-    again = pipe(PROMPTS, seed=3, fps="medium", progress=False)
+    again = pipe(PROMPTS, seed=3, fps_preset="medium", progress=False)
     assert torch.equal(out.frames, again.frames)
-    assert not torch.equal(out.frames, pipe(PROMPTS, seed=4, fps="medium", progress=False).frames)
-    low = pipe(PROMPTS[:1], seed=3, fps="low", progress=False)
+    assert not torch.equal(out.frames, pipe(PROMPTS, seed=4, fps_preset="medium", progress=False).frames)
+    low = pipe(PROMPTS[:1], seed=3, fps_preset="low", progress=False)
     assert low.frames.shape[2] == 4 and low.fps == 12.0 and "interpolation" not in low.timings
     assert pipe(PROMPTS[:1], seed=3, num_keyframes=3, progress=False).frames.shape[2] == 9
     with pytest.raises(ValueError, match="trained for 1 pass"):
+        pipe(PROMPTS[:1], fps_preset="high", progress=False)
+    with pytest.raises(ValueError, match="argument 'fps' is now 'fps_preset'"):
         pipe(PROMPTS[:1], fps="high", progress=False)
     with pytest.raises(ValueError, match="unknown motion preset 'normal'"):
         pipe(PROMPTS[:1], motion_score="normal", progress=False)
@@ -99,7 +101,7 @@ def test_sample_py_pipeline_prompts_file(cascade, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
     code = sample.main(["--pipeline", str(cascade), "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "v"),
-                        "--seed", "1", "--motion-score", "fast", "--fps", "low", "--sheet", "--frames", "3",
+                        "--seed", "1", "--motion-score", "fast", "--fps-preset", "low", "--sheet", "--frames", "3",
                         "--call", "keyframe_steps=1", "--call", "text_guidance=9", "--text-guidance", "3"])
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["000.json", "000.mp4", "000.png", "001.json",
@@ -126,20 +128,22 @@ def test_wrong_checkpoints_are_named(cascade, t2i_run, movq_run):
         Pipeline.from_config(cascade, [f"keyframe={t2i_run}"])
     with pytest.raises(ValueError, match="expected a video_decoder checkpoint"):
         Pipeline.from_config(cascade, [f"video_decoder={movq_run}"])
-    with pytest.raises(ValueError, match="fps must be one of"):
-        load_pipeline_config(cascade, ["fps=fast"])
+    with pytest.raises(ValueError, match="fps_preset must be one of"):
+        load_pipeline_config(cascade, ["fps_preset=fast"])
+    with pytest.raises(ValueError, match="key 'fps' is now 'fps_preset'"):  # the renamed key is named
+        load_pipeline_config(cascade, ["fps=low"])
 
 
 def test_pipeline_config_overrides_a_stage_sampling(cascade):
     pipe = Pipeline.from_config(cascade, ["sampling.keyframe.steps=1", "sampling.keyframe.text_guidance=2.5",
                                           "sampling.keyframe.timestep_shift=2"])
-    out = pipe(PROMPTS[:1], seed=3, fps="low", progress=False)
+    out = pipe(PROMPTS[:1], seed=3, fps_preset="low", progress=False)
     assert out.settings["keyframes"]["steps"] == 1 and out.settings["keyframes"]["text_guidance"] == 2.5
     assert out.settings["keyframes"]["timestep_shift"] == 2
-    assert out.settings["first_frame"]["steps"] == pipe.t2i_cfg.recipe.sampling.steps  # other stages untouched
+    assert out.settings["first_frame"]["steps"] == pipe.t2i.cfg.recipe.sampling.steps  # other stages untouched
     # the tiny keyframe model predicts eps, which cannot start at the zero-SNR timestep
     with pytest.raises(ValueError, match="start at the zero-SNR timestep 999"):
-        Pipeline.from_config(cascade, ["sampling.keyframe.spacing=trailing"])(PROMPTS[:1], fps="low", progress=False)
+        Pipeline.from_config(cascade, ["sampling.keyframe.spacing=trailing"])(PROMPTS[:1], fps_preset="low", progress=False)
     with pytest.raises(ValueError, match="sampling.keyframe.spacin is not a sampling setting"):
         Pipeline.from_config(cascade, ["sampling.keyframe.spacin=trailing"])
     with pytest.raises(ValueError, match="sampling.keyframe.steps = 'many'"):

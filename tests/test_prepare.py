@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from kvideo.config import load_config
+from kvideo.registry import load_config
 from kvideo.data.prepare import load_prepare_config, merge, prepare
 from kvideo.data.prepare.captions import CAPTIONERS, CaptionFileError, ClipContext, CocaCaptioner, load_caption_table
 from kvideo.data.prepare.clips import clip_frames, output_size, plan_clips
@@ -29,7 +29,7 @@ from kvideo.data.prepare.process import clip_key
 from kvideo.data.prepare.runner import expand_inputs, resolve_part
 from kvideo.data.prepare.scan import scan_source
 from kvideo.data.shapesworld import caption as shapes_caption
-from kvideo.data.shapesworld import metadata, render_clip, sample_clip_spec, write_shapesworld
+from kvideo.data.shapesworld import ShapesWorldSpec, metadata, render_clip, sample_clip_spec, write_shapesworld
 from kvideo.data.shards import ClipDataset, ShardIndex
 from kvideo.data.video_io import probe, read_video, write_video
 from kvideo.train.engine import train
@@ -443,7 +443,7 @@ def test_real_clips(tmp_path):
 
 def test_shapesworld_clips_back_to_shards_and_train_from_them(tmp_path):
     raw = tmp_path / "raw"
-    write_shapesworld(raw, 4, size=32, seed=0, num_frames=12, raw=True, progress=False)
+    write_shapesworld(raw, ShapesWorldSpec(4, size=32, seed=0, num_frames=12, raw=True), progress=False)
     spec = sample_clip_spec(123, size=32, num_frames=12)  # one more clip, captioned by the template
     write_video(raw / "extra.mp4", render_clip(spec), 24, pix_fmt="yuv444p")
     (raw / "extra.json").write_text(json.dumps(metadata(spec, motion_score=0.0)))

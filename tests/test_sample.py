@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvideo.config import load_config
+from kvideo.registry import load_config
 from kvideo.data.video_io import read_video
-from kvideo.stages.movq import load_movq
+from kvideo.inference.autoencoder import load_movq
 from kvideo.train.engine import train
 
 from conftest import ROOT, SHARED_DATA, tiny_movq_overrides

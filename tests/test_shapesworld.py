@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kvideo.data.shapesworld import (
-    BACKGROUNDS, COLORS, DIRECTIONS, HELD_OUT_PAIRS, SHAPES, SPEEDS, ClipSpec, allowed_pairs,
+    BACKGROUNDS, COLORS, DIRECTIONS, HELD_OUT_PAIRS, SHAPES, SPEEDS, ClipSpec, ShapesWorldSpec, allowed_pairs,
     canonical_test_prompts, caption, check_motion_fits, clip_spec_from_attributes, make_clip,
     metadata, parse_caption, prompt_clip, render_clip, sample_clip_spec, spec_from_metadata,
 )
@@ -131,6 +131,16 @@ def test_too_long_motion_is_refused():
         ClipSpec("black", "purple", "circle", "still", None, 8.0, (20.0, 20.0))
 
 
+@pytest.mark.parametrize("field,value", [("num_clips", -1), ("size", 0), ("fps", 0.0), ("num_frames", 0),
+                                         ("clips_per_shard", 0), ("split", "test")])
+def test_shapesworld_spec_names_the_bad_field(field, value):
+    with pytest.raises(ValueError, match=rf"ShapesWorldSpec\.{field}"):
+        ShapesWorldSpec(**{"num_clips": 4, field: value})
+    with pytest.raises(ValueError, match=r"ShapesWorldSpec \(size, fps, num_frames\): .*travels"):
+        ShapesWorldSpec(4, num_frames=200)
+    assert ShapesWorldSpec(0).clips_per_shard == 256
+
+
 # ----------------------------------------------------------------------------- captions
 
 
@@ -183,7 +193,7 @@ def test_shards_pix_fmt_reads_the_first_clip(shapes_shards):
     from kvideo.data.video_io import probe
     from kvideo.evaluation import shards_pix_fmt
 
-    assert shards_pix_fmt(str(shapes_shards)) == "yuv444p"  # write_shapesworld's default
+    assert shards_pix_fmt(str(shapes_shards)) == "yuv444p"  # ShapesWorldSpec's default
     assert probe(encode_video_bytes(np.zeros((2, 16, 16, 3), np.uint8), 24.0, pix_fmt="yuv420p"))["pix_fmt"] == "yuv420p"
 
 

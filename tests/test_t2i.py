@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from kvideo.config import ConfigError, load_config
+from kvideo.config import ConfigError
+from kvideo.registry import load_config
 from kvideo.train import checkpoint as ckpt
 
 from conftest import T2I_CONFIG, tiny_t2i_overrides
-
 
 
 def test_t2i_trains_checkpoints_and_previews(t2i_run):
@@ -23,13 +23,14 @@ def test_t2i_trains_checkpoints_and_previews(t2i_run):
 
 
 def test_text_dropout_uses_the_null_context(t2i_run):
-    from kvideo.stages.t2i import load_t2i
+    from kvideo.inference.loading import load_bundle
 
-    model, _, _ = load_t2i(t2i_run)
+    model = load_bundle(t2i_run, "t2i").denoiser
     prompts = ["a red circle standing still on a black background", "a blue square moving up slowly on a white background"]
-    tokens, mask = model.context(prompts, drop=torch.tensor([False, True]))
+    context = model.context(prompts, drop=torch.tensor([False, True]))
+    tokens, mask = context.tokens, context.mask
     null_tokens, null_mask = model.text.null_context(1)
-    plain_tokens, _ = model.context(prompts)
+    plain_tokens = model.context(prompts).tokens
     assert torch.equal(tokens[1], null_tokens[0]) and torch.equal(mask[1], null_mask[0])
     assert torch.equal(tokens[0], plain_tokens[0])
 
@@ -62,14 +63,15 @@ def test_t2i_config_errors_are_named(tmp_path, shapes_shards, movq_run):
                                                      **{"recipe.text_encoder.widht": 3}))
     cfg = load_config([T2I_CONFIG], tiny_t2i_overrides(tmp_path, shapes_shards, movq_run,
                                                        **{"recipe.text_encoder.out_dim": 24}))
-    from kvideo.stages.t2i import build_t2i_model
+    from kvideo.inference.denoiser import build_denoiser
+    from kvideo.inference.loading import build_stage_denoiser, load_bundle
 
     with pytest.raises(ValueError, match="must equal model.context_dim"):
-        build_t2i_model(cfg)
-    from kvideo.stages.t2i import load_t2i
-
+        build_denoiser(cfg)
+    with pytest.raises(ValueError, match="must equal model.context_dim"):
+        build_stage_denoiser(cfg)
     with pytest.raises(ValueError, match="expected a t2i checkpoint"):
-        load_t2i(movq_run)
+        load_bundle(movq_run, "t2i")
 
 
 def test_evaluate_t2i_scores_every_canonical_prompt(tmp_path, t2i_run, capsys):

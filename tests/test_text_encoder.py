@@ -1,18 +1,12 @@
-"""Text encoder: tiny random tower on CPU, ViT-H-14 on the meta device, weights and cache files."""
+"""Text encoder: tiny random tower on CPU, ViT-H-14 on the meta device, weight files (kvideo.weights)."""
 
 import warnings
 
 import pytest
 import torch
 
-from kvideo.models.text_encoder import (
-    TextEmbeddingCache,
-    TextEncoder,
-    TextEncoderConfig,
-    load_text_embeddings,
-    precompute_text_embeddings,
-    text_encoder_config,
-)
+from kvideo.models.text_encoder import TextEncoder, TextEncoderConfig, text_encoder_config
+from kvideo.weights import build_text_encoder
 
 PROMPTS = ["a red circle moves left", "two blue squares bounce", "a star"]
 LONG = " ".join(["triangle"] * 60)  # 60 BPE tokens + sot/eot > 32
@@ -20,7 +14,7 @@ LONG = " ".join(["triangle"] * 60)  # 60 BPE tokens + sot/eot > 32
 
 def tiny(seed: int = 0, **overrides) -> TextEncoder:
     torch.manual_seed(seed)
-    return TextEncoder(text_encoder_config("tiny", **overrides))
+    return build_text_encoder(text_encoder_config("tiny", **overrides))
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +116,22 @@ def test_weights_round_trip(tmp_path, encoder):
     for name in ("clip.pt", "custom.pt"):
         other = tiny(seed=1, weights=str(tmp_path / name))
         torch.testing.assert_close(other.encode_hidden(ids)[0], ref, rtol=0, atol=0)
-    assert not torch.equal(tiny(seed=1).encode_hidden(ids)[0], ref)
+    random = tiny(seed=1)
+    assert not torch.equal(random.encode_hidden(ids)[0], ref)
+    # Loading replaces the tower only: the rest is initialised as without weights.
+    rest = {k: v for k, v in random.state_dict().items() if not k.startswith("tower.")}
+    for k, v in rest.items():
+        assert torch.equal(other.state_dict()[k], v), k
+    assert not other.tower.training and not any(p.requires_grad for p in other.tower.parameters())
+
+
+def test_network_reads_no_file(tmp_path):
+    """TextEncoder(cfg) ignores cfg.weights (kvideo.weights reads it): same numbers as without."""
+    torch.manual_seed(0)
+    net = TextEncoder(text_encoder_config("tiny", weights=str(tmp_path / "absent.pt")))
+    ref = tiny(seed=0)
+    assert net.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in net.state_dict().items())
 
 
 def test_weights_errors(tmp_path, encoder):
@@ -154,27 +163,3 @@ def test_hub_names_rejected():
     with pytest.raises(ValueError, match="hub"):
         TextEncoder(TextEncoderConfig(arch="hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K"))
 
-
-def test_cache_round_trip(tmp_path, encoder):
-    path = tmp_path / "text.safetensors"
-    assert precompute_text_embeddings(encoder, PROMPTS + PROMPTS[:1], path, batch_size=2) == 3
-    cache = TextEmbeddingCache(encoder, path)
-    assert len(cache) == 3 and PROMPTS[0] in cache and "unseen" not in cache
-    tokens, mask = cache(PROMPTS[::-1])
-    ref_tokens, ref_mask = encoder(PROMPTS[::-1])
-    assert torch.equal(mask, ref_mask)
-    torch.testing.assert_close(tokens, ref_tokens)
-    entries, meta = load_text_embeddings(path)
-    assert {"fingerprint", "config"} <= set(meta) and all(v.shape[1] == 64 for v in entries.values())
-    with pytest.raises(KeyError, match="unseen"):
-        cache(["unseen"])
-
-
-def test_stale_cache(tmp_path, encoder):
-    path = tmp_path / "text.safetensors"
-    precompute_text_embeddings(encoder, PROMPTS, path)
-    for other in (tiny(seed=1), tiny(context_length=16)):
-        with pytest.raises(ValueError, match="stale text embedding cache"):
-            TextEmbeddingCache(other, path)
-    with pytest.raises(ValueError, match="frozen=True"):
-        precompute_text_embeddings(tiny(frozen=False), PROMPTS, path)

@@ -193,7 +193,7 @@ def test_kandinsky_size_parameter_count():
 def test_tiny_unet_overfits_a_fixed_batch_with_the_diffusion_loss():
     """UNet + kvideo.diffusion.training_loss learn: on one fixed batch (fixed t and noise) the
     eps-prediction loss falls by 10x within a few hundred steps."""
-    from kvideo.diffusion import Schedule, training_loss
+    from kvideo.diffusion import LossSpec, Schedule, training_loss
 
     model = make_model().train()
     schedule = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)
@@ -204,8 +204,8 @@ def test_tiny_unet_overfits_a_fixed_batch_with_the_diffusion_loss():
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
 
     def loss():
-        value, _ = training_loss(model, schedule, x0, target="eps", t=t, noise=noise,
-                                 model_kwargs={"context": context, "context_mask": mask})
+        value, _ = training_loss(lambda x_t, tt: model(x_t, tt, context=context, context_mask=mask), schedule, x0,
+                                 LossSpec(target="eps"), t=t, noise=noise)
         return value.mean()
 
     with torch.no_grad():

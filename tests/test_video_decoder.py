@@ -7,13 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvideo.config import load_config
-from kvideo.stages.video_decoder import (
-    evaluate_video_decoding, flicker_by_distance, load_video_movq, static_background_flicker,
-    temporal_difference_loss,
-)
+from kvideo.inference.autoencoder import load_video_movq
+from kvideo.metrics.reconstruction import evaluate_video_decoding, flicker_by_distance, static_background_flicker
+from kvideo.registry import load_config
 from kvideo.train import checkpoint as ckpt
 from kvideo.train.engine import train
+from kvideo.train.stages.video_decoder import temporal_difference_loss
 
 from conftest import ROOT
 
@@ -60,8 +59,8 @@ def test_trains_with_the_encoder_frozen_and_the_gan_on(vdec_run, movq_run):
 
 @pytest.mark.parametrize("init, spatial", [("zero", 3), ("default", 3), ("identity", 3), ("identity", 1)])
 def test_at_step_zero_it_decodes_as_the_image_decoder(tmp_path, shapes_shards, movq_run, init, spatial):
-    from kvideo.stages.movq import load_movq
-    from kvideo.stages.video_decoder import build_video_decoder
+    from kvideo.inference.autoencoder import load_movq
+    from kvideo.train.stages.video_decoder import build_video_decoder
 
     cfg = load_config([CONFIG], overrides(tmp_path, shapes_shards, movq_run, **{
         "model.temporal_conv_init": init, "model.temporal_spatial_kernel": spatial}))
@@ -82,7 +81,7 @@ def test_at_step_zero_it_decodes_as_the_image_decoder(tmp_path, shapes_shards, m
 
 
 def test_spatial_lr_scale_puts_the_loaded_decoder_in_its_own_group(tmp_path, shapes_shards, movq_run):
-    from kvideo.stages.video_decoder import VideoDecoderStage, build_video_decoder
+    from kvideo.train.stages.video_decoder import VideoDecoderStage, build_video_decoder
 
     cfg = load_config([CONFIG], overrides(tmp_path, shapes_shards, movq_run, **{"recipe.spatial_lr_scale": 0.1}))
     model = build_video_decoder(cfg)
@@ -115,7 +114,7 @@ def test_flicker_metric_and_evaluation(vdec_run, shapes_shards, movq_run):
     assert out["clips"] == 2 and out["psnr_video"] > 0 and out["flicker_image"] >= 0
     # against the image MoVQ the run started from: the video columns stay, the image ones change
     # (the fine-tuning moved the decoder's spatial weights)
-    from kvideo.stages.movq import load_movq
+    from kvideo.inference.autoencoder import load_movq
 
     start = evaluate_video_decoding(ae, [batch], torch.device("cpu"), window=3, overlap=1,
                                     image_decoder=load_movq(movq_run))
@@ -143,7 +142,7 @@ def test_flicker_by_distance_puts_each_pixel_in_one_band():
 
 
 def test_mismatched_movq_is_named(tmp_path, shapes_shards, movq_run):
-    from kvideo.stages.video_decoder import build_video_decoder
+    from kvideo.train.stages.video_decoder import build_video_decoder
 
     cfg = load_config([CONFIG], overrides(tmp_path, shapes_shards, movq_run, **{"model.ch": 16}))
     with pytest.raises(ValueError, match=r"model.ch=8 \(this config has 16\)"):

@@ -15,9 +15,11 @@ import time
 
 
 def main(argv) -> int:
-    from kvideo.config import ConfigError, load_config
+    from kvideo.config import ConfigError
+    from kvideo.registry import load_config
     from kvideo.data.shards import ShardIndex
-    from kvideo.stages.movq import ensure_latent_cache, load_movq
+    from kvideo.inference.autoencoder import load_movq
+    from kvideo.train.stages.diffusion import ensure_latent_cache
     from kvideo.train.dist import resolve_device
 
     if not argv or argv[0] in ("-h", "--help"):

@@ -27,13 +27,13 @@ ORDER = ("movq", "t2i", "keyframe", "interpolation", "video_decoder")
 
 
 def render(out: Path, num_clips: int, split: str, size: int) -> None:
-    from kvideo.data.shapesworld import write_shapesworld
+    from kvideo.data.shapesworld import ShapesWorldSpec, write_shapesworld
 
     if (out / "dataset.json").is_file():
         print(f"reusing ShapesWorld {split} split in {out}")
         return
     print(f"rendering {num_clips} ShapesWorld clips ({split}) into {out}", flush=True)
-    write_shapesworld(out, num_clips, size=size, seed=0, split=split, workers=2)
+    write_shapesworld(out, ShapesWorldSpec(num_clips, size=size, seed=0, split=split), workers=2)
 
 
 def read_budget(path: Path) -> dict:

@@ -49,7 +49,7 @@ def psnr_from_mse(mse: float) -> float:
 def linear_blend(keys: torch.Tensor, k: int) -> torch.Tensor:
     """(c, N, h, w) keyframes -> (c, (N - 1) * k, h, w): the k in-between frames of every gap,
     blended linearly from the gap's two keyframes (`gap_blend`, in frame order)."""
-    from kvideo.stages.interpolation import gap_blend
+    from kvideo.inference.gaps import gap_blend
 
     return rearrange(gap_blend(keys[None], k), "1 (k c) g h w -> c (g k) h w", k=k)
 
@@ -57,17 +57,19 @@ def linear_blend(keys: torch.Tensor, k: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
     from kvideo.data.shapesworld import parse_caption, prompt_clip
-    from kvideo.stages.interpolation import interpolate, load_interpolation
-    from kvideo.stages.keyframe import decode_video
-    from kvideo.stages.t2i import make_schedule
+    from kvideo.inference.autoencoder import decode_latents
+    from kvideo.inference.loading import load_bundle
+    from kvideo.inference.sampling import InterpolationOptions, interpolate
 
-    model, movq, cfg = load_interpolation(ckpt_dir)
-    rc, sc = cfg.recipe, cfg.recipe.sampling
-    schedule = make_schedule(rc.diffusion, rc.sampling)
+    ip = load_bundle(ckpt_dir, "interpolation")
+    movq, cfg = ip.movq, ip.cfg
+    rc = cfg.recipe
     k, gaps = int(rc.frames_per_gap), int(rc.gaps)
     last = rc.passes[-1]
     span = gaps * (k + 1) + 1
     h = int(cfg.data.size[0])
+    options = InterpolationOptions.from_recipe(cfg, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                                               skip_frames=[last.skip_frames])
     pix_fmt = None if args.raw_references else args.pix_fmt or shards_pix_fmt(cfg.data.shards)
     sums: dict = {}
     sheets = []
@@ -82,13 +84,9 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
         new_idx = [j for j in range(span) if j % (k + 1)]
         keys = truth[:, key_idx]
         z = rearrange(movq.encode(rearrange(keys, "c f h w -> f c h w")).float(), "f c h w -> c f h w")[None]
-        latents = interpolate(model, schedule, z * rc.latent_scale, [item["prompt"]], passes=[last.skip_frames],
-                              frames_per_gap=k, target=rc.diffusion.target, sampler=args.sampler or sc.sampler,
-                              steps=args.steps or sc.steps, spacing=sc.spacing,
-                              guidance=sc.guidance if args.guidance is None else args.guidance,
-                              latent_scale=rc.latent_scale, dynamic_threshold=sc.dynamic_threshold,
-                              residual=rc.residual, generator=torch.Generator().manual_seed(args.seed + i))
-        video = decode_video(movq, latents, rc.latent_scale)[0]  # (3, span, h, w)
+        latents = interpolate(ip, z * rc.latent_scale, [item["prompt"]], options,
+                              generator=torch.Generator().manual_seed(args.seed + i))
+        video = decode_latents(movq, latents, rc.latent_scale)[0]  # (3, span, h, w)
         recon = movq.decode(movq.encode(rearrange(truth[:, new_idx], "c f h w -> f c h w"))).clamp(-1, 1)
         blend = linear_blend(keys, k)
         target = truth[:, new_idx]
@@ -107,8 +105,8 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
             full_blend[:, new_idx] = blend
             sheets.append(torch.stack([truth, full_blend, video]).transpose(1, 2))  # (3 rows, span, 3, h, w)
     seconds = time.perf_counter() - t0
-    result = {"checkpoint": str(ckpt_dir), "sampler": args.sampler or sc.sampler, "steps": args.steps or sc.steps,
-              "guidance": sc.guidance if args.guidance is None else args.guidance, "clips": len(prompts),
+    result = {"checkpoint": str(ckpt_dir), "sampler": options.spec.sampler, "steps": options.spec.steps,
+              "guidance": options.guidance, "clips": len(prompts),
               "references": "raw" if args.raw_references else f"h264 {pix_fmt}",
               "stride": last.stride, "skip_frames": last.skip_frames, "frames_per_gap": k, "gaps": gaps,
               "sampling_s": round(seconds, 1)}

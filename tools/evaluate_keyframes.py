@@ -36,7 +36,7 @@ ATTRS = ("direction", "speed", "background", "color", "shape")
 
 
 def motion_for(prompt: str, presets, fixed) -> float:
-    from kvideo.stages.keyframe import resolve_motion_score
+    from kvideo.inference.sampling import resolve_motion_score
 
     if fixed is not None:
         return resolve_motion_score(presets, fixed)
@@ -50,19 +50,21 @@ def motion_for(prompt: str, presets, fixed) -> float:
 def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
     from kvideo.data.shapes_scorer import score_clip
     from kvideo.data.shapesworld import prompt_clip
-    from kvideo.stages.keyframe import decode_video, load_keyframe, sample_keyframes, sampling_noise_level
-    from kvideo.stages.movq import psnr
-    from kvideo.stages.t2i import make_schedule
+    from kvideo.inference.autoencoder import decode_latents
+    from kvideo.inference.loading import load_bundle
+    from kvideo.inference.sampling import KeyframeOptions, sample_keyframes
+    from kvideo.metrics.reconstruction import psnr
 
-    model, movq, cfg = load_keyframe(ckpt_dir)
-    rc, sc = cfg.recipe, cfg.recipe.sampling
-    spacing = sc.spacing if args.spacing is None else args.spacing
-    level = sampling_noise_level(rc.noise_aug) if args.noise_aug_level is None else args.noise_aug_level
-    threshold = sc.dynamic_threshold if args.dynamic_threshold is None else (
-        None if args.dynamic_threshold == "none" else float(args.dynamic_threshold))
-    schedule = make_schedule(rc.diffusion, sc)
-    if args.timestep_shift is not None:
-        schedule = dataclasses.replace(schedule, timestep_shift=args.timestep_shift)
+    kf = load_bundle(ckpt_dir, "keyframe")
+    movq, cfg = kf.movq, kf.cfg
+    rc = cfg.recipe
+    options = KeyframeOptions.from_recipe(cfg, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                                          timestep_shift=args.timestep_shift, text_guidance=args.text_guidance,
+                                          image_guidance=args.image_guidance, noise_aug_level=args.noise_aug_level)
+    if args.dynamic_threshold is not None:  # "none" disables the recipe's thresholding
+        threshold = None if args.dynamic_threshold == "none" else float(args.dynamic_threshold)
+        options = dataclasses.replace(options, spec=dataclasses.replace(options.spec, dynamic_threshold=threshold))
+    spec = options.spec
     h, w = cfg.data.size
     fps, num_frames = float(cfg.data.fps), int(cfg.data.num_frames)
     rows, sheets = [], []
@@ -73,16 +75,9 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
         first = torch.from_numpy(clip[0]).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, h, w)
         latent = movq.encode(first).float() * rc.latent_scale
         motion = motion_for(prompt, rc.motion, args.motion_score)
-        latents = sample_keyframes(
-            model, schedule, [prompt], latent, num_frames=num_frames, target=rc.diffusion.target,
-            motion_score=motion, motion_scale=rc.motion.scale,
-            noise_aug_level=level,
-            sampler=args.sampler, steps=args.steps, spacing=spacing,
-            text_guidance=sc.text_guidance if args.text_guidance is None else args.text_guidance,
-            image_guidance=sc.image_guidance if args.image_guidance is None else args.image_guidance,
-            latent_scale=rc.latent_scale, dynamic_threshold=threshold,
-            generator=torch.Generator().manual_seed(args.seed + i))
-        video = decode_video(movq, latents, rc.latent_scale)[0]  # (3, f, h, w) in [-1, 1]
+        latents = sample_keyframes(kf, [prompt], latent, motion, options,
+                                   generator=torch.Generator().manual_seed(args.seed + i))
+        video = decode_latents(movq, latents, rc.latent_scale)[0]  # (3, f, h, w) in [-1, 1]
         frames = ((rearrange(video, "c f h w -> f h w c") + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         r = score_clip(frames, fps, prompt)
         speed_pf = r["speed_measured_px_per_frame"]
@@ -96,14 +91,14 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
         })
         sheets.append(video.transpose(0, 1))  # (f, 3, h, w)
     seconds = time.perf_counter() - t0
-    result = {"checkpoint": str(ckpt_dir), "sampler": args.sampler, "steps": args.steps, "spacing": spacing,
-              "timestep_shift": schedule.timestep_shift,
-              "dynamic_threshold": threshold,
+    result = {"checkpoint": str(ckpt_dir), "sampler": spec.sampler, "steps": spec.steps, "spacing": spec.spacing,
+              "timestep_shift": spec.timestep_shift,
+              "dynamic_threshold": spec.dynamic_threshold,
               "videos": len(rows),
               "keyframes": num_frames, "fps": fps, "sampling_s": round(seconds, 1),
-              "text_guidance": sc.text_guidance if args.text_guidance is None else args.text_guidance,
-              "image_guidance": sc.image_guidance if args.image_guidance is None else args.image_guidance,
-              "noise_aug_level": level,
+              "text_guidance": options.text_guidance,
+              "image_guidance": options.image_guidance,
+              "noise_aug_level": options.noise_aug_level,
               "motion_score": args.motion_score}
     for split in ("seen", "held_out", "all"):
         sel = [r for r in rows if split == "all" or r["split"] == split]
@@ -123,7 +118,7 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
         from torchvision.utils import save_image
 
         out.mkdir(parents=True, exist_ok=True)
-        save_image((torch.cat(sheets) + 1) / 2, out / f"{ckpt_dir.name}_{args.sampler}{args.steps}_{spacing}.png", nrow=num_frames)
+        save_image((torch.cat(sheets) + 1) / 2, out / f"{ckpt_dir.name}_{spec.sampler}{spec.steps}_{spec.spacing}.png", nrow=num_frames)
     return result
 
 

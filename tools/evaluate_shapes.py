@@ -1,7 +1,7 @@
 """Score whole-cascade videos on ShapesWorld with the project's scorer (no pretrained network).
 
     python tools/evaluate_shapes.py --pipeline configs/pipeline/shapes.yaml [key=value ...]
-        [--prompts FILE] [--limit N] [--seed N] [--batch 4] [--fps low|medium|high]
+        [--prompts FILE] [--limit N] [--seed N] [--batch 4] [--fps-preset low|medium|high]
         [--save-videos N] [--call KEY=VALUE ...] --out DIR
 
 Every prompt (default: the canonical test set, seen and held-out pairs; `--prompts` a text file
@@ -126,10 +126,10 @@ def room_cell(summary: dict) -> str:
 
 
 def pipeline_call_arguments(items) -> dict:
-    """`--call key=value` items -> pipeline call arguments (seed and fps are --seed and --fps)."""
+    """`--call key=value` items -> pipeline call arguments (seed and fps_preset are --seed and --fps-preset)."""
     from kvideo.pipeline import call_arguments
 
-    return call_arguments(items, exclude=("seed", "fps"))
+    return call_arguments(items, exclude=("seed", "fps_preset"))
 
 
 @torch.no_grad()
@@ -141,7 +141,7 @@ def evaluate(pipe, prompts: list, args, out: Path) -> dict:
     from kvideo.data.shapesworld import SPEEDS
     from kvideo.evaluation import motion_preset
     from kvideo.pipeline import VideoOutput, video_to_uint8, write_outputs
-    from kvideo.stages.movq import psnr
+    from kvideo.metrics.reconstruction import psnr
 
     call = pipeline_call_arguments(args.call)
     rows, sheet, timings = [], [], {}
@@ -152,7 +152,7 @@ def evaluate(pipe, prompts: list, args, out: Path) -> dict:
         texts = [it["prompt"] for it in items]
         presets = [motion_preset(t) for t in texts]
         motion = call.get("motion_score", presets)  # a fixed score (a sweep point) or each prompt's preset
-        video = pipe(texts, seed=args.seed + start, fps=args.fps, progress=False,
+        video = pipe(texts, seed=args.seed + start, fps_preset=args.fps_preset, progress=False,
                      **{**call, "motion_score": motion})
         conditioned = video.settings["first_frame"]["source"] != "none"
         for k, v in video.timings.items():
@@ -190,7 +190,7 @@ def evaluate(pipe, prompts: list, args, out: Path) -> dict:
     padded = [torch.cat([s, torch.ones(frames_per_row - s.shape[0], *s.shape[1:])]) for s in sheet]
     save_image((torch.cat(padded) + 1) / 2, out / "sheet.png", nrow=frames_per_row)
     return {"pipeline": args.pipeline, "overrides": args.overrides, "call": call, "prompts": len(rows), "seed": args.seed,
-            "fps_preset": args.fps, "video_fps": video.fps, "frames": int(video.frames.shape[2]),
+            "fps_preset": args.fps_preset, "video_fps": video.fps, "frames": int(video.frames.shape[2]),
             "settings": video.settings, "seconds": round(time.perf_counter() - t0, 1),
             "stage_seconds": {k: round(v, 1) for k, v in timings.items()}, **summary, "videos": rows}
 
@@ -203,7 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, help="only the first N prompts of each split (or of --prompts)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=4, help="videos sampled together")
-    ap.add_argument("--fps", choices=["low", "medium", "high"], help="default: the pipeline config's")
+    ap.add_argument("--fps-preset", choices=["low", "medium", "high"],
+                    help="interpolation passes 0 / 1 / 2 (default: the pipeline config's fps_preset)")
     ap.add_argument("--save-videos", type=int, default=8, help="write the first N videos as mp4")
     ap.add_argument("--call", action="append", metavar="KEY=VALUE",
                     help="a pipeline call argument, e.g. image_guidance=3 or first_frame=false (repeatable)")

@@ -36,25 +36,23 @@ FRAME_ATTRIBUTES = ("background", "color", "shape")
 def evaluate(ckpt_dir: Path, prompts: list, per_prompt: int, sampler: str, steps: int, guidance: float,
              seed: int, out: Path | None, spacing: str | None = None, threshold: str | None = None,
              room: tuple = (29, 24.0)) -> dict:
-    from kvideo.data.shapes_scorer import motion_room, score_clip
-    from kvideo.stages.t2i import load_t2i, make_schedule, sample_images
+    from dataclasses import replace
 
-    model, movq, cfg = load_t2i(ckpt_dir)
-    schedule = make_schedule(cfg.recipe.diffusion, cfg.recipe.sampling)
-    h, w = cfg.data.size
-    spacing = spacing or cfg.recipe.sampling.spacing
-    if threshold is None:
-        dyn = cfg.recipe.sampling.dynamic_threshold
-    else:
-        dyn = None if threshold == "off" else float(threshold)
+    from kvideo.data.shapes_scorer import motion_room, score_clip
+    from kvideo.inference.loading import load_bundle
+    from kvideo.inference.sampling import FirstFrameOptions, sample_first_frames
+
+    t2i = load_bundle(ckpt_dir, "t2i")
+    options = FirstFrameOptions.from_recipe(t2i.cfg, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance)
+    if threshold is not None:  # "off" disables the recipe's thresholding
+        options = replace(options, spec=replace(options.spec, dynamic_threshold=None if threshold == "off"
+                                                else float(threshold)))
+    spacing, dyn = options.spec.spacing, options.spec.dynamic_threshold
     rows, images = [], []
     t0 = time.perf_counter()
     for i, item in enumerate(prompts):
-        imgs = sample_images(model, movq, schedule, [item["prompt"]] * per_prompt, height=h, width=w,
-                             target=cfg.recipe.diffusion.target, latent_scale=cfg.recipe.latent_scale,
-                             sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
-                             dynamic_threshold=dyn,
-                             generator=torch.Generator().manual_seed(seed + i))
+        imgs = sample_first_frames(t2i, [item["prompt"]] * per_prompt, options,
+                                   generator=torch.Generator().manual_seed(seed + i))
         images.append(imgs)
         frames = ((imgs.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         for frame in frames:

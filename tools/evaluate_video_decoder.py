@@ -12,7 +12,7 @@ recipe.movq, the decoder a user would otherwise decode with), or `same`, the che
 weights without the temporal layers (which moved with the fine-tuning).
 Reported: PSNR of each against the true frames, and static-background flicker, the mean
 absolute change between consecutive decoded frames over the pixels that do not change in the
-true clip (kvideo.stages.video_decoder.static_background_flicker), with the reduction
+true clip (kvideo.metrics.reconstruction.static_background_flicker), with the reduction
 1 - flicker_video / flicker_image. Prints a markdown table; `--by-distance` adds, per
 checkpoint, the flicker in bands of distance from the nearest moving pixel (next to a moving
 edge it is the decoder's blur travelling with the object; far from motion, frame-to-frame
@@ -49,9 +49,9 @@ def main(argv=None) -> int:
     import torch
 
     from kvideo.data.shards import ClipDataset, ShardIndex, eval_batches
-    from kvideo.stages.movq import load_movq
-    from kvideo.stages.video_decoder import evaluate_video_decoding, load_video_movq
-    from kvideo.train.checkpoint import read_config
+    from kvideo.inference.autoencoder import load_movq, load_video_movq
+    from kvideo.inference.checkpoints import read_config
+    from kvideo.metrics.reconstruction import evaluate_video_decoding
 
     if (ckpts := checkpoints_from_args(args)) is None:
         return 2

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvideo.data.shapesworld import SPLIT_IDS, write_shapesworld
+from kvideo.data.shapesworld import SPLIT_IDS, ShapesWorldSpec, write_shapesworld
 
 
 def main(argv=None) -> dict:
@@ -36,12 +36,12 @@ def main(argv=None) -> dict:
                    help="captions are sometimes paraphrases (attributes in the json are exact)")
     p.add_argument("--workers", type=int, default=1, help="parallel render/encode processes")
     args = p.parse_args(argv)
-    summary = write_shapesworld(
-        args.out, args.num_clips, size=args.size, seed=args.seed, fps=args.fps,
-        num_frames=args.num_frames, split=args.split, raw=args.raw,
-        clips_per_shard=args.clips_per_shard, crf=args.crf, pix_fmt=args.pix_fmt,
-        paraphrase=args.paraphrase, workers=args.workers,
+    spec = ShapesWorldSpec(
+        args.num_clips, size=args.size, seed=args.seed, fps=args.fps, num_frames=args.num_frames,
+        split=args.split, raw=args.raw, clips_per_shard=args.clips_per_shard, crf=args.crf,
+        pix_fmt=args.pix_fmt, paraphrase=args.paraphrase,
     )
+    summary = write_shapesworld(args.out, spec, workers=args.workers)
     print(json.dumps(summary, indent=2))
     return summary
 

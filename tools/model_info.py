@@ -9,7 +9,9 @@ With --json: {"model": name, "total_params", "trainable_params", "modules": {chi
 import json
 import sys
 
-from kvideo.config import ConfigError, load_config
+from kvideo.config import ConfigError
+
+from kvideo.registry import load_config
 from kvideo.registry import model_info
 
 

@@ -64,14 +64,13 @@ def swap_direction(prompt: str, shift: int) -> str:
 
 
 @torch.no_grad()
-def keyframe_probe(model, movq, cfg, n: int, timesteps, seed: int) -> list:
+def keyframe_probe(bundle, n: int, timesteps, seed: int) -> list:
     from kvideo.data.shapesworld import prompt_clip
     from kvideo.evaluation import canonical_prompts, motion_preset
-    from kvideo.stages.keyframe import conditioned_input
-    from kvideo.stages.t2i import make_schedule
+    from kvideo.inference.conditioning import KeyframeCondition
 
+    model, movq, cfg, schedule = bundle.denoiser, bundle.movq, bundle.cfg, bundle.schedule
     rc = cfg.recipe
-    schedule = make_schedule(rc.diffusion)
     prompts = [p["prompt"] for p in canonical_prompts() if re.search(r"moving (left|right|up|down)", p["prompt"])][:n]
     step = round(24.0 / float(cfg.data.fps))  # prompt clips are 24 fps
     num_frames = int(cfg.data.num_frames)
@@ -82,15 +81,14 @@ def keyframe_probe(model, movq, cfg, n: int, timesteps, seed: int) -> list:
         latents.append(movq.encode(frames).float() * rc.latent_scale)
     x0 = rearrange(torch.stack(latents), "b f c h w -> b c f h w")
     b = x0.shape[0]
-    motion = torch.tensor([rc.motion.presets[motion_preset(p)] for p in prompts]) * rc.motion.scale
+    motion = torch.tensor([rc.motion.presets[motion_preset(p)] for p in prompts], dtype=torch.float32)
     level = torch.zeros(b, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
 
     def loss(captions, t, noise, motion=motion, has_image=torch.ones(b)):
-        tokens, mask = model.context(captions)
         x_t = schedule.q_sample(x0, t, noise)
-        pred = model.unet(conditioned_input(x_t, x0[:, :, 0], has_image), t, tokens, mask,
-                          noise_aug_level=level, motion_score=motion)
+        cond = KeyframeCondition(model.context(captions), x0[:, :, 0], has_image, level, motion, rc.motion.scale)
+        pred = model(x_t, t, cond)
         return (pred - schedule.target_for(x0, noise, t, rc.diffusion.target)).pow(2).mean(dim=(1, 2, 3, 4))
 
     rows = []
@@ -115,18 +113,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from kvideo.models.text_encoder import TextEncoder, TextEncoderConfig
-    from kvideo.train.checkpoint import load_weights, resolve_checkpoint
+    from kvideo.inference.checkpoints import load_stage_weights, load_weights, resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint)
     stage = load_weights(ckpt, "ema")[1].get("stage")
     if stage == "keyframe":
-        from kvideo.stages.keyframe import load_keyframe
+        from kvideo.inference.loading import load_bundle
 
-        model, movq, cfg = load_keyframe(ckpt)
-        text = model.text
+        bundle = load_bundle(ckpt, "keyframe")
+        text = bundle.denoiser.text
     elif stage in ("t2i", "interpolation"):
-        from kvideo.train.checkpoint import load_stage_weights
-
         state, cfg = load_stage_weights(ckpt, stage)
         text = TextEncoder(TextEncoderConfig(**cfg.recipe.text_encoder))
         text.load_state_dict({k[len("text."):]: v for k, v in state.items() if k.startswith("text.")})
@@ -144,7 +140,7 @@ def main(argv=None) -> int:
         probe = text_probe(encoder)
         print(f"| {name} | " + " | ".join(f"{o:.3f} ({h:.3f})" for o, h in probe.values()) + " |")
     if stage == "keyframe":
-        rows = keyframe_probe(model.eval(), movq, cfg, args.prompts, args.timesteps, args.seed)
+        rows = keyframe_probe(bundle, args.prompts, args.timesteps, args.seed)
         print(f"\nkeyframe loss on {args.prompts} moving canonical prompts (ground-truth clips, same noise per row)\n")
         print("| t | true caption | other directions | true caption lowest | motion score 0 | no first frame |")
         print("|---|---|---|---|---|---|")

@@ -50,7 +50,7 @@ def read_ablation(path: Path) -> dict:
 
 def train_variant(spec: dict, pipeline_cfg, out: Path) -> str:
     """Train the ablation's stage from the config of the pipeline's checkpoint for it; return the run."""
-    from kvideo.train.checkpoint import resolve_checkpoint
+    from kvideo.inference.checkpoints import resolve_checkpoint
 
     stage = spec["train"]["stage"]
     base = getattr(pipeline_cfg, stage)

@@ -30,8 +30,9 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict
 
 import numpy as np
 import torch
@@ -109,21 +110,52 @@ def _encode_shard(index: ShardIndex, si: int, encoder: nn.Module, size, out: Pat
     return {"clips": len(tensors) // 2, "failed": len(failed)}
 
 
-def build_latent_cache(cache: str | Path, shards: str, movq: nn.Module, movq_source: str, size: Sequence[int], *,
-                       device: torch.device | str = "cpu", autocast: contextlib.AbstractContextManager | None = None,
-                       chunk: int = 64, rank: int = 0, world_size: int = 1) -> Path:
-    """Encode every frame of every clip of `shards` with `movq` (a MoVQ, frozen) into `cache`.
-
-    Shards whose file is already current are skipped; rank r of W encodes shards r, r+W, ...
-    `autocast` is the precision context of the encoder (the training run's, so the cached
-    latents are the ones training would have computed).
-    Raises ValueError when `cache` holds latents of other weights or another size. Returns the
-    cache directory. Callers under torchrun must barrier before reading it.
+@dataclass(frozen=True)
+class LatentCacheSpec:
+    """What a latent cache holds: the latents of every clip of `shards` (data.shards), centre
+    cropped at `size` (data.size, (h, w)), encoded by the MoVQ named `movq_source` (recipe.movq,
+    recorded in cache.json next to the weights' fingerprint), stored in the directory `cache`
+    (data.latent_cache). `cache` becomes a Path, `movq_source` a str, `size` a tuple of two ints;
+    raises ValueError naming the field when one is empty or not positive.
     """
-    cache = Path(cache)
-    index = ShardIndex(shards)
-    header = {"format": FORMAT, "movq": str(movq_source), "movq_fingerprint": fingerprint(movq),
-              "size": [int(size[0]), int(size[1])], "shards": [str(p.resolve()) for p in index.shards]}
+
+    cache: Path
+    shards: str
+    movq_source: str
+    size: tuple[int, int]
+
+    def __post_init__(self):
+        for name, key in (("cache", "data.latent_cache"), ("shards", "data.shards"), ("movq_source", "recipe.movq")):
+            if not getattr(self, name):  # None or ""
+                raise ValueError(f"LatentCacheSpec.{name} ({key}) is empty")
+        try:
+            size = () if isinstance(self.size, str) else tuple(int(v) for v in self.size)
+        except (TypeError, ValueError):
+            size = ()
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"LatentCacheSpec.size (data.size) must be two positive ints (h, w), got {self.size!r}")
+        object.__setattr__(self, "cache", Path(self.cache))
+        object.__setattr__(self, "movq_source", str(self.movq_source))
+        object.__setattr__(self, "size", size)
+
+
+def build_latent_cache(spec: LatentCacheSpec, movq: nn.Module, *, device: torch.device | str = "cpu",
+                       autocast: contextlib.AbstractContextManager | None = None, chunk: int = 64, rank: int = 0,
+                       world_size: int = 1) -> Path:
+    """Encode every frame of every clip of `spec.shards` with `movq` (the MoVQ `spec.movq_source`,
+    frozen) into `spec.cache`.
+
+    Shards whose file is already current are skipped; rank r of W (`rank`, `world_size`) encodes
+    shards r, r+W, ..., `chunk` frames per encoder call on `device`. `autocast` is the precision
+    context of the encoder (the training run's, so the cached latents are the ones training would
+    have computed).
+    Raises ValueError when `spec.cache` holds latents of other weights, another size or other
+    shards. Returns the cache directory. Callers under torchrun must barrier before reading it.
+    """
+    cache = spec.cache
+    index = ShardIndex(spec.shards)
+    header = {"format": FORMAT, "movq": spec.movq_source, "movq_fingerprint": fingerprint(movq),
+              "size": list(spec.size), "shards": [str(p.resolve()) for p in index.shards]}
     check_cache_header(cache, header)
     cache.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not (cache / "cache.json").exists():

@@ -18,7 +18,7 @@ Conventions (the spec leaves these to the implementation):
 - Objects keep a 1 pixel margin from the canvas edge, so the border pixels (which the scorer
   uses to find the background) are pure background.
 
-Datasets are written as H.264 with ``yuv444p`` at crf 14 (``write_shapesworld``): full
+Datasets are written as H.264 with ``yuv444p`` at crf 14 (the defaults of ``ShapesWorldSpec``): full
 chroma resolution keeps small, nearly isoluminant shapes (green or magenta on gray) sharp.
 """
 
@@ -406,44 +406,77 @@ def _make_clip_job(job):
     return index, *make_clip(seed, **kwargs)
 
 
-def write_shapesworld(out: str | os.PathLike, num_clips: int, *, size: int = 64, seed: int = 0,
-                      fps: float = 24.0, num_frames: int = 48, split: str = "train",
-                      raw: bool = False, clips_per_shard: int = 256, crf: int = CRF,
-                      pix_fmt: str = PIX_FMT, paraphrase: bool = False, workers: int = 1, progress: bool = True) -> dict:
-    """Write a ShapesWorld split to ``out``; deterministic given the arguments.
+@dataclass(frozen=True)
+class ShapesWorldSpec:
+    """What a ShapesWorld split holds; the split is deterministic given these fields.
+
+    ``num_clips`` clips of ``num_frames`` frames at ``fps`` on a ``size`` px canvas, clip ``i``
+    seeded by :func:`clip_seed` (``seed``, ``split``, i); ``split='val'`` draws a disjoint stream
+    with the same distribution. Coded as H.264 at ``crf`` in ``pix_fmt``, ``clips_per_shard``
+    clips per webdataset shard, or plain mp4 files with ``raw=True``. ``paraphrase``: captions
+    are sometimes paraphrases (the attributes in the metadata stay exact).
+    Raises ValueError naming the field when a value is out of range.
+    """
+
+    num_clips: int
+    size: int = 64
+    seed: int = 0
+    fps: float = 24.0
+    num_frames: int = 48
+    split: str = "train"
+    raw: bool = False
+    clips_per_shard: int = 256
+    crf: int = CRF
+    pix_fmt: str = PIX_FMT
+    paraphrase: bool = False
+
+    def __post_init__(self):
+        if self.num_clips < 0:
+            raise ValueError(f"ShapesWorldSpec.num_clips must be >= 0, got {self.num_clips}")
+        for name in ("size", "fps", "num_frames", "clips_per_shard"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ShapesWorldSpec.{name} must be > 0, got {getattr(self, name)}")
+        if self.split not in SPLIT_IDS:
+            raise ValueError(f"ShapesWorldSpec.split: unknown split {self.split!r}; expected one of {list(SPLIT_IDS)}")
+        try:
+            check_motion_fits(size=self.size, fps=self.fps, num_frames=self.num_frames)
+        except ValueError as e:
+            raise ValueError(f"ShapesWorldSpec (size, fps, num_frames): {e}") from None
+
+
+def write_shapesworld(out: str | os.PathLike, spec: ShapesWorldSpec, *, workers: int = 1,
+                      progress: bool = True) -> dict:
+    """Write the ShapesWorld split ``spec`` to ``out``; deterministic given ``spec``.
 
     Default: webdataset shards ``out/shard-000000.tar``... with samples ``clip_0000000.mp4``
-    + ``clip_0000000.json`` (:func:`metadata`). ``raw=True``: ``out/clip_0000000.mp4`` files
+    + ``clip_0000000.json`` (:func:`metadata`). ``spec.raw``: ``out/clip_0000000.mp4`` files
     and ``out/captions.jsonl`` (``{"path", "caption"}``, paths relative to ``out``). Always
     writes ``out/test_prompts.jsonl`` (:func:`canonical_test_prompts`) and
-    ``out/dataset.json`` (the arguments). Clip ``i`` uses :func:`clip_seed` (seed, split, i):
-    ``split='val'`` draws a disjoint stream with the same distribution. Held-out pairs are
-    never rendered. Returns the contents of ``dataset.json``.
+    ``out/dataset.json`` (the fields of ``spec``, ``num_shards``, the held-out pairs). Held-out
+    pairs are never rendered. ``workers`` render/encode processes and ``progress`` (a bar)
+    change nothing in the output. Returns the contents of ``dataset.json``.
     """
     from tqdm import tqdm
 
-    if num_clips < 0 or clips_per_shard < 1:
-        raise ValueError(f"need num_clips >= 0 and clips_per_shard >= 1, got {num_clips}, {clips_per_shard}")
     os.makedirs(out, exist_ok=True)
-    check_motion_fits(size=size, fps=fps, num_frames=num_frames)  # fail before rendering
-    kwargs = dict(size=size, fps=fps, num_frames=num_frames, crf=crf, pix_fmt=pix_fmt,
-                  paraphrase=paraphrase)
-    jobs = [(i, clip_seed(seed, split, i), kwargs) for i in range(num_clips)]
+    kwargs = dict(size=spec.size, fps=spec.fps, num_frames=spec.num_frames, crf=spec.crf, pix_fmt=spec.pix_fmt,
+                  paraphrase=spec.paraphrase)
+    jobs = [(i, clip_seed(spec.seed, spec.split, i), kwargs) for i in range(spec.num_clips)]
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     results = pool.imap(_make_clip_job, jobs, chunksize=4) if pool else map(_make_clip_job, jobs)
     writer = captions = None
     try:
-        if raw:
+        if spec.raw:
             captions = open(os.path.join(out, "captions.jsonl"), "w")
         else:
             import webdataset as wds
 
             writer = wds.ShardWriter(os.path.join(os.fspath(out), "shard-%06d.tar"),
-                                     maxcount=clips_per_shard, verbose=0)
-        for index, mp4, meta in tqdm(results, total=num_clips, disable=not progress,
-                                     desc=f"shapesworld {split}"):
+                                     maxcount=spec.clips_per_shard, verbose=0)
+        for index, mp4, meta in tqdm(results, total=spec.num_clips, disable=not progress,
+                                     desc=f"shapesworld {spec.split}"):
             key = f"clip_{index:07d}"
-            if raw:
+            if spec.raw:
                 with open(os.path.join(out, f"{key}.mp4"), "wb") as f:
                     f.write(mp4)
                 captions.write(json.dumps({"path": f"{key}.mp4", "caption": meta["caption"]}) + "\n")
@@ -461,10 +494,11 @@ def write_shapesworld(out: str | os.PathLike, num_clips: int, *, size: int = 64,
     with open(os.path.join(out, "test_prompts.jsonl"), "w") as f:
         for p in canonical_test_prompts():
             f.write(json.dumps(p) + "\n")
-    summary = dict(name="shapesworld-v1", split=split, num_clips=num_clips, size=size, seed=seed,
-                   fps=fps, num_frames=num_frames, raw=raw, clips_per_shard=clips_per_shard,
-                   crf=crf, pix_fmt=pix_fmt, paraphrase=paraphrase,
-                   num_shards=0 if raw else math.ceil(num_clips / clips_per_shard),
+    num_shards = 0 if spec.raw else math.ceil(spec.num_clips / spec.clips_per_shard)
+    summary = dict(name="shapesworld-v1", split=spec.split, num_clips=spec.num_clips, size=spec.size,
+                   seed=spec.seed, fps=spec.fps, num_frames=spec.num_frames, raw=spec.raw,
+                   clips_per_shard=spec.clips_per_shard, crf=spec.crf, pix_fmt=spec.pix_fmt,
+                   paraphrase=spec.paraphrase, num_shards=num_shards,
                    held_out_pairs=[list(p) for p in HELD_OUT_PAIRS])
     with open(os.path.join(out, "dataset.json"), "w") as f:
         json.dump(summary, f, indent=2)

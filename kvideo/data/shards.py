@@ -312,15 +312,3 @@ def eval_batches(dataset: ClipDataset, batch_size: int, max_batches: int) -> Ite
         if batch["size"] > 0:
             yield batch
 
-
-def build_dataset(data_cfg, seed: int, *, train: bool) -> ClipDataset:
-    """A ClipDataset from the `data` config section: `data.shards` for training, else `data.val_shards`."""
-    key = "data.shards" if train else "data.val_shards"
-    spec = data_cfg.shards if train else data_cfg.val_shards
-    kwargs = dict(num_frames=data_cfg.num_frames, fps=data_cfg.fps, size=list(data_cfg.size), seed=seed, train=train,
-                  random_crop=data_cfg.random_crop, window_s=data_cfg.get("window_s"))
-    if train and data_cfg.get("latent_cache"):
-        from kvideo.data.latent_cache import LatentClipDataset
-
-        return LatentClipDataset(ShardIndex(spec, key=key), data_cfg.latent_cache, **kwargs)
-    return ClipDataset(ShardIndex(spec, key=key), **kwargs)

@@ -1,11 +1,12 @@
 """Classifier-free guidance: every branch in ONE batched forward, then a named combination.
 
-    model_fn = text_guided(net, cond={"context": c, "context_mask": m},
-                           uncond={"context": c0, "context_mask": m0}, scale=5.0)
-    x = sample_ddpm(model_fn, schedule, x_T, steps=50)
+    model_fn = text_guided(net, cond, uncond, scale=5.0)   # net(x, t, condition)
+    x = sample(model_fn, schedule, x_T, SamplerSpec("ddpm", steps=50))
 
-`batched_branches` runs the network once on the branches stacked along the batch axis, so a
-guided step costs one forward of a k-times larger batch, not k forwards. The combinations use
+A branch is a condition: a dataclass of tensors with batch size b (`kvideo.inference.conditioning`)
+or a dict of them. `batched_branches` runs the network once on the branches stacked along the
+batch axis (`stack_branches`), so a guided step costs one forward of a k-times larger batch, not
+k forwards. The combinations use
 the Kandinsky conventions (reference: ../shared/reference/kandinsky_video.md):
 
 - text (first frame, interpolation): `(w + 1) * cond - w * uncond` = cond + w (cond - uncond);
@@ -19,52 +20,57 @@ combination is linear, and all three targets are linear in the output at a fixed
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence
+import dataclasses
+from typing import Any, Callable, List, Sequence
 
 import torch
 
-Net = Callable[..., torch.Tensor]  # net(x, t, **conditioning) -> prediction
+Net = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # net(x, t, condition) -> prediction
 
 
-def _stack_conditioning(branches: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Concatenate each tensor-valued key along the batch axis; other values must agree."""
-    keys = set(branches[0])
-    for i, b in enumerate(branches[1:], start=1):
-        if set(b) != keys:
-            raise ValueError(f"guidance branch {i} has conditioning keys {sorted(b)}, branch 0 has {sorted(keys)}")
-    out = {}
-    for k in keys:
-        values = [b[k] for b in branches]
-        if isinstance(values[0], torch.Tensor):
-            out[k] = torch.cat(values, dim=0)
-        elif all(v is None for v in values):
-            out[k] = None
-        elif all(v == values[0] for v in values):
-            out[k] = values[0]
-        else:
-            raise ValueError(f"guidance branches disagree on the non-tensor conditioning '{k}': {values}")
-    return out
+def stack_branches(branches: Sequence[Any], where: str = "condition") -> Any:
+    """The branches' conditions as one, stacked along the batch axis: tensors are concatenated,
+    dataclasses and dicts field by field, and any other value must be the same in every branch."""
+    first = branches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(branches), dim=0)
+    if dataclasses.is_dataclass(first):
+        if any(type(b) is not type(first) for b in branches):
+            raise ValueError(f"guidance branches of different kinds: {[type(b).__name__ for b in branches]}")
+        return dataclasses.replace(first, **{f.name: stack_branches([getattr(b, f.name) for b in branches],
+                                                                    f"{where}.{f.name}")
+                                             for f in dataclasses.fields(first) if f.init})
+    if isinstance(first, dict):
+        for i, b in enumerate(branches[1:], start=1):
+            if set(b) != set(first):
+                raise ValueError(f"guidance branch {i} has conditioning keys {sorted(b)}, branch 0 has {sorted(first)}")
+        return {k: stack_branches([b[k] for b in branches], f"{where}.{k}") for k in first}
+    if all(v is None for v in branches):
+        return None
+    if all(v == first for v in branches):
+        return first
+    raise ValueError(f"guidance branches disagree on the non-tensor {where}: {list(branches)}")
 
 
-def batched_branches(net: Net, x: torch.Tensor, t: torch.Tensor, branches: Sequence[Dict[str, Any]]) -> List[torch.Tensor]:
-    """net's outputs for each branch's conditioning, from one forward of the stacked batch.
+def batched_branches(net: Net, x: torch.Tensor, t: torch.Tensor, branches: Sequence[Any]) -> List[torch.Tensor]:
+    """net's outputs for each branch's condition, from one forward of the stacked batch.
 
-    x (b, ...) and t (b,) are repeated once per branch; each branch is a dict of keyword
-    conditioning whose tensors have batch size b. Returns one (b, ...) output per branch.
+    x (b, ...) and t (b,) are repeated once per branch; each branch is a condition whose tensors
+    have batch size b. Returns one (b, ...) output per branch.
     """
     k, b = len(branches), x.shape[0]
     if k == 0:
         raise ValueError("batched_branches needs at least one branch")
-    out = net(torch.cat([x] * k), torch.cat([t] * k), **_stack_conditioning(branches))  # (k b, ...)
+    out = net(torch.cat([x] * k), torch.cat([t] * k), stack_branches(branches))  # (k b, ...)
     return list(out.split(b, dim=0))
 
 
-def text_guided(net: Net, cond: Dict[str, Any], uncond: Dict[str, Any], scale: float) -> Callable:
+def text_guided(net: Net, cond: Any, uncond: Any, scale: float) -> Callable:
     """model_fn(x, t) = (w + 1) * net(cond) - w * net(uncond), w = `scale`, in one forward.
 
     scale 0 runs the conditional branch alone (no extra forward)."""
     if scale == 0:
-        return lambda x, t: net(x, t, **cond)
+        return lambda x, t: net(x, t, cond)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c, u = batched_branches(net, x, t, [cond, uncond])
@@ -73,8 +79,8 @@ def text_guided(net: Net, cond: Dict[str, Any], uncond: Dict[str, Any], scale: f
     return model_fn
 
 
-def text_image_guided(net: Net, text_image: Dict[str, Any], image: Dict[str, Any], neither: Dict[str, Any],
-                      text_scale: float, image_scale: float) -> Callable:
+def text_image_guided(net: Net, text_image: Any, image: Any, neither: Any, text_scale: float,
+                      image_scale: float) -> Callable:
     """Three-way guidance of the keyframe model, in one forward of three branches:
     eps_0 + w_I (eps_I - eps_0) + w_T (eps_TI - eps_I), with eps_TI (text and image),
     eps_I (null text, image) and eps_0 (null text, no image)."""

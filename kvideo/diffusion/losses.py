@@ -1,12 +1,13 @@
 """The denoising training loss, independent of the network.
 
-    loss, info = training_loss(model_fn, schedule, x0, target="v", generator=g, weighting="min_snr")
+    loss, info = training_loss(model_fn, schedule, x0, LossSpec(target="v", weighting="min_snr"), generator=g)
     loss.mean().backward()
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -47,39 +48,51 @@ def draw_timesteps(n: int, num_steps: int, shift: float = 1.0, generator: torch.
     return (u * num_steps).long().clamp(max=num_steps - 1)
 
 
-def training_loss(model_fn: Callable[..., torch.Tensor], schedule: Schedule, x0: torch.Tensor, *, target: str,
-                  generator: torch.Generator | None = None, weighting: str | None = None, min_snr_gamma: float = 5.0,
-                  timestep_shift: float = 1.0, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                  model_kwargs: dict | None = None) -> tuple[torch.Tensor, dict]:
+@dataclass(frozen=True)
+class LossSpec:
+    """What the denoising loss trains: the prediction target, the weighting, the timestep shift
+    (a stage fills it from its recipe.diffusion)."""
+
+    target: str = "eps"  # eps | v | x0
+    weighting: Optional[str] = None  # None | min_snr
+    min_snr_gamma: float = 5.0
+    timestep_shift: float = 1.0  # training timesteps skewed toward noise (draw_timesteps); 1 = uniform
+
+    def __post_init__(self):
+        check_target(self.target)
+        if self.weighting not in (None, "min_snr"):
+            raise ValueError(f"unknown loss weighting {self.weighting!r}; expected None or 'min_snr'")
+
+
+def training_loss(model_fn: Callable[..., torch.Tensor], schedule: Schedule, x0: torch.Tensor, spec: LossSpec, *,
+                  generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+                  noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Per-sample denoising loss E|model(x_t, t) - target|^2 for a batch of clean x0.
 
-    Draws t of shape (b,) (`draw_timesteps`: uniform over {0, ..., T-1} unless `timestep_shift`
-    > 1) and then eps ~ N(0, I) from `generator` (in that order, on the generator's device)
-    unless `t` / `noise` are given; forms
-    x_t = q_sample(x0, t, eps); calls `model_fn(x_t, t, **model_kwargs)`; returns
-    (loss of shape (b,), info) where the loss is the mean squared error over all non-batch
-    dims, times the weight (1, or `min_snr_weight` when weighting="min_snr").
-    info holds t, noise, x_t, pred, target and weight (all detached).
+    Draws t of shape (b,) (`draw_timesteps`: uniform over {0, ..., T-1} unless
+    `spec.timestep_shift` > 1) and then eps ~ N(0, I) from `generator` (in that order, on the
+    generator's device) unless `t` / `noise` are given; forms x_t = q_sample(x0, t, eps); calls
+    `model_fn(x_t, t)`; returns (loss of shape (b,), info) where the loss is the mean squared
+    error over all non-batch dims, times the weight (1, or `min_snr_weight` when
+    spec.weighting="min_snr"). info holds t, noise, x_t, pred, target and weight (all detached).
     """
-    check_target(target)
-    if weighting not in (None, "min_snr"):
-        raise ValueError(f"unknown loss weighting {weighting!r}; expected None or 'min_snr'")
+    target = spec.target
     b = x0.shape[0]
     gen_device = generator.device if generator is not None else x0.device
     if t is None:
-        t = draw_timesteps(b, schedule.num_steps, timestep_shift, generator, gen_device)
+        t = draw_timesteps(b, schedule.num_steps, spec.timestep_shift, generator, gen_device)
     t = t.to(x0.device).long()
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
     noise = noise.to(x0.device)
 
     x_t = schedule.q_sample(x0, t, noise)
-    pred = model_fn(x_t, t, **(model_kwargs or {}))
+    pred = model_fn(x_t, t)
     tgt = schedule.target_for(x0, noise, t, target)
     mse = (pred.float() - tgt.float()).pow(2).flatten(1).mean(dim=1)  # (b,)
 
-    if weighting == "min_snr":
-        weight = min_snr_weight(schedule.snr(t), target, min_snr_gamma).to(mse.dtype)
+    if spec.weighting == "min_snr":
+        weight = min_snr_weight(schedule.snr(t), target, spec.min_snr_gamma).to(mse.dtype)
     else:
         weight = torch.ones_like(mse)
     loss = weight * mse

@@ -1,14 +1,17 @@
-"""Samplers: pure functions of a model function, a Schedule and the initial noise.
+"""Samplers: one entry, `sample`, a pure function of a model function, a Schedule, the initial
+noise and a `SamplerSpec`.
 
-    x = sample_ddim(model_fn, schedule, x_T, steps=50, spacing="leading", target="eps")
+    spec = SamplerSpec("ddim", steps=50, spacing="leading", dynamic_threshold=0.995)
+    x = sample(model_fn, schedule, x_T, spec, target="eps", generator=g)
 
 `model_fn(x, t) -> prediction` takes x of shape (b, ...) and integer timesteps t of shape (b,)
 and returns a prediction of `target` ("eps", "v" or "x0"); guidance and conditioning live in
 the closure. `callback(i, total, t, x)` is called after step i (0-based) of `total`, with the
 timestep t that was just denoised and the new sample x. Randomness comes only from `generator`:
-the same generator state gives the same output. `dynamic_threshold` (a percentile) or `clip_x0`
-process each x0 prediction; `data_range` says how far the clean data reaches in x0's units (the
-latent scale for scaled latents), so thresholding acts on the data's own range.
+the same generator state gives the same output (DPM-Solver++ draws none). The spec's
+`dynamic_threshold` (a percentile) or `clip_x0` process each x0 prediction; `data_range` says
+how far the clean data reaches in x0's units (the latent scale for scaled latents), so
+thresholding acts on the data's own range.
 
 The update formulas follow diffusers' DDPMScheduler, DDIMScheduler and
 DPMSolverMultistepScheduler (dpmsolver++, midpoint, order 2, final sigma 0), with these
@@ -23,14 +26,43 @@ deliberate differences:
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-from .schedule import Schedule, check_target
+from .schedule import SPACINGS, Schedule, check_target
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, int, torch.Tensor], None]
+VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How to walk a schedule at inference: the sampler, its timesteps and x0 processing.
+
+    `timestep_shift` > 1 moves the inference timesteps toward noise (`Schedule.timesteps`);
+    `dynamic_threshold` is a percentile (Imagen), `threshold_max` its upper bound, `clip_x0`
+    plain clipping when no threshold is set; `eta` is DDIM's noise, `variance` DDPM's."""
+
+    sampler: str = "ddpm"  # ddpm | ddim | dpmpp_2m
+    steps: int = 50
+    spacing: str = "leading"
+    timestep_shift: float = 1.0
+    dynamic_threshold: Optional[float] = None
+    threshold_max: Optional[float] = None
+    clip_x0: Optional[float] = None
+    eta: float = 0.0
+    variance: str = "fixed_small_log"
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler '{self.sampler}'; choose from {', '.join(SAMPLERS)}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {self.spacing!r}; expected one of {SPACINGS}")
+        if self.variance not in VARIANCES:
+            raise ValueError(f"unknown variance {self.variance!r}; expected one of {VARIANCES}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -62,29 +94,41 @@ def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-def _denoise(model_fn: ModelFn, schedule: Schedule, x: torch.Tensor, t: int, target: str,
-             dynamic_threshold_p: float | None, threshold_max: float | None, clip_x0: float | None,
-             data_range: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, bool]:
+@dataclass(frozen=True)
+class _Run:
+    """One sampling call's fixed parts, passed to the step loops."""
+
+    model_fn: ModelFn
+    schedule: Schedule
+    spec: SamplerSpec
+    target: str
+    data_range: float
+    generator: Optional[torch.Generator]
+    callback: Optional[Callback]
+
+
+def _denoise(run: _Run, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Call the model at integer timestep t; return (x0, raw model output, whether x0 was processed)."""
+    spec = run.spec
     t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    out = model_fn(x, t_batch)
-    x0 = schedule.predict_x0(x, t_batch, out, target)
+    out = run.model_fn(x, t_batch)
+    x0 = run.schedule.predict_x0(x, t_batch, out, run.target)
     processed = False
-    if dynamic_threshold_p is not None:
-        x0, processed = dynamic_threshold(x0, dynamic_threshold_p, threshold_max, data_range), True
-    elif clip_x0 is not None:
-        x0, processed = x0.clamp(-clip_x0, clip_x0), True
+    if spec.dynamic_threshold is not None:
+        x0, processed = dynamic_threshold(x0, spec.dynamic_threshold, spec.threshold_max, run.data_range), True
+    elif spec.clip_x0 is not None:
+        x0, processed = x0.clamp(-spec.clip_x0, spec.clip_x0), True
     return x0, out, processed
 
 
-def plan_timesteps(schedule: Schedule, steps: int, spacing: str, target: str) -> list[int]:
+def plan_timesteps(schedule: Schedule, spec: SamplerSpec, target: str) -> list[int]:
     """The sampler's decreasing timesteps; a ValueError for a plan the target cannot follow."""
     check_target(target)
-    ts = schedule.timesteps(steps, spacing).tolist()
+    ts = schedule.timesteps(spec.steps, spec.spacing, spec.timestep_shift).tolist()
     if target == "eps" and _alpha_bar(schedule, ts[0]) == 0.0:
-        raise ValueError(f"{steps} '{spacing}' steps (timestep shift {schedule.timestep_shift}) start at the zero-SNR "
-                         f"timestep {ts[0]}, where an eps-prediction model cannot give x0: use 'leading' spacing or "
-                         "a v-prediction model")
+        raise ValueError(f"{spec.steps} '{spec.spacing}' steps (timestep shift {spec.timestep_shift}) start at the "
+                         f"zero-SNR timestep {ts[0]}, where an eps-prediction model cannot give x0: use 'leading' "
+                         "spacing or a v-prediction model")
     return ts
 
 
@@ -95,11 +139,7 @@ def _alpha_bar(schedule: Schedule, t: int) -> float:
 
 # ----------------------------------------------------------------------------- DDPM
 
-@torch.no_grad()
-def sample_ddpm(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *, steps: int, spacing: str = "leading",
-                target: str = "eps", variance: str = "fixed_small_log", generator: torch.Generator | None = None,
-                dynamic_threshold: float | None = None, threshold_max: float | None = None,
-                clip_x0: float | None = None, data_range: float = 1.0, callback: Callback | None = None) -> torch.Tensor:
+def _ddpm(run: _Run, x_T: torch.Tensor) -> torch.Tensor:
     """Ancestral sampling from p(x_{t'} | x_t) = q(x_{t'} | x_t, x0 = x0_pred) along the inference timesteps.
 
     With t' the next inference timestep (alpha_bar = 1 past the end) and beta' = 1 - ab_t / ab_t':
@@ -108,62 +148,54 @@ def sample_ddpm(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *, ste
       the two differ only in how diffusers evaluates the square root), "fixed_large": beta'.
     Noise is drawn from `generator` once per step, except after the last step.
     """
-    if variance not in ("fixed_small", "fixed_small_log", "fixed_large"):
-        raise ValueError(f"unknown variance {variance!r}")
-    ts = plan_timesteps(schedule, steps, spacing, target)
+    schedule, variance = run.schedule, run.spec.variance
+    ts = plan_timesteps(schedule, run.spec, run.target)
     x = x_T
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        x0, _, _ = _denoise(model_fn, schedule, x, t, target, dynamic_threshold, threshold_max, clip_x0, data_range)
+        x0, _, _ = _denoise(run, x, t)
         ab_t, ab_prev = _alpha_bar(schedule, t), _alpha_bar(schedule, t_prev)
         beta = 1.0 - ab_t / ab_prev
         mean = (ab_prev ** 0.5 * beta / (1.0 - ab_t)) * x0 + ((1.0 - beta) ** 0.5 * (1.0 - ab_prev) / (1.0 - ab_t)) * x
         if t_prev >= 0:
             var = beta if variance == "fixed_large" else max((1.0 - ab_prev) / (1.0 - ab_t) * beta, 1e-20)
-            x = mean + var ** 0.5 * _randn(x, generator)
+            x = mean + var ** 0.5 * _randn(x, run.generator)
         else:
             x = mean
-        if callback is not None:
-            callback(i, len(ts), t, x)
+        if run.callback is not None:
+            run.callback(i, len(ts), t, x)
     return x
 
 
 # ----------------------------------------------------------------------------- DDIM
 
-@torch.no_grad()
-def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *, steps: int, spacing: str = "leading",
-                target: str = "eps", eta: float = 0.0, generator: torch.Generator | None = None,
-                dynamic_threshold: float | None = None, threshold_max: float | None = None,
-                clip_x0: float | None = None, data_range: float = 1.0, callback: Callback | None = None) -> torch.Tensor:
+def _ddim(run: _Run, x_T: torch.Tensor) -> torch.Tensor:
     """DDIM (Song et al. 2021): x_t' = sqrt(ab_t') x0 + sqrt(1 - ab_t' - s^2) eps + s z.
 
     s = eta * sqrt((1 - ab_t') / (1 - ab_t) * (1 - ab_t / ab_t')); eta = 0 is deterministic,
     eta = 1 is DDPM-like. t' is the next inference timestep (alpha_bar = 1 past the end).
     """
-    ts = plan_timesteps(schedule, steps, spacing, target)
+    schedule, eta = run.schedule, run.spec.eta
+    ts = plan_timesteps(schedule, run.spec, run.target)
     x = x_T
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        x0, out, processed = _denoise(model_fn, schedule, x, t, target, dynamic_threshold, threshold_max, clip_x0, data_range)
+        x0, out, processed = _denoise(run, x, t)
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        eps = schedule.predict_eps(x, t_batch, x0, "x0") if processed else schedule.predict_eps(x, t_batch, out, target)
+        eps = schedule.predict_eps(x, t_batch, x0, "x0") if processed else schedule.predict_eps(x, t_batch, out, run.target)
         ab_t, ab_prev = _alpha_bar(schedule, t), _alpha_bar(schedule, t_prev)
         std = eta * ((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)) ** 0.5
         x = ab_prev ** 0.5 * x0 + max(1.0 - ab_prev - std ** 2, 0.0) ** 0.5 * eps
         if eta > 0:
-            x = x + std * _randn(x, generator)
-        if callback is not None:
-            callback(i, len(ts), t, x)
+            x = x + std * _randn(x, run.generator)
+        if run.callback is not None:
+            run.callback(i, len(ts), t, x)
     return x
 
 
 # ----------------------------------------------------------------------------- DPM-Solver++(2M)
 
-@torch.no_grad()
-def sample_dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *, steps: int,
-                    spacing: str = "leading", target: str = "eps", generator: torch.Generator | None = None,
-                    dynamic_threshold: float | None = None, threshold_max: float | None = None,
-                    clip_x0: float | None = None, data_range: float = 1.0, callback: Callback | None = None) -> torch.Tensor:
+def _dpmpp_2m(run: _Run, x_T: torch.Tensor) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data-prediction multistep, midpoint form.
 
     With alpha = sqrt(ab), sigma = sqrt(1 - ab), lambda = log(alpha / sigma), h = lambda_t' - lambda_t,
@@ -174,10 +206,10 @@ def sample_dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *,
     implies its `lower_order_final`). A terminal alpha_bar of exactly 0 (zero-terminal-SNR) is
     replaced by 2**-24 in the solver's alpha/sigma/lambda, as diffusers does, to keep lambda
     finite; unlike diffusers, the x0 prediction there keeps the exact alpha = 0 (x0 = -v), a
-    difference of order 2**-12 * |x_T|. `generator` is unused (the solver is deterministic) and
-    accepted for a uniform signature.
+    difference of order 2**-12 * |x_T|. The solver is deterministic: it draws no noise.
     """
-    ts = plan_timesteps(schedule, steps, spacing, target)
+    schedule = run.schedule
+    ts = plan_timesteps(schedule, run.spec, run.target)
 
     def alpha_sigma_lambda(t: int) -> tuple[float, float, float]:
         ab = _alpha_bar(schedule, t)
@@ -189,7 +221,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *,
     x0_prev, lambda_prev = None, None
     for i, t in enumerate(ts):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
-        x0, _, _ = _denoise(model_fn, schedule, x, t, target, dynamic_threshold, threshold_max, clip_x0, data_range)
+        x0, _, _ = _denoise(run, x, t)
         a_s, s_s, lam_s = alpha_sigma_lambda(t)
         a_t, s_t, lam_t = alpha_sigma_lambda(t_next)
         if t_next < 0:
@@ -204,9 +236,17 @@ def sample_dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, *,
                 d = x0 + (0.5 / r) * (x0 - x0_prev)
             x = (s_t / s_s) * x - (a_t * phi) * d
         x0_prev, lambda_prev = x0, lam_s
-        if callback is not None:
-            callback(i, len(ts), t, x)
+        if run.callback is not None:
+            run.callback(i, len(ts), t, x)
     return x
 
 
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+SAMPLERS = {"ddpm": _ddpm, "ddim": _ddim, "dpmpp_2m": _dpmpp_2m}
+
+
+@torch.no_grad()
+def sample(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, spec: SamplerSpec, *, target: str = "eps",
+           data_range: float = 1.0, generator: Optional[torch.Generator] = None,
+           callback: Optional[Callback] = None) -> torch.Tensor:
+    """x_0 from the noise x_T by `spec.sampler` over `spec`'s timesteps (see the module docstring)."""
+    return SAMPLERS[spec.sampler](_Run(model_fn, schedule, spec, target, data_range, generator, callback), x_T)

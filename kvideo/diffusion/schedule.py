@@ -93,29 +93,27 @@ class Schedule:
     """A discrete noise schedule: float64 tables indexed by integer timestep t in [0, T).
 
     Build with `Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)` or from betas.
-    `steps_offset` only affects "leading" inference spacing (diffusers' `steps_offset`);
-    `timestep_shift` only the inference timesteps (`timesteps`; a stage sets it from its
-    recipe.sampling.timestep_shift).
+    `steps_offset` only affects "leading" inference spacing (diffusers' `steps_offset`). How a
+    sampler walks the schedule (steps, spacing, timestep shift) is the sampler's
+    (`kvideo.diffusion.SamplerSpec`), not the schedule's.
     """
 
     betas: torch.Tensor
     steps_offset: int = 0
-    timestep_shift: float = 1.0
     alphas_cumprod: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         self.betas = self.betas.double().cpu()
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
-        shift_noise_level(1.0, self.timestep_shift)  # validates it
 
     @classmethod
     def from_name(cls, name: str = "squaredcos_cap_v2", num_steps: int = 1000, *, zero_terminal_snr: bool = False,
-                  steps_offset: int = 0, timestep_shift: float = 1.0, **beta_kwargs) -> "Schedule":
+                  steps_offset: int = 0, **beta_kwargs) -> "Schedule":
         """The schedule `betas_for(name, num_steps, **beta_kwargs)`, optionally rescaled to zero terminal SNR."""
         betas = betas_for(name, num_steps, **beta_kwargs)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
-        return cls(betas, steps_offset=steps_offset, timestep_shift=timestep_shift)
+        return cls(betas, steps_offset=steps_offset)
 
     @property
     def num_steps(self) -> int:
@@ -200,7 +198,7 @@ class Schedule:
 
     # --- inference timesteps -----------------------------------------------------------
 
-    def timesteps(self, num_inference_steps: int, spacing: str = "leading") -> torch.Tensor:
+    def timesteps(self, num_inference_steps: int, spacing: str = "leading", shift: float = 1.0) -> torch.Tensor:
         """Decreasing integer timesteps for sampling, as diffusers' DDPM/DDIM `set_timesteps`.
 
         With T training steps and n inference steps:
@@ -208,7 +206,7 @@ class Schedule:
         - "trailing": round(arange(T, 0, -T / n)) - 1                   (T=1000, n=10: 999, 899 ... 99)
         - "linspace": round(linspace(0, T - 1, n)), reversed            (T=1000, n=10: 999, 888 ... 0)
 
-        `timestep_shift` > 1 then moves each step toward pure noise (`shift_noise_level` on (t + 1) / T),
+        `shift` > 1 then moves each step toward pure noise (`shift_noise_level` on (t + 1) / T),
         as SD3 samples (trailing, n=10, shift 3: 999, 963, 922 ... 249): more of the steps fall
         where the conditioning, not x_t, decides the content.
         Steps the shift makes equal are merged (only when n is near T).
@@ -226,7 +224,8 @@ class Schedule:
             raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
         if ts.max() >= T or ts.min() < 0:
             raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {T}) (steps_offset={self.steps_offset})")
-        if self.timestep_shift != 1.0:
-            u = shift_noise_level((ts.astype(np.float64) + 1) / T, self.timestep_shift)
+        shift_noise_level(1.0, shift)  # validates it
+        if shift != 1.0:
+            u = shift_noise_level((ts.astype(np.float64) + 1) / T, shift)
             ts = np.unique(np.clip(np.round(u * T) - 1, 0, T - 1).astype(np.int64))[::-1]
         return torch.from_numpy(ts.copy())

@@ -21,30 +21,26 @@ asks for `null_context(b)` by name, so a missing caption in the data cannot turn
 
 The tower is usually frozen: its parameters get no gradients, it stays in eval mode whatever
 `train()` says, and it runs under `torch.no_grad()`. The projection and the null embedding are
-trained with the diffusion model. Since a frozen tower is a fixed function of the prompt, its
-hidden states can be computed once (`precompute_text_embeddings`) and read back
-(`TextEmbeddingCache`), so that training skips the tower and only runs `project`.
+trained with the diffusion model.
 
 Weights are never downloaded: `arch` only names an open_clip architecture, `weights` is a local
-file. The BPE vocabulary ships inside the open_clip package.
+file. The network reads no file: `TextEncoder(cfg)` is randomly initialised whatever
+`cfg.weights` says, and `kvideo.weights.build_text_encoder(cfg)` builds it and loads the tower
+from `cfg.weights`. The BPE vocabulary ships inside the open_clip package.
 
-Sections: config, encoder, embedding cache, named sizes.
+Sections: config, encoder, named sizes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from open_clip.factory import get_model_config
 from open_clip.model import CLIPTextCfg, _build_text_tower
 from open_clip.tokenizer import SimpleTokenizer
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kvideo.models.sizes import sized_config
@@ -62,7 +58,7 @@ class TextEncoderConfig:
     """Text tower, tokenisation and projection. The defaults are the tiny ShapesWorld encoder."""
 
     arch: str = "tiny"  # an open_clip model name ("ViT-H-14", "ViT-B-32") or "tiny"
-    weights: Optional[str] = None  # local open_clip checkpoint / state dict; None = random init
+    weights: Optional[str] = None  # local open_clip checkpoint, read by kvideo.weights; None = random init
     context_length: Optional[int] = 32  # tokens per prompt incl. sot/eot; None = the arch's (77)
     frozen: bool = True  # tower: no grads, always eval, run under no_grad
     out_dim: int = 64  # the UNet's context size
@@ -117,42 +113,9 @@ class TextEncoder(nn.Module):
         # Unit scale, like the LayerNorm'd tokens it stands in for.
         self.null_embedding = nn.Parameter(torch.randn(1, cfg.out_dim))
 
-        if cfg.weights is not None:
-            self.load_tower_weights(cfg.weights)
         if cfg.frozen:
             self.tower.requires_grad_(False)
             self.tower.eval()
-
-    # -- weights -------------------------------------------------------------------------------
-
-    def load_tower_weights(self, path: str) -> None:
-        """Load the text tower from a local open_clip checkpoint, a full CLIP state dict (text keys
-        at the top level, `visual.*` ignored), a CustomTextCLIP one (`text.*`) or a tower state dict."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"text encoder weights {str(path)!r} not found")
-        if path.suffix == ".safetensors":
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
-        sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
-        if any(k.startswith("text.") for k in sd):
-            sd = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}
-        own = self.tower.state_dict()
-        missing = sorted(k for k in own if k not in sd)
-        if missing:
-            raise KeyError(f"text encoder weights {str(path)!r} lack {len(missing)} text-tower keys of "
-                           f"{self.cfg.arch!r}: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        picked = {k: sd[k] for k in own}
-        pos = picked["positional_embedding"]
-        if pos.shape[0] > own["positional_embedding"].shape[0]:  # e.g. tiny tower saved with a longer context
-            picked["positional_embedding"] = pos[: own["positional_embedding"].shape[0]]
-        wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in picked.items() if v.shape != own[k].shape]
-        if wrong:
-            raise ValueError(f"text encoder weights {str(path)!r} do not fit {self.cfg.arch!r}: {wrong[:8]}")
-        self.tower.load_state_dict(picked)
 
     # -- modes ---------------------------------------------------------------------------------
 
@@ -242,108 +205,6 @@ class TextEncoder(nn.Module):
         mask = torch.zeros(batch_size, n, dtype=torch.bool, device=tokens.device)
         mask[:, 0] = True
         return tokens, mask
-
-    # -- identity for caches -----------------------------------------------------------------------
-
-    def tower_fingerprint(self) -> str:
-        """A hash of everything the tower's hidden states depend on: the tokenisation settings,
-        the architecture and a strided sample of every weight (random towers differ too)."""
-        h = hashlib.sha256()
-        settings = dict(arch=self.cfg.arch, context_length=self.context_length, truncate=self.cfg.truncate, width=self.width)
-        h.update(json.dumps(settings, sort_keys=True).encode())
-        for name, value in sorted(self.tower.state_dict().items()):
-            flat = value.detach().flatten()
-            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
-            h.update(name.encode())
-            h.update(str(tuple(value.shape)).encode())
-            h.update(sample.numpy().tobytes())
-        return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------
-# Embedding cache
-# ----------------------------------------------------------------------------------------------
-
-
-def prompt_key(prompt: str) -> str:
-    """A stable key for a prompt (sha256 of its UTF-8 bytes)."""
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
-
-
-@torch.no_grad()
-def precompute_text_embeddings(encoder: TextEncoder, prompts: Sequence[str], out_path: str,
-                               batch_size: int = 64, dtype: torch.dtype = torch.float32) -> int:
-    """Write the frozen tower's hidden states of `prompts` to a safetensors file, keyed by
-    `prompt_key`; each entry keeps only the real tokens (length, width). Returns the number of
-    distinct prompts written. The projection is not applied: it trains, the tower does not."""
-    if not encoder.cfg.frozen:
-        raise ValueError("caching a trainable text tower would go stale after the first step; set frozen=True")
-    unique = list(dict.fromkeys(prompts))
-    tensors: Dict[str, torch.Tensor] = {}
-    for start in range(0, len(unique), batch_size):
-        batch = unique[start: start + batch_size]
-        hidden, mask = encoder.encode_hidden(encoder.tokenize(batch))
-        for prompt, h, m in zip(batch, hidden, mask):
-            tensors[prompt_key(prompt)] = h[: int(m.sum())].to(dtype).cpu().contiguous()  # (len, width)
-    meta = {"fingerprint": encoder.tower_fingerprint(), "config": json.dumps(asdict(encoder.cfg), sort_keys=True),
-            "context_length": str(encoder.context_length), "width": str(encoder.width)}
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_path), metadata=meta)
-    return len(tensors)
-
-
-class TextEmbeddingCache:
-    """Tower hidden states read back from `precompute_text_embeddings`, checked against `encoder`.
-
-        cache = TextEmbeddingCache(encoder, path)
-        tokens, mask = cache(prompts)          # == encoder(prompts), without running the tower
-    """
-
-    def __init__(self, encoder: TextEncoder, path: str):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"text embedding cache {str(path)!r} not found")
-        self.encoder = encoder
-        self.path = path
-        self.entries, meta = load_text_embeddings(path)
-        if meta.get("fingerprint") != encoder.tower_fingerprint():
-            raise ValueError(f"stale text embedding cache {str(path)!r}: it was written by a different text tower "
-                             f"(cached config {meta.get('config')}, current {json.dumps(asdict(encoder.cfg), sort_keys=True)}); "
-                             "recompute it with precompute_text_embeddings")
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __contains__(self, prompt: str) -> bool:
-        return prompt_key(prompt) in self.entries
-
-    def hidden(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """prompts -> (hidden (b, context_length, width), mask (b, context_length)), zero-padded."""
-        n = self.encoder.context_length
-        hidden = torch.zeros(len(prompts), n, self.encoder.width)
-        mask = torch.zeros(len(prompts), n, dtype=torch.bool)
-        for i, prompt in enumerate(prompts):
-            key = prompt_key(prompt)
-            if key not in self.entries:
-                raise KeyError(f"prompt not in text embedding cache {str(self.path)!r}: {prompt[:80]!r}")
-            h = self.entries[key]
-            hidden[i, : h.shape[0]] = h.float()
-            mask[i, : h.shape[0]] = True
-        return hidden, mask
-
-    def __call__(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """prompts -> (tokens (b, n, out_dim), mask (b, n)) through the encoder's trainable projection."""
-        return self.encoder.project(*self.hidden(prompts))
-
-
-def load_text_embeddings(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """The raw cache: ({prompt_key: hidden (len, width)}, metadata). Prefer TextEmbeddingCache,
-    which also checks that the cache matches the encoder."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-    return load_file(str(path)), meta
 
 
 # ----------------------------------------------------------------------------------------------

@@ -224,10 +224,6 @@ class VideoUNet(UNet):
         for module in self.temporal_modules().values():
             yield from module.parameters()
 
-    def spatial_parameters(self) -> Iterator[nn.Parameter]:
-        temporal = {id(p) for p in self.temporal_parameters()}
-        return (p for p in self.parameters() if id(p) not in temporal)
-
     # -- forward
 
     def temporal_embedding(self, emb: torch.Tensor, num_frames: int, noise_aug_level: Optional[torch.Tensor],

@@ -1,4 +1,5 @@
-"""Checkpoints: self-describing directories, written atomically, found without guesswork.
+"""Writing checkpoints: self-describing directories, written atomically, found without guesswork.
+(Reading them is `kvideo.inference.checkpoints`', re-exported here for the engine.)
 
     run_dir/checkpoints/
       step_0001000/
@@ -19,19 +20,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from kvideo.config import to_yaml
-
-STEP_DIR = re.compile(r"^step_(\d{7,})$")
-WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
+from kvideo.inference.checkpoints import (STEP_DIR, WEIGHT_FILES, latest_checkpoint, list_checkpoints,  # noqa: F401
+                                          load_stage_weights, load_weights, read_config, resolve_checkpoint)
 
 
 def clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -89,80 +87,6 @@ def save_checkpoint(
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first (temporary ones are ignored)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    """The newest complete checkpoint of a run: the one `latest` names, else the highest step."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "train_state.pt").is_file():
-            return candidate
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint dir, a run dir (its newest) or a weights file."""
-    p = Path(path)
-    if p.is_file() and p.suffix == ".safetensors":
-        return p.parent
-    if (p / "model.safetensors").is_file():
-        return p
-    if p.is_dir():
-        found = latest_checkpoint(p)
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"no checkpoint at '{path}': expected a checkpoint directory "
-                            f"(with model.safetensors), a run directory with checkpoints/, or a .safetensors file")
-
-
-def read_config(ckpt_dir: str | Path) -> dict:
-    """The run config stored in a checkpoint, as plain data."""
-    from omegaconf import OmegaConf
-
-    path = Path(ckpt_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{ckpt_dir}' has no config.yaml")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-
-
-def load_weights(ckpt_dir: str | Path, which: str = "ema") -> Tuple[Dict[str, torch.Tensor], dict]:
-    """(state_dict, config) from `model` or `ema` weights of a checkpoint directory. The `ema`
-    state is complete: ema.safetensors laid over model.safetensors (the EMA leaves frozen weights out)."""
-    if which not in ("model", "ema"):
-        raise ValueError(f"which must be 'model' or 'ema', got '{which}'")
-    paths = {name: Path(ckpt_dir) / f"{name}.safetensors" for name in dict.fromkeys([which, "model"])}
-    for path in paths.values():
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint '{ckpt_dir}' has no {path.name}")
-    state = load_file(str(paths[which]))
-    if which == "ema":  # the frozen weights, read from model.safetensors alone
-        with safe_open(str(paths["model"]), framework="pt") as f:
-            state.update({k: f.get_tensor(k) for k in f.keys() if k not in state})
-    return state, read_config(ckpt_dir)
-
-
-def load_stage_weights(path: str | Path, stage: str, which: str = "ema"):
-    """(state_dict, typed config) of a checkpoint of `stage`, from a checkpoint dir, a run dir
-    (its newest) or a weights file; a checkpoint of another stage is a ValueError naming both."""
-    from kvideo.config import load_config
-
-    ckpt_dir = resolve_checkpoint(path)
-    state, stored = load_weights(ckpt_dir, which)
-    if stored.get("stage") != stage:
-        raise ValueError(f"checkpoint '{ckpt_dir}' is from stage '{stored.get('stage')}', expected a {stage} checkpoint")
-    return state, load_config(base=stored, require_complete=False)
 
 
 def load_train_state(ckpt_dir: str | Path) -> dict:

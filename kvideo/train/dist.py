@@ -1,4 +1,5 @@
-"""Distributed setup: plain torchrun environment variables, gloo on CPU, nccl on CUDA.
+"""Distributed setup and devices: plain torchrun environment variables, gloo on CPU, nccl on
+CUDA; the device and the autocast of a run.
 
 `python train.py ...` runs as a single process (world size 1, no process group);
 `torchrun --nproc_per_node N train.py ...` sets RANK / WORLD_SIZE / LOCAL_RANK and every rank
@@ -7,6 +8,7 @@ joins one process group. Nothing here hides a real error behind its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any, List
@@ -108,3 +110,15 @@ def broadcast_module_(module: torch.nn.Module, names: List[str], src: int = 0) -
     tensors = dict(module.named_parameters()) | dict(module.named_buffers())
     for name in names:
         dist.broadcast(tensors[name].data, src=src)
+
+
+def autocast_context(precision: str, device: torch.device, log) -> contextlib.AbstractContextManager:
+    """The autocast of `train.precision` on `device`: none for fp32, bf16 where the device has it."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"train.precision must be fp32 or bf16, got '{precision}' (fp16 is not supported)")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("train.precision=bf16 but this GPU has no bf16 support: training in fp32")
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

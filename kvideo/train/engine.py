@@ -6,7 +6,7 @@
             skip the step if any rank saw a non-finite loss or gradient, clip, AdamW step
         EMA update, stage.after_step, log, preview, evaluate, checkpoint, SIGTERM check
 
-A stage supplies its model, its phases and batch -> loss (`kvideo.stages.base.Stage`); nothing
+A stage supplies its model, its phases and batch -> loss (`kvideo.train.stages.base.Stage`); nothing
 here knows what a stage trains. Resume is exact on the CPU: the checkpoint holds the model, the
 EMA, every optimizer and scheduler, every rank's RNG states and the data position, and the data
 order and per-sample randomness are pure functions of (seed, rank, batch number).
@@ -32,10 +32,13 @@ from tqdm import tqdm
 
 from kvideo import registry
 from kvideo.config import to_plain, to_yaml
-from kvideo.data.shards import TrainData, build_dataset, eval_batches
-from kvideo.stages.base import Phase, Stage
+from kvideo.data.datasets import build_dataset
+from kvideo.data.shards import TrainData, eval_batches
+from kvideo.train.stages import STAGES
+from kvideo.train.stages.base import Phase, Stage
 from kvideo.train import checkpoint as ckpt
 from kvideo.train import dist
+from kvideo.train.dist import autocast_context
 from kvideo.train.ema import EMA
 from kvideo.train.logging import MetricsWriter, setup_text_logging
 
@@ -94,17 +97,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_context(precision: str, device: torch.device, log) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision != "bf16":
-        raise ValueError(f"train.precision must be fp32 or bf16, got '{precision}' (fp16 is not supported)")
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        log.warning("train.precision=bf16 but this GPU has no bf16 support: training in fp32")
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 class _Preemption:
     """Turns SIGTERM (a cluster's preemption notice) into a flag the loop checks every step."""
 
@@ -138,7 +130,7 @@ def train(cfg: DictConfig, stage_cls: Optional[type] = None) -> Path:
     Exits early (after a checkpoint) on SIGTERM. Raises NonFiniteLossError when too many steps
     in a row produce a non-finite loss.
     """
-    stage_cls = stage_cls or registry.STAGES[cfg.stage]
+    stage_cls = stage_cls or STAGES[cfg.stage]
     tc = cfg.train
     info = dist.init_distributed(tc.device)
     run_dir = Path(cfg.run_dir)

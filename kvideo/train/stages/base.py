@@ -74,16 +74,15 @@ class Phase:
 
 
 class Stage:
-    """Base class of a training stage; subclasses are registered by name in `kvideo.registry`."""
+    """Base class of a training stage; subclasses are registered by name in `kvideo.train.stages`
+    (the recipe schema and default model of each stage name are `kvideo.registry.STAGES`')."""
 
     name: ClassVar[str] = ""
-    default_model: ClassVar[str] = ""
-    recipe_schema: ClassVar[type]  # the dataclass of the config's `recipe` section
     reads_latents: ClassVar[bool] = False  # trains on MoVQ latents, so `data.latent_cache` can serve it
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         self.cfg = cfg
-        self.rc = cfg.recipe  # this stage's recipe section (typed by `recipe_schema`)
+        self.rc = cfg.recipe  # this stage's recipe section (typed by kvideo.registry.STAGES[name].recipe)
         self.device = device
         if cfg.data.get("latent_cache") and not self.reads_latents:
             raise ValueError(f"data.latent_cache is set, but stage '{self.name}' trains on pixels, not on cached "

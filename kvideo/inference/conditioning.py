@@ -1,0 +1,219 @@
+"""Named conditioning: one dataclass per kind, and one function per kind that makes the network call.
+
+    cond = KeyframeCondition(text=Prompts(captions), first=first_latent, has_image=ones, ...)
+    prediction = denoiser(x_t, t, cond)          # -> keyframe_call(denoiser, x_t, t, cond)
+
+A condition is validated once, when it is made. The training loss and every guidance branch call
+the same function through `TextDenoiser.forward`; condition dropout makes a condition
+(`KeyframeCondition.dropped`), not a separate path; guidance stacks the branches' conditions along
+the batch axis (`kvideo.diffusion.stack_branches`). Adding a kind of conditioning means adding a
+dataclass here and a function registered for it with `@network_call(TheCondition)`.
+
+The text of a condition is either `Prompts` (strings, encoded inside the denoiser's forward, as
+training does so the text projection gets its gradient under DDP) or a `TextContext` (tokens
+already encoded, as the samplers do once per call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+
+from kvideo.diffusion import Schedule
+
+# ----------------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextContext:
+    """Encoded text: tokens (b, n, d) and their mask (b, n)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self):
+        if self.tokens.dim() != 3 or self.mask.shape != self.tokens.shape[:2]:
+            raise ValueError(f"TextContext: tokens (b, n, d) and mask (b, n) expected; got "
+                             f"{tuple(self.tokens.shape)} and {tuple(self.mask.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+
+@dataclass
+class Prompts:
+    """Prompts to encode; rows where `drop` (b,) is True get the null context (condition dropout)."""
+
+    texts: List[str]
+    drop: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        self.texts = list(self.texts)
+        if self.drop is not None and self.drop.shape != (len(self.texts),):
+            raise ValueError(f"Prompts: drop must be ({len(self.texts)},); got {tuple(self.drop.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.texts)
+
+
+Text = Union[TextContext, Prompts]
+
+
+def encode_text(denoiser, text: Text) -> TextContext:
+    """The condition's text as tokens: `Prompts` through the denoiser's text encoder, a
+    `TextContext` as it is."""
+    return denoiser.context(text.texts, text.drop) if isinstance(text, Prompts) else text
+
+
+def _check_batch(kind: str, b: int, **tensors: torch.Tensor) -> None:
+    for name, value in tensors.items():
+        if value.shape[0] != b:
+            raise ValueError(f"{kind}: {name} has batch size {value.shape[0]}, the text {b}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The conditions
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageCondition:
+    """The first-frame (text-to-image) model: text only."""
+
+    text: Text
+
+
+@dataclass
+class KeyframeCondition:
+    """The keyframe model (Kandinsky Video 1.1): text; the first frame's latent (b, c, h, w), already
+    noise-augmented to `noise_level` (b,); `has_image` (b,), 0 where no first frame is given (its
+    latent and mask are then zeroed in the input); the motion score (b,) in the shards' unit, which
+    the UNet sees times `motion_scale`."""
+
+    text: Text
+    first: torch.Tensor
+    has_image: torch.Tensor
+    noise_level: torch.Tensor
+    motion_score: torch.Tensor
+    motion_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.first.dim() != 4:
+            raise ValueError(f"KeyframeCondition: first must be a (b, c, h, w) latent; got {tuple(self.first.shape)}")
+        _check_batch("KeyframeCondition", self.text.batch_size, first=self.first, has_image=self.has_image,
+                     noise_level=self.noise_level, motion_score=self.motion_score)
+
+    def dropped(self, text: torch.Tensor, image: torch.Tensor) -> "KeyframeCondition":
+        """The condition with the text dropped where `text` (b,) is True and the first frame where
+        `image` (b,) is True (its noise level then 0, as a branch without an image samples)."""
+        if not isinstance(self.text, Prompts):
+            raise ValueError("KeyframeCondition.dropped needs Prompts (training); samplers build their branches")
+        drop_text = text if self.text.drop is None else self.text.drop | text
+        image = image.to(self.noise_level.device)
+        return replace(self, text=Prompts(self.text.texts, drop_text),
+                       has_image=self.has_image & ~image if self.has_image.dtype == torch.bool else self.has_image * (~image),
+                       noise_level=torch.where(image, torch.zeros_like(self.noise_level), self.noise_level))
+
+
+@dataclass
+class InterpolationCondition:
+    """The interpolation model: text; the keyframe latents (b, c, g + 1, h, w) around the g gaps;
+    `keep` (b,), 0 for the unconditional branch (zeroed keyframes, temporal mask 0); the pass's
+    `skip_frames` (what the model is told about the frame distance)."""
+
+    text: Text
+    keys: torch.Tensor
+    keep: torch.Tensor
+    skip_frames: int
+
+    def __post_init__(self):
+        if self.keys.dim() != 5:
+            raise ValueError(f"InterpolationCondition: keys must be (b, c, g + 1, h, w); got {tuple(self.keys.shape)}")
+        _check_batch("InterpolationCondition", self.text.batch_size, keys=self.keys, keep=self.keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input layouts
+# ----------------------------------------------------------------------------------------------
+
+
+def conditioned_input(x_t: torch.Tensor, first: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+    """[x_t | first-frame latent in frame 0, zeros elsewhere | mask]: (b, c, f, h, w) -> (b, 2c + 1, f, h, w).
+
+    first (b, c, h, w): the (noise-augmented) first-frame latent; has_image (b,) bool or float:
+    where 0 the first frame and the mask are zeros (no image).
+    """
+    b, c, f, h, w = x_t.shape
+    keep = has_image.to(x_t.dtype).reshape(b, 1, 1, 1)
+    cond = torch.zeros_like(x_t)
+    cond[:, :, 0] = first.to(x_t.dtype) * keep
+    mask = torch.zeros(b, 1, f, h, w, dtype=x_t.dtype, device=x_t.device)
+    mask[:, :, 0] = keep
+    return torch.cat([x_t, cond, mask], dim=1)
+
+
+def gap_input(x_t: torch.Tensor, keys: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[left keyframe | x_t | right keyframe] per gap: (b, k c, g, ...) -> (b, (k + 2) c, g, ...).
+    Samples where `keep` (b,) is 0 get zeroed keyframes (the unconditional branch)."""
+    k = keep.to(x_t.dtype).reshape(-1, 1, 1, 1, 1)
+    return torch.cat([keys[:, :, :-1] * k, x_t, keys[:, :, 1:] * k], dim=1)
+
+
+def noise_augment(schedule: Schedule, latent: torch.Tensor, level: torch.Tensor,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """q_sample of the first-frame latent to integer `level` (b,) with Gaussian noise."""
+    gen_device = generator.device if generator is not None else latent.device
+    noise = torch.randn(latent.shape, generator=generator, device=gen_device, dtype=latent.dtype).to(latent.device)
+    return schedule.q_sample(latent, level.to(latent.device).long(), noise)
+
+
+# ----------------------------------------------------------------------------------------------
+# The network calls
+# ----------------------------------------------------------------------------------------------
+
+NETWORK_CALLS: Dict[type, Callable] = {}
+
+
+def network_call(kind: type) -> Callable:
+    """Register the function that turns (denoiser, x_t, t, condition of `kind`) into the network call."""
+
+    def register(fn: Callable) -> Callable:
+        NETWORK_CALLS[kind] = fn
+        return fn
+
+    return register
+
+
+def call_network(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    """The prediction for `cond`, by the function registered for its kind."""
+    if type(cond) not in NETWORK_CALLS:
+        raise TypeError(f"no network call for a condition of kind {type(cond).__name__}; "
+                        f"known: {', '.join(k.__name__ for k in NETWORK_CALLS)}")
+    return NETWORK_CALLS[type(cond)](denoiser, x_t, t, cond)
+
+
+@network_call(ImageCondition)
+def image_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: ImageCondition) -> torch.Tensor:
+    text = encode_text(denoiser, cond.text)
+    return denoiser.unet(x_t, t, text.tokens, text.mask)
+
+
+@network_call(KeyframeCondition)
+def keyframe_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: KeyframeCondition) -> torch.Tensor:
+    text = encode_text(denoiser, cond.text)
+    return denoiser.unet(conditioned_input(x_t, cond.first, cond.has_image), t, text.tokens, text.mask,
+                         noise_aug_level=cond.noise_level, motion_score=cond.motion_score * cond.motion_scale)
+
+
+@network_call(InterpolationCondition)
+def interpolation_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: InterpolationCondition) -> torch.Tensor:
+    text = encode_text(denoiser, cond.text)
+    skip = torch.full((x_t.shape[0],), cond.skip_frames, dtype=torch.long, device=x_t.device)
+    return denoiser.unet(gap_input(x_t, cond.keys, cond.keep), t, text.tokens, text.mask, skip_frames=skip,
+                         temporal_mask=cond.keep)

@@ -1,0 +1,80 @@
+"""The text-conditioned denoiser that all three diffusion stages train: a UNet and a text encoder.
+
+    denoiser = build_denoiser(cfg)               # cfg.model names the UNet, cfg.recipe.text_encoder the text
+    prediction = denoiser(x_t, t, condition)     # kvideo.inference.conditioning
+
+The first-frame stage pairs it with an image UNet, the keyframe stage with a video UNet, the
+interpolation stage with the gap-stacked interpolation UNet; the condition decides the call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from kvideo.diffusion import LossSpec, Schedule
+from kvideo.inference.conditioning import TextContext, call_network
+from kvideo.models.text_encoder import TextEncoder, TextEncoderConfig
+from kvideo.registry import MODELS, model_config
+
+
+class TextDenoiser(nn.Module):
+    """The UNet and the text encoder, as trained and checkpointed (`unet.*`, `text.*`).
+
+    forward(x_t, t, condition) -> prediction: the network call of the condition's kind.
+    """
+
+    def __init__(self, unet: nn.Module, text: TextEncoder):
+        super().__init__()
+        self.unet = unet
+        self.text = text
+
+    def context(self, prompts: Sequence[str], drop: Optional[torch.Tensor] = None) -> TextContext:
+        """The prompts' tokens; rows where `drop` (b,) is True get the null context."""
+        tokens, mask = self.text(list(prompts))
+        if drop is not None and bool(drop.any()):
+            null_tokens, null_mask = self.text.null_context(len(prompts))
+            keep = ~drop.to(tokens.device)
+            tokens = torch.where(keep[:, None, None], tokens, null_tokens)
+            mask = torch.where(keep[:, None], mask, null_mask)
+        return TextContext(tokens, mask)
+
+    def unconditional_context(self, b: int, negative_prompt: Optional[str] = None) -> TextContext:
+        """What guidance pushes away from: the null context, or the context of `negative_prompt`."""
+        if negative_prompt:
+            return self.context([negative_prompt] * b)
+        return TextContext(*self.text.null_context(b))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        return call_network(self, x_t, t, cond)
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        self.unet.set_grad_checkpointing(enabled)
+
+
+def build_denoiser(cfg: DictConfig) -> TextDenoiser:
+    """The UNet named by `cfg.model` and the text encoder of `cfg.recipe.text_encoder`, randomly
+    initialised (or the text tower from its local weights file)."""
+    from kvideo.weights import build_text_encoder
+
+    unet_cfg = model_config(cfg)
+    text_cfg = TextEncoderConfig(**{k: cfg.recipe.text_encoder[k] for k in TextEncoderConfig.__dataclass_fields__})
+    if text_cfg.out_dim != unet_cfg.context_dim:
+        raise ValueError(f"recipe.text_encoder.out_dim ({text_cfg.out_dim}) must equal model.context_dim "
+                         f"({unet_cfg.context_dim}): the UNet attends to the projected text tokens")
+    return TextDenoiser(MODELS[cfg.model.name].build(unet_cfg), build_text_encoder(text_cfg))
+
+
+def make_schedule(diffusion_cfg) -> Schedule:
+    """The noise schedule of a recipe's `diffusion` section."""
+    return Schedule.from_name(diffusion_cfg.schedule, diffusion_cfg.num_steps,
+                              zero_terminal_snr=diffusion_cfg.zero_terminal_snr)
+
+
+def loss_spec(diffusion_cfg) -> LossSpec:
+    """The training loss a recipe's `diffusion` section sets (target, weighting, timestep shift)."""
+    return LossSpec(target=diffusion_cfg.target, weighting=diffusion_cfg.weighting,
+                    min_snr_gamma=diffusion_cfg.min_snr_gamma, timestep_shift=diffusion_cfg.timestep_shift)

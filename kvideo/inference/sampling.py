@@ -1,0 +1,258 @@
+"""The samplers of the three diffusion stages: first frames, keyframes, interpolation.
+
+Each takes a `Bundle` (kvideo.inference.loading), the prompts, the condition inputs, one options
+dataclass and a generator and callback:
+
+    options = KeyframeOptions.from_recipe(bundle.cfg, steps=15)      # the recipe's defaults, changed
+    latents = sample_keyframes(bundle, prompts, first_latents, motion_score=0.03, options=options)
+
+`Options.from_recipe(cfg, **changes)` is the one place that turns a checkpoint's recipe into
+sampler arguments: the pipeline, `sample.py --stage`, the evaluate tools and the training previews
+all call it. A change of None keeps the recipe's value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import torch
+from omegaconf import DictConfig
+
+from kvideo.diffusion import SamplerSpec, plan_timesteps, sample, text_guided, text_image_guided
+from kvideo.inference.conditioning import ImageCondition, InterpolationCondition, KeyframeCondition, noise_augment
+from kvideo.inference.gaps import gap_blend, merge_gaps
+from kvideo.inference.loading import Bundle
+
+Callback = Optional[Callable[..., None]]
+SPEC_FIELDS = ("sampler", "steps", "spacing", "timestep_shift", "dynamic_threshold")
+
+# ----------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------
+
+
+def sampler_spec(sampling_cfg) -> SamplerSpec:
+    """The SamplerSpec of a recipe's `sampling` section."""
+    return SamplerSpec(**{k: sampling_cfg[k] for k in SPEC_FIELDS})
+
+
+def check_sampling(cfg: DictConfig) -> None:
+    """A recipe whose sampling plan its model cannot follow (an eps model asked to start at the
+    zero-SNR timestep) is an error when the stage starts, not at the first preview."""
+    from kvideo.inference.denoiser import make_schedule
+
+    rc = cfg.recipe
+    try:
+        plan_timesteps(make_schedule(rc.diffusion), sampler_spec(rc.sampling), rc.diffusion.target)
+    except ValueError as e:
+        raise ValueError(f"recipe.sampling (spacing '{rc.sampling.spacing}') with recipe.diffusion "
+                         f"(target '{rc.diffusion.target}'): {e}") from None
+
+
+def _changed(options: Any, changes: dict) -> Any:
+    """`options` with `changes` applied: SamplerSpec fields to `options.spec`, the rest to the
+    options; None keeps a value; an unknown name is a ValueError naming the valid ones."""
+    own = {f.name for f in fields(options)} - {"spec"}
+    unknown = sorted(set(changes) - own - set(SPEC_FIELDS))
+    if unknown:
+        raise ValueError(f"{type(options).__name__}: unknown setting '{unknown[0]}'; "
+                         f"valid: {', '.join(sorted(own | set(SPEC_FIELDS)))}")
+    spec = {k: v for k, v in changes.items() if k in SPEC_FIELDS and v is not None}
+    rest = {k: v for k, v in changes.items() if k in own and v is not None}
+    return replace(options, spec=replace(options.spec, **spec), **rest)
+
+
+@dataclass(frozen=True)
+class FirstFrameOptions:
+    """How first frames are sampled: the sampler, text guidance w ((w + 1) c - w u), the image size,
+    and the negative prompt that replaces the null text of the unconditional branch."""
+
+    spec: SamplerSpec = field(default_factory=SamplerSpec)
+    guidance: float = 5.0
+    height: int = 64
+    width: int = 64
+    negative_prompt: Optional[str] = None
+
+    @classmethod
+    def from_recipe(cls, cfg: DictConfig, **changes) -> "FirstFrameOptions":
+        s = cfg.recipe.sampling
+        height, width = (int(v) for v in cfg.data.size)
+        return _changed(cls(sampler_spec(s), s.guidance, height, width), changes)
+
+
+@dataclass(frozen=True)
+class KeyframeOptions:
+    """How keyframes are sampled: the sampler, three-way guidance (w_T, w_I), the first frame's
+    noise-augmentation level, the number of keyframes, whether the first frame is used (False:
+    plain text-to-video, the model's image-dropped branch) and the negative prompt."""
+
+    spec: SamplerSpec = field(default_factory=SamplerSpec)
+    text_guidance: float = 5.0
+    image_guidance: float = 2.0
+    noise_aug_level: int = 20
+    num_frames: int = 12
+    use_image: bool = True
+    negative_prompt: Optional[str] = None
+
+    @classmethod
+    def from_recipe(cls, cfg: DictConfig, **changes) -> "KeyframeOptions":
+        rc = cfg.recipe
+        s = rc.sampling
+        options = cls(sampler_spec(s), s.text_guidance, s.image_guidance, sampling_noise_level(rc.noise_aug),
+                      int(cfg.data.num_frames))
+        return _changed(options, changes)
+
+
+@dataclass(frozen=True)
+class InterpolationOptions:
+    """How frames are interpolated: the sampler, text guidance, the skip_frames of each pass in
+    order (e.g. (3, 1): two passes), whether the model predicts residuals over the keyframe blend (its
+    recipe.residual) and the negative prompt."""
+
+    spec: SamplerSpec = field(default_factory=lambda: SamplerSpec("ddim", steps=10, spacing="trailing"))
+    guidance: float = 0.5
+    skip_frames: Tuple[int, ...] = (3, 1)
+    residual: bool = False
+    negative_prompt: Optional[str] = None
+
+    @classmethod
+    def from_recipe(cls, cfg: DictConfig, **changes) -> "InterpolationOptions":
+        rc = cfg.recipe
+        s = rc.sampling
+        options = cls(sampler_spec(s), s.guidance, tuple(p.skip_frames for p in rc.passes), bool(rc.residual))
+        if changes.get("skip_frames") is not None:
+            changes = {**changes, "skip_frames": tuple(changes["skip_frames"])}
+        return _changed(options, changes)
+
+
+def sampling_noise_level(noise_aug_cfg) -> int:
+    """The first frame's noise-augmentation level at sampling: `sample_level`, or 0 for a model
+    trained without augmentation (it has only ever seen a clean first frame at level 0)."""
+    return int(noise_aug_cfg.sample_level) if noise_aug_cfg.enabled else 0
+
+
+def resolve_motion_score(motion_cfg, value: Union[str, float, None]) -> float:
+    """A number, a number as text or a preset name of recipe.motion -> motion score (shard units)."""
+    if value is None:
+        value = motion_cfg.default
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    if value not in motion_cfg.presets:
+        raise ValueError(f"unknown motion preset {value!r}; presets of this model: "
+                         f"{', '.join(f'{k}={v:g}' for k, v in motion_cfg.presets.items())} (or give a number)")
+    return float(motion_cfg.presets[value])
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers
+# ----------------------------------------------------------------------------------------------
+
+
+def _noise(shape: tuple, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """x_T drawn on the generator's device, then moved (the same noise on CPU and CUDA)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+@torch.no_grad()
+def sample_first_frames(bundle: Bundle, prompts: Sequence[str], options: FirstFrameOptions, *,
+                        generator: Optional[torch.Generator] = None, callback: Callback = None) -> torch.Tensor:
+    """Images (b, 3, height, width) in [-1, 1] for `prompts`, with classifier-free guidance. Noise
+    comes from `generator` only."""
+    denoiser, movq, rc = bundle.denoiser, bundle.movq, bundle.recipe
+    f = movq.downsample_factor
+    if options.height % f or options.width % f:
+        raise ValueError(f"image size {options.height}x{options.width} is not divisible by the MoVQ factor {f}")
+    b = len(prompts)
+    cond = ImageCondition(denoiser.context(prompts))
+    uncond = ImageCondition(denoiser.unconditional_context(b, options.negative_prompt))
+    model_fn = text_guided(denoiser, cond, uncond, options.guidance)
+    x_T = _noise((b, movq.cfg.embed_dim, options.height // f, options.width // f), generator, bundle.device)
+    latents = sample(model_fn, bundle.schedule, x_T, options.spec, target=rc.diffusion.target,
+                     data_range=rc.latent_scale, generator=generator, callback=callback)
+    return movq.decode(latents / rc.latent_scale).clamp(-1, 1)
+
+
+@torch.no_grad()
+def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor,
+                     motion_score: Union[float, torch.Tensor], options: KeyframeOptions, *,
+                     generator: Optional[torch.Generator] = None, callback: Callback = None) -> torch.Tensor:
+    """Keyframe latents (b, c, num_frames, h, w) from prompts and first-frame latents `first`
+    (b, c, h, w), scaled like the training latents, and motion scores (shard units, one or one per
+    prompt), with three-way guidance [text + image, null text + image, null text + no image] in one
+    batched forward. `options.use_image=False` gives every branch no first frame (plain
+    text-to-video), and the guidance reduces to text guidance with scale w_T."""
+    denoiser, rc = bundle.denoiser, bundle.recipe
+    b, device = len(prompts), bundle.device
+    if first.shape[0] != b:
+        raise ValueError(f"{b} prompts but {first.shape[0]} first frames")
+    first = first.to(device)
+    text = denoiser.context(prompts)
+    uncond_text = denoiser.unconditional_context(b, options.negative_prompt)
+    level = torch.full((b,), int(options.noise_aug_level), dtype=torch.long, device=device)
+    first_aug = noise_augment(bundle.schedule, first, level, generator) if options.noise_aug_level > 0 else first
+    motion = torch.as_tensor(motion_score, dtype=torch.float32, device=device).expand(b).clone()
+    # as in training, a branch without the first frame has noise-augmentation level 0
+    with_image = KeyframeCondition(text, first_aug, torch.ones(b, device=device), level, motion, rc.motion.scale)
+    without_image = replace(with_image, has_image=torch.zeros(b, device=device), noise_level=torch.zeros_like(level))
+    text_image = with_image if options.use_image else without_image
+    model_fn = text_image_guided(denoiser, text_image, replace(text_image, text=uncond_text),
+                                 replace(without_image, text=uncond_text),
+                                 text_scale=options.text_guidance, image_scale=options.image_guidance)
+    c, h, w = first.shape[1:]
+    x_T = _noise((b, c, options.num_frames, h, w), generator, device)
+    return sample(model_fn, bundle.schedule, x_T, options.spec, target=rc.diffusion.target,
+                  data_range=rc.latent_scale, generator=generator, callback=callback)
+
+
+@torch.no_grad()
+def interpolate(bundle: Bundle, keyframes: torch.Tensor, prompts: Sequence[str], options: InterpolationOptions, *,
+                generator: Optional[torch.Generator] = None, callback: Callback = None) -> torch.Tensor:
+    """Keyframe latents (b, c, N, h, w), scaled -> (b, c, frames_after_passes(N, passes), h, w), one
+    pass per entry of `options.skip_frames`.
+
+    Each pass samples all gaps at once; the unconditional branch is null text (or the negative
+    prompt), zeroed keyframes and temporal mask 0. With `options.residual` the model's samples are
+    residuals over `gap_blend`, which is added back."""
+    denoiser, rc = bundle.denoiser, bundle.recipe
+    b, k, device = keyframes.shape[0], rc.frames_per_gap, bundle.device
+    text = denoiser.context(prompts)
+    uncond_text = denoiser.unconditional_context(b, options.negative_prompt)
+    keys = keyframes.to(device)
+    data_range = 2 * rc.latent_scale if options.residual else rc.latent_scale
+    for skip in options.skip_frames:
+        c, n, h, w = keys.shape[1:]
+        cond = InterpolationCondition(text, keys, torch.ones(b, device=device), skip)
+        uncond = InterpolationCondition(uncond_text, keys, torch.zeros(b, device=device), skip)
+        x_T = _noise((b, k * c, n - 1, h, w), generator, device)
+        new = sample(text_guided(denoiser, cond, uncond, options.guidance), bundle.schedule, x_T, options.spec,
+                     target=rc.diffusion.target, data_range=data_range, generator=generator, callback=callback)
+        if options.residual:
+            new = new + gap_blend(keys, k)
+        keys = merge_gaps(keys, new, k)
+    return keys
+
+
+def fit_frames(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(b, 3, h, w) in [-1, 1] -> resized to cover (height, width) and centre-cropped, as the
+    release turns its 2x first frame into the video's."""
+    from kvideo.data.shards import resize_and_crop
+
+    return resize_and_crop(images, (height, width), None).clamp(-1, 1)
+
+
+def first_frames_at(t2i: Bundle, prompts: Sequence[str], options: FirstFrameOptions, size: Sequence[int], *,
+                    generator: Optional[torch.Generator] = None, callback: Callback = None) -> torch.Tensor:
+    """The first frames of videos of `size` (height, width): the t2i images at the options' size
+    (the release: twice the video's), fitted to `size` (`fit_frames`)."""
+    return fit_frames(sample_first_frames(t2i, prompts, options, generator=generator, callback=callback), *size)
+
+
+__all__ = ["FirstFrameOptions", "KeyframeOptions", "InterpolationOptions", "sampler_spec", "check_sampling",
+           "sampling_noise_level", "resolve_motion_score", "sample_first_frames", "sample_keyframes", "interpolate",
+           "fit_frames", "first_frames_at"]

@@ -1,0 +1,206 @@
+"""The `recipe` section of each stage: what a stage learns and how its samples are drawn.
+
+Plain dataclass schemas, read by the config loader (`kvideo.registry.RECIPES` hands them to
+`kvideo.config.load_config`), by the training stages (`kvideo.train.stages`) and by the inference
+layer (`kvideo.inference`), which reads `recipe.sampling`, `recipe.motion`, `recipe.noise_aug`,
+... from a checkpoint's config. Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from omegaconf import MISSING
+
+from kvideo.models.text_encoder import TextEncoderConfig
+
+# ----------------------------------------------------------------------------------------------
+# Autoencoder stages
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MovqRecipe:
+    mse_weight: float = 1.0
+    lpips_weight: float = 0.1
+    lpips_weights: Optional[str] = None  # local LPIPS weights file; LPIPS is off when unset
+    codebook_weight: float = 1.0
+    gan_weight: float = 0.1
+    gan_start: int = 10_000  # step at which the generator and discriminator GAN losses start
+    adaptive_gan_weight: bool = True
+    disc_layers: int = 2
+    disc_channels: int = 64
+    disc_norm_groups: int = 32
+    disc_lr: Optional[float] = None  # None: train.lr
+    disc_betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
+    dead_code_every: int = 200  # 0 disables dead-code restarts
+    # Share of training batches whose decoder input is the quantised latent (MoVQGAN: 1.0); the
+    # others decode the continuous latent, the one the diffusion stages decode at inference. The
+    # codebook and commitment losses apply to every batch.
+    quantize_prob: float = 1.0
+
+
+@dataclass
+class VideoDecoderRecipe:
+    movq: str = MISSING  # the image movq-stage checkpoint this decoder starts from (and whose encoder it keeps)
+    train_spatial: bool = True  # false: only the temporal layers train
+    spatial_lr_scale: float = 1.0  # learning rate of the loaded spatial decoder, times train.lr (the temporal layers': train.lr)
+    mse_weight: float = 1.0
+    # L1 between the decoded and the true frame-to-frame differences: penalises change the clip
+    # does not have (flicker on a static background) and missing change alike. 0: off (release).
+    temporal_weight: float = 0.0
+    lpips_weight: float = 0.1
+    lpips_weights: Optional[str] = None
+    gan_weight: float = 0.1
+    gan_start: int = 2_000
+    adaptive_gan_weight: bool = True
+    disc_layers: int = 2
+    disc_channels: int = 64
+    disc_norm_groups: int = 32
+    disc_lr: Optional[float] = None
+    disc_betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
+    decode_window: Optional[int] = None  # frames per window when decoding long videos (None: whole)
+    decode_overlap: int = 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent diffusion stages
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "squaredcos_cap_v2"
+    num_steps: int = 1000
+    zero_terminal_snr: bool = True
+    target: str = "eps"  # eps | v | x0
+    weighting: Optional[str] = None  # None | min_snr
+    min_snr_gamma: float = 5.0
+    # Training timesteps skewed toward high noise (kvideo.diffusion.losses.draw_timesteps); 1 = uniform.
+    # (The inference timesteps have a shift of their own: recipe.sampling.timestep_shift.)
+    timestep_shift: float = 1.0
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults of previews and of sample.py (each overridable on its command line)."""
+
+    sampler: str = "ddpm"  # ddpm | ddim | dpmpp_2m
+    steps: int = 50
+    spacing: str = "leading"
+    timestep_shift: float = 1.0  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
+    guidance: float = 5.0  # Kandinsky convention: (w + 1) * cond - w * uncond
+    dynamic_threshold: Optional[float] = 0.995  # percentile; None disables
+
+
+@dataclass
+class T2IRecipe:
+    movq: str = MISSING  # movq-stage checkpoint (run dir, checkpoint dir or weights file)
+    latent_scale: float = 1.0  # latents = scale * MoVQ.encode(x); Kandinsky uses them unscaled
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    text_dropout: float = 0.1  # share of samples trained with the null (unconditional) context
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    preview_prompts: List[str] = field(default_factory=lambda: [
+        "a red circle standing still on a black background",
+        "a blue square moving left quickly on a white background",
+        "a yellow triangle moving up slowly on a gray background",
+        "a green circle moving right quickly on a black background",
+    ])
+    preview_steps: int = 15  # previews use DPM-Solver++(2M) with this many steps
+
+
+@dataclass
+class ConditionDropout:
+    """Per-sample shares trained without a condition (disjoint events: at most their sum <= 1)."""
+
+    text: float = 0.1  # null text, first frame kept
+    image: float = 0.1  # no first frame, text kept
+    both: float = 0.1  # neither: the unconditional branch
+
+
+@dataclass
+class NoiseAugConfig:
+    enabled: bool = True  # false: the first frame is given clean and the level is always 0
+    distribution: str = "uniform"  # uniform | log_uniform, over integer levels [min_level, max_level]
+    min_level: int = 0
+    max_level: int = 250
+    sample_level: int = 20  # the level used at sampling (the release's noise_augmentation=20)
+
+
+@dataclass
+class MotionConfig:
+    """Motion scores are in the shards' unit (`kvideo.data.motion`); the UNet sees scale * score."""
+
+    scale: float = 1.0
+    presets: Dict[str, float] = field(default_factory=lambda: {"low": 1.0, "medium": 10.0, "high": 50.0,
+                                                               "extreme": 100.0})
+    default: str = "medium"  # preset used when sampling without a motion score
+
+
+@dataclass
+class KeyframeSamplingConfig:
+    sampler: str = "ddpm"
+    steps: int = 50
+    spacing: str = "leading"
+    timestep_shift: float = 1.0  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
+    text_guidance: float = 5.0  # w_T
+    image_guidance: float = 2.0  # w_I
+    dynamic_threshold: Optional[float] = 0.995
+
+
+@dataclass
+class KeyframeRecipe:
+    movq: str = MISSING  # movq-stage checkpoint
+    init_from: Optional[str] = None  # t2i-stage checkpoint for the spatial layers and text encoder
+    train_spatial: bool = True  # false: only temporal layers (and new input channels' conv) train
+    spatial_lr_scale: float = 1.0  # learning rate of the loaded spatial layers and text encoder, times train.lr
+    latent_scale: float = 1.0
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    dropout: ConditionDropout = field(default_factory=ConditionDropout)
+    noise_aug: NoiseAugConfig = field(default_factory=NoiseAugConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: KeyframeSamplingConfig = field(default_factory=KeyframeSamplingConfig)
+    preview_steps: int = 15  # previews: DPM-Solver++(2M), the first frames of the preview batch
+
+
+@dataclass
+class PassConfig:
+    stride: int = 1  # frames of the training clip between output frames of this pass
+    skip_frames: int = 3  # what the model is told about the pass (release: 3 first pass, 1 second)
+
+
+@dataclass
+class InterpolationSamplingConfig:
+    sampler: str = "ddim"
+    steps: int = 10
+    spacing: str = "trailing"
+    timestep_shift: float = 1.0  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
+    guidance: float = 0.5  # (w + 1) * cond - w * uncond
+    dynamic_threshold: Optional[float] = None
+
+
+@dataclass
+class InterpolationRecipe:
+    movq: str = MISSING
+    init_from: Optional[str] = None  # t2i checkpoint: spatial layers and text encoder (in/out convs stay new)
+    latent_scale: float = 1.0
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    frames_per_gap: int = 3  # k new frames between neighbouring keyframes
+    # How the input and output convs start with init_from: "spread" = from the t2i convs
+    # (`spread_image_convs`), "fresh" = random (their channels mean something else).
+    init_convs: str = "spread"
+    spatial_lr_scale: float = 1.0  # learning rate of the loaded layers (spatial, text encoder), times train.lr
+    # Diffuse the new frames' residual over the linear blend of their gap's two keyframe latents
+    # (`gap_blend`) instead of the frames themselves; the output conv starts at zero, so with
+    # target x0 the untrained model returns the blend exactly.
+    residual: bool = False
+    gaps: int = 4  # gaps per training sample
+    passes: List[PassConfig] = field(default_factory=lambda: [PassConfig(stride=4, skip_frames=3),
+                                                              PassConfig(stride=1, skip_frames=1)])
+    uncond_prob: float = 0.1  # share of samples trained as the unconditional branch
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(target="v"))
+    sampling: InterpolationSamplingConfig = field(default_factory=InterpolationSamplingConfig)
+    preview_steps: int = 10

@@ -1,0 +1,108 @@
+"""The base of the latent-diffusion stages (t2i, keyframe, interpolation).
+
+Each trains a `TextDenoiser` (kvideo.inference.denoiser) in the continuous latent space of a frozen
+MoVQ (`recipe.movq`): a batch's frames become scaled latents (`clip_latents`, or the latent cache),
+the stage builds the batch's condition (kvideo.inference.conditioning), with its dropout, and the
+denoising loss runs the network through that condition. Previews sample through the inference
+layer (`self.bundle(model)` and the samplers of kvideo.inference.sampling), so a preview shows
+what `sample.py` would make.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from kvideo.diffusion import training_loss
+from kvideo.inference.autoencoder import clip_latents, load_movq
+from kvideo.inference.checkpoints import load_stage_weights
+from kvideo.inference.denoiser import TextDenoiser, loss_spec, make_schedule
+from kvideo.inference.loading import Bundle, build_stage_denoiser
+from kvideo.inference.sampling import check_sampling
+from kvideo.train import dist
+from kvideo.train.dist import autocast_context
+from kvideo.train.stages.base import Phase, Stage
+
+log = logging.getLogger(__name__)
+
+
+class LatentDiffusionStage(Stage):
+    """A stage that trains a text-conditioned denoiser on MoVQ latents; subclasses build the
+    condition (`loss`) and may initialise the model from another checkpoint (`initialise`)."""
+
+    reads_latents = True
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        self.movq = load_movq(self.rc.movq, device=device).requires_grad_(False)
+        ensure_latent_cache(cfg, self.movq, device)
+        check_sampling(cfg)
+        self.schedule = make_schedule(self.rc.diffusion)
+        self.loss_spec = loss_spec(self.rc.diffusion)
+
+    def build_model(self) -> nn.Module:
+        model = build_stage_denoiser(self.cfg)
+        self.initialise(model)
+        return model
+
+    def initialise(self, model: TextDenoiser) -> None:
+        """Training-only initialisation of a freshly built model (e.g. `recipe.init_from`)."""
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        """The batch's clips as (b, c, f, h, w) scaled MoVQ latents."""
+        return clip_latents(self.movq, batch, self.rc.latent_scale, self.device)
+
+    def bundle(self, model: TextDenoiser) -> Bundle:
+        """The model being trained, as the inference layer's samplers take it."""
+        return Bundle(self.name, model, self.movq, self.cfg, self.schedule, str(self.cfg.run_dir))
+
+    def diffusion_loss(self, net: nn.Module, x0: torch.Tensor, cond) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The mean denoising loss of `net` (the possibly DDP-wrapped denoiser) on x0 under `cond`,
+        and its per-sample MSE for the log."""
+        loss, info = training_loss(lambda x_t, t: net(x_t, t, cond), self.schedule, x0, self.loss_spec)
+        return loss.mean(), {f"{self.name}/mse": float(info["mse"].mean())}
+
+
+def ensure_latent_cache(cfg, movq: nn.Module, device: torch.device) -> None:
+    """Build `cfg.data.latent_cache` (when set) from `cfg.data.shards` with the stage's frozen
+    MoVQ; a no-op when it is complete, an error when it holds another MoVQ's latents."""
+    if not cfg.data.get("latent_cache"):
+        return
+    from kvideo.data.latent_cache import LatentCacheSpec, build_latent_cache
+
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_initialized() else (0, 1)
+    spec = LatentCacheSpec(cfg.data.latent_cache, cfg.data.shards, cfg.recipe.movq, cfg.data.size)
+    build_latent_cache(spec, movq, device=device,
+                       autocast=autocast_context(cfg.train.precision, device, logging.getLogger(__name__)),
+                       rank=rank, world_size=world)
+    dist.barrier()
+
+
+def init_from_t2i(model: TextDenoiser, cfg, keep_new: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+    """Load the t2i checkpoint `cfg.recipe.init_from` into a video stage's model: its UNet as the
+    spatial layers (`kvideo.models.video_unet.load_image_weights`; `keep_new` prefixes stay
+    freshly initialised) and its text encoder, which must have the same `recipe.text_encoder`.
+    Returns the t2i UNet's weights (for a stage that derives its new layers from them)."""
+    from kvideo.models.video_unet import load_image_weights
+
+    state, t2i_cfg = load_stage_weights(cfg.recipe.init_from, "t2i")
+    if dict(t2i_cfg.recipe.text_encoder) != dict(cfg.recipe.text_encoder):
+        raise ValueError(f"recipe.text_encoder differs from the one of recipe.init_from '{cfg.recipe.init_from}': "
+                         f"{dict(cfg.recipe.text_encoder)} vs {dict(t2i_cfg.recipe.text_encoder)}")
+    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    report = load_image_weights(model.unet, unet_state, keep_new=keep_new)
+    model.text.load_state_dict({k[len("text."):]: v for k, v in state.items() if k.startswith("text.")})
+    log.info("%s: loaded %d spatial tensors from %s (%d widened, %d new)", cfg.stage, len(report["loaded"]),
+             cfg.recipe.init_from, len(report["widened"]), len(report["new"]))
+    return unet_state
+
+
+def video_phase(model: TextDenoiser, spatial_lr_scale: float) -> Phase:
+    """The one optimizer phase of a video stage initialised from t2i: the spatial layers and the
+    text encoder (everything but `model.unet.temporal_parameters()`) train at `spatial_lr_scale`
+    times train.lr, the new temporal layers at train.lr."""
+    return Phase.new_layers_faster("main", model, model.unet.temporal_parameters(), spatial_lr_scale)

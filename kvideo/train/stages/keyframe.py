@@ -1,0 +1,134 @@
+"""Stage `keyframe`: the Kandinsky Video 1.1 keyframe model.
+
+Trains a video UNet (`kvideo.models.video_unet`) on clips of `data.num_frames` keyframes at
+`data.fps`, in the latent space of a frozen MoVQ, conditioned on
+
+- the text (the t2i stage's text encoder and null context),
+- the first frame: the UNet input is [x_t | first-frame latent in frame 0, zeros elsewhere |
+  mask, 1 at frame 0 when a first frame is given], and frame 0 is still denoised;
+- the noise-augmentation level: the first-frame latent is noised with Gaussian noise to a
+  level drawn from `recipe.noise_aug` (the release draws uniform noise, a bug) and the level is
+  given to the temporal layers; sampling uses a small fixed level (default 20);
+- the motion score of the clip (shard metadata `motion_score`, times `recipe.motion.scale`).
+
+These are a `KeyframeCondition` (kvideo.inference.conditioning). Training drops the text, the
+image, or both, at `recipe.dropout` rates (`KeyframeCondition.dropped`), so one model gives the
+three branches of `text_image_guided`: [text + image, null text + image, null text + no image].
+
+`recipe.init_from` names a t2i checkpoint: its UNet becomes the spatial layers (new input
+channels start at zero, temporal layers are new) and its text encoder is taken over.
+`recipe.train_spatial: false` freezes the spatial layers and the text encoder (the 1.0 recipe);
+true trains everything (1.1), the loaded layers at `recipe.spatial_lr_scale` times train.lr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from einops import rearrange
+
+from kvideo.inference.autoencoder import decode_latents
+from kvideo.inference.conditioning import KeyframeCondition, Prompts, noise_augment
+from kvideo.inference.denoiser import TextDenoiser
+from kvideo.inference.sampling import KeyframeOptions, sample_keyframes
+from kvideo.recipes import ConditionDropout, NoiseAugConfig
+from kvideo.train.stages.base import Phase
+from kvideo.train.stages.diffusion import LatentDiffusionStage, init_from_t2i, video_phase
+
+# ----------------------------------------------------------------------------------------------
+# Condition dropout and noise augmentation
+# ----------------------------------------------------------------------------------------------
+
+
+def draw_noise_levels(cfg: NoiseAugConfig, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Training levels (n,) long from the configured distribution; zeros when disabled."""
+    if not cfg.enabled:
+        return torch.zeros(n, dtype=torch.long)
+    lo, hi = int(cfg.min_level), int(cfg.max_level)
+    if not 0 <= lo <= hi:
+        raise ValueError(f"recipe.noise_aug: need 0 <= min_level <= max_level; got {lo}, {hi}")
+    if cfg.distribution == "uniform":
+        return torch.randint(lo, hi + 1, (n,), generator=generator)
+    if cfg.distribution == "log_uniform":  # favours small levels: log(level + 1) uniform
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        a, b = torch.log(torch.tensor(lo + 1.0, dtype=torch.float64)), torch.log(torch.tensor(hi + 1.0, dtype=torch.float64))
+        return (torch.exp(a + u * (b - a)) - 1).round().long().clamp(lo, hi)
+    raise ValueError(f"recipe.noise_aug.distribution must be 'uniform' or 'log_uniform'; got {cfg.distribution!r}")
+
+
+def draw_dropout(cfg: ConditionDropout, n: int, generator: Optional[torch.Generator] = None):
+    """(drop_text, drop_image) bool (n,): disjoint events text-only, image-only and both."""
+    rates = [float(cfg.text), float(cfg.image), float(cfg.both)]
+    if any(r < 0 for r in rates) or sum(rates) > 1:
+        raise ValueError(f"recipe.dropout: text, image and both must be >= 0 and sum to at most 1; got {rates}")
+    u = torch.rand(n, generator=generator)
+    text_only = u < rates[0]
+    image_only = (u >= rates[0]) & (u < rates[0] + rates[1])
+    both = (u >= rates[0] + rates[1]) & (u < sum(rates))
+    return text_only | both, image_only | both
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage
+# ----------------------------------------------------------------------------------------------
+
+
+class KeyframeStage(LatentDiffusionStage):
+    name = "keyframe"
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        if cfg.data.num_frames < 2:
+            raise ValueError(f"stage keyframe needs data.num_frames >= 2 (keyframes per clip); got {cfg.data.num_frames}")
+        draw_dropout(self.rc.dropout, 0)  # validate the rates now, not at the first step
+        draw_noise_levels(self.rc.noise_aug, 0)
+
+    def initialise(self, model: TextDenoiser) -> None:
+        """The t2i checkpoint `recipe.init_from` loaded in; with `recipe.train_spatial: false` only
+        the temporal layers and the input conv (the new conditioning channels) train."""
+        if self.rc.init_from:
+            init_from_t2i(model, self.cfg)
+        if not self.rc.train_spatial:
+            model.requires_grad_(False)
+            for p in model.unet.temporal_parameters():
+                p.requires_grad_(True)
+            model.unet.in_layer.requires_grad_(True)  # the new conditioning channels must learn
+
+    def phases(self, model: TextDenoiser) -> List[Phase]:
+        return [video_phase(model, self.rc.spatial_lr_scale)]
+
+    def loss(self, model, parts, batch, step, phase):
+        x0 = self.latents(batch)
+        b = x0.shape[0]
+        drop_text, drop_image = draw_dropout(self.rc.dropout, b)
+        level = draw_noise_levels(self.rc.noise_aug, b).to(self.device)
+        first = noise_augment(self.schedule, x0[:, :, 0], level)
+        cond = KeyframeCondition(Prompts(batch["caption"]), first, torch.ones(b, dtype=torch.bool, device=self.device),
+                                 level, batch["motion_score"].to(self.device), self.rc.motion.scale)
+        cond = cond.dropped(text=drop_text, image=drop_image.to(self.device))
+        loss, logs = self.diffusion_loss(parts["main"], x0, cond)
+        return loss, {**logs, "keyframe/latent_std": float(x0.std())}
+
+    @torch.no_grad()
+    def preview(self, model: TextDenoiser, batch: dict, out_dir: Path, step: int) -> List[Path]:
+        """Keyframes for the first clips of `batch` from their true first frame, caption and motion
+        score: one row per clip, the true keyframes above the sampled ones."""
+        from torchvision.utils import save_image
+
+        n = min(4, len(batch["caption"]))
+        x0 = self.latents({k: batch[k][:n] for k in ("video", "latents") if k in batch})
+        options = KeyframeOptions.from_recipe(self.cfg, sampler="dpmpp_2m", steps=self.rc.preview_steps,
+                                              num_frames=x0.shape[2])
+        latents = sample_keyframes(self.bundle(model), batch["caption"][:n], x0[:, :, 0], batch["motion_score"][:n],
+                                   options, generator=torch.Generator().manual_seed(0))
+        fake = decode_latents(self.movq, latents, self.rc.latent_scale)
+        real = batch["video"][:n].to(fake.device) if "video" in batch \
+            else decode_latents(self.movq, x0, self.rc.latent_scale)  # cached latents: their reconstruction
+        rows = torch.stack([real, fake], dim=1)  # (n, 2, 3, f, H, W)
+        grid = rearrange(rows, "n r c f h w -> (n r f) c h w")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"step_{step:07d}.png"
+        save_image((grid + 1) / 2, path, nrow=x0.shape[2])
+        return [path]
