@@ -7,7 +7,6 @@ within a tolerance scaled to float32 rounding.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

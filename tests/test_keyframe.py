@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from kvideo.diffusion import SamplerSpec, sample
-from kvideo.inference.conditioning import KeyframeCondition, Prompts, TextContext, conditioned_input
+from kvideo.inference.conditioning import KeyframeCondition, Prompts, conditioned_input
 from kvideo.inference.denoiser import make_schedule
 from kvideo.inference.loading import load_bundle
 from kvideo.inference.sampling import KeyframeOptions, resolve_motion_score, sample_keyframes, sampling_noise_level

@@ -14,7 +14,7 @@ from kvideo.data.shapesworld import (
     canonical_test_prompts, caption, check_motion_fits, clip_spec_from_attributes, make_clip,
     metadata, parse_caption, prompt_clip, render_clip, sample_clip_spec, spec_from_metadata,
 )
-from kvideo.data.shapes_scorer import motion_room, score_clip, score_many
+from kvideo.data.shapes_scorer import aggregate_scores, motion_room, score_clip
 from kvideo.data.video_io import encode_video_bytes, read_video
 
 MOTIONS = [(d, s) for d in DIRECTIONS[:4] for s in SPEEDS] + [("still", "none")]
@@ -290,14 +290,14 @@ def test_scorer_background_threshold_and_empty_clips():
         background=True, color=False, shape=False, direction=False, speed=False)
 
 
-def test_score_many_aggregates_by_split():
+def test_aggregate_scores_by_split():
     items = []
     for attrs in ({"color": "red", "shape": "triangle"}, {"color": "green", "shape": "circle"}):
         spec = clip_spec_from_attributes(dict(background="white", direction="up", speed="slow", **attrs), 0)
         items.append((render_clip(spec), 24, caption(spec)))
         items.append((render_clip(spec), 24, dict(_attrs(spec), color="magenta")))  # wrong colour
-    out = score_many(items)
-    assert out["n"] == 4 and len(out["clips"]) == 4
+    out = aggregate_scores([score_clip(frames, fps, prompt) for frames, fps, prompt in items])
+    assert out["n"] == 4
     assert out["accuracy"]["color"] == 0.5 and out["accuracy"]["shape"] == 1.0 and out["all_correct"] == 0.5
     assert out["by_split"]["held_out"]["n"] == 1 and out["by_split"]["seen"]["n"] == 3
     json.dumps(out)  # serialisable

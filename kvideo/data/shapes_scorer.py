@@ -226,9 +226,3 @@ def aggregate_scores(results: Iterable[dict]) -> dict:
     out["by_split"] = {"seen": summarise([r for r in results if not held_out(r)]),
                        "held_out": summarise([r for r in results if held_out(r)])}
     return out
-
-
-def score_many(items: Iterable[tuple[np.ndarray, float, object]]) -> dict:
-    """Score ``(frames, fps, prompt_or_attrs)`` items; aggregate plus the per-clip results."""
-    results = [score_clip(frames, fps, prompt) for frames, fps, prompt in items]
-    return {**aggregate_scores(results), "clips": results}
