@@ -48,6 +48,10 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
         candidate = root / pointer.read_text().strip()
         if (candidate / "train_state.pt").is_file():
             return candidate
+        # a crash while the same step was saved again left the old copy aside (train.checkpoint)
+        aside = sorted(root.glob(f"{candidate.name}.replaced-*"))
+        if aside and (aside[0] / "train_state.pt").is_file():
+            return aside[0]
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 

@@ -45,7 +45,10 @@ def clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 def _write_atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -66,10 +69,16 @@ def save_checkpoint(
 ) -> Path:
     """Write `run_dir/checkpoints/step_NNNNNNN/` atomically and point `latest` at it.
 
-    `keep` > 0 deletes all but the newest `keep` checkpoints after the new one is in place.
+    The files and the directory are fsynced before the rename, the rename before `latest`. `keep`
+    > 0 keeps the newest `keep` checkpoints up to this step: only lower steps are deleted, never
+    the one just written and never a higher step (another run's, e.g. under `resume=none`).
+    Temporary directories of writers that died are removed. A step saved again is moved aside
+    (`step_N.replaced-PID`) before the new one is renamed in, so a crash between the two leaves a
+    complete checkpoint that `latest_checkpoint` finds.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(root)
     final = root / f"step_{step:07d}"
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -79,14 +88,70 @@ def save_checkpoint(
     save_weights(tmp / "ema.safetensors", ema_state, config_plain, "ema")
     (tmp / "config.yaml").write_text(to_yaml(config_plain))
     torch.save(train_state, tmp / "train_state.pt")
+    for path in tmp.iterdir():
+        _fsync(path)
+    _fsync(tmp)
+    aside = None
     if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
-        shutil.rmtree(final)
+        aside = root / f"{final.name}.replaced-{os.getpid()}"
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
     os.replace(tmp, final)
+    _fsync(root)
     _write_atomic_text(root / "latest", final.name + "\n")
+    _fsync(root)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        mine = [p for p in list_checkpoints(run_dir) if _step_of(p) <= step]
+        for old in mine[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Remove `step_N.tmp-PID` / `step_N.replaced-PID` directories whose writer is no longer
+    running (a replaced one only when its step directory is back in place)."""
+    for path in root.glob("step_*.*-*"):
+        name, _, pid = path.name.rpartition("-")
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in ("tmp", "replaced") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "replaced" and not (root / name.rsplit(".", 1)[0]).is_dir():
+            continue  # the only complete copy of that step: latest_checkpoint reads it
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's contents to disk (best effort where the OS refuses a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_train_state(ckpt_dir: str | Path) -> dict:
