@@ -1,6 +1,9 @@
-"""Checkpoint writing under faults: retention touches only this run's lower steps, dead writers'
-temporaries are removed, and saving a step again never leaves the run without a complete one."""
+"""Run state written under faults: checkpoint retention touches only this run's lower steps, dead
+writers' temporaries are removed, saving a step again never leaves the run without a complete
+checkpoint, and a torn metrics.jsonl line is dropped on resume."""
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -9,6 +12,7 @@ import torch
 
 from kvideo.inference.checkpoints import latest_checkpoint, list_checkpoints
 from kvideo.train.checkpoint import save_checkpoint
+from kvideo.train.logging import MetricsWriter, training_minutes
 
 
 def save(run, step, keep=0, value=0.0):
@@ -54,3 +58,22 @@ def test_saving_a_step_again_replaces_it_and_a_crash_in_between_loses_nothing(tm
     assert latest_checkpoint(tmp_path) == aside
     save(tmp_path, 4)  # a later save leaves that copy alone only while it is the only one of its step
     assert aside.is_dir()
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+    writer = MetricsWriter(tmp_path, enabled=True)
+    for step in (10, 20, 30):
+        writer.write(step, {"loss": 1.0 / step, "steps_per_s": 2.0})
+    writer.close()
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 40, "loss": 0.0')  # killed while appending
+    assert set(training_minutes(tmp_path)) == {10, 20, 30}
+    log = logging.getLogger("kvideo")  # the run logger does not propagate to the root (train.logging)
+    log.addHandler(caplog.handler)
+    try:
+        resumed = MetricsWriter(tmp_path, enabled=True, resume_step=20)  # back to the checkpoint of step 20
+        resumed.close()
+    finally:
+        log.removeHandler(caplog.handler)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
+    assert "not a JSON record (torn?)" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,9 +43,10 @@ class MetricsWriter:
         if not enabled:
             return
         if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)  # a crash while rewriting leaves the old file whole
         try:
             from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
 
@@ -68,6 +70,24 @@ class MetricsWriter:
             self.tb.close()
 
 
+def read_metrics(path: Path) -> list:
+    """The records of a metrics.jsonl. A line that is not a JSON object (torn by a kill or a full
+    disk while it was appended) is dropped with a warning naming the file and the line."""
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            logging.getLogger("kvideo").warning("%s: line %d is not a JSON record (torn?); dropped", path, number)
+            continue
+        records.append(record)
+    return records
+
+
 def training_minutes(run_dir: str | Path) -> Dict[int, float]:
     """step -> minutes of training when it was logged, from a run's metrics.jsonl (empty if none).
 
@@ -81,8 +101,7 @@ def training_minutes(run_dir: str | Path) -> Dict[int, float]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return {}
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    rows = [r for r in rows if r.get("steps_per_s")]
+    rows = [r for r in read_metrics(path) if r.get("steps_per_s")]
     seconds: Dict[int, float] = {}
     prev, total = None, 0.0
     for r in rows:
