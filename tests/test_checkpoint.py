@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from kvideo.inference.checkpoints import latest_checkpoint, list_checkpoints
@@ -77,3 +78,14 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, caplog):
         log.removeHandler(caplog.handler)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
     assert "not a JSON record (torn?)" in caplog.text
+
+
+def test_a_checkpoint_config_is_not_resolved_against_the_environment(tmp_path, monkeypatch):
+    from kvideo.inference.checkpoints import load_stage_weights, read_config
+
+    monkeypatch.setenv("KVIDEO_SECRET", "leaked")
+    ckpt = save(tmp_path, 1)
+    assert read_config(ckpt) == {"stage": "movq"}
+    (ckpt / "config.yaml").write_text("stage: movq\nrun_dir: ${oc.env:KVIDEO_SECRET}\n")
+    with pytest.raises(ValueError, match="key 'run_dir' holds an interpolation"):
+        load_stage_weights(ckpt, "movq")

@@ -72,11 +72,30 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_config(ckpt_dir: str | Path) -> dict:
-    """The run config stored in a checkpoint, as plain data."""
+    """The run config stored in a checkpoint, as plain data, never resolved: checkpoints store the
+    resolved config, so an interpolation (`${oc.env:...}` would read this machine's environment)
+    means a file kvideo did not write, and is a ValueError naming the key."""
     path = Path(ckpt_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{ckpt_dir}' has no config.yaml")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    plain = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    for key, value in _leaves(plain):
+        if isinstance(value, str) and "${" in value:
+            raise ValueError(f"checkpoint '{ckpt_dir}': config.yaml key '{key}' holds an interpolation ({value!r}); "
+                             "kvideo writes checkpoint configs resolved and does not resolve them when reading")
+    return plain
+
+
+def _leaves(node, prefix: str = ""):
+    """(dotted key, value) of every leaf of plain config data."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix.rstrip("."), node
 
 
 def load_weights(ckpt_dir: str | Path, which: str = "ema") -> Tuple[Dict[str, torch.Tensor], dict]:
