@@ -100,7 +100,8 @@ def main() -> int:
         subprocess.run(cmd, check=True)
     train_s = time.perf_counter() - t0
 
-    from kvideo.train.checkpoint import latest_checkpoint, load_train_state
+    from kvideo.inference.checkpoints import latest_checkpoint
+    from kvideo.train.checkpoint import load_train_state
 
     last = latest_checkpoint(run_dir)
     result = score(last, data / "val")

@@ -25,7 +25,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -104,14 +104,6 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class ModelSchema:
-    """A model a config can name: the dataclass of its hyper-parameters and its named sizes."""
-
-    schema: type
-    sizes: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
 class StageSchema:
     """A stage a config can name: the dataclass of its `recipe` section and its default model."""
 
@@ -121,8 +113,8 @@ class StageSchema:
 
 @dataclass(frozen=True)
 class Schemas:
-    """What types the stage-dependent sections: stage name -> StageSchema, model name -> ModelSchema
-    (or anything with `schema` and `sizes`)."""
+    """What types the stage-dependent sections: stage name -> StageSchema, model name -> anything with
+    `schema` (the dataclass of its hyper-parameters) and `sizes` (named sizes), e.g. registry.ModelEntry."""
 
     stages: Dict[str, StageSchema]
     models: Dict[str, Any]

@@ -142,20 +142,13 @@ def build_initial(stage: str, root: Path):
 def load_trainable(stage: str, root: Path):
     """(stage object, model) with the checkpoint's model weights."""
     from kvideo.inference.checkpoints import load_stage_weights
-    from kvideo.registry import load_config
 
     state, cfg = load_stage_weights(root / stage, stage, "model")
-    s = _stage(stage, load_config(base=dict(_plain(cfg))))
+    s = _stage(stage, cfg)
     torch.manual_seed(0)
     model = s.build_model()
     model.load_state_dict(state)
     return s, model
-
-
-def _plain(cfg):
-    from kvideo.config import to_plain
-
-    return to_plain(cfg)
 
 
 def train_step(stage: str, root: Path) -> Dict[str, torch.Tensor]:

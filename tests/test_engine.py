@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from kvideo.registry import load_config
 from kvideo.train.stages.movq import MovqStage
-from kvideo.train import checkpoint as ckpt
+from kvideo.inference import checkpoints as ckpt
 from kvideo.train.engine import NonFiniteLossError, train
 
 from conftest import ROOT, tiny_movq_overrides

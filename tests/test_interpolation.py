@@ -16,7 +16,7 @@ from kvideo.inference.gaps import frames_after_passes, gap_blend, merge_gaps, sp
 from kvideo.inference.loading import load_bundle
 from kvideo.inference.sampling import InterpolationOptions, interpolate
 from kvideo.registry import load_config, model_info
-from kvideo.train import checkpoint as ckpt
+from kvideo.inference import checkpoints as ckpt
 from kvideo.train.engine import train
 from kvideo.train.stages.interpolation import InterpolationStage
 
@@ -172,7 +172,7 @@ def test_interpolation_config_errors(tmp_path, shapes_shards, movq_run, t2i_run)
 
 
 def test_input_and_output_convs_start_from_the_t2i_convs(tmp_path, shapes_shards, movq_run, t2i_run):
-    from kvideo.train.checkpoint import load_stage_weights
+    from kvideo.inference.checkpoints import load_stage_weights
 
     image, _ = load_stage_weights(t2i_run, "t2i")
     w_in, w_out = image["unet.in_layer.weight"], image["unet.out_layer.2.weight"]

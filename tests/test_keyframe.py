@@ -14,7 +14,7 @@ from kvideo.inference.loading import load_bundle
 from kvideo.inference.sampling import KeyframeOptions, resolve_motion_score, sample_keyframes, sampling_noise_level
 from kvideo.recipes import ConditionDropout, MotionConfig, NoiseAugConfig
 from kvideo.registry import load_config
-from kvideo.train import checkpoint as ckpt
+from kvideo.inference import checkpoints as ckpt
 from kvideo.train.engine import train
 from kvideo.train.stages.keyframe import KeyframeStage, draw_dropout, draw_noise_levels
 

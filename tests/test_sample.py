@@ -43,7 +43,7 @@ def test_sample_names_a_missing_checkpoint(tmp_path, capsys):
 
 
 def test_load_movq_refuses_another_stage(tmp_path, tiny_run):
-    from kvideo.train import checkpoint as ckpt
+    from kvideo.inference import checkpoints as ckpt
 
     last = ckpt.latest_checkpoint(tiny_run)
     ae = load_movq(last)

@@ -7,7 +7,7 @@ from PIL import Image
 
 from kvideo.config import ConfigError
 from kvideo.registry import load_config
-from kvideo.train import checkpoint as ckpt
+from kvideo.inference import checkpoints as ckpt
 
 from conftest import T2I_CONFIG, tiny_t2i_overrides
 

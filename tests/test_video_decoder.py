@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from kvideo.inference.autoencoder import load_video_movq
 from kvideo.metrics.reconstruction import evaluate_video_decoding, flicker_by_distance, static_background_flicker
 from kvideo.registry import load_config
-from kvideo.train import checkpoint as ckpt
+from kvideo.inference import checkpoints as ckpt
 from kvideo.train.engine import train
 from kvideo.train.stages.video_decoder import temporal_difference_loss
 

@@ -5,8 +5,8 @@
 
 A branch is a condition: a dataclass of tensors with batch size b (`kvideo.inference.conditioning`)
 or a dict of them. `batched_branches` runs the network once on the branches stacked along the
-batch axis (`stack_branches`), so a guided step costs one forward of a k-times larger batch, not
-k forwards. The combinations use
+batch axis (`stack_branches`, once per sampling call, not per step), so a guided step costs one
+forward of a k-times larger batch, not k forwards. The combinations use
 the Kandinsky conventions (reference: ../shared/reference/kandinsky_video.md):
 
 - text (first frame, interpolation): `(w + 1) * cond - w * uncond` = cond + w (cond - uncond);
@@ -58,11 +58,24 @@ def batched_branches(net: Net, x: torch.Tensor, t: torch.Tensor, branches: Seque
     x (b, ...) and t (b,) are repeated once per branch; each branch is a condition whose tensors
     have batch size b. Returns one (b, ...) output per branch.
     """
-    k, b = len(branches), x.shape[0]
-    if k == 0:
+    return _stacked_forward(net, _stack(branches))(x, t)
+
+
+def _stack(branches: Sequence[Any]) -> tuple:
+    if not branches:
         raise ValueError("batched_branches needs at least one branch")
-    out = net(torch.cat([x] * k), torch.cat([t] * k), stack_branches(branches))  # (k b, ...)
-    return list(out.split(b, dim=0))
+    return len(branches), stack_branches(branches)
+
+
+def _stacked_forward(net: Net, stacked: tuple) -> Callable[[torch.Tensor, torch.Tensor], List[torch.Tensor]]:
+    """(x, t) -> the k branch outputs of one forward, the conditions stacked once, not per step."""
+    k, cond = stacked
+
+    def forward(x: torch.Tensor, t: torch.Tensor) -> List[torch.Tensor]:
+        out = net(torch.cat([x] * k), torch.cat([t] * k), cond)  # (k b, ...)
+        return list(out.split(x.shape[0], dim=0))
+
+    return forward
 
 
 def text_guided(net: Net, cond: Any, uncond: Any, scale: float) -> Callable:
@@ -71,9 +84,10 @@ def text_guided(net: Net, cond: Any, uncond: Any, scale: float) -> Callable:
     scale 0 runs the conditional branch alone (no extra forward)."""
     if scale == 0:
         return lambda x, t: net(x, t, cond)
+    forward = _stacked_forward(net, _stack([cond, uncond]))
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        c, u = batched_branches(net, x, t, [cond, uncond])
+        c, u = forward(x, t)
         return c + scale * (c - u)
 
     return model_fn
@@ -84,9 +98,10 @@ def text_image_guided(net: Net, text_image: Any, image: Any, neither: Any, text_
     """Three-way guidance of the keyframe model, in one forward of three branches:
     eps_0 + w_I (eps_I - eps_0) + w_T (eps_TI - eps_I), with eps_TI (text and image),
     eps_I (null text, image) and eps_0 (null text, no image)."""
+    forward = _stacked_forward(net, _stack([text_image, image, neither]))
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        e_ti, e_i, e_0 = batched_branches(net, x, t, [text_image, image, neither])
+        e_ti, e_i, e_0 = forward(x, t)
         return e_0 + image_scale * (e_i - e_0) + text_scale * (e_ti - e_i)
 
     return model_fn

@@ -28,7 +28,6 @@ from safetensors.torch import load_file
 from kvideo.registry import load_config
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
-WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

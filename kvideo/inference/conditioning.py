@@ -117,7 +117,7 @@ class KeyframeCondition:
         drop_text = text if self.text.drop is None else self.text.drop | text
         image = image.to(self.noise_level.device)
         return replace(self, text=Prompts(self.text.texts, drop_text),
-                       has_image=self.has_image & ~image if self.has_image.dtype == torch.bool else self.has_image * (~image),
+                       has_image=self.has_image * ~image,  # bool stays bool, float stays float
                        noise_level=torch.where(image, torch.zeros_like(self.noise_level), self.noise_level))
 
 

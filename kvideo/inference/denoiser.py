@@ -19,6 +19,7 @@ from kvideo.diffusion import LossSpec, Schedule
 from kvideo.inference.conditioning import TextContext, call_network
 from kvideo.models.text_encoder import TextEncoder, TextEncoderConfig
 from kvideo.registry import MODELS, model_config
+from kvideo.weights import build_text_encoder
 
 
 class TextDenoiser(nn.Module):
@@ -58,8 +59,6 @@ class TextDenoiser(nn.Module):
 def build_denoiser(cfg: DictConfig) -> TextDenoiser:
     """The UNet named by `cfg.model` and the text encoder of `cfg.recipe.text_encoder`, randomly
     initialised (or the text tower from its local weights file)."""
-    from kvideo.weights import build_text_encoder
-
     unet_cfg = model_config(cfg)
     text_cfg = TextEncoderConfig(**{k: cfg.recipe.text_encoder[k] for k in TextEncoderConfig.__dataclass_fields__})
     if text_cfg.out_dim != unet_cfg.context_dim:

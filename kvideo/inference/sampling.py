@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from kvideo.diffusion import SamplerSpec, plan_timesteps, sample, text_guided, text_image_guided
 from kvideo.inference.conditioning import ImageCondition, InterpolationCondition, KeyframeCondition, noise_augment
+from kvideo.inference.denoiser import make_schedule
 from kvideo.inference.gaps import gap_blend, merge_gaps
 from kvideo.inference.loading import Bundle
 
@@ -40,8 +41,6 @@ def sampler_spec(sampling_cfg) -> SamplerSpec:
 def check_sampling(cfg: DictConfig) -> None:
     """A recipe whose sampling plan its model cannot follow (an eps model asked to start at the
     zero-SNR timestep) is an error when the stage starts, not at the first preview."""
-    from kvideo.inference.denoiser import make_schedule
-
     rc = cfg.recipe
     try:
         plan_timesteps(make_schedule(rc.diffusion), sampler_spec(rc.sampling), rc.diffusion.target)

@@ -1,5 +1,5 @@
 """Writing checkpoints: self-describing directories, written atomically, found without guesswork.
-(Reading them is `kvideo.inference.checkpoints`', re-exported here for the engine.)
+(Reading them is `kvideo.inference.checkpoints`'.)
 
     run_dir/checkpoints/
       step_0001000/
@@ -28,8 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from kvideo.config import to_yaml
-from kvideo.inference.checkpoints import (STEP_DIR, WEIGHT_FILES, latest_checkpoint, list_checkpoints,  # noqa: F401
-                                          load_stage_weights, load_weights, read_config, resolve_checkpoint)
+from kvideo.inference.checkpoints import STEP_DIR, list_checkpoints
 
 
 def clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -36,6 +36,7 @@ from kvideo.data.datasets import build_dataset
 from kvideo.data.shards import TrainData, eval_batches
 from kvideo.train.stages import STAGES
 from kvideo.train.stages.base import Phase, Stage
+from kvideo.inference import checkpoints as stored
 from kvideo.train import checkpoint as ckpt
 from kvideo.train import dist
 from kvideo.train.dist import autocast_context
@@ -120,8 +121,8 @@ def _resume_point(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
     if cfg.resume == "none":
         return None
     if cfg.resume == "auto":
-        return ckpt.latest_checkpoint(run_dir)
-    return ckpt.resolve_checkpoint(cfg.resume)
+        return stored.latest_checkpoint(run_dir)
+    return stored.resolve_checkpoint(cfg.resume)
 
 
 def train(cfg: DictConfig, stage_cls: Optional[type] = None) -> Path:
@@ -180,9 +181,9 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     step, batches_done, nonfinite_total = 0, 0, 0
     resume_from = _resume_point(cfg, run_dir)
     if resume_from is not None:
-        weights, _ = ckpt.load_weights(resume_from, "model")
+        weights, _ = stored.load_weights(resume_from, "model")
         model.load_state_dict(weights)
-        ema_weights, _ = ckpt.load_weights(resume_from, "ema")
+        ema_weights, _ = stored.load_weights(resume_from, "ema")
         state = ckpt.load_train_state(resume_from)
         ema.load_state_dict(ema_weights, state["ema_updates"])
         for name, opt in optimizers.items():
@@ -239,7 +240,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
                                         keep=tc.keep_checkpoints)
             log.info("saved checkpoint %s", path)
         dist.barrier()
-        return path or ckpt.latest_checkpoint(run_dir)
+        return path or stored.latest_checkpoint(run_dir)
 
     model.train()
     while step < tc.max_steps:

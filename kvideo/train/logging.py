@@ -126,7 +126,7 @@ def checkpoints_on_time_axis(path: str | Path, every: bool, at_minutes: Optional
     keeps, for each budget, the last checkpoint written within that many training minutes.
     Raises FileNotFoundError when there is none.
     """
-    from kvideo.train.checkpoint import list_checkpoints, resolve_checkpoint
+    from kvideo.inference.checkpoints import list_checkpoints, resolve_checkpoint
 
     path = Path(path)
     ckpts = list_checkpoints(path) if every else [resolve_checkpoint(path)]

@@ -36,26 +36,25 @@ from kvideo.train.stages.base import Phase
 log = logging.getLogger(__name__)
 
 
-def build_video_decoder(cfg, load_init: bool = True) -> AutoencoderWithDiscriminator:
-    """The VideoMoVQ (with the image MoVQ `recipe.movq` loaded in, when `load_init`) and the 3D
-    discriminator; the encoder, quant_conv and codebook frozen."""
+def build_video_decoder(cfg) -> AutoencoderWithDiscriminator:
+    """The VideoMoVQ with the image MoVQ `recipe.movq` loaded in, and the 3D discriminator; the
+    encoder, quant_conv and codebook frozen."""
     from kvideo.models.video_movq import VideoMoVQ
 
     ae = build_model(cfg)
     if not isinstance(ae, VideoMoVQ):
         raise ValueError(f"stage video_decoder needs model.name: video_movq; got {cfg.model.name}")
-    if load_init:
-        state, movq_cfg = load_stage_weights(cfg.recipe.movq, "movq")
-        differ = {k: (movq_cfg.model[k], cfg.model[k]) for k in movq_cfg.model
-                  if k not in ("name", "size") and k in cfg.model and movq_cfg.model[k] != cfg.model[k]}
-        if differ:
-            raise ValueError(f"recipe.movq '{cfg.recipe.movq}' was trained with other model settings; set "
-                             + ", ".join(f"model.{k}={a} (this config has {b})" for k, (a, b) in differ.items()))
-        image = {k[len("ae."):]: v for k, v in state.items() if k.startswith("ae.")}
-        missing, unexpected = ae.load_state_dict(image, strict=False)
-        if unexpected or any(not k.startswith(("temporal_convs.", "temporal_attn.")) for k in missing):
-            raise ValueError(f"recipe.movq '{cfg.recipe.movq}' does not match model (unexpected {unexpected[:3]}, "
-                             f"missing {[k for k in missing if not k.startswith('temporal_')][:3]})")
+    state, movq_cfg = load_stage_weights(cfg.recipe.movq, "movq")
+    differ = {k: (movq_cfg.model[k], cfg.model[k]) for k in movq_cfg.model
+              if k not in ("name", "size") and k in cfg.model and movq_cfg.model[k] != cfg.model[k]}
+    if differ:
+        raise ValueError(f"recipe.movq '{cfg.recipe.movq}' was trained with other model settings; set "
+                         + ", ".join(f"model.{k}={a} (this config has {b})" for k, (a, b) in differ.items()))
+    image = {k[len("ae."):]: v for k, v in state.items() if k.startswith("ae.")}
+    missing, unexpected = ae.load_state_dict(image, strict=False)
+    if unexpected or any(not k.startswith(("temporal_convs.", "temporal_attn.")) for k in missing):
+        raise ValueError(f"recipe.movq '{cfg.recipe.movq}' does not match model (unexpected {unexpected[:3]}, "
+                         f"missing {[k for k in missing if not k.startswith('temporal_')][:3]})")
     for part in (ae.encoder, ae.quant_conv, ae.quantize):
         part.requires_grad_(False)
     if not cfg.recipe.train_spatial:
