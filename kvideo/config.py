@@ -50,6 +50,10 @@ class DataConfig:
     size: List[int] = field(default_factory=lambda: [64, 64])  # (height, width) after resize+crop
     random_crop: bool = True  # random crop in training; centre crop when false (always in eval)
     num_workers: int = 2  # DataLoader worker processes per rank
+    # A batch not ready after this many seconds (a decoder that hangs) is skipped and the workers
+    # restarted; needs num_workers > 0. 0 waits forever.
+    timeout_s: float = 600.0
+    max_sample_mb: float = 2048.0  # a tar member larger than this is skipped, not read into memory
     shuffle: bool = True
     # Latent stages (t2i, keyframe, interpolation): a directory of precomputed MoVQ latents of
     # data.shards, built by the stage on start when missing (kvideo/data/latent_cache.py).

@@ -41,7 +41,7 @@ from einops import rearrange
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvideo.data.shards import ClipDataset, ShardIndex, resize_and_crop
+from kvideo.data.shards import BadSample, ClipDataset, ShardIndex, resize_and_crop
 from kvideo.data.video_io import pick_frames_by_time, read_video
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ class LatentClipDataset(ClipDataset):
         f, keys = self._handle(self.index.members[i]["mp4"].shard)
         key = self.index.keys[i]
         if key not in keys:
-            raise KeyError("clip not in the latent cache (it failed to decode when the cache was built)")
+            raise BadSample("not_cached", "clip not in the latent cache (it failed to decode when the cache was built)")
         times = f.get_tensor(key + TIMES).numpy()
         rows = np.nonzero((times >= start - 1e-6) & (times < end - 1e-6))[0]  # the window read_video decodes
         picks = rows[pick_frames_by_time(times[rows], self.fps, self.num_frames, start)]

@@ -12,8 +12,12 @@ the number of batches this rank has consumed. All randomness of a sample (clip s
 comes from a generator seeded by (seed, epoch, sample index), so it does not depend on which
 worker decodes it or on whether the run was resumed.
 
-A sample that fails to decode is logged, counted and dropped from its batch; it never stops
-training.
+A bad sample (metadata that is not a JSON object, a field the stage reads that is missing,
+wrong-typed, NaN or out of range, an empty caption, a member over `data.max_sample_mb`, a video
+that does not decode, a decode that hangs past `data.timeout_s`) is logged with its shard and
+key, counted by reason (`SKIP_REASONS`) and dropped from its batch; it never stops training. Only
+a whole epoch without one good sample stops the run (`NoGoodSampleError`, naming the first
+failures): that is a wrong dataset or a wrong setting, not a bad sample.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -103,14 +109,87 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def read(self, i: int, ext: str) -> bytes:
+    def read(self, i: int, ext: str, max_bytes: Optional[int] = None) -> bytes:
+        """The bytes of member `ext` of sample `i`; a member over `max_bytes` raises BadSample
+        ("oversized") before anything is read."""
         m = self.members[i][ext]
+        if max_bytes is not None and m.size > max_bytes:
+            raise BadSample("oversized", f"{self.keys[i]}.{ext} is {m.size / 2**20:.1f} MB, over data.max_sample_mb "
+                                         f"({max_bytes / 2**20:g} MB)")
         with open(self.shards[m.shard], "rb") as f:
             f.seek(m.offset)
             return f.read(m.size)
 
     def metadata(self, i: int) -> dict:
         return json.loads(self.read(i, "json"))
+
+    def shard_of(self, i: int) -> Path:
+        return self.shards[next(iter(self.members[i].values())).shard]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad samples
+# ----------------------------------------------------------------------------------------------
+
+# Why a sample is skipped; the counts by reason go to metrics.jsonl as data/skipped/<reason>.
+SKIP_REASONS = ("metadata", "caption", "motion_score", "timing", "oversized", "undecodable", "not_cached", "timeout")
+
+
+class BadSample(ValueError):
+    """A sample that training skips: `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        assert reason in SKIP_REASONS, reason
+        super().__init__(message)
+        self.reason = reason
+
+
+class NoGoodSampleError(RuntimeError):
+    """A whole epoch of one rank's samples failed: the data or the data settings are wrong."""
+
+
+def _number(meta: dict, name: str, reason: str, *, positive: bool) -> Optional[float]:
+    """meta[name] as a finite float (None when absent); BadSample(reason) for anything else."""
+    if name not in meta:
+        return None
+    v = meta[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise BadSample(reason, f"metadata '{name}' is {v!r}: expected a finite number "
+                                f"{'> 0' if positive else '>= 0'}")
+    return float(v)
+
+
+def parse_metadata(raw: bytes, fields: Sequence[str]) -> Tuple[dict, str, float]:
+    """(metadata, caption, motion score) of one sample's JSON, checked.
+
+    `fields` are the ones the stage reads ("caption", "motion_score"): each must be present and
+    valid (a caption a non-blank string, a motion score a finite number >= 0). The others are
+    passed on when valid and replaced by "" / 0.0 when not, since no one reads them. `fps` and
+    `num_frames`, which place the clip, must be finite and > 0 when present.
+    """
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadSample("metadata", f"metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise BadSample("metadata", f"metadata is a JSON {type(meta).__name__}, not an object")
+    _number(meta, "fps", "timing", positive=True)
+    _number(meta, "num_frames", "timing", positive=True)
+    caption = meta.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        if "caption" in fields:
+            raise BadSample("caption", f"caption is {caption!r}: the stage needs a non-empty string")
+        caption = ""
+    if "motion_score" in fields:
+        score = _number(meta, "motion_score", "motion_score", positive=False)
+        if score is None:
+            raise BadSample("motion_score", "metadata has no 'motion_score': the stage needs one")
+    else:
+        try:
+            score = _number(meta, "motion_score", "motion_score", positive=False) or 0.0
+        except BadSample:
+            score = 0.0
+    return meta, caption, score
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,11 +222,15 @@ class ClipDataset(Dataset):
     """Map-style dataset over a ShardIndex; items are addressed as (epoch, index).
 
     Returns {"video": float (c, f, h, w) in [-1, 1], "caption", "motion_score", "key", "meta"}
-    or, when the sample cannot be decoded, {"failed": key, "reason": message}.
+    or, for a bad sample, {"failed": {"key", "shard", "reason" (one of SKIP_REASONS), "message"}}.
+    `fields` are the metadata fields the stage reads (see `parse_metadata`).
     """
 
     def __init__(self, index: ShardIndex, *, num_frames: int, fps: float, size: Sequence[int], seed: int,
-                 train: bool = True, random_crop: bool = True, window_s: Optional[float] = None):
+                 train: bool = True, random_crop: bool = True, window_s: Optional[float] = None,
+                 fields: Sequence[str] = (), max_sample_mb: Optional[float] = None):
+        if not (fps > 0 and math.isfinite(fps)):
+            raise ValueError(f"data.fps must be > 0, got {fps}")
         if num_frames < 1:
             raise ValueError(f"data.num_frames must be >= 1, got {num_frames}")
         if window_s is not None and window_s < (num_frames - 1) / fps:
@@ -163,6 +246,8 @@ class ClipDataset(Dataset):
         self.train = train  # random clip start (and crop); eval: the first frames, centre crop
         self.random_crop = random_crop
         self.window_s = window_s
+        self.fields = tuple(fields)
+        self.max_bytes = None if max_sample_mb is None else int(max_sample_mb * 2**20)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -180,26 +265,23 @@ class ClipDataset(Dataset):
         epoch, i = item
         key = self.index.keys[i]
         try:
-            meta = self.index.metadata(i)
+            meta, caption, score = parse_metadata(self.index.read(i, "json", self.max_bytes), self.fields)
             gen = _sample_generator(self.seed, epoch, i) if self.train else None
             start = self._window(meta, gen)
             end = start + (self.num_frames - 1) / self.fps + 2.0 / self.fps
             content = self.load(i, start, end, gen)
-        except Exception as e:  # a broken sample is skipped, never fatal
-            log.warning("skipping sample '%s' (%s): %s", key, self.index.shards[self.index.members[i]['mp4'].shard], e)
-            return {"failed": key, "reason": f"{type(e).__name__}: {e}"}
-        return {
-            **content,
-            "caption": str(meta.get("caption", "")),
-            "motion_score": float(meta.get("motion_score", 0.0)),
-            "key": key,
-            "meta": meta,
-        }
+        except Exception as e:  # a bad sample is skipped, never fatal
+            reason = e.reason if isinstance(e, BadSample) else "undecodable"
+            message = str(e) if isinstance(e, BadSample) else f"{type(e).__name__}: {e}"
+            shard = str(self.index.shard_of(i))
+            log.warning("skipping sample '%s' in '%s' (%s): %s", key, shard, reason, message)
+            return {"failed": {"key": key, "shard": shard, "reason": reason, "message": message}}
+        return {**content, "caption": caption, "motion_score": score, "key": key, "meta": meta}
 
     def load(self, i: int, start: float, end: float, gen: Optional[torch.Generator]) -> dict:
         """{"video": (c, f, h, w) in [-1, 1]}: the frames of sample `i` in [start, end) picked at
         data.fps, resized and cropped. Subclasses read other representations of the same frames."""
-        frames, times = read_video(self.index.read(i, "mp4"), start_s=start, end_s=end)
+        frames, times = read_video(self.index.read(i, "mp4", self.max_bytes), start_s=start, end_s=end)
         picks = pick_frames_by_time(times, self.fps, self.num_frames, start)
         clip = torch.from_numpy(frames[picks])  # (f, h, w, 3) uint8
         clip = rearrange(clip, "f h w c -> f c h w")
@@ -208,7 +290,7 @@ class ClipDataset(Dataset):
 
 
 def collate(samples: List[dict]) -> dict:
-    """Stack the decoded samples; report the ones that failed under `failed`."""
+    """Stack the decoded samples; report the bad ones under `failed` (their dicts)."""
     good = [s for s in samples if "failed" not in s]
     failed = [s["failed"] for s in samples if "failed" in s]
     batch = {"failed": failed, "size": len(good)}
@@ -271,36 +353,95 @@ class ResumableBatchSampler(Sampler):
 
 
 class TrainData:
-    """The training batches of one rank, with a data position that checkpoints can restore."""
+    """The training batches of one rank, with a data position that checkpoints can restore.
+
+    Bad samples are dropped from their batches and counted by reason (`skipped`); a batch in
+    which nothing decodes is skipped whole. With worker processes, a batch that takes longer
+    than `timeout_s` (a decoder that hangs) is given up: its workers are stopped, its samples
+    counted as "timeout", and reading goes on from the next batch. In-process loading
+    (num_workers = 0) cannot be timed out.
+    """
 
     def __init__(self, dataset: ClipDataset, batch_size: int, *, rank: int, world_size: int, seed: int,
-                 shuffle: bool, num_workers: int, start_batch: int = 0):
+                 shuffle: bool, num_workers: int, start_batch: int = 0, timeout_s: float = 0.0,
+                 skipped: Optional[Dict[str, int]] = None):
         self.dataset = dataset
         self.batches_done = start_batch
-        self.failed_total = 0
-        sampler = ResumableBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
-                                        shuffle=shuffle, start_batch=start_batch)
-        self.batches_per_epoch = sampler.batches_per_epoch
-        self.loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                                 persistent_workers=num_workers > 0, generator=torch.Generator(),
-                                 prefetch_factor=2 if num_workers > 0 else None)
+        self.skipped: Counter = Counter({r: int(n) for r, n in (skipped or {}).items() if r in SKIP_REASONS})
+        self.first_failures: List[dict] = []  # the first few of the current run of failures
+        self.failed_in_row = 0  # samples since the last good one
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.timeout_s = float(timeout_s) if num_workers > 0 else 0.0
+        self.sampler_args = dict(rank=rank, world_size=world_size, seed=seed, shuffle=shuffle)
+        self.sampler = ResumableBatchSampler(len(dataset), batch_size, start_batch=start_batch, **self.sampler_args)
+        self.batches_per_epoch = self.sampler.batches_per_epoch
+        self.samples_per_epoch = self.batches_per_epoch * batch_size
+        self._open(start_batch)
+
+    def _open(self, start_batch: int) -> None:
+        self.sampler.start_batch = start_batch
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers,
+                                 collate_fn=collate, persistent_workers=self.num_workers > 0,
+                                 generator=torch.Generator(), timeout=self.timeout_s,
+                                 prefetch_factor=2 if self.num_workers > 0 else None)
         self._it = iter(self.loader)
 
+    def _close(self) -> None:
+        shutdown = getattr(self._it, "_shutdown_workers", None)  # stops (and if need be kills) hung workers
+        if shutdown is not None:
+            shutdown()
+        self._it = None
+        self.loader = None
+
+    def _fetch(self) -> dict:
+        """The next batch off the loader; a batch past the timeout becomes a batch of failures."""
+        try:
+            return next(self._it)
+        except RuntimeError as e:
+            if not (self.timeout_s > 0 and "timed out" in str(e)):
+                raise
+        items = next(iter(ResumableBatchSampler(len(self.dataset), self.batch_size, start_batch=self.batches_done,
+                                                **self.sampler_args)))
+        log.warning("a batch took longer than data.timeout_s=%gs (a hanging decoder?): its %d samples are skipped "
+                    "and the data workers restarted", self.timeout_s, len(items))
+        self._close()
+        self._open(self.batches_done + 1)
+        failed = [{"key": self.dataset.index.keys[i], "shard": str(self.dataset.index.shard_of(i)), "reason": "timeout",
+                   "message": f"no batch within data.timeout_s={self.timeout_s:g}s"} for _, i in items]
+        return {"failed": failed, "size": 0}
+
     def next(self) -> dict:
-        """The next batch with at least one decodable sample (all-failed batches are skipped)."""
+        """The next batch with at least one good sample."""
         while True:
-            batch = next(self._it)
+            batch = self._fetch()
             self.batches_done += 1
-            self.failed_total += len(batch["failed"])
+            for f in batch["failed"]:
+                self.skipped[f["reason"]] += 1
+                if len(self.first_failures) < 5:
+                    self.first_failures.append(f)
             if batch["size"] > 0:
+                self.failed_in_row = 0
+                self.first_failures = []
                 return batch
+            self.failed_in_row += len(batch["failed"])
+            if self.failed_in_row >= self.samples_per_epoch:
+                first = "; ".join(f"'{f['key']}' in '{f['shard']}' ({f['reason']}): {f['message']}"
+                                  for f in self.first_failures)
+                raise NoGoodSampleError(
+                    f"{self.failed_in_row} samples in a row, a whole epoch of this rank's data, were bad: check "
+                    f"data.shards and the data settings (data.fps, data.size, data.max_sample_mb, data.timeout_s). "
+                    f"First failures: {first}")
 
     @property
     def epoch(self) -> float:
         return self.batches_done / self.batches_per_epoch
 
+    @property
+    def failed_total(self) -> int:
+        return sum(self.skipped.values())
+
     def state(self) -> dict:
-        return {"batches_done": self.batches_done, "failed_total": self.failed_total}
+        return {"batches_done": self.batches_done, "failed_total": self.failed_total, "skipped": dict(self.skipped)}
 
 
 def eval_batches(dataset: ClipDataset, batch_size: int, max_batches: int) -> Iterator[dict]:

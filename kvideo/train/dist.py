@@ -84,13 +84,23 @@ def any_true(flag: bool, device: torch.device) -> bool:
 
 
 def mean_across_ranks(values: dict, device: torch.device) -> dict:
-    """Average a dict of floats over ranks (for logging)."""
+    """Average a dict of floats over ranks (for logging); every rank passes the same keys."""
+    return _reduce(values, device, mean=True)
+
+
+def sum_across_ranks(values: dict, device: torch.device) -> dict:
+    """Sum a dict of numbers over ranks (counts); every rank passes the same keys."""
+    return _reduce(values, device, mean=False)
+
+
+def _reduce(values: dict, device: torch.device, *, mean: bool) -> dict:
     if not dist.is_initialized() or not values:
         return values
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
     dist.all_reduce(t)
-    t /= dist.get_world_size()
+    if mean:
+        t /= dist.get_world_size()
     return {k: v for k, v in zip(keys, t.tolist())}
 
 

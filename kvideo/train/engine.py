@@ -33,7 +33,7 @@ from tqdm import tqdm
 from kvideo import registry
 from kvideo.config import to_plain, to_yaml
 from kvideo.data.datasets import build_dataset
-from kvideo.data.shards import TrainData, eval_batches
+from kvideo.data.shards import SKIP_REASONS, TrainData, eval_batches
 from kvideo.train.stages import STAGES
 from kvideo.train.stages.base import Phase, Stage
 from kvideo.inference import checkpoints as stored
@@ -51,6 +51,14 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # Pieces
 # ----------------------------------------------------------------------------------------------
+
+
+def skipped_counts(skipped: Dict[str, int], device: torch.device) -> Dict[str, int]:
+    """The bad samples skipped so far, summed over ranks: data/skipped and data/skipped/<reason>."""
+    counts = dist.sum_across_ranks({f"data/skipped/{r}": skipped.get(r, 0) for r in SKIP_REASONS}, device)
+    out = {k: int(v) for k, v in counts.items() if v}
+    out["data/skipped"] = int(sum(counts.values()))
+    return out
 
 
 def lr_factor(step: int, train_cfg: DictConfig) -> float:
@@ -178,7 +186,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
 
     # Resume.
-    step, batches_done, nonfinite_total = 0, 0, 0
+    step, batches_done, nonfinite_total, data_state = 0, 0, 0, {}
     resume_from = _resume_point(cfg, run_dir)
     if resume_from is not None:
         weights, _ = stored.load_weights(resume_from, "model")
@@ -190,7 +198,8 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             opt.load_state_dict(state["optimizers"][name])
             schedulers[name].load_state_dict(state["schedulers"][name])
         step, nonfinite_total = state["step"], state["nonfinite_total"]
-        batches_done = state["data"][info.rank]["batches_done"] if info.rank < len(state["data"]) else 0
+        data_state = state["data"][info.rank] if info.rank < len(state["data"]) else {}
+        batches_done = data_state.get("batches_done", 0)
         if len(state["rng"]) == info.world_size:
             set_rng_state(state["rng"][info.rank], device)
         else:
@@ -206,9 +215,10 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
         parts[ph.name] = DDP(ph.module, device_ids=[device.index] if device.type == "cuda" else None) \
             if info.enabled else ph.module
 
-    dataset = build_dataset(cfg.data, cfg.seed, train=True)
+    dataset = build_dataset(cfg.data, cfg.seed, train=True, fields=stage.reads_fields)
     data = TrainData(dataset, tc.batch_size, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
-                     shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers, start_batch=batches_done)
+                     shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers, start_batch=batches_done,
+                     timeout_s=cfg.data.timeout_s, skipped=data_state.get("skipped"))
     if info.is_main:
         log.info("data: %d samples in %d shards, %d batches per epoch per rank",
                  len(dataset), len(dataset.index.shards), data.batches_per_epoch)
@@ -299,7 +309,8 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             now = time.perf_counter()
             logs = dist.mean_across_ranks(logs, device)
             logs.update({"steps_per_s": steps_since / (now - t_last), "epoch": data.epoch,
-                         "nonfinite_total": nonfinite_total, "failed_samples": data.failed_total})
+                         "nonfinite_total": nonfinite_total})
+            logs.update(skipped_counts(data.skipped, device))
             t_last, steps_since = now, 0
             metrics.write(step, logs)
             main_loss = logs.get(f"{phases[0].name}/loss")

@@ -79,6 +79,8 @@ class Stage:
 
     name: ClassVar[str] = ""
     reads_latents: ClassVar[bool] = False  # trains on MoVQ latents, so `data.latent_cache` can serve it
+    # Sample metadata the stage reads; a sample without a valid value is skipped (data/shards.py).
+    reads_fields: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         self.cfg = cfg

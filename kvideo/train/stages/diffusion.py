@@ -34,6 +34,7 @@ class LatentDiffusionStage(Stage):
     condition (`loss`) and may initialise the model from another checkpoint (`initialise`)."""
 
     reads_latents = True
+    reads_fields = ("caption",)
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)

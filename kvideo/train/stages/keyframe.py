@@ -77,6 +77,7 @@ def draw_dropout(cfg: ConditionDropout, n: int, generator: Optional[torch.Genera
 
 class KeyframeStage(LatentDiffusionStage):
     name = "keyframe"
+    reads_fields = ("caption", "motion_score")
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
