@@ -30,7 +30,7 @@ from kvideo.data.prepare.runner import expand_inputs, resolve_part
 from kvideo.data.prepare.scan import scan_source
 from kvideo.data.shapesworld import caption as shapes_caption
 from kvideo.data.shapesworld import ShapesWorldSpec, metadata, render_clip, sample_clip_spec, write_shapesworld
-from kvideo.data.shards import ClipDataset, ShardIndex
+from kvideo.data.shards import ClipDataset, ClipFormat, ShardIndex
 from kvideo.data.video_io import probe, read_video, write_video
 from kvideo.train.engine import train
 
@@ -280,7 +280,7 @@ def test_shards_are_what_training_reads(prepared):
     assert {k: meta[k] for k in ("caption", "num_frames", "width", "height", "motion_score")} == \
         {k: row[k] for k in ("caption", "num_frames", "width", "height", "motion_score")}
     assert all(r["motion_score"] > 0 for r in prepared["manifest"] if "cuts" in r["source"])
-    sample = ClipDataset(index, num_frames=8, fps=24, size=[32, 32], seed=0)[(0, 0)]
+    sample = ClipDataset(index, ClipFormat(8, 24, (32, 32)), seed=0)[(0, 0)]
     assert "failed" not in sample and tuple(sample["video"].shape) == (3, 8, 32, 32)
 
 
@@ -514,6 +514,54 @@ def test_inputs_lists_and_parts(tmp_path, monkeypatch):
     assert resolve_part(5, 0) == (0, 5)
     with pytest.raises(ValueError, match="not in"):
         resolve_part(2, 2)
+
+
+def test_one_file_reached_by_two_paths_is_one_source(tmp_path):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"one")
+    (tmp_path / "videos" / "d.mp4").write_bytes(b"one")  # equal content, another file: its own source
+    os.symlink(tmp_path / "videos" / "a.mp4", tmp_path / "videos" / "b.mp4")
+    os.link(tmp_path / "videos" / "a.mp4", tmp_path / "videos" / "c.mp4")
+    (tmp_path / "list.txt").write_text("videos/a.mp4\nvideos/c.mp4\n")
+    found = expand_inputs([tmp_path / "videos", tmp_path / "list.txt"], ["mp4"])
+    assert [Path(p).name for p in found] == ["a.mp4", "d.mp4"]
+
+
+def test_a_rerun_with_another_input_list_is_an_error(tmp_path):
+    from kvideo.data.prepare.runner import check_inputs
+    from kvideo.data.prepare.writer import Journal, PartFiles
+
+    files = PartFiles(tmp_path, 0, 2)
+    first = ["/data/v/a.mp4", "/data/v/b.mp4", "/data/v/c.mp4"]
+    check_inputs(files, Journal(files.journal), first)  # the first run records the list
+    journal = Journal(files.journal)
+    check_inputs(files, journal, first)  # the same list resumes
+    with pytest.raises(ValueError, match=r"another input list \(3 files, now 3; 1 added, first /data/v/d.mp4; "
+                                         r"1 removed, first /data/v/a.mp4"):
+        check_inputs(files, journal, ["/data/v/b.mp4", "/data/v/c.mp4", "/data/v/d.mp4"])
+    with pytest.raises(ValueError, match="3 removed, first /data/v/a.mp4.*a different mount point"):
+        check_inputs(files, journal, ["/mnt/v/a.mp4", "/mnt/v/b.mp4", "/mnt/v/c.mp4"])
+
+
+def test_merge_refuses_parts_of_different_input_lists(tmp_path):
+    from kvideo.data.prepare.runner import inputs_digest
+    from kvideo.data.prepare.writer import PartFiles
+
+    for index, sources in enumerate([["/a.mp4", "/b.mp4"], ["/a.mp4", "/c.mp4"]]):
+        records = [{"kind": "inputs", "digest": inputs_digest(sources), "count": 2},
+                   {"kind": "run", "inputs": 0, "processed": 0, "source_seconds": 0, "wall_s": 0, "workers": 1,
+                    "time": "now"}]
+        PartFiles(tmp_path, index, 2).journal.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match="merge: the parts were prepared from different input lists"):
+        merge([tmp_path], tmp_path / "merged")
+
+
+def test_the_coca_captioner_refuses_hub_names(tmp_path):
+    (tmp_path / "coca.pt").write_bytes(b"")
+    cfg = load_prepare_config([], ["captions.captioner=coca", f"captions.coca.weights={tmp_path / 'coca.pt'}",
+                                   "captions.coca.model=hf-hub:laion/CoCa-ViT-B-32"])
+    with pytest.raises(ConfigError, match="captions.coca.model.*hub or schema name"):
+        CocaCaptioner.check(cfg)
 
 
 def test_one_run_per_part_at_a_time(tmp_path):

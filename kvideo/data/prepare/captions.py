@@ -153,7 +153,11 @@ class CocaCaptioner(Captioner):
 
     @classmethod
     def check(cls, cfg) -> None:
-        weights = cfg.captions.coca.weights
+        weights, model = cfg.captions.coca.weights, cfg.captions.coca.model
+        if ":" in str(model):  # hf-hub:..., local-dir:...: open_clip would fetch or read a config from there
+            raise ConfigError(f"config key 'captions.coca.model': {model!r} is a hub or schema name; name a built-in "
+                              f"open_clip CoCa architecture (e.g. coca_ViT-B-32) and give the weights as a local file "
+                              f"(kvideo never downloads)")
         if weights is None:
             raise ConfigError("config key 'captions.coca.weights' is not set: the coca captioner needs a local open_clip "
                               "CoCa checkpoint (kvideo never downloads weights)")

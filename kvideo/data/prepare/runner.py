@@ -17,6 +17,7 @@ a detail saying which; the run goes on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -34,7 +35,7 @@ from omegaconf import DictConfig
 
 from kvideo.data.prepare.captions import CAPTIONERS, load_caption_table, sidecar_caption
 from kvideo.data.prepare.process import SourceResult, process_source
-from kvideo.data.prepare.writer import Journal, PartFiles, ShardWriter, lock_part, write_views
+from kvideo.data.prepare.writer import Journal, PartFiles, ShardWriter, lock_part, write_text_atomic, write_views
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,53 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], extensions: Sequence[str]
 
     for item in inputs:
         add(Path(item), False)
-    return sorted(found)
+    return _one_path_per_file(sorted(found))
+
+
+def _one_path_per_file(paths: List[str]) -> List[str]:
+    """`paths` with each file once: a file reached by several paths (symlinks, hard links, bind
+    mounts: the same device and inode) keeps its first path in sorted order."""
+    seen: Dict[Tuple[int, int], str] = {}
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:  # missing (from a list): rejected later as decode_error
+            out.append(p)
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if ident in seen:
+            log.info("input %s is the same file as %s: prepared once", p, seen[ident])
+            continue
+        seen[ident] = p
+        out.append(p)
+    return out
+
+
+def inputs_digest(sources: Sequence[str]) -> str:
+    """SHA-256 of the whole input list (every machine's, before the split)."""
+    return hashlib.sha256("\n".join(sources).encode()).hexdigest()
+
+
+def check_inputs(files: PartFiles, journal: Journal, sources: List[str]) -> None:
+    """Record the part's input list on its first run; on a re-run, a different list is a
+    ValueError naming what was added and removed (a resume would skip or repeat files)."""
+    digest = inputs_digest(sources)
+    recorded = [r for r in journal.records if r["kind"] == "inputs"]
+    if not recorded:
+        write_text_atomic(files.inputs, "".join(s + "\n" for s in sources))
+        journal.append({"kind": "inputs", "digest": digest, "count": len(sources)})
+        return
+    if recorded[-1]["digest"] == digest:
+        return
+    before = files.inputs.read_text().splitlines() if files.inputs.is_file() else []
+    added, removed = sorted(set(sources) - set(before)), sorted(set(before) - set(sources))
+    raise ValueError(
+        f"part {files.tag} in {files.out} was started from another input list ({recorded[-1]['count']} files, "
+        f"now {len(sources)}; {len(added)} added" + (f", first {added[0]}" if added else "") +
+        f"; {len(removed)} removed" + (f", first {removed[0]}" if removed else "") +
+        f"; the list is {files.inputs}). Give every run of a preparation the same inputs (the same paths: "
+        f"a different mount point is a different list), or prepare into a new directory")
 
 
 def resolve_part(num_shards: Optional[int], shard_id: Optional[int]) -> Tuple[int, int]:
@@ -298,13 +345,15 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, cfg: Di
     if captioner_cls is not None:
         captioner_cls.check(cfg)
     table = load_caption_table(cfg.captions.file) if cfg.captions.file else {}
-    sources = expand_inputs(inputs, cfg.inputs.extensions)[index::count]
+    every = expand_inputs(inputs, cfg.inputs.extensions)
+    sources = every[index::count]
 
     files = PartFiles(out, index, count)
     lock = lock_part(files)
     journal = Journal(files.journal, fsync=cfg.writer.fsync)
     pool = None
     try:
+        check_inputs(files, journal, every)
         writer = ShardWriter(files, journal, cfg.writer)
         todo = [(s, source_caption(s, table, cfg)) for s in sources if s not in writer.done_sources]
         log.info("part %s: %d sources, %d to do", files.tag, len(sources), len(todo))

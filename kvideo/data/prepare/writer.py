@@ -8,6 +8,8 @@ The files of one part of a run (`tag` = `00003-of-00008`; a one-machine run is `
 
 Journal records, one JSON object per line, each appended with a single write and fsync'ed:
 
+    {"kind": "inputs", "digest": SHA256, "count": N}             first: the whole input list
+                                                                   (inputs-PART.txt holds it)
     {"kind": "shard", "shard": NAME, "clips": [manifest rows]}   once NAME is durably in place
     {"kind": "source", "source": PATH, ..., "rejects": [...]}     once all of PATH's clips are
     {"kind": "run", ...}                                           at the end of an invocation
@@ -72,6 +74,11 @@ class PartFiles:
     def lock(self) -> Path:
         return self.out / f".lock-{self.tag}"
 
+    @property
+    def inputs(self) -> Path:
+        """The whole input list (every part's) this part was started from, one path a line."""
+        return self.out / f"inputs-{self.tag}.txt"
+
     def shard(self, seq: int) -> str:
         return f"shard-{self.tag}-{seq:06d}.tar"
 
@@ -91,7 +98,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -334,9 +341,9 @@ def write_views(out: Path, journal_paths: Sequence[Path], suffix: str = "") -> d
     dupes = [k for k, n in keys.items() if n > 1]
     if dupes:
         raise RuntimeError(f"clip keys appear more than once across {', '.join(journals)}: {dupes[:5]}")
-    _write_atomic(out / f"manifest{suffix}.jsonl", "".join(json.dumps(r) + "\n" for r in manifest))
-    _write_atomic(out / f"rejects{suffix}.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
-    _write_atomic(out / f"report{suffix}.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / f"manifest{suffix}.jsonl", "".join(json.dumps(r) + "\n" for r in manifest))
+    write_text_atomic(out / f"rejects{suffix}.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
+    write_text_atomic(out / f"report{suffix}.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -380,6 +387,14 @@ def merge(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, allow_
     if missing and not allow_partial:
         raise ValueError(f"merge: parts {missing} of {count} are missing (pass --allow-partial to merge anyway)")
 
+    digests = {tag: [r["digest"] for r in read_journal(path) if r["kind"] == "inputs"] for tag, path in found.items()}
+    different = sorted({d[-1] for d in digests.values() if d})
+    if len(different) > 1:
+        by_digest = {d: [t for t, ds in digests.items() if ds and ds[-1] == d] for d in different}
+        raise ValueError("merge: the parts were prepared from different input lists (" + "; ".join(
+            f"parts {', '.join(tags)}: digest {d[:12]}" for d, tags in by_digest.items()) +
+            "); compare their inputs-PART.txt files")
+
     local: List[Path] = []
     for tag, path in sorted(found.items()):
         records = read_journal(path)
@@ -388,6 +403,9 @@ def merge(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, allow_
                 if r["kind"] == "shard":
                     _place(path.parent / r["shard"], out / r["shard"])
             shutil.copy2(path, out / path.name)
+            listed = path.parent / f"inputs-{tag}.txt"
+            if listed.is_file():
+                shutil.copy2(listed, out / listed.name)
         local.append(out / path.name)
     report = write_views(out, local)
     unfinished = [p["part"] for p in report["parts"] if not p["complete"]]
