@@ -135,18 +135,12 @@ def sample_t2i(args) -> int:
 
 
 def load_image(path: str, size=None) -> torch.Tensor:
-    """An image file -> (1, 3, h, w) in [-1, 1], resized (short side) and centre-cropped to `size`
-    when given."""
-    import numpy as np
-    from PIL import Image
-
+    """An image file (any mode; EXIF orientation applied) -> (1, 3, h, w) in [-1, 1], resized
+    (short side) and centre-cropped to `size` when given."""
+    from kvideo.data.images import read_image
     from kvideo.data.shards import resize_and_crop
 
-    try:
-        rgb = np.asarray(Image.open(path).convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image '{path}': {e}") from e
-    x = rearrange(torch.from_numpy(rgb.copy()), "h w c -> 1 c h w")
+    x = rearrange(torch.from_numpy(read_image(path)), "h w c -> 1 c h w")
     if size is not None:
         x = resize_and_crop(x, tuple(size), None)
     return x.float() / 127.5 - 1

@@ -41,15 +41,14 @@ def render_if_missing(out: Path, num_clips: int, seed: int, split: str) -> None:
 def score(ckpt_dir: Path, val: Path, batch_size: int = 64) -> dict:
     """PSNR (continuous and quantised latent) and codebook usage on every frame of `val`."""
     from kvideo.data.shapes_scorer import aggregate_scores, score_clip
-    from kvideo.data.shards import ClipDataset, ShardIndex, collate
+    from kvideo.data.shards import ClipDataset, ClipFormat, ShardIndex, collate
     from kvideo.inference.autoencoder import load_movq
     from kvideo.metrics.reconstruction import evaluate_reconstruction, frames_of
 
     ae = load_movq(ckpt_dir)
     index = ShardIndex(str(val), key="val")
     frames = int(index.metadata(0)["num_frames"])
-    data = ClipDataset(index, num_frames=frames, fps=float(index.metadata(0)["fps"]), size=[64, 64], seed=0,
-                       train=False)
+    data = ClipDataset(index, ClipFormat(frames, float(index.metadata(0)["fps"]), (64, 64)), seed=0, train=False)
     batches = [collate([data[(0, i)]]) for i in range(len(data))]  # one clip (all its frames) per batch
     result = evaluate_reconstruction(ae, batches, torch.device("cpu"))
     used = torch.zeros(ae.cfg.n_embed, dtype=torch.bool)

@@ -14,9 +14,11 @@ module imports neither):
       gan_start: 50000
 
 `load_config(files, overrides, schemas=...)` merges YAML files left to right, then `key=value`
-overrides, over the schema (`kvideo.registry.load_config` hands it the registered schemas). An unknown key or a value of the wrong type stops start-up with a `ConfigError` that
-names the dotted key and lists the valid keys next to it. Defaults live in these schemas only:
-code reads `cfg.train.lr`, never `cfg.get("lr", 1e-4)`.
+overrides, over the schema (`kvideo.registry.load_config` hands it the registered schemas). An
+unknown key, a value of the wrong type or one outside its field's range (`checked`) stops
+start-up with a `ConfigError` that names the dotted key (and the valid keys next to it, or the
+range). Defaults live in these schemas only: code reads `cfg.train.lr`, never
+`cfg.get("lr", 1e-4)`.
 """
 
 from __future__ import annotations
@@ -25,10 +27,75 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+# ----------------------------------------------------------------------------------------------
+# Ranges
+# ----------------------------------------------------------------------------------------------
+
+
+def checked(default: Any = MISSING, rule: str = "", *, factory: Optional[Callable[[], Any]] = None):
+    """A dataclass field whose value `load_config` checks against `rule`:
+    ">= 1", "> 0", "[0, 1]", "[0, 1)" (any bracket pair), "one of a|b|c", or "each " and one of
+    those for a list. None passes (an Optional field's "off")."""
+    _rule_check(rule)  # a malformed rule fails at import, not at a user's start-up
+    kwargs = {"default_factory": factory} if factory is not None else {"default": default}
+    return field(metadata={"rule": rule}, **kwargs)
+
+
+def _rule_check(rule: str) -> Callable[[Any], bool]:
+    if rule.startswith("each "):
+        one = _rule_check(rule[len("each "):])
+        return lambda v: all(one(x) for x in v)
+    if rule.startswith("one of "):
+        choices = rule[len("one of "):].split("|")
+        return lambda v: str(v) in choices
+    if rule[:1] in "[(" and rule[-1:] in "])":
+        lo, hi = (float(x) for x in rule[1:-1].split(","))
+        lo_ok = (lambda v: v >= lo) if rule[0] == "[" else (lambda v: v > lo)
+        hi_ok = (lambda v: v <= hi) if rule[-1] == "]" else (lambda v: v < hi)
+        return lambda v: lo_ok(v) and hi_ok(v)
+    op, _, bound = rule.partition(" ")
+    b = float(bound)
+    compare = {">=": lambda v: v >= b, ">": lambda v: v > b, "<=": lambda v: v <= b, "<": lambda v: v < b}
+    if op not in compare:
+        raise ValueError(f"unknown range rule {rule!r}")
+    return compare[op]
+
+
+def _describe(rule: str) -> str:
+    if rule.startswith("each "):
+        return f"a list whose every element is {_describe(rule[len('each '):])}"
+    if rule.startswith("one of "):
+        return "one of " + ", ".join(rule[len("one of "):].split("|"))
+    return f"in {rule}" if rule[:1] in "[(" else rule
+
+
+def check_ranges(node: Any, prefix: str = "") -> None:
+    """Every `checked` field under a typed config node against its rule; a ConfigError names the
+    first value out of range by its dotted key."""
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_ranges(item, f"{prefix}{i}.")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    rules = {f.name: f.metadata["rule"] for f in dataclasses.fields(schema) if "rule" in f.metadata} \
+        if dataclasses.is_dataclass(schema) else {}
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            continue
+        value = node[key]
+        if key in rules and value is not None:
+            plain_value = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+            if not _rule_check(rules[key])(plain_value):
+                raise ConfigError(f"config key '{prefix}{key}' = {plain_value!r}: must be {_describe(rules[key])}")
+        check_ranges(value, f"{prefix}{key}.")
+
 
 # ----------------------------------------------------------------------------------------------
 # Shared sections
@@ -41,19 +108,19 @@ class DataConfig:
 
     shards: str = MISSING  # a directory of .tar shards, a glob, or a comma-separated list of both
     val_shards: Optional[str] = None  # held-out shards for `train.eval_every`
-    num_frames: int = 1  # 1: single frames (image stages); > 1: clips of this many frames
-    fps: float = 24.0  # clip frames are picked by timestamp at this rate
+    num_frames: int = checked(1, ">= 1")  # 1: single frames (image stages); > 1: clips of this many frames
+    fps: float = checked(24.0, "> 0")  # clip frames are picked by timestamp at this rate
     # Training draws a clip's start uniformly where a window of this many seconds fits (None: the
     # clip's own span, (num_frames - 1) / fps). An image model that makes the first frames of a
     # video cascade sets the keyframe clip's span, so it learns frames a keyframe clip starts from.
-    window_s: Optional[float] = None
-    size: List[int] = field(default_factory=lambda: [64, 64])  # (height, width) after resize+crop
+    window_s: Optional[float] = checked(None, "> 0")
+    size: List[int] = checked(rule="each >= 1", factory=lambda: [64, 64])  # (height, width) after resize+crop
     random_crop: bool = True  # random crop in training; centre crop when false (always in eval)
-    num_workers: int = 2  # DataLoader worker processes per rank
+    num_workers: int = checked(2, ">= 0")  # DataLoader worker processes per rank
     # A batch not ready after this many seconds (a decoder that hangs) is skipped and the workers
     # restarted; needs num_workers > 0. 0 waits forever.
-    timeout_s: float = 600.0
-    max_sample_mb: float = 2048.0  # a tar member larger than this is skipped, not read into memory
+    timeout_s: float = checked(600.0, ">= 0")
+    max_sample_mb: float = checked(2048.0, "> 0")  # a tar member larger than this is skipped, not read into memory
     shuffle: bool = True
     # Latent stages (t2i, keyframe, interpolation): a directory of precomputed MoVQ latents of
     # data.shards, built by the stage on start when missing (kvideo/data/latent_cache.py).
@@ -64,29 +131,29 @@ class DataConfig:
 class TrainConfig:
     """The training engine's settings: one schema for every stage."""
 
-    max_steps: int = 1000
-    batch_size: int = 8  # per rank and per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "constant"  # constant | cosine | linear (decay after warmup to min_lr_ratio)
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm per phase; 0 disables clipping
-    ema_decay: float = 0.9999
+    max_steps: int = checked(1000, ">= 0")
+    batch_size: int = checked(8, ">= 1")  # per rank and per micro-batch
+    grad_accum: int = checked(1, ">= 1")  # micro-batches per optimizer step
+    lr: float = checked(1e-4, ">= 0")
+    betas: List[float] = checked(rule="each [0, 1)", factory=lambda: [0.9, 0.999])
+    weight_decay: float = checked(0.0, ">= 0")
+    warmup_steps: int = checked(0, ">= 0")
+    schedule: str = checked("constant", "one of constant|cosine|linear")  # decay after warmup to min_lr_ratio
+    min_lr_ratio: float = checked(0.0, "[0, 1]")
+    grad_clip: float = checked(1.0, ">= 0")  # max global grad norm per phase; 0 disables clipping
+    ema_decay: float = checked(0.9999, "[0, 1]")
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n)) for the n-th update
-    precision: str = "fp32"  # fp32 | bf16 (autocast; bf16 only where the device supports it)
+    precision: str = checked("fp32", "one of fp32|bf16")  # bf16: autocast, where the device supports it
     grad_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3  # newest N kept; 0 keeps all
-    log_every: int = 10
-    preview_every: int = 500  # 0 disables previews
-    eval_every: int = 0  # 0 disables evaluation on data.val_shards
-    eval_batches: int = 8
-    max_nonfinite_in_row: int = 20  # consecutive non-finite losses that stop the run
-    num_threads: int = 0  # torch intra-op threads per process; 0 keeps torch's default
+    checkpoint_every: int = checked(1000, ">= 1")
+    keep_checkpoints: int = checked(3, ">= 0")  # newest N kept; 0 keeps all
+    log_every: int = checked(10, ">= 1")
+    preview_every: int = checked(500, ">= 0")  # 0 disables previews
+    eval_every: int = checked(0, ">= 0")  # 0 disables evaluation on data.val_shards
+    eval_batches: int = checked(8, ">= 1")
+    max_nonfinite_in_row: int = checked(20, ">= 1")  # consecutive non-finite losses that stop the run
+    num_threads: int = checked(0, ">= 0")  # torch intra-op threads per process; 0 keeps torch's default
 
 
 @dataclass
@@ -96,7 +163,10 @@ class Config:
     stage: str = MISSING
     run_dir: str = MISSING
     seed: int = 0
-    resume: str = "auto"  # auto: newest checkpoint in run_dir if any | none | a checkpoint path
+    resume: str = "auto"  # auto: newest intact checkpoint in run_dir if any | none | a checkpoint path
+    # Resume refuses a checkpoint whose run read its data in another order (seed, batch size,
+    # shards, shuffle, world size); true resumes anyway, with a warning naming the changes.
+    resume_allow_changes: bool = False
     model: Any = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -228,6 +298,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
         raise ConfigError(f"required config keys have no value: {', '.join(missing)}")
     if not missing:
         OmegaConf.resolve(cfg)
+    check_ranges(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -13,7 +13,13 @@ from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
+from kvideo.config import checked
+from kvideo.diffusion import SPACINGS, TARGETS
+from kvideo.diffusion.samplers import SAMPLERS
 from kvideo.models.text_encoder import TextEncoderConfig
+
+SAMPLER_RULE = "one of " + "|".join(SAMPLERS)
+SPACING_RULE = "one of " + "|".join(SPACINGS)
 
 # ----------------------------------------------------------------------------------------------
 # Autoencoder stages
@@ -22,46 +28,46 @@ from kvideo.models.text_encoder import TextEncoderConfig
 
 @dataclass
 class MovqRecipe:
-    mse_weight: float = 1.0
-    lpips_weight: float = 0.1
+    mse_weight: float = checked(1.0, ">= 0")
+    lpips_weight: float = checked(0.1, ">= 0")
     lpips_weights: Optional[str] = None  # local LPIPS weights file; LPIPS is off when unset
-    codebook_weight: float = 1.0
-    gan_weight: float = 0.1
-    gan_start: int = 10_000  # step at which the generator and discriminator GAN losses start
+    codebook_weight: float = checked(1.0, ">= 0")
+    gan_weight: float = checked(0.1, ">= 0")
+    gan_start: int = checked(10_000, ">= 0")  # step at which the generator and discriminator GAN losses start
     adaptive_gan_weight: bool = True
-    disc_layers: int = 2
-    disc_channels: int = 64
-    disc_norm_groups: int = 32
+    disc_layers: int = checked(2, ">= 1")
+    disc_channels: int = checked(64, ">= 1")
+    disc_norm_groups: int = checked(32, ">= 1")
     disc_lr: Optional[float] = None  # None: train.lr
     disc_betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
-    dead_code_every: int = 200  # 0 disables dead-code restarts
+    dead_code_every: int = checked(200, ">= 0")  # 0 disables dead-code restarts
     # Share of training batches whose decoder input is the quantised latent (MoVQGAN: 1.0); the
     # others decode the continuous latent, the one the diffusion stages decode at inference. The
     # codebook and commitment losses apply to every batch.
-    quantize_prob: float = 1.0
+    quantize_prob: float = checked(1.0, "[0, 1]")
 
 
 @dataclass
 class VideoDecoderRecipe:
     movq: str = MISSING  # the image movq-stage checkpoint this decoder starts from (and whose encoder it keeps)
     train_spatial: bool = True  # false: only the temporal layers train
-    spatial_lr_scale: float = 1.0  # learning rate of the loaded spatial decoder, times train.lr (the temporal layers': train.lr)
-    mse_weight: float = 1.0
+    spatial_lr_scale: float = checked(1.0, "> 0")  # learning rate of the loaded spatial decoder, times train.lr (the temporal layers': train.lr)
+    mse_weight: float = checked(1.0, ">= 0")
     # L1 between the decoded and the true frame-to-frame differences: penalises change the clip
     # does not have (flicker on a static background) and missing change alike. 0: off (release).
-    temporal_weight: float = 0.0
-    lpips_weight: float = 0.1
+    temporal_weight: float = checked(0.0, ">= 0")
+    lpips_weight: float = checked(0.1, ">= 0")
     lpips_weights: Optional[str] = None
-    gan_weight: float = 0.1
-    gan_start: int = 2_000
+    gan_weight: float = checked(0.1, ">= 0")
+    gan_start: int = checked(2_000, ">= 0")
     adaptive_gan_weight: bool = True
-    disc_layers: int = 2
-    disc_channels: int = 64
-    disc_norm_groups: int = 32
+    disc_layers: int = checked(2, ">= 1")
+    disc_channels: int = checked(64, ">= 1")
+    disc_norm_groups: int = checked(32, ">= 1")
     disc_lr: Optional[float] = None
     disc_betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
-    decode_window: Optional[int] = None  # frames per window when decoding long videos (None: whole)
-    decode_overlap: int = 4
+    decode_window: Optional[int] = checked(None, ">= 1")  # frames per window when decoding long videos (None: whole)
+    decode_overlap: int = checked(4, ">= 0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,34 +78,34 @@ class VideoDecoderRecipe:
 @dataclass
 class DiffusionConfig:
     schedule: str = "squaredcos_cap_v2"
-    num_steps: int = 1000
+    num_steps: int = checked(1000, ">= 1")
     zero_terminal_snr: bool = True
-    target: str = "eps"  # eps | v | x0
-    weighting: Optional[str] = None  # None | min_snr
-    min_snr_gamma: float = 5.0
+    target: str = checked("eps", "one of " + "|".join(TARGETS))
+    weighting: Optional[str] = checked(None, "one of min_snr")  # None: plain MSE
+    min_snr_gamma: float = checked(5.0, "> 0")
     # Training timesteps skewed toward high noise (kvideo.diffusion.losses.draw_timesteps); 1 = uniform.
     # (The inference timesteps have a shift of their own: recipe.sampling.timestep_shift.)
-    timestep_shift: float = 1.0
+    timestep_shift: float = checked(1.0, "> 0")
 
 
 @dataclass
 class SamplingConfig:
     """Defaults of previews and of sample.py (each overridable on its command line)."""
 
-    sampler: str = "ddpm"  # ddpm | ddim | dpmpp_2m
-    steps: int = 50
-    spacing: str = "leading"
-    timestep_shift: float = 1.0  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
-    guidance: float = 5.0  # Kandinsky convention: (w + 1) * cond - w * uncond
-    dynamic_threshold: Optional[float] = 0.995  # percentile; None disables
+    sampler: str = checked("ddpm", SAMPLER_RULE)
+    steps: int = checked(50, ">= 1")
+    spacing: str = checked("leading", SPACING_RULE)
+    timestep_shift: float = checked(1.0, "> 0")  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
+    guidance: float = checked(5.0, ">= 0")  # Kandinsky convention: (w + 1) * cond - w * uncond
+    dynamic_threshold: Optional[float] = checked(0.995, "(0, 1]")  # percentile; None disables
 
 
 @dataclass
 class T2IRecipe:
     movq: str = MISSING  # movq-stage checkpoint (run dir, checkpoint dir or weights file)
-    latent_scale: float = 1.0  # latents = scale * MoVQ.encode(x); Kandinsky uses them unscaled
+    latent_scale: float = checked(1.0, "> 0")  # latents = scale * MoVQ.encode(x); Kandinsky uses them unscaled
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    text_dropout: float = 0.1  # share of samples trained with the null (unconditional) context
+    text_dropout: float = checked(0.1, "[0, 1]")  # share of samples trained with the null (unconditional) context
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     preview_prompts: List[str] = field(default_factory=lambda: [
@@ -108,32 +114,32 @@ class T2IRecipe:
         "a yellow triangle moving up slowly on a gray background",
         "a green circle moving right quickly on a black background",
     ])
-    preview_steps: int = 15  # previews use DPM-Solver++(2M) with this many steps
+    preview_steps: int = checked(15, ">= 1")  # previews use DPM-Solver++(2M) with this many steps
 
 
 @dataclass
 class ConditionDropout:
     """Per-sample shares trained without a condition (disjoint events: at most their sum <= 1)."""
 
-    text: float = 0.1  # null text, first frame kept
-    image: float = 0.1  # no first frame, text kept
-    both: float = 0.1  # neither: the unconditional branch
+    text: float = checked(0.1, "[0, 1]")  # null text, first frame kept
+    image: float = checked(0.1, "[0, 1]")  # no first frame, text kept
+    both: float = checked(0.1, "[0, 1]")  # neither: the unconditional branch
 
 
 @dataclass
 class NoiseAugConfig:
     enabled: bool = True  # false: the first frame is given clean and the level is always 0
-    distribution: str = "uniform"  # uniform | log_uniform, over integer levels [min_level, max_level]
-    min_level: int = 0
-    max_level: int = 250
-    sample_level: int = 20  # the level used at sampling (the release's noise_augmentation=20)
+    distribution: str = checked("uniform", "one of uniform|log_uniform")  # over integer levels [min_level, max_level]
+    min_level: int = checked(0, ">= 0")
+    max_level: int = checked(250, ">= 0")
+    sample_level: int = checked(20, ">= 0")  # the level used at sampling (the release's noise_augmentation=20)
 
 
 @dataclass
 class MotionConfig:
     """Motion scores are in the shards' unit (`kvideo.data.motion`); the UNet sees scale * score."""
 
-    scale: float = 1.0
+    scale: float = checked(1.0, ">= 0")
     presets: Dict[str, float] = field(default_factory=lambda: {"low": 1.0, "medium": 10.0, "high": 50.0,
                                                                "extreme": 100.0})
     default: str = "medium"  # preset used when sampling without a motion score
@@ -141,13 +147,13 @@ class MotionConfig:
 
 @dataclass
 class KeyframeSamplingConfig:
-    sampler: str = "ddpm"
-    steps: int = 50
-    spacing: str = "leading"
-    timestep_shift: float = 1.0  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
-    text_guidance: float = 5.0  # w_T
-    image_guidance: float = 2.0  # w_I
-    dynamic_threshold: Optional[float] = 0.995
+    sampler: str = checked("ddpm", SAMPLER_RULE)
+    steps: int = checked(50, ">= 1")
+    spacing: str = checked("leading", SPACING_RULE)
+    timestep_shift: float = checked(1.0, "> 0")  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
+    text_guidance: float = checked(5.0, ">= 0")  # w_T
+    image_guidance: float = checked(2.0, ">= 0")  # w_I
+    dynamic_threshold: Optional[float] = checked(0.995, "(0, 1]")
 
 
 @dataclass
@@ -155,52 +161,52 @@ class KeyframeRecipe:
     movq: str = MISSING  # movq-stage checkpoint
     init_from: Optional[str] = None  # t2i-stage checkpoint for the spatial layers and text encoder
     train_spatial: bool = True  # false: only temporal layers (and new input channels' conv) train
-    spatial_lr_scale: float = 1.0  # learning rate of the loaded spatial layers and text encoder, times train.lr
-    latent_scale: float = 1.0
+    spatial_lr_scale: float = checked(1.0, "> 0")  # learning rate of the loaded spatial layers and text encoder, times train.lr
+    latent_scale: float = checked(1.0, "> 0")
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     dropout: ConditionDropout = field(default_factory=ConditionDropout)
     noise_aug: NoiseAugConfig = field(default_factory=NoiseAugConfig)
     motion: MotionConfig = field(default_factory=MotionConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampling: KeyframeSamplingConfig = field(default_factory=KeyframeSamplingConfig)
-    preview_steps: int = 15  # previews: DPM-Solver++(2M), the first frames of the preview batch
+    preview_steps: int = checked(15, ">= 1")  # previews: DPM-Solver++(2M), the first frames of the preview batch
 
 
 @dataclass
 class PassConfig:
-    stride: int = 1  # frames of the training clip between output frames of this pass
-    skip_frames: int = 3  # what the model is told about the pass (release: 3 first pass, 1 second)
+    stride: int = checked(1, ">= 1")  # frames of the training clip between output frames of this pass
+    skip_frames: int = checked(3, ">= 0")  # what the model is told about the pass (release: 3 first pass, 1 second)
 
 
 @dataclass
 class InterpolationSamplingConfig:
-    sampler: str = "ddim"
-    steps: int = 10
-    spacing: str = "trailing"
-    timestep_shift: float = 1.0  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
-    guidance: float = 0.5  # (w + 1) * cond - w * uncond
-    dynamic_threshold: Optional[float] = None
+    sampler: str = checked("ddim", SAMPLER_RULE)
+    steps: int = checked(10, ">= 1")
+    spacing: str = checked("trailing", SPACING_RULE)
+    timestep_shift: float = checked(1.0, "> 0")  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
+    guidance: float = checked(0.5, ">= 0")  # (w + 1) * cond - w * uncond
+    dynamic_threshold: Optional[float] = checked(None, "(0, 1]")
 
 
 @dataclass
 class InterpolationRecipe:
     movq: str = MISSING
     init_from: Optional[str] = None  # t2i checkpoint: spatial layers and text encoder (in/out convs stay new)
-    latent_scale: float = 1.0
+    latent_scale: float = checked(1.0, "> 0")
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    frames_per_gap: int = 3  # k new frames between neighbouring keyframes
+    frames_per_gap: int = checked(3, ">= 1")  # k new frames between neighbouring keyframes
     # How the input and output convs start with init_from: "spread" = from the t2i convs
     # (`spread_image_convs`), "fresh" = random (their channels mean something else).
-    init_convs: str = "spread"
-    spatial_lr_scale: float = 1.0  # learning rate of the loaded layers (spatial, text encoder), times train.lr
+    init_convs: str = checked("spread", "one of spread|fresh")
+    spatial_lr_scale: float = checked(1.0, "> 0")  # learning rate of the loaded layers (spatial, text encoder), times train.lr
     # Diffuse the new frames' residual over the linear blend of their gap's two keyframe latents
     # (`gap_blend`) instead of the frames themselves; the output conv starts at zero, so with
     # target x0 the untrained model returns the blend exactly.
     residual: bool = False
-    gaps: int = 4  # gaps per training sample
+    gaps: int = checked(4, ">= 1")  # gaps per training sample
     passes: List[PassConfig] = field(default_factory=lambda: [PassConfig(stride=4, skip_frames=3),
                                                               PassConfig(stride=1, skip_frames=1)])
-    uncond_prob: float = 0.1  # share of samples trained as the unconditional branch
+    uncond_prob: float = checked(0.1, "[0, 1]")  # share of samples trained as the unconditional branch
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(target="v"))
     sampling: InterpolationSamplingConfig = field(default_factory=InterpolationSamplingConfig)
-    preview_steps: int = 10
+    preview_steps: int = checked(10, ">= 1")

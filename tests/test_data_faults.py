@@ -14,11 +14,12 @@ import time
 import pytest
 
 from conftest import T2I_CONFIG, tiny_t2i_overrides
-from kvideo.data.shards import ClipDataset, NoGoodSampleError, ShardIndex, TrainData
+from kvideo.data.shards import ClipDataset, ClipFormat, NoGoodSampleError, ShardIndex
 from kvideo.registry import load_config
 from kvideo.train.engine import train
 from kvideo.train.logging import read_metrics
 from test_keyframe import KEYFRAME_CONFIG, tiny_keyframe_overrides
+from test_shards import train_data
 
 GOOD = {"caption": "a red circle moving left slowly on a white background", "fps": 24, "num_frames": 12,
         "width": 32, "height": 32, "motion_score": 1.5}
@@ -65,9 +66,8 @@ def bad_shards(tmp_path_factory, shapes_shards):
     return out
 
 
-def _dataset(shards, fields, **kw):
-    args = dict(num_frames=6, fps=12.0, size=[32, 32], seed=0, fields=fields, max_sample_mb=1.0)
-    return ClipDataset(ShardIndex(str(shards)), **{**args, **kw})
+def _dataset(shards, fields):
+    return ClipDataset(ShardIndex(str(shards)), ClipFormat(6, 12.0, (32, 32)), seed=0, fields=fields, max_sample_mb=1.0)
 
 
 @pytest.mark.parametrize("fields, column", [(("caption", "motion_score"), 1), ((), 2)])
@@ -91,7 +91,7 @@ def test_every_kind_of_bad_metadata_is_skipped_with_its_reason(bad_shards, field
 def test_train_data_counts_the_skipped_by_reason_over_an_epoch(bad_shards):
     data = _dataset(bad_shards, ("caption", "motion_score"))
     n = len(data)  # 24 good + 15 bad
-    train = TrainData(data, 3, rank=0, world_size=1, seed=0, shuffle=True, num_workers=0)
+    train = train_data(data, 3)
     got = sum(train.next()["size"] for _ in range(n // 3 - 5))  # fewer calls: all-bad batches are skipped
     while train.batches_done < n // 3:
         got += train.next()["size"]
@@ -134,10 +134,10 @@ class HangingDataset(ClipDataset):
 
 
 def test_a_hanging_decode_is_given_up_after_the_timeout(shapes_shards):
-    data = HangingDataset(ShardIndex(str(shapes_shards)), num_frames=2, fps=12.0, size=[32, 32], seed=0)
-    order = TrainData(data, 4, rank=0, world_size=1, seed=0, shuffle=True, num_workers=0).sampler.epoch_order(0)
+    data = HangingDataset(ShardIndex(str(shapes_shards)), ClipFormat(2, 12.0, (32, 32)), seed=0)
+    order = train_data(data, 4).sampler.epoch_order(0)
     HangingDataset.hang_key = data.index.keys[order[5]]  # in the second batch
-    train = TrainData(data, 4, rank=0, world_size=1, seed=0, shuffle=True, num_workers=1, timeout_s=3.0)
+    train = train_data(data, 4, num_workers=1, timeout_s=3.0)
     keys = [train.next()["key"] for _ in range(5)]  # 6 batches an epoch, the second one given up
     assert train.batches_done == 6 and dict(train.skipped) == {"timeout": 4}
     assert keys[0] == [data.index.keys[i] for i in order[0:4]]
@@ -146,8 +146,8 @@ def test_a_hanging_decode_is_given_up_after_the_timeout(shapes_shards):
 
 
 def test_an_epoch_without_one_good_sample_stops_the_run_naming_the_failures(shapes_shards):
-    data = ClipDataset(ShardIndex(str(shapes_shards)), num_frames=6, fps=12.0, size=[32, 32], seed=0,
+    data = ClipDataset(ShardIndex(str(shapes_shards)), ClipFormat(6, 12.0, (32, 32)), seed=0,
                        fields=("caption",), max_sample_mb=0.0001)  # every video is "oversized"
-    train = TrainData(data, 4, rank=0, world_size=1, seed=0, shuffle=True, num_workers=0)
+    train = train_data(data, 4)
     with pytest.raises(NoGoodSampleError, match=r"24 samples in a row.*oversized.*over data.max_sample_mb"):
         train.next()

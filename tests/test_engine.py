@@ -36,7 +36,8 @@ def test_checkpoint_round_trip(tmp_path, shapes_shards):
     assert last.name == "step_0000002"
     assert ckpt.latest_checkpoint(tmp_path / "run") == last
     assert (last.parent / "latest").read_text().strip() == "step_0000002"
-    assert {p.name for p in last.iterdir()} == {"model.safetensors", "ema.safetensors", "config.yaml", "train_state.pt"}
+    assert {p.name for p in last.iterdir()} == {"model.safetensors", "ema.safetensors", "config.yaml", "train_state.pt",
+                                           "manifest.json"}
     # weights carry no wrapper prefixes and load into a fresh model
     model = MovqStage(cfg, torch.device("cpu")).build_model()
     state = _weights(last)
@@ -80,12 +81,15 @@ def test_resume_really_continues_from_the_checkpoint(tmp_path, shapes_shards):
     starts at the checkpoint's step and from its weights, so a changed checkpoint changes the end."""
     from safetensors.torch import save_file
 
+    from kvideo.train.checkpoint import write_manifest
+
     straight = train(_cfg(tmp_path / "a", shapes_shards, **{"train.max_steps": 4}))
     stop = train(_cfg(tmp_path / "b", shapes_shards, **{"train.max_steps": 2}))
     w = _weights(stop)
     key = next(k for k in w if k.endswith("conv_out.weight"))
     w[key] = w[key] + 0.05
     save_file(w, str(stop / "model.safetensors"))
+    write_manifest(stop)  # changed on purpose, not corrupt
     resumed = train(_cfg(tmp_path / "b", shapes_shards, **{"train.max_steps": 4}))
     assert "resumed from" in (tmp_path / "b" / "train.log").read_text()
     assert not torch.equal(_weights(straight)[key], _weights(resumed)[key])

@@ -233,3 +233,6 @@ def test_sample_interpolation_inserts_frames(tmp_path, interpolation_run):
     assert frames.shape == (4 * 3 - 3, 32, 32, 3) and probe(str(out))["fps"] == pytest.approx(24.0)
     assert sample.main(["--stage", "interpolation", "--checkpoint", str(interpolation_run), "--input", str(keys),
                         "--out", str(out), "--passes", "2"]) == 2
+    # without a prompt: the null text, as the unconditional branch
+    assert sample.main(["--stage", "interpolation", "--checkpoint", str(interpolation_run), "--input", str(keys),
+                        "--out", str(out), "--steps", "1"]) == 0

@@ -12,7 +12,7 @@ from conftest import MOVQ_CONFIG, T2I_CONFIG, tiny_movq_overrides, tiny_t2i_over
 from kvideo.registry import load_config
 from kvideo.data.datasets import build_dataset
 from kvideo.data.latent_cache import LatentCacheSpec, LatentClipDataset, build_latent_cache
-from kvideo.data.shards import ClipDataset, ShardIndex, collate
+from kvideo.data.shards import ClipDataset, ClipFormat, ShardIndex, collate
 from kvideo.inference.autoencoder import load_movq
 from kvideo.train.engine import train
 
@@ -28,8 +28,8 @@ def cache(tmp_path_factory, shapes_shards, movq_run):
 def test_cached_latents_equal_encoding_the_decoded_clip(cache, shapes_shards, movq_run, num_frames, fps):
     movq = load_movq(movq_run)
     index = ShardIndex(str(shapes_shards))
-    kw = dict(num_frames=num_frames, fps=fps, size=[32, 32], seed=3, train=True, random_crop=False)
-    pixels, latents = ClipDataset(index, **kw), LatentClipDataset(index, cache, **kw)
+    clip = ClipFormat(num_frames, fps, (32, 32), random_crop=False)
+    pixels, latents = ClipDataset(index, clip, seed=3, train=True), LatentClipDataset(index, cache, clip, seed=3, train=True)
     for item in [(0, 0), (1, 5), (2, 17), (7, 23)]:  # several epochs: random clip starts
         a, b = pixels[item], latents[item]
         assert a["key"] == b["key"] and a["caption"] == b["caption"] and a["motion_score"] == b["motion_score"]
@@ -82,7 +82,7 @@ def test_incomplete_cache_is_an_error(tmp_path, shapes_shards):
     (tmp_path / "cache.json").write_text(json.dumps({"format": 1, "size": [32, 32], "shards": shards, "movq": "m",
                                                   "movq_fingerprint": "0" * 64}))
     with pytest.raises(FileNotFoundError, match="incomplete: 3 of 3"):
-        LatentClipDataset(ShardIndex(str(shapes_shards)), tmp_path, num_frames=1, fps=24, size=[32, 32], seed=0)
+        LatentClipDataset(ShardIndex(str(shapes_shards)), tmp_path, ClipFormat(1, 24, (32, 32)), seed=0)
 
 
 def test_build_dataset_reads_the_cache_for_training_only(cache, shapes_shards):

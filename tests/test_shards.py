@@ -8,13 +8,17 @@ import tarfile
 import pytest
 import torch
 
-from kvideo.data.shards import ClipDataset, ResumableBatchSampler, ShardIndex, TrainData, expand_shards
+from kvideo.data.shards import ClipDataset, ClipFormat, ResumableBatchSampler, ShardIndex, TrainData, expand_shards
 
 
-def _clip_dataset(shards, **kw):
-    args = dict(num_frames=6, fps=12.0, size=[24, 32], seed=0)
-    args.update(kw)
-    return ClipDataset(ShardIndex(str(shards)), **args)
+def _clip_dataset(shards, num_frames=6, fps=12.0, size=(24, 32), **kw):
+    return ClipDataset(ShardIndex(str(shards)), ClipFormat(num_frames, fps, size), seed=0, **kw)
+
+
+def train_data(dataset, batch_size, *, num_workers=0, **kw):
+    """The TrainData of one rank of one process, shuffled with seed 0."""
+    sampler = ResumableBatchSampler(len(dataset), batch_size, rank=0, world_size=1, seed=0, shuffle=True)
+    return TrainData(dataset, sampler, num_workers=num_workers, **kw)
 
 
 def test_index_finds_every_sample(shapes_shards):
@@ -33,7 +37,7 @@ def test_clip_shape_range_and_determinism(shapes_shards):
     assert torch.equal(a["video"], b["video"])  # randomness is a function of (seed, epoch, index)
     c = data[(4, 5)]
     assert c["key"] == a["key"]
-    single = _clip_dataset(shapes_shards, num_frames=1, size=[32, 32])[(0, 0)]
+    single = _clip_dataset(shapes_shards, num_frames=1, size=(32, 32))[(0, 0)]
     assert single["video"].shape == (3, 1, 32, 32)
 
 
@@ -42,7 +46,7 @@ def test_frames_follow_the_requested_fps(shapes_shards):
     from kvideo.data.video_io import read_video
 
     index = ShardIndex(str(shapes_shards))
-    data = ClipDataset(index, num_frames=6, fps=12.0, size=[32, 32], seed=0, train=False)
+    data = ClipDataset(index, ClipFormat(6, 12.0, (32, 32)), seed=0, train=False)
     clip = data[(0, 0)]["video"]
     src, _ = read_video(index.read(0, "mp4"))
     expected = torch.from_numpy(src[0:12:2]).permute(3, 0, 1, 2).float() / 127.5 - 1
@@ -54,14 +58,14 @@ def test_window_s_keeps_an_image_at_the_start_of_a_window(shapes_shards):
     index = ShardIndex(str(shapes_shards))
     meta = index.metadata(0)
     duration = meta["num_frames"] / meta["fps"]
-    image = ClipDataset(index, num_frames=1, fps=24.0, size=[32, 32], seed=0)
+    image = ClipDataset(index, ClipFormat(1, 24.0, (32, 32)), seed=0)
     starts = [image._window(meta, torch.Generator().manual_seed(k)) for k in range(200)]
-    reserved = ClipDataset(index, num_frames=1, fps=24.0, size=[32, 32], seed=0, window_s=0.75 * duration)
+    reserved = ClipDataset(index, ClipFormat(1, 24.0, (32, 32), window_s=0.75 * duration), seed=0)
     kept = [reserved._window(meta, torch.Generator().manual_seed(k)) for k in range(200)]
     assert max(starts) > 0.5 * duration  # without it, anywhere in the clip
     assert 0 <= min(kept) and max(kept) <= 0.25 * duration and max(kept) > 0.2 * duration
     with pytest.raises(ValueError, match="data.window_s"):
-        ClipDataset(index, num_frames=6, fps=12.0, size=[32, 32], seed=0, window_s=0.1)
+        ClipFormat(6, 12.0, (32, 32), window_s=0.1)
 
 
 def test_ranks_and_epochs_cover_the_data_without_duplicates():
@@ -119,7 +123,7 @@ def test_broken_samples_are_skipped_and_counted(tmp_path, shapes_shards):
     assert len(data) == 28 and data.index.incomplete == 1
     bad = data.index.keys.index("bad0")
     assert "failed" in data[(0, bad)]
-    train = TrainData(data, 4, rank=0, world_size=1, seed=0, shuffle=True, num_workers=0)
+    train = train_data(data, 4)
     got = 0
     for _ in range(7):  # one epoch: 28 samples, 4 of them broken
         got += train.next()["size"]

@@ -106,9 +106,9 @@ def test_flicker_metric_and_evaluation(vdec_run, shapes_shards, movq_run):
     assert float(temporal_difference_loss(frames, truth)) == pytest.approx(1.0 * 3 / (3 * 2 * 16))
     assert float(temporal_difference_loss(truth + 0.3, truth)) == pytest.approx(0.0, abs=1e-7)
     ae = load_video_movq(vdec_run)
-    from kvideo.data.shards import ClipDataset, ShardIndex, collate
+    from kvideo.data.shards import ClipDataset, ClipFormat, ShardIndex, collate
 
-    ds = ClipDataset(ShardIndex(str(shapes_shards)), num_frames=4, fps=24, size=[32, 32], seed=0, train=False)
+    ds = ClipDataset(ShardIndex(str(shapes_shards)), ClipFormat(4, 24, (32, 32)), seed=0, train=False)
     batch = collate([ds[(0, 0)], ds[(0, 1)]])
     out = evaluate_video_decoding(ae, [batch], torch.device("cpu"), window=3, overlap=1)
     assert out["clips"] == 2 and out["psnr_video"] > 0 and out["flicker_image"] >= 0

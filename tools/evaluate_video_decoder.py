@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from kvideo.data.shards import ClipDataset, ShardIndex, eval_batches
+    from kvideo.data.shards import ClipDataset, ClipFormat, ShardIndex, eval_batches
     from kvideo.inference.autoencoder import load_movq, load_video_movq
     from kvideo.inference.checkpoints import read_config
     from kvideo.metrics.reconstruction import evaluate_video_decoding
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     def score(ckpt):
         cfg = read_config(ckpt)
         frames = args.frames or int(cfg["data"]["num_frames"])
-        dataset = ClipDataset(index, num_frames=frames, fps=args.fps or float(cfg["data"]["fps"]),
-                              size=list(cfg["data"]["size"]), seed=0, train=False)
+        clip = ClipFormat(frames, args.fps or float(cfg["data"]["fps"]), tuple(cfg["data"]["size"]))
+        dataset = ClipDataset(index, clip, seed=0, train=False)
         ae = load_video_movq(ckpt)
         image = None
         if args.image_decoder == "start":

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from kvideo.data.latent_cache import LatentClipDataset
-from kvideo.data.shards import ClipDataset, ShardIndex
+from kvideo.data.shards import ClipDataset, ClipFormat, ShardIndex
 
 
 def build_dataset(data_cfg, seed: int, *, train: bool, fields: Sequence[str] = ()) -> ClipDataset:
@@ -18,9 +18,8 @@ def build_dataset(data_cfg, seed: int, *, train: bool, fields: Sequence[str] = (
     `fields`: the metadata fields the stage reads, which a good sample must have."""
     key = "data.shards" if train else "data.val_shards"
     spec = data_cfg.shards if train else data_cfg.val_shards
-    kwargs = dict(num_frames=data_cfg.num_frames, fps=data_cfg.fps, size=list(data_cfg.size), seed=seed, train=train,
-                  random_crop=data_cfg.random_crop, window_s=data_cfg.get("window_s"), fields=fields,
-                  max_sample_mb=data_cfg.get("max_sample_mb"))
+    kwargs = dict(seed=seed, train=train, fields=fields, max_sample_mb=data_cfg.get("max_sample_mb"))
+    clip = ClipFormat.from_config(data_cfg)
     if train and data_cfg.get("latent_cache"):
-        return LatentClipDataset(ShardIndex(spec, key=key), data_cfg.latent_cache, **kwargs)
-    return ClipDataset(ShardIndex(spec, key=key), **kwargs)
+        return LatentClipDataset(ShardIndex(spec, key=key), data_cfg.latent_cache, clip, **kwargs)
+    return ClipDataset(ShardIndex(spec, key=key), clip, **kwargs)

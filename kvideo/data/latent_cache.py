@@ -41,7 +41,7 @@ from einops import rearrange
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvideo.data.shards import BadSample, ClipDataset, ShardIndex, resize_and_crop
+from kvideo.data.shards import BadSample, ClipDataset, ClipFormat, ShardIndex, resize_and_crop
 from kvideo.data.video_io import pick_frames_by_time, read_video
 
 log = logging.getLogger(__name__)
@@ -207,8 +207,8 @@ class LatentClipDataset(ClipDataset):
     chooses them (its `__getitem__`; only `load` differs).
     """
 
-    def __init__(self, index: ShardIndex, cache: str | Path, **kwargs):
-        super().__init__(index, **kwargs)
+    def __init__(self, index: ShardIndex, cache: str | Path, clip: ClipFormat, **kwargs):
+        super().__init__(index, clip, **kwargs)
         self.cache = Path(cache)
         if not (self.cache / "cache.json").exists():
             raise FileNotFoundError(f"data.latent_cache '{self.cache}' has no cache.json: the stage builds it on "

@@ -218,34 +218,55 @@ def resize_and_crop(frames: torch.Tensor, size: Tuple[int, int], gen: Optional[t
     return frames[..., top : top + H, left : left + W]
 
 
+@dataclass(frozen=True)
+class ClipFormat:
+    """What one sample is: `num_frames` frames picked at `fps` (by timestamp), resized to cover
+    `size` (height, width) and cropped (at random in training when `random_crop`, else centred).
+    `window_s`: training draws the clip's start where a window of this many seconds fits (None:
+    the clip's own span). The `data` config section's keys of the same names."""
+
+    num_frames: int
+    fps: float
+    size: Tuple[int, int]
+    window_s: Optional[float] = None
+    random_crop: bool = True
+
+    def __post_init__(self):
+        if not (self.fps > 0 and math.isfinite(self.fps)):
+            raise ValueError(f"data.fps must be > 0, got {self.fps}")
+        if self.num_frames < 1:
+            raise ValueError(f"data.num_frames must be >= 1, got {self.num_frames}")
+        if self.window_s is not None and self.window_s < (self.num_frames - 1) / self.fps:
+            raise ValueError(f"data.window_s={self.window_s} is shorter than the clip itself ({self.num_frames} frames "
+                             f"at {self.fps} fps span {(self.num_frames - 1) / self.fps:.3f} s)")
+        if len(self.size) != 2:
+            raise ValueError(f"data.size must be [height, width], got {list(self.size)}")
+        object.__setattr__(self, "fps", float(self.fps))
+        object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
+
+    @classmethod
+    def from_config(cls, data_cfg) -> "ClipFormat":
+        return cls(int(data_cfg.num_frames), float(data_cfg.fps), tuple(data_cfg.size), data_cfg.get("window_s"),
+                   bool(data_cfg.get("random_crop", True)))
+
+
 class ClipDataset(Dataset):
     """Map-style dataset over a ShardIndex; items are addressed as (epoch, index).
 
     Returns {"video": float (c, f, h, w) in [-1, 1], "caption", "motion_score", "key", "meta"}
     or, for a bad sample, {"failed": {"key", "shard", "reason" (one of SKIP_REASONS), "message"}}.
-    `fields` are the metadata fields the stage reads (see `parse_metadata`).
+    `train`: a random clip start (and crop); otherwise the first frames, centre-cropped.
+    `fields` are the metadata fields the stage reads (see `parse_metadata`); a tar member over
+    `max_sample_mb` is skipped unread.
     """
 
-    def __init__(self, index: ShardIndex, *, num_frames: int, fps: float, size: Sequence[int], seed: int,
-                 train: bool = True, random_crop: bool = True, window_s: Optional[float] = None,
+    def __init__(self, index: ShardIndex, clip: ClipFormat, *, seed: int, train: bool = True,
                  fields: Sequence[str] = (), max_sample_mb: Optional[float] = None):
-        if not (fps > 0 and math.isfinite(fps)):
-            raise ValueError(f"data.fps must be > 0, got {fps}")
-        if num_frames < 1:
-            raise ValueError(f"data.num_frames must be >= 1, got {num_frames}")
-        if window_s is not None and window_s < (num_frames - 1) / fps:
-            raise ValueError(f"data.window_s={window_s} is shorter than the clip itself "
-                             f"({num_frames} frames at {fps} fps span {(num_frames - 1) / fps:.3f} s)")
-        if len(size) != 2:
-            raise ValueError(f"data.size must be [height, width], got {list(size)}")
         self.index = index
-        self.num_frames = num_frames
-        self.fps = float(fps)
-        self.size = (int(size[0]), int(size[1]))
+        self.clip = clip
+        self.num_frames, self.fps, self.size = clip.num_frames, clip.fps, clip.size
         self.seed = seed
-        self.train = train  # random clip start (and crop); eval: the first frames, centre crop
-        self.random_crop = random_crop
-        self.window_s = window_s
+        self.train = train
         self.fields = tuple(fields)
         self.max_bytes = None if max_sample_mb is None else int(max_sample_mb * 2**20)
 
@@ -255,7 +276,7 @@ class ClipDataset(Dataset):
     def _window(self, meta: dict, gen: Optional[torch.Generator]) -> float:
         """Start time (s) of the clip: uniform over the positions where it (or `window_s`) fits."""
         duration = float(meta["num_frames"]) / float(meta["fps"]) if "num_frames" in meta and "fps" in meta else None
-        span = (self.num_frames - 1) / self.fps if self.window_s is None else self.window_s
+        span = (self.num_frames - 1) / self.fps if self.clip.window_s is None else self.clip.window_s
         if duration is None or gen is None:
             return 0.0
         room = max(0.0, duration - span - 1e-6 if span > 0 else duration - 1.0 / float(meta["fps"]))
@@ -285,7 +306,7 @@ class ClipDataset(Dataset):
         picks = pick_frames_by_time(times, self.fps, self.num_frames, start)
         clip = torch.from_numpy(frames[picks])  # (f, h, w, 3) uint8
         clip = rearrange(clip, "f h w c -> f c h w")
-        clip = resize_and_crop(clip, self.size, gen if self.random_crop else None)
+        clip = resize_and_crop(clip, self.size, gen if self.clip.random_crop else None)
         return {"video": rearrange(clip.float() / 127.5 - 1.0, "f c h w -> c f h w").contiguous()}
 
 
@@ -339,6 +360,11 @@ class ResumableBatchSampler(Sampler):
         perm = (perm * (total // self.n + 1))[:total]
         return perm[self.rank :: self.world_size]
 
+    def batch(self, b: int) -> List[Tuple[int, int]]:
+        """The items of batch `b` of the run."""
+        epoch, j = divmod(b, self.batches_per_epoch)
+        return [(epoch, i) for i in self.epoch_order(epoch)[j * self.batch_size : (j + 1) * self.batch_size]]
+
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         b = self.start_batch
         while True:
@@ -362,21 +388,18 @@ class TrainData:
     (num_workers = 0) cannot be timed out.
     """
 
-    def __init__(self, dataset: ClipDataset, batch_size: int, *, rank: int, world_size: int, seed: int,
-                 shuffle: bool, num_workers: int, start_batch: int = 0, timeout_s: float = 0.0,
-                 skipped: Optional[Dict[str, int]] = None):
-        self.dataset = dataset
-        self.batches_done = start_batch
+    def __init__(self, dataset: ClipDataset, sampler: ResumableBatchSampler, *, num_workers: int,
+                 timeout_s: float = 0.0, skipped: Optional[Dict[str, int]] = None):
+        self.dataset, self.sampler = dataset, sampler
+        self.batches_done = sampler.start_batch
         self.skipped: Counter = Counter({r: int(n) for r, n in (skipped or {}).items() if r in SKIP_REASONS})
         self.first_failures: List[dict] = []  # the first few of the current run of failures
         self.failed_in_row = 0  # samples since the last good one
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.num_workers = num_workers
         self.timeout_s = float(timeout_s) if num_workers > 0 else 0.0
-        self.sampler_args = dict(rank=rank, world_size=world_size, seed=seed, shuffle=shuffle)
-        self.sampler = ResumableBatchSampler(len(dataset), batch_size, start_batch=start_batch, **self.sampler_args)
-        self.batches_per_epoch = self.sampler.batches_per_epoch
-        self.samples_per_epoch = self.batches_per_epoch * batch_size
-        self._open(start_batch)
+        self.batches_per_epoch = sampler.batches_per_epoch
+        self.samples_per_epoch = self.batches_per_epoch * sampler.batch_size
+        self._open(sampler.start_batch)
 
     def _open(self, start_batch: int) -> None:
         self.sampler.start_batch = start_batch
@@ -400,8 +423,7 @@ class TrainData:
         except RuntimeError as e:
             if not (self.timeout_s > 0 and "timed out" in str(e)):
                 raise
-        items = next(iter(ResumableBatchSampler(len(self.dataset), self.batch_size, start_batch=self.batches_done,
-                                                **self.sampler_args)))
+        items = self.sampler.batch(self.batches_done)
         log.warning("a batch took longer than data.timeout_s=%gs (a hanging decoder?): its %d samples are skipped "
                     "and the data workers restarted", self.timeout_s, len(items))
         self._close()

@@ -63,6 +63,14 @@ class SamplerSpec:
             raise ValueError(f"unknown timestep spacing {self.spacing!r}; expected one of {SPACINGS}")
         if self.variance not in VARIANCES:
             raise ValueError(f"unknown variance {self.variance!r}; expected one of {VARIANCES}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps = {self.steps!r}: must be an integer >= 1")
+        if not self.timestep_shift > 0:
+            raise ValueError(f"timestep_shift = {self.timestep_shift!r}: must be > 0")
+        if self.dynamic_threshold is not None and not 0 < self.dynamic_threshold <= 1:
+            raise ValueError(f"dynamic_threshold = {self.dynamic_threshold!r}: must be a percentile in (0, 1], or None")
+        if not self.eta >= 0:
+            raise ValueError(f"eta = {self.eta!r}: must be >= 0")
 
 
 # ----------------------------------------------------------------------------- helpers

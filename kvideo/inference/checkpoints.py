@@ -9,6 +9,7 @@ The layout (written by `kvideo.train.checkpoint`):
                             model.safetensors', not written twice)
         config.yaml         the resolved run config
         train_state.pt      the training state (read by the training engine only)
+        manifest.json       every other file's size and SHA-256 (`verify_checkpoint`)
       latest                a one-line text file naming the newest complete checkpoint
 
 Everything that samples, evaluates or initialises from a checkpoint reads it through here.
@@ -16,9 +17,12 @@ Everything that samples, evaluates or initialises from a checkpoint reads it thr
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import re
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -28,6 +32,10 @@ from safetensors.torch import load_file
 from kvideo.registry import load_config
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
+MANIFEST = "manifest.json"
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "config.yaml", "train_state.pt")
+
+log = logging.getLogger(__name__)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -41,18 +49,83 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     """The newest complete checkpoint of a run: the one `latest` names, else the highest step."""
+    found = _candidates(run_dir)
+    return found[0] if found else None
+
+
+def _candidates(run_dir: str | Path) -> List[Path]:
+    """This run's checkpoints, newest first: the one `latest` names (or the copy set aside while
+    it was saved again), then the lower steps. Without a pointer, every step. Higher steps than
+    the pointer's are another run's (a run started with resume=none in the same run_dir)."""
     root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "train_state.pt").is_file():
-            return candidate
-        # a crash while the same step was saved again left the old copy aside (train.checkpoint)
-        aside = sorted(root.glob(f"{candidate.name}.replaced-*"))
-        if aside and (aside[0] / "train_state.pt").is_file():
-            return aside[0]
     found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return found[::-1]
+    name = pointer.read_text().strip()
+    match = STEP_DIR.match(name)
+    if match is None:
+        log.warning("'%s' names '%s', not a checkpoint: using the highest step", pointer, name)
+        return found[::-1]
+    head = root / name
+    if not head.is_dir():  # a crash while the same step was saved again (step dirs appear by rename, whole)
+        aside = sorted(root.glob(f"{name}.replaced-*"))
+        head = aside[0] if aside else None
+    lower = [p for p in found[::-1] if int(STEP_DIR.match(p.name).group(1)) < int(match.group(1))]
+    return ([head] if head is not None else []) + lower
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> Optional[str]:
+    """None when the checkpoint is complete and every file matches its manifest (size and
+    SHA-256); else what is wrong. A checkpoint without a manifest (written before kvideo wrote
+    them) is checked for its files and their readability."""
+    d = Path(ckpt_dir)
+    manifest = d / MANIFEST
+    if not manifest.is_file():
+        missing = [f for f in CHECKPOINT_FILES if not (d / f).is_file()]
+        if missing:
+            return f"missing {', '.join(missing)}"
+        try:
+            for name in ("model.safetensors", "ema.safetensors"):
+                with safe_open(str(d / name), framework="pt") as f:
+                    f.keys()
+            torch.load(d / "train_state.pt", map_location="cpu", weights_only=True)
+        except Exception as e:
+            return f"unreadable ({type(e).__name__}: {e})"
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
+    for name, want in files.items():
+        path = d / name
+        if not path.is_file():
+            return f"missing {name}"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {want['bytes']} (torn)"
+        if file_digest(path) != want["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest (corrupt)"
+    return None
+
+
+def newest_good_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The newest checkpoint of a run that `verify_checkpoint` accepts; each broken newer one is
+    skipped with a warning saying what is wrong with it."""
+    for candidate in _candidates(run_dir):
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            return candidate
+        log.warning("checkpoint '%s' is broken (%s): skipped, trying the one before", candidate, problem)
+    return None
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file, read in 16 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(16 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -9,7 +9,7 @@ interpolation stage with the gap-stacked interpolation UNet; the condition decid
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -33,15 +33,27 @@ class TextDenoiser(nn.Module):
         self.unet = unet
         self.text = text
 
-    def context(self, prompts: Sequence[str], drop: Optional[torch.Tensor] = None) -> TextContext:
-        """The prompts' tokens; rows where `drop` (b,) is True get the null context."""
-        tokens, mask = self.text(list(prompts))
+    def context(self, prompts: Sequence[Optional[str]], drop: Optional[torch.Tensor] = None) -> TextContext:
+        """The prompts' tokens; rows where `drop` (b,) is True, and blank or None prompts (nothing to
+        condition on), get the null context."""
+        blank = [not (isinstance(p, str) and p.strip()) for p in prompts]
+        tokens, mask = self._tokens_with_blanks(prompts, blank) if any(blank) else self.text(list(prompts))
         if drop is not None and bool(drop.any()):
             null_tokens, null_mask = self.text.null_context(len(prompts))
             keep = ~drop.to(tokens.device)
             tokens = torch.where(keep[:, None, None], tokens, null_tokens)
             mask = torch.where(keep[:, None], mask, null_mask)
         return TextContext(tokens, mask)
+
+    def _tokens_with_blanks(self, prompts, blank: List[bool]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The text tower's (tokens, mask) with the null context in the blank rows."""
+        tokens, mask = self.text.null_context(len(prompts))
+        rows = [i for i, b in enumerate(blank) if not b]
+        if rows:
+            t, m = self.text([prompts[i] for i in rows])
+            tokens, mask = tokens.clone(), mask.clone()
+            tokens[rows], mask[rows] = t.to(tokens.dtype), m
+        return tokens, mask
 
     def unconditional_context(self, b: int, negative_prompt: Optional[str] = None) -> TextContext:
         """What guidance pushes away from: the null context, or the context of `negative_prompt`."""

@@ -49,6 +49,11 @@ def check_sampling(cfg: DictConfig) -> None:
                          f"(target '{rc.diffusion.target}'): {e}") from None
 
 
+def _need(name: str, value: Any, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"sampling setting '{name}' = {value!r}: must be {rule}")
+
+
 def _changed(options: Any, changes: dict) -> Any:
     """`options` with `changes` applied: SamplerSpec fields to `options.spec`, the rest to the
     options; None keeps a value; an unknown name is a ValueError naming the valid ones."""
@@ -73,6 +78,11 @@ class FirstFrameOptions:
     width: int = 64
     negative_prompt: Optional[str] = None
 
+    def __post_init__(self):
+        _need("guidance", self.guidance, self.guidance >= 0, ">= 0")
+        for name in ("height", "width"):
+            _need(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+
     @classmethod
     def from_recipe(cls, cfg: DictConfig, **changes) -> "FirstFrameOptions":
         s = cfg.recipe.sampling
@@ -94,6 +104,11 @@ class KeyframeOptions:
     use_image: bool = True
     negative_prompt: Optional[str] = None
 
+    def __post_init__(self):
+        for name in ("text_guidance", "image_guidance", "noise_aug_level"):
+            _need(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
+        _need("num_frames", self.num_frames, self.num_frames >= 1, ">= 1")
+
     @classmethod
     def from_recipe(cls, cfg: DictConfig, **changes) -> "KeyframeOptions":
         rc = cfg.recipe
@@ -114,6 +129,10 @@ class InterpolationOptions:
     skip_frames: Tuple[int, ...] = (3, 1)
     residual: bool = False
     negative_prompt: Optional[str] = None
+
+    def __post_init__(self):
+        _need("guidance", self.guidance, self.guidance >= 0, ">= 0")
+        _need("skip_frames", self.skip_frames, all(s >= 0 for s in self.skip_frames), "a list of integers >= 0")
 
     @classmethod
     def from_recipe(cls, cfg: DictConfig, **changes) -> "InterpolationOptions":
@@ -165,8 +184,9 @@ def sample_first_frames(bundle: Bundle, prompts: Sequence[str], options: FirstFr
     comes from `generator` only."""
     denoiser, movq, rc = bundle.denoiser, bundle.movq, bundle.recipe
     f = movq.downsample_factor
-    if options.height % f or options.width % f:
-        raise ValueError(f"image size {options.height}x{options.width} is not divisible by the MoVQ factor {f}")
+    multiple = f * denoiser.unet.downsample_factor
+    _need("height, width", (options.height, options.width), not (options.height % multiple or options.width % multiple),
+          f"divisible by {multiple} (the MoVQ's factor {f} times the UNet's {denoiser.unet.downsample_factor})")
     b = len(prompts)
     cond = ImageCondition(denoiser.context(prompts))
     uncond = ImageCondition(denoiser.unconditional_context(b, options.negative_prompt))
@@ -190,6 +210,10 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
     b, device = len(prompts), bundle.device
     if first.shape[0] != b:
         raise ValueError(f"{b} prompts but {first.shape[0]} first frames")
+    levels = bundle.schedule.num_steps
+    _need("noise_aug_level", options.noise_aug_level, options.noise_aug_level < levels, f"below the schedule's {levels} steps")
+    scores = torch.as_tensor(motion_score, dtype=torch.float32)
+    _need("motion_score", motion_score, bool(torch.isfinite(scores).all() and (scores >= 0).all()), "finite and >= 0")
     first = first.to(device)
     text = denoiser.context(prompts)
     uncond_text = denoiser.unconditional_context(b, options.negative_prompt)
@@ -216,8 +240,8 @@ def interpolate(bundle: Bundle, keyframes: torch.Tensor, prompts: Sequence[str],
     pass per entry of `options.skip_frames`.
 
     Each pass samples all gaps at once; the unconditional branch is null text (or the negative
-    prompt), zeroed keyframes and temporal mask 0. With `options.residual` the model's samples are
-    residuals over `gap_blend`, which is added back."""
+    prompt), zeroed keyframes and temporal mask 0; a blank prompt is the null text. With
+    `options.residual` the model's samples are residuals over `gap_blend`, which is added back."""
     denoiser, rc = bundle.denoiser, bundle.recipe
     b, k, device = keyframes.shape[0], rc.frames_per_gap, bundle.device
     text = denoiser.context(prompts)

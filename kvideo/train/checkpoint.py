@@ -10,10 +10,13 @@
         train_state.pt      optimizer and scheduler states, RNG states of every rank, step,
                             data position; plain tensors and containers, loadable with
                             torch.load(weights_only=True)
+        manifest.json       size and SHA-256 of each file above, checked before a resume
       latest                a one-line text file naming the newest complete checkpoint
 
 A checkpoint is written to `step_NNNNNNN.tmp-<pid>` and renamed into place, then `latest` is
 replaced atomically, so a crash at any moment leaves either the previous state or the new one.
+A write that fails (a full disk) removes its temporary directory and raises
+CheckpointWriteError; the previous checkpoint is untouched.
 """
 
 from __future__ import annotations
@@ -28,7 +31,11 @@ import torch
 from safetensors.torch import save_file
 
 from kvideo.config import to_yaml
-from kvideo.inference.checkpoints import STEP_DIR, list_checkpoints
+from kvideo.inference.checkpoints import MANIFEST, STEP_DIR, file_digest, list_checkpoints
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
 
 
 def clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -80,16 +87,14 @@ def save_checkpoint(
     remove_stale_temporaries(root)
     final = root / f"step_{step:07d}"
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_weights(tmp / "model.safetensors", model_state, config_plain, "model")
-    save_weights(tmp / "ema.safetensors", ema_state, config_plain, "ema")
-    (tmp / "config.yaml").write_text(to_yaml(config_plain))
-    torch.save(train_state, tmp / "train_state.pt")
-    for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
+    previous = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    kept = f"the previous checkpoint '{previous}' is intact" if previous else "there is no earlier checkpoint"
+    try:
+        _write_files(tmp, model_state, ema_state, train_state, config_plain)
+    except Exception as e:  # OSError, or the writers' own errors around one (safetensors, torch.save)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"writing the checkpoint of step {step} in '{root}' failed ({_reason(e)}); "
+                                   f"nothing of it is left and {kept}") from e
     aside = None
     if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
         aside = root / f"{final.name}.replaced-{os.getpid()}"
@@ -98,29 +103,86 @@ def save_checkpoint(
         os.replace(final, aside)
     os.replace(tmp, final)
     _fsync(root)
-    _write_atomic_text(root / "latest", final.name + "\n")
+    try:
+        _write_atomic_text(root / "latest", final.name + "\n")
+    except OSError as e:
+        (root / f".latest.tmp-{os.getpid()}").unlink(missing_ok=True)
+        raise CheckpointWriteError(f"the checkpoint of step {step} is complete in '{final}', but pointing "
+                                   f"'latest' at it failed ({_reason(e)}); 'latest' still names "
+                                   f"{previous!r}, which a resume reads") from e
     _fsync(root)
     if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove(aside)
     if keep > 0:
         mine = [p for p in list_checkpoints(run_dir) if _step_of(p) <= step]
         for old in mine[:-keep]:
             if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
+    remove_stale_temporaries(root)  # e.g. a dead writer's copy set aside for this very step
     return final
 
 
+def _reason(e: Exception) -> str:
+    return f"{e.strerror}" if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+
+
+def _write_files(tmp: Path, model_state, ema_state, train_state: dict, config_plain: dict) -> None:
+    """Every file of a checkpoint and its manifest into `tmp`, each fsynced, then `tmp` itself."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_weights(tmp / "model.safetensors", model_state, config_plain, "model")
+    save_weights(tmp / "ema.safetensors", ema_state, config_plain, "ema")
+    (tmp / "config.yaml").write_text(to_yaml(config_plain))
+    torch.save(train_state, tmp / "train_state.pt")
+    write_manifest(tmp)
+    for path in tmp.iterdir():
+        _fsync(path)
+    _fsync(tmp)
+
+
+def write_manifest(ckpt_dir: Path) -> None:
+    """manifest.json: the size and SHA-256 of every other file of a checkpoint directory."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(ckpt_dir.iterdir()) if p.name != MANIFEST}
+    (ckpt_dir / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory: renamed out of the listing first (atomic), so a crash
+    midway never leaves a half-deleted directory that looks like a checkpoint."""
+    gone = path.with_name(f"{path.name}.deleted-{os.getpid()}")
+    os.replace(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def reinstate(ckpt_dir: Path) -> Path:
+    """A checkpoint set aside while its step was saved again (`step_N.replaced-PID`, the writer
+    killed before the new copy went in) moved back to `step_N`; any other path as it is."""
+    name, sep, _ = ckpt_dir.name.partition(".replaced-")
+    if not sep or not STEP_DIR.match(name) or (ckpt_dir.parent / name).exists():
+        return ckpt_dir
+    os.replace(ckpt_dir, ckpt_dir.parent / name)
+    _fsync(ckpt_dir.parent)
+    return ckpt_dir.parent / name
+
+
 def remove_stale_temporaries(root: Path) -> None:
-    """Remove `step_N.tmp-PID` / `step_N.replaced-PID` directories whose writer is no longer
-    running (a replaced one only when its step directory is back in place)."""
-    for path in root.glob("step_*.*-*"):
+    """Remove what writers that are no longer running left: `step_N.tmp-PID` (a checkpoint being
+    written), `step_N.deleted-PID` (one being deleted), `.latest.tmp-PID` (the pointer being
+    replaced), and `step_N.replaced-PID` (the old copy of a step saved again) once its step
+    directory is back in place."""
+    for path in [*root.glob("step_*.*-*"), *root.glob(".latest.tmp-*")]:
         name, _, pid = path.name.rpartition("-")
         kind = name.rsplit(".", 1)[-1]
-        if kind not in ("tmp", "replaced") or not pid.isdigit() or _alive(int(pid)):
+        if kind not in ("tmp", "replaced", "deleted") or not pid.isdigit() or _alive(int(pid)):
             continue
         if kind == "replaced" and not (root / name.rsplit(".", 1)[0]).is_dir():
             continue  # the only complete copy of that step: latest_checkpoint reads it
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -113,6 +113,15 @@ def gather_objects(obj: Any) -> List[Any]:
     return out
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (`obj` itself outside distributed runs)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def broadcast_module_(module: torch.nn.Module, names: List[str], src: int = 0) -> None:
     """Copy the named parameters/buffers of `module` from rank `src` to every rank, in place."""
     if not dist.is_initialized():

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import random
 import signal
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -33,9 +34,9 @@ from tqdm import tqdm
 from kvideo import registry
 from kvideo.config import to_plain, to_yaml
 from kvideo.data.datasets import build_dataset
-from kvideo.data.shards import SKIP_REASONS, TrainData, eval_batches
+from kvideo.data.shards import SKIP_REASONS, ResumableBatchSampler, TrainData, eval_batches
 from kvideo.train.stages import STAGES
-from kvideo.train.stages.base import Phase, Stage
+from kvideo.train.stages.base import Phase, Stage, check_size
 from kvideo.inference import checkpoints as stored
 from kvideo.train import checkpoint as ckpt
 from kvideo.train import dist
@@ -125,12 +126,64 @@ class _Preemption:
 # ----------------------------------------------------------------------------------------------
 
 
-def _resume_point(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
+def _resume_point(cfg: DictConfig, run_dir: Path, is_main: bool) -> Optional[Path]:
+    """The checkpoint to resume from. Rank 0 decides (verifying reads every file) and tells the
+    others, so every rank resumes from the same one or every rank raises the same error."""
     if cfg.resume == "none":
         return None
+    choice: Tuple[Optional[str], Optional[str]] = (None, None)
+    if is_main:
+        try:
+            found = _pick_checkpoint(cfg, run_dir)
+            choice = (None if found is None else str(ckpt.reinstate(Path(found))), None)
+        except (OSError, ValueError) as e:
+            choice = (None, str(e))
+    found, error = dist.broadcast_object(choice)
+    if error is not None:
+        raise ValueError(error)
+    return Path(found) if found is not None else None
+
+
+def _pick_checkpoint(cfg: DictConfig, run_dir: Path) -> Optional[str]:
     if cfg.resume == "auto":
-        return stored.latest_checkpoint(run_dir)
-    return stored.resolve_checkpoint(cfg.resume)
+        found = stored.newest_good_checkpoint(run_dir)
+        if found is None and stored.list_checkpoints(run_dir):
+            raise ValueError(f"resume=auto: '{run_dir}' holds checkpoints but none is intact (see the warnings): "
+                             f"resume from a path (resume=...) or start over (resume=none)")
+        return None if found is None else str(found)
+    path = stored.resolve_checkpoint(cfg.resume)
+    problem = stored.verify_checkpoint(path)
+    if problem is not None:
+        raise ValueError(f"resume: checkpoint '{path}' is broken ({problem})")
+    return str(path)
+
+
+# What decides which sample each rank reads at each step; a resume under other values would
+# repeat or skip data. The shards are compared by their fingerprint (names, sizes, samples),
+# so moving them to another mount point is not a change.
+DATA_ORDER_KEYS = ("seed", "train.batch_size", "data.shuffle")
+
+
+def data_fingerprint(dataset) -> dict:
+    """What identifies the training data: each shard's name and size, and the sample count."""
+    names = "\n".join(f"{p.name}:{p.stat().st_size}" for p in dataset.index.shards)
+    return {"samples": len(dataset), "shards": hashlib.sha256(names.encode()).hexdigest()[:16]}
+
+
+def resume_changes(then_cfg: dict, then_state: dict, cfg: DictConfig, world_size: int, fingerprint: dict) -> List[str]:
+    """What differs between the checkpoint's run and this one in the data order (empty if nothing)."""
+    changes = []
+    for key in DATA_ORDER_KEYS:
+        before, now = OmegaConf.select(OmegaConf.create(then_cfg), key), OmegaConf.select(cfg, key)
+        if before != now:
+            changes.append(f"{key}: {before!r} -> {now!r}")
+    if len(then_state["data"]) != world_size:
+        changes.append(f"world size: {len(then_state['data'])} -> {world_size}")
+    before = then_state.get("data_fingerprint")
+    if before is not None and before != fingerprint:
+        changes.append(f"data.shards: other data ({before['samples']} -> {fingerprint['samples']} samples, "
+                       f"shard names/sizes {'changed' if before['shards'] != fingerprint['shards'] else 'equal'})")
+    return changes
 
 
 def train(cfg: DictConfig, stage_cls: Optional[type] = None) -> Path:
@@ -167,6 +220,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     seed_everything(cfg.seed)
     stage: Stage = stage_cls(cfg, device)
     model = stage.build_model().to(device)
+    check_size(cfg.data.size, stage.size_multiple(model), "the model's total downsampling")
     if tc.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ValueError(f"train.grad_checkpointing is on but model '{cfg.model.name}' has no set_grad_checkpointing")
@@ -187,7 +241,10 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
 
     # Resume.
     step, batches_done, nonfinite_total, data_state = 0, 0, 0, {}
-    resume_from = _resume_point(cfg, run_dir)
+    resume_from = _resume_point(cfg, run_dir, info.is_main)
+    if info.is_main and (run_dir / "checkpoints").is_dir():
+        ckpt.remove_stale_temporaries(run_dir / "checkpoints")  # what killed writers left
+    state = None
     if resume_from is not None:
         weights, _ = stored.load_weights(resume_from, "model")
         model.load_state_dict(weights)
@@ -216,9 +273,20 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             if info.enabled else ph.module
 
     dataset = build_dataset(cfg.data, cfg.seed, train=True, fields=stage.reads_fields)
-    data = TrainData(dataset, tc.batch_size, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
-                     shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers, start_batch=batches_done,
-                     timeout_s=cfg.data.timeout_s, skipped=data_state.get("skipped"))
+    fingerprint = data_fingerprint(dataset)
+    if state is not None:
+        changes = resume_changes(stored.read_config(resume_from), state, cfg, info.world_size, fingerprint)
+        if changes and not cfg.resume_allow_changes:
+            raise ValueError(f"resume from '{resume_from}': the data would be read in another order than the run "
+                             f"that wrote it ({'; '.join(changes)}), repeating or skipping samples. Restore those "
+                             f"settings, start over (resume=none or another run_dir), or set "
+                             f"resume_allow_changes=true")
+        if changes:
+            log.warning("resuming under changed data settings (resume_allow_changes=true): %s", "; ".join(changes))
+    order = ResumableBatchSampler(len(dataset), tc.batch_size, rank=info.rank, world_size=info.world_size,
+                                  seed=cfg.seed, shuffle=cfg.data.shuffle, start_batch=batches_done)
+    data = TrainData(dataset, order, num_workers=cfg.data.num_workers, timeout_s=cfg.data.timeout_s,
+                     skipped=data_state.get("skipped"))
     if info.is_main:
         log.info("data: %d samples in %d shards, %d batches per epoch per rank",
                  len(dataset), len(dataset.index.shards), data.batches_per_epoch)
@@ -243,13 +311,18 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             "nonfinite_total": nonfinite_total,
             "rng": dist.gather_objects(rng_state(device)),
             "data": dist.gather_objects(data.state()),
+            "data_fingerprint": fingerprint,
         }
-        path = None
+        path, error = None, None
         if info.is_main:
-            path = ckpt.save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), state, config_plain,
-                                        keep=tc.keep_checkpoints)
-            log.info("saved checkpoint %s", path)
-        dist.barrier()
+            try:
+                path = ckpt.save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), state, config_plain,
+                                            keep=tc.keep_checkpoints)
+                log.info("saved checkpoint %s", path)
+            except ckpt.CheckpointWriteError as e:
+                error = e
+        if not dist.all_true(error is None, device):  # every rank stops, none waits for rank 0
+            raise error or ckpt.CheckpointWriteError("rank 0 could not write the checkpoint (its log says why)")
         return path or stored.latest_checkpoint(run_dir)
 
     model.train()

@@ -64,6 +64,9 @@ class AutoencoderGANStage(Stage):
     def phase_active(self, phase: str, step: int) -> bool:
         return phase == "ae" or step >= self.rc.gan_start
 
+    def size_multiple(self, model: AutoencoderWithDiscriminator) -> int:
+        return model.ae.downsample_factor
+
     def disc_loss(self, parts: Dict[str, nn.Module], real: torch.Tensor, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
         """The discriminator's hinge loss on `real` and the reconstructions the ae phase kept."""
         d_loss = hinge_d_loss(parts["disc"](real), parts["disc"](self._recon.pop(id(batch))))

@@ -97,6 +97,10 @@ class Stage:
     def phases(self, model: nn.Module) -> List[Phase]:
         return [Phase("main", model)]
 
+    def size_multiple(self, model: nn.Module) -> int:
+        """`data.size` must be divisible by this (the model's total downsampling)."""
+        return 1
+
     def phase_active(self, phase: str, step: int) -> bool:
         return True
 
@@ -122,3 +126,10 @@ class Stage:
     def evaluate(self, model: nn.Module, batches: Iterable[dict]) -> Dict[str, float]:
         """Metrics on held-out batches (`train.eval_every`)."""
         return {}
+
+
+def check_size(size, multiple: int, why: str) -> None:
+    """A ValueError naming `data.size` when its height or width is not a multiple of `multiple`."""
+    if any(int(s) % multiple for s in size):
+        raise ValueError(f"data.size {list(size)} must be divisible by {multiple} ({why}): e.g. "
+                         f"{[max(multiple, round(int(s) / multiple) * multiple) for s in size]}")

@@ -24,7 +24,7 @@ from kvideo.inference.loading import Bundle, build_stage_denoiser
 from kvideo.inference.sampling import check_sampling
 from kvideo.train import dist
 from kvideo.train.dist import autocast_context
-from kvideo.train.stages.base import Phase, Stage
+from kvideo.train.stages.base import Phase, Stage, check_size
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class LatentDiffusionStage(Stage):
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
         self.movq = load_movq(self.rc.movq, device=device).requires_grad_(False)
+        check_size(cfg.data.size, self.movq.downsample_factor, "the MoVQ's downsampling")  # before any encoding
         ensure_latent_cache(cfg, self.movq, device)
         check_sampling(cfg)
         self.schedule = make_schedule(self.rc.diffusion)
@@ -48,6 +49,9 @@ class LatentDiffusionStage(Stage):
         model = build_stage_denoiser(self.cfg)
         self.initialise(model)
         return model
+
+    def size_multiple(self, model: TextDenoiser) -> int:
+        return self.movq.downsample_factor * model.unet.downsample_factor
 
     def initialise(self, model: TextDenoiser) -> None:
         """Training-only initialisation of a freshly built model (e.g. `recipe.init_from`)."""
