@@ -5,6 +5,8 @@ import json
 
 from omegaconf import OmegaConf
 
+from kvideo.inference.checkpoints import latest_checkpoint, read_config
+
 from conftest import tiny_movq_overrides, tiny_t2i_overrides
 from test_interpolation import tiny_interpolation_overrides
 from test_keyframe import tiny_keyframe_overrides
@@ -17,11 +19,9 @@ def tiny(overrides: list) -> list:
     return [o for o in overrides if o.split("=", 1)[0] not in OWN]
 
 
-def test_demo_trains_every_stage_and_scores_videos(tmp_path, capsys):
-    from tools import demo
-
+def tiny_budget(tmp_path) -> dict:
     x = tmp_path / "unused"
-    budget = {
+    return {
         "data": {"train_clips": 16, "val_clips": 4, "size": 32},
         "stages": {
             "movq": {"config": "configs/movq/shapes.yaml",
@@ -37,8 +37,13 @@ def test_demo_trains_every_stage_and_scores_videos(tmp_path, capsys):
         "pipeline": {"first_frame_scale": 1, "decode_window": 8, "decode_overlap": 2},
         "samples": {"per_split": 1},
     }
+
+
+def test_demo_trains_every_stage_and_scores_videos(tmp_path, capsys):
+    from tools import demo
+
     path = tmp_path / "budget.yaml"
-    path.write_text(OmegaConf.to_yaml(OmegaConf.create(budget)))
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(tiny_budget(tmp_path))))
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), "--budget", str(path)]) == 0
     for stage in demo.ORDER:
@@ -50,6 +55,45 @@ def test_demo_trains_every_stage_and_scores_videos(tmp_path, capsys):
     # a second run reuses the data and the finished runs
     assert demo.main(["--out", str(out), "--budget", str(path)]) == 0
     assert "reusing ShapesWorld train split" in capsys.readouterr().out
+
+
+def test_arms_train_what_they_change_and_what_depends_on_it(tmp_path):
+    from tools import demo
+
+    budget = {"arms": {"kf": {"keyframe": ["train.lr=1e-3"]}, "img": {"t2i": ["train.lr=1e-3"]},
+                       "ae": {"movq": ["train.lr=1e-3"]}}}
+    out = tmp_path / "out"
+    own = {arm: sorted(s for s, run in demo.arm_runs(budget, arm, out).items() if "arms" in run.parts)
+           for arm in ("base", "kf", "img", "ae")}
+    assert own == {"base": [], "kf": ["keyframe"], "img": ["interpolation", "keyframe", "t2i"],
+                   "ae": sorted(demo.ORDER)}
+    assert demo.arm_runs(budget, "kf", out)["t2i"] == out / "runs" / "t2i"
+
+
+def test_an_experiment_runs_its_arms_on_shared_stages_and_evaluates_them(tmp_path, capsys):
+    from tools import demo
+
+    budget = tiny_budget(tmp_path)
+    budget["arms"] = {"lr_hi": {"t2i": ["train.lr=1.0e-3"]}}
+    budget["evaluate"] = {"t2i": ["--all-checkpoints", "--per-prompt", "1", "--steps", "1"]}
+    path = tmp_path / "budget.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(budget)))
+    out = tmp_path / "exp"
+    assert demo.main(["--out", str(out), "--budget", str(path), "--until", "t2i"]) == 0
+    assert (out / "runs" / "movq" / "checkpoints" / "latest").is_file()
+    assert not (out / "arms" / "lr_hi" / "runs" / "movq").exists()  # shared, trained once
+    for home in (out, out / "arms" / "lr_hi"):
+        assert (home / "runs" / "t2i" / "checkpoints" / "latest").is_file()
+        assert json.loads((home / "eval" / "t2i" / "results.json").read_text())[-1]["step"] == 3
+        assert not (home / "samples").exists()  # --until: no cascade
+    lrs = [read_config(latest_checkpoint(home / "runs" / "t2i"))["train"]["lr"] for home in (out, out / "arms" / "lr_hi")]
+    assert lrs == [5.0e-4, 1.0e-3]
+    report = json.loads((out / "report.json").read_text())
+    assert report["lr_hi"]["minutes"]["movq"] == report["base"]["minutes"]["movq"] > 0  # one run, counted in both
+    assert report["lr_hi"]["scores"]["t2i"][-1].startswith("step 3; seen:")
+    printed = capsys.readouterr().out
+    assert "| lr_hi |" in printed and "| base |" in printed
+    assert demo.main(["--out", str(out), "--budget", str(path), "--arms", "nope"]) == 2
 
 
 def test_demo_budget_errors(tmp_path, capsys):

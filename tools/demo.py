@@ -1,6 +1,7 @@
 """`make demo`: render ShapesWorld, train every stage of the cascade, sample and score videos.
 
     python tools/demo.py [--out out/demo] [--budget configs/demo/shapes.yaml] [--skip-train]
+        [--arms A,B] [--until STAGE]
 
 The budget file names the data size, each stage's config with the overrides that fit the demo
 in about an hour on 2 CPU cores, and how many canonical prompts of each split to sample. In
@@ -10,20 +11,38 @@ progress bar and ETA); OUT/pipeline.yaml names the five runs; the canonical prom
 held-out pairs) go through the whole cascade into OUT/samples/videos/*.mp4 (and a contact
 sheet), scored by tools/evaluate_shapes.py. Re-running reuses what is finished: rendered data is
 kept and train.py resumes each run (a finished run returns at once).
+
+An experiment is a budget with `arms` (usually `extends: configs/demo/shapes.yaml`, whose values
+it changes; a stage's `overrides` list is replaced whole): each arm adds overrides to some stages,
+
+    arms:
+      fast_temporal:
+        keyframe: [train.lr=1.0e-3, recipe.spatial_lr_scale=0.3]
+
+and is trained, sampled and scored in OUT/arms/ARM/ beside the base budget (arm "base", in OUT/).
+An arm trains only the stages it changes and those that depend on them (keyframe and
+interpolation start from the t2i run, every stage but the MoVQ from the MoVQ); the others are the
+base's runs, trained once. `evaluate` names per-stage evaluations (tools/evaluate_STAGE.py with
+the given arguments, over every checkpoint of the run), whose results.json lands in
+ARM_DIR/eval/STAGE. `--until STAGE` trains up to STAGE (and evaluates) without sampling the
+cascade. The last lines are a table: per arm, the minutes of each stage and the scores.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List
 
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ("movq", "t2i", "keyframe", "interpolation", "video_decoder")
+DEPENDS = {"t2i": ("movq",), "keyframe": ("movq", "t2i"), "interpolation": ("movq", "t2i"), "video_decoder": ("movq",)}
 
 
 def render(out: Path, num_clips: int, split: str, size: int) -> None:
@@ -39,25 +58,78 @@ def render(out: Path, num_clips: int, split: str, size: int) -> None:
 def read_budget(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"demo budget '{path}' does not exist")
-    budget = OmegaConf.to_container(OmegaConf.load(path))
+    raw = OmegaConf.load(path)
+    if raw.get("extends"):  # an experiment on top of another budget: its values under this one's
+        parent = Path(raw.extends) if Path(raw.extends).is_absolute() else ROOT / raw.extends
+        raw = OmegaConf.merge(OmegaConf.create(read_budget(parent)), raw)
+        raw.pop("extends")
+    budget = OmegaConf.to_container(raw)
     missing = [s for s in ORDER if s not in budget.get("stages", {})]
     if missing:
         raise ValueError(f"demo budget '{path}': stages.{missing[0]} is missing (every stage of {ORDER} is trained)")
+    for arm, changes in (budget.get("arms") or {}).items():
+        if arm == "base" or not isinstance(changes, dict):
+            raise ValueError(f"demo budget '{path}': arms.{arm} must be a map of stage -> overrides (and not named base)")
+        unknown = sorted(set(changes) - set(ORDER))
+        if unknown:
+            raise ValueError(f"demo budget '{path}': arms.{arm}.{unknown[0]} is not a stage ({', '.join(ORDER)})")
     return budget
 
 
-def stage_command(stage: str, spec: dict, out: Path) -> list:
-    runs, data = out / "runs", out / "data"
-    args = [f"run_dir={runs / stage}", f"data.shards={data / 'train'}"]
+def arm_runs(budget: dict, arm: str, out: Path) -> Dict[str, Path]:
+    """stage -> its run directory for `arm`: the arm's own for the stages it changes and the
+    stages that depend on them, the base's for the rest."""
+    changed = set((budget.get("arms") or {}).get(arm, {})) if arm != "base" else set()
+    for stage in ORDER:  # in order, so a dependency's change reaches its dependants
+        if any(d in changed for d in DEPENDS.get(stage, ())):
+            changed.add(stage)
+    home = out if arm == "base" else out / "arms" / arm
+    return {stage: (home if stage in changed else out) / "runs" / stage for stage in ORDER}
+
+
+def stage_command(stage: str, spec: dict, out: Path, runs: Dict[str, Path] | None = None,
+                  extra: List[str] = ()) -> list:
+    runs = runs or {s: out / "runs" / s for s in ORDER}
+    data = out / "data"
+    args = [f"run_dir={runs[stage]}", f"data.shards={data / 'train'}"]
     if stage in ("movq", "video_decoder"):  # the pixel stages evaluate on held-out clips
         args.append(f"data.val_shards={data / 'val'}")
     if stage != "movq":
-        args.append(f"recipe.movq={runs / 'movq'}")
+        args.append(f"recipe.movq={runs['movq']}")
     if stage in ("keyframe", "interpolation"):
-        args.append(f"recipe.init_from={runs / 't2i'}")
+        args.append(f"recipe.init_from={runs['t2i']}")
     config = Path(spec["config"])
     return [sys.executable, str(ROOT / "train.py"), str(config if config.is_absolute() else ROOT / config),
-            *args, *spec.get("overrides", [])]
+            *args, *spec.get("overrides", []), *extra]
+
+
+def evaluate_stage(stage: str, run: Path, args: List[str], out: Path) -> list:
+    """tools/evaluate_STAGE.py on `run` with `args` (e.g. --all-checkpoints --limit 10); its
+    results.json (one result per checkpoint), or [] when it failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "tools" / f"evaluate_{stage}.py"), "--checkpoint", str(run),
+           *[str(a) for a in args], "--out", str(out)]
+    print(f"+ {' '.join(cmd)}", flush=True)
+    if subprocess.run(cmd).returncode != 0 or not (out / "results.json").is_file():
+        print(f"warning: the {stage} evaluation of {run} failed", file=sys.stderr)
+        return []
+    return json.loads((out / "results.json").read_text())
+
+
+SCORE_KEYS = ("all_correct", "direction", "speed", "shape", "color", "background", "frame0_psnr", "psnr")
+
+
+def score_text(result: dict) -> str:
+    """The headline numbers of one evaluation result (a checkpoint's, or the cascade's summary)."""
+    parts = [f"step {result['step']}"] if "step" in result else []
+    for split in ("seen", "held_out"):
+        summary = result.get(split)
+        if isinstance(summary, dict):
+            summary = {**summary, **(summary.get("accuracy") or {})}  # the cascade's attributes are nested
+            values = [f"{k} {summary[k]:.0%}" if k not in ("frame0_psnr", "psnr") else f"{k} {summary[k]:.1f}"
+                      for k in SCORE_KEYS if isinstance(summary.get(k), (int, float))]
+            parts.append(f"{split}: " + ", ".join(values))
+    return "; ".join(parts)
 
 
 def main(argv=None) -> int:
@@ -65,49 +137,92 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--budget", default=str(ROOT / "configs" / "demo" / "shapes.yaml"))
     ap.add_argument("--skip-train", action="store_true", help="sample and score the runs already in OUT/runs")
+    ap.add_argument("--arms", help="comma-separated arms of the budget to run (default: base and every arm)")
+    ap.add_argument("--until", choices=ORDER, help="train up to this stage, evaluate, and do not sample the cascade")
     args = ap.parse_args(argv)
     out = Path(args.out)
     try:
         budget = read_budget(Path(args.budget))
+        arms = ["base", *(budget.get("arms") or {})]
+        if args.arms:
+            unknown = [a for a in args.arms.split(",") if a not in arms]
+            if unknown:
+                raise ValueError(f"--arms: '{unknown[0]}' is not an arm of the budget ({', '.join(arms)})")
+            arms = args.arms.split(",")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     data = budget.get("data", {})
-    times = {}
     t0 = time.perf_counter()
     render(out / "data" / "train", int(data.get("train_clips", 600)), "train", int(data.get("size", 64)))
     render(out / "data" / "val", int(data.get("val_clips", 16)), "val", int(data.get("size", 64)))
-    times["data"] = time.perf_counter() - t0
-    for stage in ORDER:
-        if args.skip_train:
-            break
-        cmd = stage_command(stage, budget["stages"][stage], out)
-        print(f"\n== stage {stage}\n+ {' '.join(cmd)}", flush=True)
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True)
-        times[stage] = time.perf_counter() - t0
+    data_minutes = (time.perf_counter() - t0) / 60
+    stages = ORDER[: ORDER.index(args.until) + 1] if args.until else ORDER
+    trained: Dict[Path, float] = {}  # run dir -> minutes this invocation spent on it
+    report = {}
+    for arm in arms:
+        runs = arm_runs(budget, arm, out)
+        home = out if arm == "base" else out / "arms" / arm
+        extra = (budget.get("arms") or {}).get(arm, {}) if arm != "base" else {}
+        minutes = {"data": data_minutes}
+        for stage in stages:
+            if not args.skip_train and runs[stage] not in trained:
+                cmd = stage_command(stage, budget["stages"][stage], out, runs, extra.get(stage, []))
+                print(f"\n== {arm}: stage {stage}\n+ {' '.join(cmd)}", flush=True)
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True)
+                trained[runs[stage]] = (time.perf_counter() - t0) / 60
+            minutes[stage] = trained.get(runs[stage], 0.0)
+        scores = {}
+        for stage, eval_args in (budget.get("evaluate") or {}).items():
+            if stage in stages:
+                results = evaluate_stage(stage, runs[stage], eval_args, home / "eval" / stage)
+                scores[stage] = [score_text(r) for r in results]
+        if args.until is None:
+            code, scores["cascade"] = sample_cascade(budget, runs, home, minutes)
+            if code != 0:
+                return code
+        report[arm] = {"minutes": minutes, "scores": scores, "runs": {s: str(r) for s, r in runs.items()}}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print_report(report)
+    return 0
 
-    pipeline = {**budget.get("pipeline", {}), **{s: str(out / "runs" / s) for s in ORDER if s != "movq"}}
-    (out / "pipeline.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(pipeline)))
+
+def sample_cascade(budget: dict, runs: Dict[str, Path], home: Path, minutes: dict):
+    """Sample and score the budget's canonical prompts through the arm's cascade; (code, [score])."""
+    pipeline = {**budget.get("pipeline", {}), **{s: str(runs[s]) for s in ORDER if s != "movq"}}
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "pipeline.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(pipeline)))
     per_split = int(budget.get("samples", {}).get("per_split", 3))
     sys.path.insert(0, str(ROOT))  # run as a script, `tools` is not yet importable
     from tools import evaluate_shapes
 
     print(f"\n== sampling {2 * per_split} canonical prompts through the cascade", flush=True)
     t0 = time.perf_counter()
-    samples = out / "samples"
-    code = evaluate_shapes.main(["--pipeline", str(out / "pipeline.yaml"), "--limit", str(per_split),
+    samples = home / "samples"
+    code = evaluate_shapes.main(["--pipeline", str(home / "pipeline.yaml"), "--limit", str(per_split),
                                  "--save-videos", str(2 * per_split), "--out", str(samples)])
-    times["samples"] = time.perf_counter() - t0
+    minutes["samples"] = (time.perf_counter() - t0) / 60
     if code != 0:
-        return code
+        return code, []
+    result = json.loads((samples / "results.json").read_text())
     print("\nkvideo demo: ShapesWorld text-to-video, every stage trained here")
     print(f"  videos:        {samples / 'videos'}/*.mp4 (prompts and scores in {samples / 'results.json'})")
     print(f"  contact sheet: {samples / 'sheet.png'}")
-    print(f"  pipeline:      {out / 'pipeline.yaml'}  (python sample.py --pipeline {out / 'pipeline.yaml'} "
+    print(f"  pipeline:      {home / 'pipeline.yaml'}  (python sample.py --pipeline {home / 'pipeline.yaml'} "
           "--prompt \"...\" --out video.mp4)")
-    print("  minutes: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()))
-    return 0
+    return 0, [score_text(result)]
+
+
+def print_report(report: dict) -> None:
+    """Per arm: the minutes of each stage of its cascade (a shared run counts in every arm that uses
+    it, so each row is the whole cost of its cascade) and the scores."""
+    print("\n| arm | minutes | scores |\n|---|---|---|")
+    for arm, r in report.items():
+        mins = ", ".join(f"{k} {v:.1f}" for k, v in r["minutes"].items())
+        scores = "<br>".join(f"{stage}: {s}" for stage, lines in r["scores"].items() for s in lines) or "-"
+        print(f"| {arm} | {mins} | {scores} |")
+    print("  minutes: " + ", ".join(f"{k} {v:.1f}" for k, v in report[next(iter(report))]["minutes"].items()))
 
 
 if __name__ == "__main__":
