@@ -1,7 +1,12 @@
-"""Training-step throughput of the keyframe UNet against diffusers' UNet3DConditionModel.
+"""Training-step throughput of the keyframe UNet against diffusers' UNet3DConditionModel, and of
+every stage's training step.
 
     python benchmarks/bench_unet.py [--batch 2] [--frames 8] [--latent 32] [--steps 6]
-        [--precision bf16|fp32] [--json FILE]
+        [--precision bf16|fp32] [--stages all|movq,t2i,...] [--stage-precision bf16|fp32] [--json FILE]
+
+`--stages` adds a table of each ShapesWorld stage's own training step as train.py runs it
+(benchmarks/stage_steps.py: the stage's config, its batch size and precision, synthetic batches),
+timed interleaved like the two UNets, with the fraction of the fp32 and the bf16 matmul peak.
 
 Both networks are built in the same layout (three levels, channels w/2w/4w, cross-attention on
 the lower two) at a matched parameter count (diffusers' width is searched; the run stops unless
@@ -146,6 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6, help="timed steps per model (after 2 warm-up steps)")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--only", choices=["ours", "diffusers"], help="time one model (for profiling)")
+    ap.add_argument("--stages", help="'all' or comma-separated stage names: time each stage's training step too")
+    ap.add_argument("--stage-precision", choices=["bf16", "fp32"], help="override the stage configs' train.precision")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -194,24 +201,61 @@ def main(argv=None) -> int:
         rows.append({
             "model": r.name, "params": r.params, "step_s": sec, "samples_per_s": b / sec,
             "gflop_per_step": r.flops_per_step / 1e9, "gflop_per_s": r.flops_per_step / sec / 1e9,
-            "fraction_of_fp32_matmul_peak": r.flops_per_step / sec / 1e9 / peak32, "peak_rss_mb": r.peak_mb,
+            "fraction_of_fp32_matmul_peak": r.flops_per_step / sec / 1e9 / peak32,
+            "fraction_of_bf16_matmul_peak": r.flops_per_step / sec / 1e9 / peak16, "peak_rss_mb": r.peak_mb,
         })
     print(f"\ninput (b, c, f, h, w) = ({b}, 9, {f}, {s}, {s}), context ({b}, {TOKENS}, {CONTEXT_DIM}), "
           f"{args.precision}, median of {args.steps} steps each, interleaved")
-    print("| model | params | step s | samples/s | GFLOP/step | GFLOP/s | of fp32 matmul peak | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | params | step s | samples/s | GFLOP/step | GFLOP/s | of fp32 peak | of bf16 peak | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['step_s']:.2f} | {r['samples_per_s']:.3f} | "
-              f"{r['gflop_per_step']:.0f} | {r['gflop_per_s']:.0f} | {r['fraction_of_fp32_matmul_peak']:.0%} | {rss} |")
+              f"{r['gflop_per_step']:.0f} | {r['gflop_per_s']:.0f} | {r['fraction_of_fp32_matmul_peak']:.0%} | "
+              f"{r['fraction_of_bf16_matmul_peak']:.0%} | {rss} |")
     if len(rows) == 2:
         print(f"\nsamples/s ratio (kvideo / diffusers): {rows[0]['samples_per_s'] / rows[1]['samples_per_s']:.2f}")
+    stage_rows = time_stages(args, peak32, peak16) if args.stages else []
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"date": str(date.today()), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
                        "torch": torch.__version__, "matmul_peak_fp32": peak32, "matmul_peak_bf16": peak16,
-                       "args": vars(args), "rows": rows}, fh, indent=2)
+                       "args": vars(args), "rows": rows, "stages": stage_rows}, fh, indent=2)
     return 0
+
+
+def time_stages(args, peak32: float, peak16: float) -> list:
+    """Each stage's training step (benchmarks/stage_steps.py), interleaved; prints and returns rows."""
+    from stage_steps import STAGES, build_steps
+
+    names = STAGES if args.stages == "all" else tuple(args.stages.split(","))
+    overrides = [f"train.precision={args.stage_precision}"] if args.stage_precision else []
+    steps = build_steps(names, overrides)
+    for s in steps:
+        s.flops_per_step = s.flops()
+        s.times = []
+        for _ in range(2):  # warm-up
+            s.step()
+    for _ in range(args.steps):
+        for s in steps:
+            s.times.append(s.step())
+    rows = []
+    print(f"\nEach stage's training step (configs/STAGE/shapes.yaml, its batch size; median of {args.steps}, interleaved)")
+    print("| stage | trainable params | batch | precision | step s | samples/s | GFLOP/step | GFLOP/s | of fp32 peak | "
+          "of bf16 peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for s in steps:
+        sec = statistics.median(s.times)
+        gflops = s.flops_per_step / sec / 1e9
+        row = {"stage": s.name, "params": s.params, "batch": s.batch_size, "precision": s.cfg.train.precision,
+               "step_s": sec, "samples_per_s": s.batch_size / sec, "gflop_per_step": s.flops_per_step / 1e9,
+               "gflop_per_s": gflops, "fraction_of_fp32_matmul_peak": gflops / peak32,
+               "fraction_of_bf16_matmul_peak": gflops / peak16}
+        rows.append(row)
+        print(f"| {s.name} | {s.params / 1e6:.2f}M | {s.batch_size} | {row['precision']} | {sec:.3f} | "
+              f"{row['samples_per_s']:.1f} | {row['gflop_per_step']:.1f} | {gflops:.0f} | "
+              f"{row['fraction_of_fp32_matmul_peak']:.0%} | {row['fraction_of_bf16_matmul_peak']:.0%} |")
+    return rows
 
 
 if __name__ == "__main__":
