@@ -89,6 +89,7 @@ def test_an_experiment_runs_its_arms_on_shared_stages_and_evaluates_them(tmp_pat
     lrs = [read_config(latest_checkpoint(home / "runs" / "t2i"))["train"]["lr"] for home in (out, out / "arms" / "lr_hi")]
     assert lrs == [5.0e-4, 1.0e-3]
     report = json.loads((out / "report.json").read_text())
+    assert report["base"]["scores"]["movq"][0].startswith("step 2: eval/psnr ")  # logged while training
     assert report["lr_hi"]["minutes"]["movq"] == report["base"]["minutes"]["movq"] > 0  # one run, counted in both
     assert report["lr_hi"]["scores"]["t2i"][-1].startswith("step 3; seen:")
     printed = capsys.readouterr().out

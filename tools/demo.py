@@ -116,6 +116,19 @@ def evaluate_stage(stage: str, run: Path, args: List[str], out: Path) -> list:
     return json.loads((out / "results.json").read_text())
 
 
+def logged_eval(run: Path) -> str:
+    """The last held-out evaluation a run logged while training (`train.eval_every`), e.g. the
+    MoVQ's PSNR: "step N: eval/psnr 31.2, ..."; "" when it logged none."""
+    from kvideo.train.logging import read_metrics
+
+    path = run / "metrics.jsonl"
+    rows = [r for r in read_metrics(path) if any(k.startswith("eval/") for k in r)] if path.is_file() else []
+    if not rows:
+        return ""
+    last = rows[-1]
+    return f"step {last['step']}: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k.startswith("eval/"))
+
+
 SCORE_KEYS = ("all_correct", "direction", "speed", "shape", "color", "background", "frame0_psnr", "psnr")
 
 
@@ -173,7 +186,7 @@ def main(argv=None) -> int:
                 subprocess.run(cmd, check=True)
                 trained[runs[stage]] = (time.perf_counter() - t0) / 60
             minutes[stage] = trained.get(runs[stage], 0.0)
-        scores = {}
+        scores = {stage: [line] for stage in stages if (line := logged_eval(runs[stage]))}
         for stage, eval_args in (budget.get("evaluate") or {}).items():
             if stage in stages:
                 results = evaluate_stage(stage, runs[stage], eval_args, home / "eval" / stage)
