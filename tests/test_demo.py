@@ -3,6 +3,8 @@ and a second run reuses everything."""
 
 import json
 
+import pytest
+
 from omegaconf import OmegaConf
 
 from kvideo.inference.checkpoints import latest_checkpoint, read_config
@@ -95,6 +97,23 @@ def test_an_experiment_runs_its_arms_on_shared_stages_and_evaluates_them(tmp_pat
     printed = capsys.readouterr().out
     assert "| lr_hi |" in printed and "| base |" in printed
     assert demo.main(["--out", str(out), "--budget", str(path), "--arms", "nope"]) == 2
+
+
+def test_an_experiment_extends_a_budget(tmp_path):
+    from tools import demo
+
+    child = tmp_path / "exp.yaml"
+    child.write_text("extends: configs/demo/shapes.yaml\nstages:\n  keyframe:\n    overrides: [train.max_steps=7]\n"
+                     "arms:\n  a: {keyframe: [train.lr=1.0e-3]}\n")
+    budget = demo.read_budget(child)
+    parent = demo.read_budget(demo.ROOT / "configs" / "demo" / "shapes.yaml")
+    assert budget["stages"]["keyframe"] == {"config": parent["stages"]["keyframe"]["config"],
+                                            "overrides": ["train.max_steps=7"]}  # a list is replaced whole
+    assert budget["stages"]["movq"] == parent["stages"]["movq"] and budget["data"] == parent["data"]
+    assert budget["arms"] == {"a": {"keyframe": ["train.lr=1.0e-3"]}} and "extends" not in budget
+    child.write_text("extends: configs/demo/shapes.yaml\narms:\n  a: {keyframes: [x=1]}\n")
+    with pytest.raises(ValueError, match="arms.a.keyframes is not a stage"):
+        demo.read_budget(child)
 
 
 def test_demo_budget_errors(tmp_path, capsys):
