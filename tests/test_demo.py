@@ -114,6 +114,11 @@ def test_an_experiment_extends_a_budget(tmp_path):
     child.write_text("extends: configs/demo/shapes.yaml\narms:\n  a: {keyframes: [x=1]}\n")
     with pytest.raises(ValueError, match="arms.a.keyframes is not a stage"):
         demo.read_budget(child)
+    child.write_text("extends: configs/demo/shapes.yaml\nevaluate: {movq: [--x]}\n")
+    with pytest.raises(ValueError, match="evaluate.movq: no evaluation tool"):
+        demo.read_budget(child)
+    for tool in demo.EVALUATORS.values():
+        assert (demo.ROOT / "tools" / tool).is_file(), tool
 
 
 def test_demo_budget_errors(tmp_path, capsys):

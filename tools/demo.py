@@ -22,9 +22,8 @@ it changes; a stage's `overrides` list is replaced whole): each arm adds overrid
 and is trained, sampled and scored in OUT/arms/ARM/ beside the base budget (arm "base", in OUT/).
 An arm trains only the stages it changes and those that depend on them (keyframe and
 interpolation start from the t2i run, every stage but the MoVQ from the MoVQ); the others are the
-base's runs, trained once. `evaluate` names per-stage evaluations (tools/evaluate_STAGE.py with
-the given arguments, over every checkpoint of the run), whose results.json lands in
-ARM_DIR/eval/STAGE. `--until STAGE` trains up to STAGE (and evaluates) without sampling the
+base's runs, trained once. `evaluate` names per-stage evaluations (the stage's tools/evaluate_*.py
+with the given arguments), whose results.json lands in ARM_DIR/eval/STAGE. `--until STAGE` trains up to STAGE (and evaluates) without sampling the
 cascade. The last lines are a table: per arm, the minutes of each stage and the scores.
 """
 
@@ -73,6 +72,10 @@ def read_budget(path: Path) -> dict:
         unknown = sorted(set(changes) - set(ORDER))
         if unknown:
             raise ValueError(f"demo budget '{path}': arms.{arm}.{unknown[0]} is not a stage ({', '.join(ORDER)})")
+    unknown = sorted(set(budget.get("evaluate") or {}) - set(EVALUATORS))
+    if unknown:
+        raise ValueError(f"demo budget '{path}': evaluate.{unknown[0]}: no evaluation tool for it "
+                         f"(stages with one: {', '.join(EVALUATORS)}; the MoVQ's held-out PSNR is read from its log)")
     return budget
 
 
@@ -103,11 +106,15 @@ def stage_command(stage: str, spec: dict, out: Path, runs: Dict[str, Path] | Non
             *args, *spec.get("overrides", []), *extra]
 
 
+EVALUATORS = {"t2i": "evaluate_t2i.py", "keyframe": "evaluate_keyframes.py",
+              "interpolation": "evaluate_interpolation.py", "video_decoder": "evaluate_video_decoder.py"}
+
+
 def evaluate_stage(stage: str, run: Path, args: List[str], out: Path) -> list:
-    """tools/evaluate_STAGE.py on `run` with `args` (e.g. --all-checkpoints --limit 10); its
+    """The stage's evaluation tool (EVALUATORS) on `run` with `args` (e.g. --all-checkpoints); its
     results.json (one result per checkpoint), or [] when it failed."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "tools" / f"evaluate_{stage}.py"), "--checkpoint", str(run),
+    cmd = [sys.executable, str(ROOT / "tools" / EVALUATORS[stage]), "--checkpoint", str(run),
            *[str(a) for a in args], "--out", str(out)]
     print(f"+ {' '.join(cmd)}", flush=True)
     if subprocess.run(cmd).returncode != 0 or not (out / "results.json").is_file():
