@@ -123,6 +123,15 @@ def evaluate_stage(stage: str, run: Path, args: List[str], out: Path) -> list:
     return json.loads((out / "results.json").read_text())
 
 
+def run_minutes(run: Path, this_call: float) -> float:
+    """A run's training minutes from its log (first to last step, stops left out), so a run this
+    call only resumed counts what it took; `this_call` (wall clock) when nothing was logged."""
+    from kvideo.train.logging import training_minutes
+
+    logged = training_minutes(run)
+    return max(logged.values()) if logged else this_call
+
+
 def logged_eval(run: Path) -> str:
     """The last held-out evaluation a run logged while training (`train.eval_every`), e.g. the
     MoVQ's PSNR: "step N: eval/psnr 31.2, ..."; "" when it logged none."""
@@ -192,7 +201,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 subprocess.run(cmd, check=True)
                 trained[runs[stage]] = (time.perf_counter() - t0) / 60
-            minutes[stage] = trained.get(runs[stage], 0.0)
+            minutes[stage] = run_minutes(runs[stage], trained.get(runs[stage], 0.0))
         scores = {stage: [line] for stage in stages if (line := logged_eval(runs[stage]))}
         for stage, eval_args in (budget.get("evaluate") or {}).items():
             if stage in stages:
