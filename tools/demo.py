@@ -206,7 +206,7 @@ def main(argv=None) -> int:
         for stage, eval_args in (budget.get("evaluate") or {}).items():
             if stage in stages:
                 results = evaluate_stage(stage, runs[stage], eval_args, home / "eval" / stage)
-                scores[stage] = [score_text(r) for r in results]
+                scores.setdefault(stage, []).extend(score_text(r) for r in results)
         if args.until is None:
             code, scores["cascade"] = sample_cascade(budget, runs, home, minutes)
             if code != 0:
