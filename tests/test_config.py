@@ -13,9 +13,9 @@ from kvideo.models.movq import MovqConfig
 from kvideo.registry import model_info
 
 ROOT = Path(__file__).resolve().parents[1]
-# Training configs only: prepare (test_prepare.py), pipeline, ablations (test_pipeline.py) and demo
-# (test_demo.py) configs are other kinds of file, each loaded by its own tests.
-NOT_TRAINING = ("prepare", "pipeline", "ablations", "demo")
+# Training configs only: prepare (test_prepare.py), pipeline, ablations (test_pipeline.py), demo
+# and experiment budgets (test_demo.py) are other kinds of file, each loaded by its own tests.
+NOT_TRAINING = ("prepare", "pipeline", "ablations", "demo", "experiments")
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in NOT_TRAINING)
 
 

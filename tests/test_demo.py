@@ -130,9 +130,12 @@ def test_demo_budget_errors(tmp_path, capsys):
     assert "stages.t2i is missing" in capsys.readouterr().err
 
 
-def test_the_shipped_demo_budget_names_real_configs():
+def test_the_shipped_budgets_name_real_configs():
     from tools import demo
 
-    budget = demo.read_budget(demo.ROOT / "configs" / "demo" / "shapes.yaml")
-    for stage in demo.ORDER:
-        assert (demo.ROOT / budget["stages"][stage]["config"]).is_file(), stage
+    budgets = [*(demo.ROOT / "configs" / "demo").glob("*.yaml"), *(demo.ROOT / "configs" / "experiments").glob("*.yaml")]
+    assert len(budgets) >= 3
+    for path in sorted(budgets):
+        budget = demo.read_budget(path)
+        for stage in demo.ORDER:
+            assert (demo.ROOT / budget["stages"][stage]["config"]).is_file(), (path, stage)
