@@ -214,7 +214,7 @@ class LatentClipDataset(ClipDataset):
             raise FileNotFoundError(f"data.latent_cache '{self.cache}' has no cache.json: the stage builds it on "
                                     f"start (train.py), or run tools/cache_latents.py")
         header = json.loads((self.cache / "cache.json").read_text())
-        check_cache_header(self.cache, {**header, "size": list(self.size),
+        check_cache_header(self.cache, {**header, "size": list(self.clip.size),
                                         "shards": [str(p.resolve()) for p in index.shards]})
         self.files = [_shard_file(self.cache, si, shard) for si, shard in enumerate(index.shards)]
         missing = [str(f) for f in self.files if not f.exists()]
@@ -242,7 +242,7 @@ class LatentClipDataset(ClipDataset):
             raise BadSample("not_cached", "clip not in the latent cache (it failed to decode when the cache was built)")
         times = f.get_tensor(key + TIMES).numpy()
         rows = np.nonzero((times >= start - 1e-6) & (times < end - 1e-6))[0]  # the window read_video decodes
-        picks = rows[pick_frames_by_time(times[rows], self.fps, self.num_frames, start)]
+        picks = rows[pick_frames_by_time(times[rows], self.clip.fps, self.clip.num_frames, start)]
         z = f.get_slice(key)[int(picks.min()) : int(picks.max()) + 1]
         z = z[torch.as_tensor(picks - picks.min())].float()  # (f, c, h, w)
         return {"latents": rearrange(z, "f c h w -> c f h w").contiguous()}

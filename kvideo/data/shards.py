@@ -23,6 +23,7 @@ failures): that is a wrong dataset or a wrong setting, not a bad sample.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -122,6 +123,12 @@ class ShardIndex:
 
     def metadata(self, i: int) -> dict:
         return json.loads(self.read(i, "json"))
+
+    def fingerprint(self) -> dict:
+        """What identifies the data independently of where it is mounted: each shard's name and
+        size, and the sample count (a resume compares it)."""
+        names = "\n".join(f"{p.name}:{p.stat().st_size}" for p in self.shards)
+        return {"samples": len(self), "shards": hashlib.sha256(names.encode()).hexdigest()[:16]}
 
     def shard_of(self, i: int) -> Path:
         return self.shards[next(iter(self.members[i].values())).shard]
@@ -264,7 +271,6 @@ class ClipDataset(Dataset):
                  fields: Sequence[str] = (), max_sample_mb: Optional[float] = None):
         self.index = index
         self.clip = clip
-        self.num_frames, self.fps, self.size = clip.num_frames, clip.fps, clip.size
         self.seed = seed
         self.train = train
         self.fields = tuple(fields)
@@ -276,7 +282,8 @@ class ClipDataset(Dataset):
     def _window(self, meta: dict, gen: Optional[torch.Generator]) -> float:
         """Start time (s) of the clip: uniform over the positions where it (or `window_s`) fits."""
         duration = float(meta["num_frames"]) / float(meta["fps"]) if "num_frames" in meta and "fps" in meta else None
-        span = (self.num_frames - 1) / self.fps if self.clip.window_s is None else self.clip.window_s
+        c = self.clip
+        span = (c.num_frames - 1) / c.fps if c.window_s is None else c.window_s
         if duration is None or gen is None:
             return 0.0
         room = max(0.0, duration - span - 1e-6 if span > 0 else duration - 1.0 / float(meta["fps"]))
@@ -289,7 +296,7 @@ class ClipDataset(Dataset):
             meta, caption, score = parse_metadata(self.index.read(i, "json", self.max_bytes), self.fields)
             gen = _sample_generator(self.seed, epoch, i) if self.train else None
             start = self._window(meta, gen)
-            end = start + (self.num_frames - 1) / self.fps + 2.0 / self.fps
+            end = start + (self.clip.num_frames - 1) / self.clip.fps + 2.0 / self.clip.fps
             content = self.load(i, start, end, gen)
         except Exception as e:  # a bad sample is skipped, never fatal
             reason = e.reason if isinstance(e, BadSample) else "undecodable"
@@ -303,10 +310,10 @@ class ClipDataset(Dataset):
         """{"video": (c, f, h, w) in [-1, 1]}: the frames of sample `i` in [start, end) picked at
         data.fps, resized and cropped. Subclasses read other representations of the same frames."""
         frames, times = read_video(self.index.read(i, "mp4", self.max_bytes), start_s=start, end_s=end)
-        picks = pick_frames_by_time(times, self.fps, self.num_frames, start)
+        picks = pick_frames_by_time(times, self.clip.fps, self.clip.num_frames, start)
         clip = torch.from_numpy(frames[picks])  # (f, h, w, 3) uint8
         clip = rearrange(clip, "f h w c -> f c h w")
-        clip = resize_and_crop(clip, self.size, gen if self.clip.random_crop else None)
+        clip = resize_and_crop(clip, self.clip.size, gen if self.clip.random_crop else None)
         return {"video": rearrange(clip.float() / 127.5 - 1.0, "f c h w -> c f h w").contiguous()}
 
 
@@ -463,7 +470,7 @@ class TrainData:
         return sum(self.skipped.values())
 
     def state(self) -> dict:
-        return {"batches_done": self.batches_done, "failed_total": self.failed_total, "skipped": dict(self.skipped)}
+        return {"batches_done": self.batches_done, "skipped": dict(self.skipped)}
 
 
 def eval_batches(dataset: ClipDataset, batch_size: int, max_batches: int) -> Iterator[dict]:

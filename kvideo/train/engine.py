@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import random
 import signal
@@ -159,15 +158,9 @@ def _pick_checkpoint(cfg: DictConfig, run_dir: Path) -> Optional[str]:
 
 
 # What decides which sample each rank reads at each step; a resume under other values would
-# repeat or skip data. The shards are compared by their fingerprint (names, sizes, samples),
-# so moving them to another mount point is not a change.
+# repeat or skip data. The shards are compared by `ShardIndex.fingerprint` (names, sizes,
+# samples), so moving them to another mount point is not a change.
 DATA_ORDER_KEYS = ("seed", "train.batch_size", "data.shuffle")
-
-
-def data_fingerprint(dataset) -> dict:
-    """What identifies the training data: each shard's name and size, and the sample count."""
-    names = "\n".join(f"{p.name}:{p.stat().st_size}" for p in dataset.index.shards)
-    return {"samples": len(dataset), "shards": hashlib.sha256(names.encode()).hexdigest()[:16]}
 
 
 def resume_changes(then_cfg: dict, then_state: dict, cfg: DictConfig, world_size: int, fingerprint: dict) -> List[str]:
@@ -273,7 +266,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             if info.enabled else ph.module
 
     dataset = build_dataset(cfg.data, cfg.seed, train=True, fields=stage.reads_fields)
-    fingerprint = data_fingerprint(dataset)
+    fingerprint = dataset.index.fingerprint()
     if state is not None:
         changes = resume_changes(stored.read_config(resume_from), state, cfg, info.world_size, fingerprint)
         if changes and not cfg.resume_allow_changes:
