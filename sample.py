@@ -176,7 +176,7 @@ def sample_keyframe(args) -> int:
     options = KeyframeOptions.from_recipe(kf.cfg, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                                           text_guidance=args.text_guidance, image_guidance=args.image_guidance,
                                           noise_aug_level=args.noise_aug_level, num_frames=args.frames,
-                                          negative_prompt=args.negative_prompt)
+                                          negative_prompt=args.negative_prompt, keep_first_frame=args.keep_first_frame)
     bar = tqdm(total=options.spec.steps, desc="keyframes")
     latents = sample_keyframes(kf, [args.prompt], first_latent, motion, options, generator=generator,
                                callback=lambda *_: bar.update(1))
@@ -270,7 +270,7 @@ def sample_pipeline(args) -> int:
     flags = {"negative_prompt": args.negative_prompt, "motion_score": args.motion_score, "fps_preset": args.fps_preset,
              "passes": args.passes, "noise_aug_level": args.noise_aug_level, "text_guidance": args.text_guidance,
              "image_guidance": args.image_guidance, "size": args.size, "num_keyframes": args.frames,
-             "decode_window": args.window}
+             "decode_window": args.window, "keep_first_frame": args.keep_first_frame}
     arguments.update({k: v for k, v in flags.items() if v is not None})
     pipe = Pipeline.from_config(args.pipeline, args.overrides)
     image = load_image(args.image) if args.image else None  # the pipeline fits it to the video size
@@ -328,6 +328,8 @@ def main(argv=None) -> int:
     kf.add_argument("--text-guidance", type=float)
     kf.add_argument("--image-guidance", type=float)
     kf.add_argument("--noise-aug-level", type=int)
+    kf.add_argument("--keep-first-frame", action=argparse.BooleanOptionalAction, default=None,
+                    help="hold frame 0 to the first frame at every step (default: the recipe's sampling)")
     it = ap.add_argument_group("interpolation and video_decoder")
     it.add_argument("--passes", type=int, help="interpolation passes (default: all of the run's recipe.passes)")
     it.add_argument("--window", type=int, help="video_decoder: frames per decoding window")

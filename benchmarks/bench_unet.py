@@ -2,11 +2,14 @@
 every stage's training step.
 
     python benchmarks/bench_unet.py [--batch 2] [--frames 8] [--latent 32] [--steps 6]
-        [--precision bf16|fp32] [--stages all|movq,t2i,...] [--stage-precision bf16|fp32] [--json FILE]
+        [--precision bf16|fp32] [--stages all|movq,t2i,...] [--stage-precision bf16|fp32]
+        [--variant NAME:KEY=VALUE[;KEY=VALUE] ...] [--json FILE]
 
 `--stages` adds a table of each ShapesWorld stage's own training step as train.py runs it
 (benchmarks/stage_steps.py: the stage's config, its batch size and precision, synthetic batches),
 timed interleaved like the two UNets, with the fraction of the fp32 and the bf16 matmul peak.
+Each `--variant` times every stage again with config overrides (`movq/KEY=VALUE` changes the MoVQ
+and so the latents' shape), interleaved with the configured step, so their ratio is one run's.
 
 Both networks are built in the same layout (three levels, channels w/2w/4w, cross-attention on
 the lower two) at a matched parameter count (diffusers' width is searched; the run stops unless
@@ -153,6 +156,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=["ours", "diffusers"], help="time one model (for profiling)")
     ap.add_argument("--stages", help="'all' or comma-separated stage names: time each stage's training step too")
     ap.add_argument("--stage-precision", choices=["bf16", "fp32"], help="override the stage configs' train.precision")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
+                    help="time each stage again with these config overrides, interleaved with the others "
+                         "(repeatable; 'movq/KEY=VALUE' changes the random MoVQ, i.e. the latent geometry), "
+                         "e.g. 'loop:train.optimizer_impl=loop' or 'f8:movq/model.ch_mult=[1,2,2,2]'")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -224,13 +231,28 @@ def main(argv=None) -> int:
     return 0
 
 
+def parse_variant(text: str) -> tuple:
+    """'NAME:KEY=VALUE[;KEY=VALUE]' -> (name, stage overrides, MoVQ overrides)."""
+    name, sep, rest = text.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE[;KEY=VALUE]")
+    items = [i.strip() for i in rest.split(";") if i.strip()]
+    return name, [i for i in items if not i.startswith("movq/")], [i[5:] for i in items if i.startswith("movq/")]
+
+
 def time_stages(args, peak32: float, peak16: float) -> list:
-    """Each stage's training step (benchmarks/stage_steps.py), interleaved; prints and returns rows."""
+    """Each stage's training step (benchmarks/stage_steps.py) as configured and in every --variant,
+    all interleaved; prints and returns rows (samples/s against the configured step beside each)."""
     from stage_steps import STAGES, build_steps
 
     names = STAGES if args.stages == "all" else tuple(args.stages.split(","))
-    overrides = [f"train.precision={args.stage_precision}"] if args.stage_precision else []
-    steps = build_steps(names, overrides)
+    base = [f"train.precision={args.stage_precision}"] if args.stage_precision else []
+    variants = [("configured", [], []), *(parse_variant(v) for v in args.variant)]
+    steps = []
+    for variant, overrides, movq_overrides in variants:
+        for s in build_steps(names, [*base, *overrides], movq_overrides):
+            s.variant = variant
+            steps.append(s)
     for s in steps:
         s.flops_per_step = s.flops()
         s.times = []
@@ -241,20 +263,23 @@ def time_stages(args, peak32: float, peak16: float) -> list:
             s.times.append(s.step())
     rows = []
     print(f"\nEach stage's training step (configs/STAGE/shapes.yaml, its batch size; median of {args.steps}, interleaved)")
-    print("| stage | trainable params | batch | precision | step s | samples/s | GFLOP/step | GFLOP/s | of fp32 peak | "
-          "of bf16 peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for s in steps:
+    print("| stage | variant | trainable params | batch | precision | step s | samples/s | against configured | "
+          "GFLOP/step | GFLOP/s | of fp32 peak | of bf16 peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    configured = {}
+    for s in sorted(steps, key=lambda s: names.index(s.name)):
         sec = statistics.median(s.times)
+        configured.setdefault(s.name, sec)
         gflops = s.flops_per_step / sec / 1e9
-        row = {"stage": s.name, "params": s.params, "batch": s.batch_size, "precision": s.cfg.train.precision,
-               "step_s": sec, "samples_per_s": s.batch_size / sec, "gflop_per_step": s.flops_per_step / 1e9,
+        row = {"stage": s.name, "variant": s.variant, "params": s.params, "batch": s.batch_size,
+               "precision": s.cfg.train.precision, "step_s": sec, "samples_per_s": s.batch_size / sec,
+               "speed_against_configured": configured[s.name] / sec, "gflop_per_step": s.flops_per_step / 1e9,
                "gflop_per_s": gflops, "fraction_of_fp32_matmul_peak": gflops / peak32,
                "fraction_of_bf16_matmul_peak": gflops / peak16}
         rows.append(row)
-        print(f"| {s.name} | {s.params / 1e6:.2f}M | {s.batch_size} | {row['precision']} | {sec:.3f} | "
-              f"{row['samples_per_s']:.1f} | {row['gflop_per_step']:.1f} | {gflops:.0f} | "
-              f"{row['fraction_of_fp32_matmul_peak']:.0%} | {row['fraction_of_bf16_matmul_peak']:.0%} |")
+        print(f"| {s.name} | {s.variant} | {s.params / 1e6:.2f}M | {s.batch_size} | {row['precision']} | {sec:.3f} | "
+              f"{row['samples_per_s']:.1f} | {row['speed_against_configured']:.2f}x | {row['gflop_per_step']:.1f} | "
+              f"{gflops:.0f} | {row['fraction_of_fp32_matmul_peak']:.0%} | {row['fraction_of_bf16_matmul_peak']:.0%} |")
     return rows
 
 

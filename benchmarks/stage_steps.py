@@ -22,14 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("movq", "t2i", "keyframe", "interpolation", "video_decoder")
 
 
-def _random_movq(out: Path) -> Path:
-    """A randomly initialised ShapesWorld MoVQ saved as a checkpoint under `out`."""
+def _random_movq(out: Path, overrides=()) -> Path:
+    """A randomly initialised ShapesWorld MoVQ (configs/movq/shapes.yaml with `overrides`) saved as a
+    checkpoint under `out`."""
     from kvideo.config import to_plain
     from kvideo.registry import load_config
     from kvideo.train.checkpoint import save_checkpoint
     from kvideo.train.stages import STAGES as STAGE_CLASSES
 
-    cfg = load_config([ROOT / "configs" / "movq" / "shapes.yaml"], [f"run_dir={out}", f"data.shards={out}"])
+    cfg = load_config([ROOT / "configs" / "movq" / "shapes.yaml"], [f"run_dir={out}", f"data.shards={out}", *overrides])
     state = STAGE_CLASSES["movq"](cfg, torch.device("cpu")).build_model().state_dict()
     save_checkpoint(out, 0, state, state, {}, to_plain(cfg))
     return out
@@ -38,14 +39,15 @@ def _random_movq(out: Path) -> Path:
 class StageStep:
     """One stage's model, optimizer and synthetic batch; `step()` returns its seconds."""
 
-    def __init__(self, name: str, work: Path, overrides=()):
+    def __init__(self, name: str, work: Path, overrides=(), movq_overrides=()):
         from kvideo.registry import load_config
         from kvideo.train.dist import autocast_context
+        from kvideo.train.engine import build_optimizer
         from kvideo.train.stages import STAGES as STAGE_CLASSES
 
         movq = work / "movq"
         if not (movq / "checkpoints").is_dir():
-            _random_movq(movq)
+            _random_movq(movq, movq_overrides)
         values = [f"run_dir={work / name}", f"data.shards={work}", "train.preview_every=0"]
         if name != "movq":
             values.append(f"recipe.movq={movq}")
@@ -53,13 +55,15 @@ class StageStep:
             values += ["data.latent_cache=null"]
         if name in ("keyframe", "interpolation"):
             values += ["recipe.init_from=null"]
+        if name in ("movq", "video_decoder"):  # the autoencoder stages are that MoVQ's architecture
+            values += list(movq_overrides)
         self.cfg = cfg = load_config([ROOT / "configs" / name / "shapes.yaml"], [*values, *overrides])
         self.name, self.device = name, torch.device("cpu")
         self.stage = STAGE_CLASSES[name](cfg, self.device)
         self.model = self.stage.build_model().train()
         self.phase = self.stage.phases(self.model)[0]
         self.parts = {self.phase.name: self.phase.module}
-        self.opt = torch.optim.AdamW(self.phase.param_groups(cfg.train.lr), lr=cfg.train.lr)
+        self.opt = build_optimizer(self.phase, cfg.train)
         self.autocast = autocast_context(cfg.train.precision, self.device, logging.getLogger(__name__))
         self.batch = self._batch()
         self.batch_size = cfg.train.batch_size
@@ -103,7 +107,8 @@ class StageStep:
         return counter.get_total_flops()
 
 
-def build_steps(names=STAGES, overrides=()) -> list:
-    """A StageStep per stage name, sharing one temporary random MoVQ."""
+def build_steps(names=STAGES, overrides=(), movq_overrides=()) -> list:
+    """A StageStep per stage name, sharing one temporary random MoVQ (configs/movq/shapes.yaml with
+    `movq_overrides`: the latent geometry every other stage's batch takes)."""
     work = Path(tempfile.mkdtemp(prefix="kvideo_stage_steps_"))
-    return [StageStep(name, work, overrides) for name in names]
+    return [StageStep(name, work, overrides, movq_overrides) for name in names]

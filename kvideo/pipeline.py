@@ -95,6 +95,7 @@ class PipelineCall:
     keyframe_steps: Optional[int] = None
     text_guidance: Optional[float] = None
     image_guidance: Optional[float] = None
+    keep_first_frame: Optional[bool] = None  # frame 0 held to the first frame (replacement sampling)
     interpolation_sampler: Optional[str] = None
     interpolation_steps: Optional[int] = None
     interpolation_guidance: Optional[float] = None
@@ -125,7 +126,8 @@ class CallPlan:
             first.update(_spec_settings(f.spec), guidance=f.guidance, size=[f.height, f.width])
         k = self.keyframes
         keyframes = {**_spec_settings(k.spec), "text_guidance": k.text_guidance, "image_guidance": k.image_guidance,
-                     "noise_aug_level": k.noise_aug_level, "motion_score": self.motion, "num_keyframes": k.num_frames}
+                     "noise_aug_level": k.noise_aug_level, "motion_score": self.motion, "num_keyframes": k.num_frames,
+                     "keep_first_frame": k.keep_first_frame}
         interp: Dict[str, Any] = {"passes": 0}
         if self.interpolation is not None:
             i = self.interpolation
@@ -299,7 +301,7 @@ class Pipeline:
         keyframes = KeyframeOptions.from_recipe(
             keyframe_cfg, sampler=call.keyframe_sampler, steps=call.keyframe_steps, text_guidance=call.text_guidance,
             image_guidance=call.image_guidance, noise_aug_level=call.noise_aug_level, num_frames=call.num_keyframes,
-            use_image=source != "none", negative_prompt=call.negative_prompt)
+            use_image=source != "none", negative_prompt=call.negative_prompt, keep_first_frame=call.keep_first_frame)
         interp = None
         if n_passes:
             interp = InterpolationOptions.from_recipe(

@@ -154,6 +154,10 @@ class KeyframeSamplingConfig:
     text_guidance: float = checked(5.0, ">= 0")  # w_T
     image_guidance: float = checked(2.0, ">= 0")  # w_I
     dynamic_threshold: Optional[float] = checked(0.995, "(0, 1]")
+    # true: frame 0's x0 prediction is the given first frame at every step (replacement
+    # sampling, `kvideo.diffusion.with_known`), so the keyframes start on it exactly; false: the
+    # model denoises frame 0 itself, as the release does
+    keep_first_frame: bool = False
 
 
 @dataclass

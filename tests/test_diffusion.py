@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as their_rescale
 
 from kvideo.diffusion import (
-    LossSpec, SamplerSpec, Schedule, betas_for, dynamic_threshold, min_snr_weight, sample, training_loss,
+    LossSpec, SamplerSpec, Schedule, betas_for, dynamic_threshold, min_snr_weight, sample, training_loss, with_known,
 )
 
 SCHEDULE_KW = {
@@ -389,3 +389,39 @@ def test_ddim_steps_along_the_list(spacing, steps):
     assert_close(a, b)
     _, ddim = ours_and_theirs("linear", False, DDIMScheduler, timestep_spacing=spacing, clip_sample=False)
     assert not torch.allclose(a, run_diffusers(ddim, x_T(), steps, "eps"), atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("target,zero_snr,spacing", [("eps", False, "leading"), ("v", True, "trailing"),
+                                                     ("x0", False, "leading")])
+def test_with_known_holds_the_masked_frames(sampler, target, zero_snr, spacing):
+    """Replacement sampling: every sampler ends exactly on the known frame; at each step the model's
+    output is untouched off the mask, and on it implies x0 = known (the frame walks the known
+    frame's noise path)."""
+    schedule = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=zero_snr)
+    known = torch.randn(SHAPE[0], SHAPE[1], 1, *SHAPE[3:], generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(1, 1, SHAPE[2], 1, 1, dtype=torch.bool)
+    mask[:, :, 0] = True
+
+    def mixing(x, t):  # frames see each other, as a video model's do
+        return model_fn(x, t) + 0.1 * x.mean(dim=2, keepdim=True)
+
+    wrapped = with_known(mixing, schedule, target, known, mask)
+    seen = []
+
+    def checked(x, t):
+        out = wrapped(x, t)
+        plain = mixing(x, t)
+        assert torch.equal(out[:, :, 1:], plain[:, :, 1:])
+        assert_close(schedule.predict_x0(x, t, out, target)[:, :, :1], known, tol=1e-4)
+        seen.append(int(t[0]))
+        return out
+
+    out = run_sampler(sampler, checked, schedule, x_T(), steps=8, spacing=spacing, target=target,
+                      generator=torch.Generator().manual_seed(1))
+    assert len(seen) == 8
+    assert_close(out[:, :, :1], known, tol=1e-5)
+    free = run_sampler(sampler, mixing, schedule, x_T(), steps=8, spacing=spacing, target=target,
+                       generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(free[:, :, :1], known, atol=1e-2)  # without it the frame is the model's
+    assert not torch.allclose(out[:, :, 1:], free[:, :, 1:], atol=1e-4)  # the other frames see it

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kvideo.diffusion import SamplerSpec, sample
+from kvideo.diffusion import SamplerSpec, sample, with_known
 from kvideo.inference.conditioning import KeyframeCondition, Prompts, conditioned_input
 from kvideo.inference.denoiser import make_schedule
 from kvideo.inference.loading import load_bundle
@@ -122,6 +122,9 @@ def test_conditioned_input_layout():
     assert torch.equal(out[0, 4:8, 0], first[0]) and not out[0, 4:8, 1:].any()
     assert not out[1, 4:].any()  # no image: zeros and mask 0
     assert torch.equal(out[0, 8, 0], torch.ones(5, 5)) and not out[0, 8, 1:].any()
+    every = conditioned_input(x_t, first, torch.tensor([True, False]), everywhere=True)
+    assert torch.equal(every[:, :4], x_t) and torch.equal(every[:, 8], out[:, 8])  # the same mask
+    assert all(torch.equal(every[0, 4:8, i], first[0]) for i in range(3)) and not every[1, 4:].any()
 
 
 def test_conditioning_dropout_rates_are_disjoint_and_as_configured():
@@ -210,6 +213,20 @@ def test_three_way_guidance_branches_are_the_right_conditions(keyframe_run):
     faster = sample_keyframes(bundle, [PROMPT], first, 0.5, options(1.0), generator=torch.Generator().manual_seed(1))
     slower = sample_keyframes(bundle, [PROMPT], first, 0.1, options(1.0), generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(faster, slower, atol=1e-4)
+    # keep_first_frame: the same guided call with frame 0's x0 held to the clean first frame
+    # (noise augmentation reaches only the model's conditioning channels), kept exactly
+    with_image = unet_call(tokens, mask, 1.0)
+    held = sample_keyframes(bundle, [PROMPT], first, 0.1, options(1.0, keep_first_frame=True),
+                            generator=torch.Generator().manual_seed(1))
+    frame0 = torch.zeros(1, 1, 3, 1, 1, dtype=torch.bool)
+    frame0[:, :, 0] = True
+    x_T = torch.randn((1, 4, 3, 8, 8), generator=torch.Generator().manual_seed(1))
+    expected = sample(with_known(with_image, schedule, "eps", first[:, :, None], frame0), schedule, x_T,
+                      SamplerSpec("ddim", steps=2), target="eps")
+    assert torch.allclose(held, expected, atol=1e-4), (held - expected).abs().max()
+    assert torch.allclose(held[:, :, 0], first, atol=1e-5)
+    free = sample_keyframes(bundle, [PROMPT], first, 0.1, options(1.0), generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(free[:, :, 1:], held[:, :, 1:], atol=1e-4)
 
 
 def test_keyframe_condition_is_the_unet_call_on_the_conditioned_input(keyframe_run):
@@ -242,6 +259,16 @@ def test_keyframe_condition_is_the_unet_call_on_the_conditioned_input(keyframe_r
         assert torch.equal(model(x, t, dropped), expected)
     with pytest.raises(ValueError, match="batch size"):
         KeyframeCondition(text, first[:1], has_image, level, motion, scale)
+    # model.first_frame_everywhere: the model's own input layout, read by the network call
+    model.unet.cfg.first_frame_everywhere = True
+    try:
+        with torch.no_grad():
+            got = model(x, t, KeyframeCondition(text, first, has_image, level, motion, scale))
+            every = model.unet(conditioned_input(x, first, has_image, everywhere=True), t, text.tokens, text.mask,
+                               noise_aug_level=level, motion_score=motion * scale)
+        assert torch.equal(got, every) and not torch.allclose(got, direct)
+    finally:
+        model.unet.cfg.first_frame_everywhere = False
 
 
 def _sample(tmp_path, run, name, *extra):

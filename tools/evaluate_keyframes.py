@@ -60,7 +60,8 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
     rc = cfg.recipe
     options = KeyframeOptions.from_recipe(cfg, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                                           timestep_shift=args.timestep_shift, text_guidance=args.text_guidance,
-                                          image_guidance=args.image_guidance, noise_aug_level=args.noise_aug_level)
+                                          image_guidance=args.image_guidance, noise_aug_level=args.noise_aug_level,
+                                          keep_first_frame=args.keep_first_frame)
     if args.dynamic_threshold is not None:  # "none" disables the recipe's thresholding
         threshold = None if args.dynamic_threshold == "none" else float(args.dynamic_threshold)
         options = dataclasses.replace(options, spec=dataclasses.replace(options.spec, dynamic_threshold=threshold))
@@ -99,6 +100,7 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
               "text_guidance": options.text_guidance,
               "image_guidance": options.image_guidance,
               "noise_aug_level": options.noise_aug_level,
+              "keep_first_frame": options.keep_first_frame,
               "motion_score": args.motion_score}
     for split in ("seen", "held_out", "all"):
         sel = [r for r in rows if split == "all" or r["split"] == split]
@@ -134,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-guidance", type=float)
     ap.add_argument("--image-guidance", type=float)
     ap.add_argument("--noise-aug-level", type=int)
+    ap.add_argument("--keep-first-frame", action=argparse.BooleanOptionalAction, default=None,
+                    help="hold frame 0 to the given first frame at every step (default: the run's recipe.sampling)")
     ap.add_argument("--motion-score", help="one motion score (number or preset) for every prompt: a sweep point")
     add_prompt_arguments(ap)
     args = ap.parse_args(argv)

@@ -252,6 +252,27 @@ def _dpmpp_2m(run: _Run, x_T: torch.Tensor) -> torch.Tensor:
 SAMPLERS = {"ddpm": _ddpm, "ddim": _ddim, "dpmpp_2m": _dpmpp_2m}
 
 
+def with_known(model_fn: ModelFn, schedule: Schedule, target: str, known: torch.Tensor,
+               mask: torch.Tensor) -> ModelFn:
+    """`model_fn` whose x0 prediction is `known` where `mask` is true (replacement sampling).
+
+    At every step the output is rewritten, where `mask` holds, to the prediction of `target`
+    that implies x0 = known at this x_t (eps = (x_t - alpha known) / sigma); elsewhere it is the
+    model's own output, untouched. Every sampler then moves those elements along the noise path
+    of `known` and ends on it exactly, and the model sees them at each step's noise level: a
+    video sampler conditioned on a given frame keeps that frame (an anchor frame, Factorized
+    Video Generation; "replacement" in Ho et al.'s video diffusion). Draws no randomness.
+    `known` and `mask` broadcast against the model's x.
+    """
+    def known_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = model_fn(x, t)
+        x0 = known.to(out.dtype).expand_as(out)
+        eps = schedule.predict_eps(x, t, x0, "x0")
+        return torch.where(mask, schedule.target_for(x0, eps, t, target).to(out.dtype), out)
+
+    return known_fn
+
+
 @torch.no_grad()
 def sample(model_fn: ModelFn, schedule: Schedule, x_T: torch.Tensor, spec: SamplerSpec, *, target: str = "eps",
            data_range: float = 1.0, generator: Optional[torch.Generator] = None,

@@ -143,8 +143,10 @@ class InterpolationCondition:
 # ----------------------------------------------------------------------------------------------
 
 
-def conditioned_input(x_t: torch.Tensor, first: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
-    """[x_t | first-frame latent in frame 0, zeros elsewhere | mask]: (b, c, f, h, w) -> (b, 2c + 1, f, h, w).
+def conditioned_input(x_t: torch.Tensor, first: torch.Tensor, has_image: torch.Tensor,
+                      everywhere: bool = False) -> torch.Tensor:
+    """[x_t | first-frame latent in frame 0, zeros elsewhere | mask, 1 at frame 0]: (b, c, f, h, w) ->
+    (b, 2c + 1, f, h, w); with `everywhere` the latent fills every frame's slot (the mask is the same).
 
     first (b, c, h, w): the (noise-augmented) first-frame latent; has_image (b,) bool or float:
     where 0 the first frame and the mask are zeros (no image).
@@ -152,7 +154,10 @@ def conditioned_input(x_t: torch.Tensor, first: torch.Tensor, has_image: torch.T
     b, c, f, h, w = x_t.shape
     keep = has_image.to(x_t.dtype).reshape(b, 1, 1, 1)
     cond = torch.zeros_like(x_t)
-    cond[:, :, 0] = first.to(x_t.dtype) * keep
+    if everywhere:
+        cond[:] = (first.to(x_t.dtype) * keep)[:, :, None]
+    else:
+        cond[:, :, 0] = first.to(x_t.dtype) * keep
     mask = torch.zeros(b, 1, f, h, w, dtype=x_t.dtype, device=x_t.device)
     mask[:, :, 0] = keep
     return torch.cat([x_t, cond, mask], dim=1)
@@ -207,7 +212,8 @@ def image_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: ImageConditio
 @network_call(KeyframeCondition)
 def keyframe_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: KeyframeCondition) -> torch.Tensor:
     text = encode_text(denoiser, cond.text)
-    return denoiser.unet(conditioned_input(x_t, cond.first, cond.has_image), t, text.tokens, text.mask,
+    x = conditioned_input(x_t, cond.first, cond.has_image, denoiser.unet.cfg.first_frame_everywhere)
+    return denoiser.unet(x, t, text.tokens, text.mask,
                          noise_aug_level=cond.noise_level, motion_score=cond.motion_score * cond.motion_scale)
 
 

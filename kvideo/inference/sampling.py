@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 import torch
 from omegaconf import DictConfig
 
-from kvideo.diffusion import SamplerSpec, plan_timesteps, sample, text_guided, text_image_guided
+from kvideo.diffusion import SamplerSpec, plan_timesteps, sample, text_guided, text_image_guided, with_known
 from kvideo.inference.conditioning import ImageCondition, InterpolationCondition, KeyframeCondition, noise_augment
 from kvideo.inference.denoiser import make_schedule
 from kvideo.inference.gaps import gap_blend, merge_gaps
@@ -94,7 +94,9 @@ class FirstFrameOptions:
 class KeyframeOptions:
     """How keyframes are sampled: the sampler, three-way guidance (w_T, w_I), the first frame's
     noise-augmentation level, the number of keyframes, whether the first frame is used (False:
-    plain text-to-video, the model's image-dropped branch) and the negative prompt."""
+    plain text-to-video, the model's image-dropped branch), the negative prompt, and whether
+    frame 0 is held to the given first frame at every step (`keep_first_frame`, replacement
+    sampling; the release denoises frame 0 freely)."""
 
     spec: SamplerSpec = field(default_factory=SamplerSpec)
     text_guidance: float = 5.0
@@ -103,6 +105,7 @@ class KeyframeOptions:
     num_frames: int = 12
     use_image: bool = True
     negative_prompt: Optional[str] = None
+    keep_first_frame: bool = False
 
     def __post_init__(self):
         for name in ("text_guidance", "image_guidance", "noise_aug_level"):
@@ -114,7 +117,7 @@ class KeyframeOptions:
         rc = cfg.recipe
         s = rc.sampling
         options = cls(sampler_spec(s), s.text_guidance, s.image_guidance, sampling_noise_level(rc.noise_aug),
-                      int(cfg.data.num_frames))
+                      int(cfg.data.num_frames), keep_first_frame=bool(s.keep_first_frame))
         return _changed(options, changes)
 
 
@@ -205,7 +208,8 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
     (b, c, h, w), scaled like the training latents, and motion scores (shard units, one or one per
     prompt), with three-way guidance [text + image, null text + image, null text + no image] in one
     batched forward. `options.use_image=False` gives every branch no first frame (plain
-    text-to-video), and the guidance reduces to text guidance with scale w_T."""
+    text-to-video), and the guidance reduces to text guidance with scale w_T.
+    `options.keep_first_frame` holds frame 0 to `first` (clean, not noise-augmented) at every step."""
     denoiser, rc = bundle.denoiser, bundle.recipe
     b, device = len(prompts), bundle.device
     if first.shape[0] != b:
@@ -228,6 +232,10 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
                                  replace(without_image, text=uncond_text),
                                  text_scale=options.text_guidance, image_scale=options.image_guidance)
     c, h, w = first.shape[1:]
+    if options.keep_first_frame and options.use_image:
+        frame0 = torch.zeros(1, 1, options.num_frames, 1, 1, dtype=torch.bool, device=device)
+        frame0[:, :, 0] = True
+        model_fn = with_known(model_fn, bundle.schedule, rc.diffusion.target, first[:, :, None], frame0)
     x_T = _noise((b, c, options.num_frames, h, w), generator, device)
     return sample(model_fn, bundle.schedule, x_T, options.spec, target=rc.diffusion.target,
                   data_range=rc.latent_scale, generator=generator, callback=callback)

@@ -58,6 +58,10 @@ class VideoUNetConfig(UNetConfig):
     # zero-initialised). Not in the release: its temporal layers see the text only through the
     # image model's pooled vector and the spatial cross-attention.
     temporal_text: bool = False
+    # The first-frame latent in every frame's input channels (the mask still marks frame 0), as
+    # image-to-video models that condition by concatenation do (SVD, DynamiCrafter): each frame's
+    # input conv sees the appearance it must keep. False: frame 0's slot only, the release.
+    first_frame_everywhere: bool = False
 
 
 def _temporal_attention_levels(cfg) -> List[bool]:

@@ -200,6 +200,18 @@ def train(cfg: DictConfig, stage_cls: Optional[type] = None) -> Path:
         dist.shutdown()
 
 
+_OPTIMIZER_IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+
+
+def build_optimizer(phase: Phase, tc) -> torch.optim.AdamW:
+    """AdamW over `phase`'s parameter groups with its learning rate, betas and weight decay (the
+    phase's own where set, else train's), in the implementation `tc.optimizer_impl` names."""
+    base_lr = phase.lr if phase.lr is not None else tc.lr
+    return torch.optim.AdamW(phase.param_groups(base_lr), lr=base_lr, betas=tuple(phase.betas or tc.betas),
+                             weight_decay=phase.weight_decay if phase.weight_decay is not None else tc.weight_decay,
+                             **_OPTIMIZER_IMPLS[tc.optimizer_impl])
+
+
 def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Path:
     tc = cfg.train
     device = info.device
@@ -225,9 +237,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     phases: List[Phase] = stage.phases(model)
     optimizers, schedulers = {}, {}
     for ph in phases:
-        base_lr = ph.lr if ph.lr is not None else tc.lr
-        opt = torch.optim.AdamW(ph.param_groups(base_lr), lr=base_lr, betas=tuple(ph.betas or tc.betas),
-                                weight_decay=ph.weight_decay if ph.weight_decay is not None else tc.weight_decay)
+        opt = build_optimizer(ph, tc)
         optimizers[ph.name] = opt
         schedulers[ph.name] = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
