@@ -204,6 +204,29 @@ def test_training_loss():
     assert torch.equal(info["t"], t) and loss.abs().max() < 1e-10
 
 
+def test_training_loss_mask_averages_over_the_kept_elements():
+    s = Schedule.from_name("squaredcos_cap_v2", zero_terminal_snr=True)
+    x0 = torch.randn(3, 4, 5, 8, 8, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(3, 1, 5, 1, 1, dtype=torch.bool)
+    mask[:2, :, 0] = False  # samples 0 and 1 leave frame 0 out, sample 2 keeps it
+    net = lambda x, t: 0.5 * x  # noqa: E731
+    spec = LossSpec(target="v")
+    loss, info = training_loss(net, s, x0, spec, generator=torch.Generator().manual_seed(5), mask=mask)
+    err = (info["pred"] - info["target"]).pow(2)
+    expect = torch.stack([err[0, :, 1:].mean(), err[1, :, 1:].mean(), err[2].mean()])
+    assert torch.allclose(loss, expect)
+    # elements outside the mask do not reach the loss: changing the prediction there changes nothing
+    def louder(x, t):
+        out = net(x, t).clone()
+        out[:2, :, 0] += 100.0
+        return out
+    moved, _ = training_loss(louder, s, x0, spec, generator=torch.Generator().manual_seed(5), mask=mask)
+    assert torch.equal(moved, loss)
+    none = torch.zeros_like(mask)
+    with pytest.raises(ValueError, match="no element"):
+        training_loss(net, s, x0, spec, mask=none)
+
+
 def test_timestep_shift():
     from kvideo.diffusion.losses import draw_timesteps
 

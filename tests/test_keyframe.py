@@ -269,6 +269,60 @@ def test_keyframe_condition_is_the_unet_call_on_the_conditioned_input(keyframe_r
         assert torch.equal(got, every) and not torch.allclose(got, direct)
     finally:
         model.unet.cfg.first_frame_everywhere = False
+    # model.anchor_first_frame: where an image is given, the first-frame latent is frame 0 of x_t
+    # and frame 0's timestep is its noise level; the sample without an image is untouched
+    model.unet.cfg.anchor_first_frame = True
+    try:
+        with torch.no_grad():
+            got = model(x, t, KeyframeCondition(text, first, has_image, level, motion, scale))
+            anchored_x = x.clone()
+            anchored_x[0, :, 0] = first[0]
+            frame_t = torch.tensor([[0, 10, 10], [500, 500, 500]])  # sample 0: level 0 at frame 0
+            expected = model.unet(conditioned_input(anchored_x, first, has_image), frame_t, text.tokens, text.mask,
+                                  noise_aug_level=level, motion_score=motion * scale)
+        assert torch.equal(got, expected)
+        assert torch.allclose(got[1], direct[1], atol=1e-5) and not torch.allclose(got[0], direct[0], atol=1e-4)
+    finally:
+        model.unet.cfg.anchor_first_frame = False
+
+
+def test_anchor_first_frame_trains_on_the_other_frames_and_samples_the_first(tmp_path, shapes_shards, movq_run,
+                                                                             t2i_run):
+    """With model.anchor_first_frame the loss leaves frame 0 out where a first frame is given
+    (the network's frame-0 output cannot move it) and counts it where the image is dropped;
+    sampling returns the first frame as frame 0 exactly."""
+    overrides = tiny_keyframe_overrides(tmp_path / "run", shapes_shards, movq_run, t2i_run,
+                                        **{"model.anchor_first_frame": "true", "train.max_steps": 2})
+    cfg = load_config([KEYFRAME_CONFIG], overrides)
+    stages = {rate: KeyframeStage(load_config([KEYFRAME_CONFIG], overrides + [
+        "recipe.dropout.text=0", "recipe.dropout.both=0", f"recipe.dropout.image={rate}"]), torch.device("cpu"))
+        for rate in (0.0, 1.0)}
+    model = stages[0.0].build_model()
+    assert model.unet.cfg.anchor_first_frame
+    g = torch.Generator().manual_seed(0)
+    batch = {"latents": torch.randn(2, 4, 4, 8, 8, generator=g), "caption": [PROMPT, PROMPT],
+             "motion_score": torch.tensor([0.1, 0.2])}
+
+    def loss_with(frame0_offset, image_dropout):
+        stage = stages[image_dropout]
+
+        def net(x_t, t, cond):
+            out = model(x_t, t, cond).clone()
+            out[:, :, 0] += frame0_offset
+            return out
+
+        torch.manual_seed(3)
+        return stage.loss(model, {"main": net}, batch, 0, "main")[0]
+
+    with torch.no_grad():
+        assert torch.equal(loss_with(0.0, 0.0), loss_with(50.0, 0.0))  # frame 0 is an input, not a target
+        assert loss_with(50.0, 1.0) > loss_with(0.0, 1.0) + 100  # no image: frame 0 is denoised as any frame
+    train(cfg)
+    bundle = load_bundle(tmp_path / "run", "keyframe")
+    first = torch.randn(1, 4, 8, 8, generator=g)
+    options = KeyframeOptions(SamplerSpec("ddim", steps=2), num_frames=3, noise_aug_level=20)
+    video = sample_keyframes(bundle, [PROMPT], first, 0.1, options, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(video[:, :, 0], first, atol=1e-5)
 
 
 def _sample(tmp_path, run, name, *extra):

@@ -149,6 +149,31 @@ def test_temporal_embedding_reaches_only_the_temporal_layers():
     assert torch.allclose(base[1], moved[1], atol=1e-5)  # sample 1 untouched
 
 
+def test_per_frame_timesteps():
+    """t (b, f) with every frame at its clip's t is t (b,); a frame's own t conditions every layer
+    (spatial and temporal) of that frame, and shapes are checked."""
+    torch.manual_seed(0)
+    video = VideoUNet(tiny_video_config(temporal_text=True)).eval()
+    randomise_norms(video)  # the spatial norms read the time embedding, as after training
+    randomise_temporal(video)
+    x, t, context, mask = video_inputs(f=4)
+    level, motion = torch.tensor([20, 0]), torch.tensor([1.0, 2.0])
+    with torch.no_grad():
+        clip = video(x, t, context, mask, noise_aug_level=level, motion_score=motion)
+        same = video(x, t[:, None].expand(2, 4), context, mask, noise_aug_level=level, motion_score=motion)
+        assert torch.allclose(clip, same, atol=1e-5), (clip - same).abs().max()
+        frame_t = t[:, None].expand(2, 4).clone()
+        frame_t[:, 0] = 0
+        anchored = video(x, frame_t, context, mask, noise_aug_level=level, motion_score=motion)
+        assert not torch.allclose(anchored[:, :, 0], clip[:, :, 0], atol=1e-4)
+        # image mode: frame 0 alone changes
+        a = video(x, t, context, mask, temporal=False)
+        b = video(x, frame_t, context, mask, temporal=False)
+        assert torch.allclose(a[:, :, 1:], b[:, :, 1:], atol=1e-5) and not torch.allclose(a[:, :, 0], b[:, :, 0], atol=1e-4)
+    with pytest.raises(ValueError, match="per-frame timesteps"):
+        video(x, frame_t[:, :3], context, mask)
+
+
 def test_frames_interact_only_through_temporal_layers():
     torch.manual_seed(0)
     video = VideoUNet(tiny_video_config()).eval()

@@ -66,7 +66,7 @@ class LossSpec:
 
 def training_loss(model_fn: Callable[..., torch.Tensor], schedule: Schedule, x0: torch.Tensor, spec: LossSpec, *,
                   generator: torch.Generator | None = None, t: torch.Tensor | None = None,
-                  noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                  noise: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Per-sample denoising loss E|model(x_t, t) - target|^2 for a batch of clean x0.
 
     Draws t of shape (b,) (`draw_timesteps`: uniform over {0, ..., T-1} unless
@@ -74,7 +74,9 @@ def training_loss(model_fn: Callable[..., torch.Tensor], schedule: Schedule, x0:
     generator's device) unless `t` / `noise` are given; forms x_t = q_sample(x0, t, eps); calls
     `model_fn(x_t, t)`; returns (loss of shape (b,), info) where the loss is the mean squared
     error over all non-batch dims, times the weight (1, or `min_snr_weight` when
-    spec.weighting="min_snr"). info holds t, noise, x_t, pred, target and weight (all detached).
+    spec.weighting="min_snr"). `mask` (broadcast against x0, true where the loss counts) restricts
+    the mean to its elements (an anchor frame given as input is not a prediction); every sample
+    must keep at least one. info holds t, noise, x_t, pred, target and weight (all detached).
     """
     target = spec.target
     b = x0.shape[0]
@@ -89,7 +91,15 @@ def training_loss(model_fn: Callable[..., torch.Tensor], schedule: Schedule, x0:
     x_t = schedule.q_sample(x0, t, noise)
     pred = model_fn(x_t, t)
     tgt = schedule.target_for(x0, noise, t, target)
-    mse = (pred.float() - tgt.float()).pow(2).flatten(1).mean(dim=1)  # (b,)
+    err = (pred.float() - tgt.float()).pow(2)
+    if mask is None:
+        mse = err.flatten(1).mean(dim=1)  # (b,)
+    else:
+        keep = mask.to(err.device, err.dtype).expand_as(err).flatten(1)
+        count = keep.sum(dim=1)
+        if bool((count == 0).any()):
+            raise ValueError("training_loss: the mask leaves a sample with no element to train on")
+        mse = (err.flatten(1) * keep).sum(dim=1) / count
 
     if spec.weighting == "min_snr":
         weight = min_snr_weight(schedule.snr(t), target, spec.min_snr_gamma).to(mse.dtype)

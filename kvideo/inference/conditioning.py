@@ -209,9 +209,25 @@ def image_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: ImageConditio
     return denoiser.unet(x_t, t, text.tokens, text.mask)
 
 
+def anchored_input(x_t: torch.Tensor, t: torch.Tensor, first: torch.Tensor, has_image: torch.Tensor,
+                   level: torch.Tensor):
+    """(x_t, t (b,)) -> (x_t with frame 0 replaced by the first-frame latent, per-frame timesteps
+    (b, f) with frame 0's set to the first frame's noise-augmentation `level`), where `has_image`;
+    samples without a first frame keep their x_t and t on every frame."""
+    b, f = x_t.shape[0], x_t.shape[2]
+    keep = has_image.to(x_t.device) > 0
+    x = x_t.clone()
+    x[:, :, 0] = torch.where(keep.reshape(b, 1, 1, 1), first.to(x_t.dtype), x_t[:, :, 0])
+    frame_t = t.reshape(b, 1).expand(b, f).clone()
+    frame_t[:, 0] = torch.where(keep, level.to(t.device, t.dtype), t)
+    return x, frame_t
+
+
 @network_call(KeyframeCondition)
 def keyframe_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: KeyframeCondition) -> torch.Tensor:
     text = encode_text(denoiser, cond.text)
+    if denoiser.unet.cfg.anchor_first_frame:
+        x_t, t = anchored_input(x_t, t, cond.first, cond.has_image, cond.noise_level)
     x = conditioned_input(x_t, cond.first, cond.has_image, denoiser.unet.cfg.first_frame_everywhere)
     return denoiser.unet(x, t, text.tokens, text.mask,
                          noise_aug_level=cond.noise_level, motion_score=cond.motion_score * cond.motion_scale)

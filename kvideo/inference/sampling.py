@@ -209,7 +209,8 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
     prompt), with three-way guidance [text + image, null text + image, null text + no image] in one
     batched forward. `options.use_image=False` gives every branch no first frame (plain
     text-to-video), and the guidance reduces to text guidance with scale w_T.
-    `options.keep_first_frame` holds frame 0 to `first` (clean, not noise-augmented) at every step."""
+    `options.keep_first_frame` holds frame 0 to `first` (clean, not noise-augmented) at every step,
+    as it always is for a model trained with `anchor_first_frame`."""
     denoiser, rc = bundle.denoiser, bundle.recipe
     b, device = len(prompts), bundle.device
     if first.shape[0] != b:
@@ -232,7 +233,10 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
                                  replace(without_image, text=uncond_text),
                                  text_scale=options.text_guidance, image_scale=options.image_guidance)
     c, h, w = first.shape[1:]
-    if options.keep_first_frame and options.use_image:
+    # a model given its first frame as frame 0 of x_t (model.anchor_first_frame) never learned
+    # to predict that frame: it is the first frame
+    anchored = denoiser.unet.cfg.anchor_first_frame
+    if (options.keep_first_frame or anchored) and options.use_image:
         frame0 = torch.zeros(1, 1, options.num_frames, 1, 1, dtype=torch.bool, device=device)
         frame0[:, :, 0] = True
         model_fn = with_known(model_fn, bundle.schedule, rc.diffusion.target, first[:, :, None], frame0)

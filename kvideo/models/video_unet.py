@@ -1,6 +1,6 @@
 """The keyframe UNet of Kandinsky Video 1.1: the Kandinsky 3 UNet plus temporal layers.
 
-    x (b, in_channels, f, h, w), t (b,), context (b, n, context_dim), context_mask (b, n),
+    x (b, in_channels, f, h, w), t (b,) or (b, f), context (b, n, context_dim), context_mask (b, n),
     noise_aug_level (b,), motion_score (b,), frame_index (f,) or (b, f)
       -> (b, out_channels, f, h, w)
 
@@ -62,6 +62,13 @@ class VideoUNetConfig(UNetConfig):
     # image-to-video models that condition by concatenation do (SVD, DynamiCrafter): each frame's
     # input conv sees the appearance it must keep. False: frame 0's slot only, the release.
     first_frame_everywhere: bool = False
+    # The (noise-augmented) first-frame latent also replaces frame 0 of x_t, and frame 0's
+    # timestep becomes its noise-augmentation level (per-frame timesteps): the first frame enters
+    # as a frame of the clip the spatial layers already know how to read, and the temporal layers
+    # carry it to the others from the first step (anchor-frame training, Factorized Video
+    # Generation). Frame 0 is then an input: the loss leaves it out and sampling returns the first
+    # frame there. False: the release.
+    anchor_first_frame: bool = False
 
 
 def _temporal_attention_levels(cfg) -> List[bool]:
@@ -234,9 +241,11 @@ class VideoUNet(UNet):
                            motion_score: Optional[torch.Tensor], frame_index: Optional[torch.Tensor],
                            context: Optional[torch.Tensor] = None,
                            context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-frame conditioning of the temporal layers: (b, e) -> (b, f, e). With
-        `temporal_text`, the context's own pooling is part of it."""
+        """Per-frame conditioning of the temporal layers: emb (b, e), or (b, f, e) with per-frame
+        timesteps, -> (b, f, e). With `temporal_text`, the context's own pooling is part of it."""
         b, device = emb.shape[0], emb.device
+        if emb.ndim == 2:
+            emb = emb[:, None, :]
         if frame_index is None:
             frame_index = torch.arange(num_frames, device=device)
         frame_index = frame_index.to(device)
@@ -257,30 +266,38 @@ class VideoUNet(UNet):
             if context is None:
                 raise ValueError("VideoUNet: temporal_text needs the context")
             per_clip = self.text_pooling(per_clip, context, context_mask)  # per_clip + pooled text
-        return emb[:, None, :] + frames + per_clip[:, None, :]
+        return emb + frames + per_clip[:, None, :]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 context_mask: Optional[torch.Tensor] = None, *, noise_aug_level: Optional[torch.Tensor] = None,
                 motion_score: Optional[torch.Tensor] = None, frame_index: Optional[torch.Tensor] = None,
                 temporal: bool = True) -> torch.Tensor:
-        """(b, c, f, h, w) -> (b, out_channels, f, h, w). `temporal=False` is image mode: every
-        frame denoised on its own by the spatial layers; the temporal inputs are then unused."""
+        """(b, c, f, h, w) -> (b, out_channels, f, h, w). t is (b,), one timestep per clip, or
+        (b, f), one per frame (a clean anchor frame among noisy ones). `temporal=False` is image
+        mode: every frame denoised on its own by the spatial layers; the temporal inputs are then
+        unused."""
         if x.ndim != 5:
             raise ValueError(f"VideoUNet: x must be (b, c, f, h, w); got {tuple(x.shape)}")
         b, _, f = x.shape[:3]
+        if t.ndim == 2 and t.shape != (b, f):
+            raise ValueError(f"VideoUNet: per-frame timesteps must be ({b}, {f}); got {tuple(t.shape)}")
         frames = rearrange(x, "b c f h w -> (b f) c h w")
-        self._check_inputs(frames, t.repeat_interleave(f), context.repeat_interleave(f, dim=0),
-                           None if context_mask is None else context_mask.repeat_interleave(f, dim=0))
-        emb = self.embed(t, context, context_mask)  # (b, e): one conditioning vector per clip
+        frame_context = context.repeat_interleave(f, dim=0)
+        frame_mask = None if context_mask is None else context_mask.repeat_interleave(f, dim=0)
+        frame_t = t.reshape(-1) if t.ndim == 2 else t.repeat_interleave(f)
+        self._check_inputs(frames, frame_t, frame_context, frame_mask)
+        if t.ndim == 2:  # one conditioning vector per frame
+            frame_emb = self.embed(frame_t, frame_context, frame_mask)
+            emb = rearrange(frame_emb, "(b f) e -> b f e", b=b)
+        else:  # one per clip
+            emb = self.embed(t, context, context_mask)
+            frame_emb = emb.repeat_interleave(f, dim=0)
         down = up = None
         if temporal:
             temb = self.temporal_embedding(emb, f, noise_aug_level, motion_score, frame_index, context, context_mask)
             down = [_BoundTemporal(layers, f, temb) for layers in self.temporal_down]
             up = [_BoundTemporal(layers, f, temb) for layers in self.temporal_up]
-        out = self.run_levels(
-            frames, emb.repeat_interleave(f, dim=0), context.repeat_interleave(f, dim=0),
-            None if context_mask is None else context_mask.repeat_interleave(f, dim=0), down, up,
-        )
+        out = self.run_levels(frames, frame_emb, frame_context, frame_mask, down, up)
         return rearrange(out, "(b f) c h w -> b c f h w", b=b)
 
 

@@ -11,7 +11,7 @@ what `sample.py` would make.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -64,10 +64,11 @@ class LatentDiffusionStage(Stage):
         """The model being trained, as the inference layer's samplers take it."""
         return Bundle(self.name, model, self.movq, self.cfg, self.schedule, str(self.cfg.run_dir))
 
-    def diffusion_loss(self, net: nn.Module, x0: torch.Tensor, cond) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """The mean denoising loss of `net` (the possibly DDP-wrapped denoiser) on x0 under `cond`,
-        and its per-sample MSE for the log."""
-        loss, info = training_loss(lambda x_t, t: net(x_t, t, cond), self.schedule, x0, self.loss_spec)
+    def diffusion_loss(self, net: nn.Module, x0: torch.Tensor, cond,
+                       mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The mean denoising loss of `net` (the possibly DDP-wrapped denoiser) on x0 under `cond`
+        (over the elements where `mask` holds, when given), and its per-sample MSE for the log."""
+        loss, info = training_loss(lambda x_t, t: net(x_t, t, cond), self.schedule, x0, self.loss_spec, mask=mask)
         return loss.mean(), {f"{self.name}/mse": float(info["mse"].mean())}
 
 

@@ -11,6 +11,10 @@ Trains a video UNet (`kvideo.models.video_unet`) on clips of `data.num_frames` k
   given to the temporal layers; sampling uses a small fixed level (default 20);
 - the motion score of the clip (shard metadata `motion_score`, times `recipe.motion.scale`).
 
+With `model.anchor_first_frame` the first-frame latent is also frame 0 of x_t, marked by its own
+timestep (`kvideo.inference.conditioning.anchored_input`), and the loss leaves frame 0 out
+where a first frame is given.
+
 These are a `KeyframeCondition` (kvideo.inference.conditioning). Training drops the text, the
 image, or both, at `recipe.dropout` rates (`KeyframeCondition.dropped`), so one model gives the
 three branches of `text_image_guided`: [text + image, null text + image, null text + no image].
@@ -109,7 +113,11 @@ class KeyframeStage(LatentDiffusionStage):
         cond = KeyframeCondition(Prompts(batch["caption"]), first, torch.ones(b, dtype=torch.bool, device=self.device),
                                  level, batch["motion_score"].to(self.device), self.rc.motion.scale)
         cond = cond.dropped(text=drop_text, image=drop_image.to(self.device))
-        loss, logs = self.diffusion_loss(parts["main"], x0, cond)
+        mask = None
+        if model.unet.cfg.anchor_first_frame:  # frame 0 is the given first frame: no prediction to train
+            mask = torch.ones(b, 1, x0.shape[2], 1, 1, dtype=torch.bool, device=self.device)
+            mask[:, 0, 0] = ~cond.has_image.reshape(b, 1, 1).bool()
+        loss, logs = self.diffusion_loss(parts["main"], x0, cond, mask)
         return loss, {**logs, "keyframe/latent_std": float(x0.std())}
 
     @torch.no_grad()
