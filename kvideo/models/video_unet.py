@@ -282,22 +282,24 @@ class VideoUNet(UNet):
         if t.ndim == 2 and t.shape != (b, f):
             raise ValueError(f"VideoUNet: per-frame timesteps must be ({b}, {f}); got {tuple(t.shape)}")
         frames = rearrange(x, "b c f h w -> (b f) c h w")
-        frame_context = context.repeat_interleave(f, dim=0)
-        frame_mask = None if context_mask is None else context_mask.repeat_interleave(f, dim=0)
-        frame_t = t.reshape(-1) if t.ndim == 2 else t.repeat_interleave(f)
-        self._check_inputs(frames, frame_t, frame_context, frame_mask)
-        if t.ndim == 2:  # one conditioning vector per frame
-            frame_emb = self.embed(frame_t, frame_context, frame_mask)
-            emb = rearrange(frame_emb, "(b f) e -> b f e", b=b)
-        else:  # one per clip
-            emb = self.embed(t, context, context_mask)
-            frame_emb = emb.repeat_interleave(f, dim=0)
+        per_frame = t.ndim == 2
+
+        def for_frames(value: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if value is None else value.repeat_interleave(f, dim=0)
+
+        frame_t = t.reshape(-1) if per_frame else t.repeat_interleave(f)
+        self._check_inputs(frames, frame_t, for_frames(context), for_frames(context_mask))
+        # one conditioning vector per frame, or per clip (then repeated for the frames, after the
+        # temporal embedding has read it: this order keeps the autograd sums of older runs bitwise)
+        emb = rearrange(self.embed(frame_t, for_frames(context), for_frames(context_mask)), "(b f) e -> b f e", b=b) \
+            if per_frame else self.embed(t, context, context_mask)
         down = up = None
         if temporal:
             temb = self.temporal_embedding(emb, f, noise_aug_level, motion_score, frame_index, context, context_mask)
             down = [_BoundTemporal(layers, f, temb) for layers in self.temporal_down]
             up = [_BoundTemporal(layers, f, temb) for layers in self.temporal_up]
-        out = self.run_levels(frames, frame_emb, frame_context, frame_mask, down, up)
+        frame_emb = rearrange(emb, "b f e -> (b f) e") if per_frame else emb.repeat_interleave(f, dim=0)
+        out = self.run_levels(frames, frame_emb, for_frames(context), for_frames(context_mask), down, up)
         return rearrange(out, "(b f) c h w -> b c f h w", b=b)
 
 
