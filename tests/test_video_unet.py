@@ -6,7 +6,7 @@ from einops import rearrange
 
 from kvideo.models.unet import UNet
 from kvideo.models.video_unet import (
-    TemporalAttentionBlock, TemporalResNetBlock, VideoUNet, VideoUNetConfig, load_image_weights, video_unet_config,
+    FirstFrameAttentionBlock, TemporalAttentionBlock, TemporalResNetBlock, VideoUNet, VideoUNetConfig, load_image_weights, video_unet_config,
 )
 from kvideo.registry import count_parameters
 
@@ -202,6 +202,46 @@ def test_grad_checkpointing_same_gradients_and_every_parameter_learns():
     assert not missing, missing
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
+
+
+def test_first_frame_attention_reads_frame_0_anywhere_and_starts_as_the_identity():
+    torch.manual_seed(0)
+    block = FirstFrameAttentionBlock(16, 32, groups=4, head_dim=8)
+    x, emb = torch.randn(2, 16, 4, 6, 6), torch.randn(2, 4, 32)
+    out = block(x, emb)
+    assert torch.equal(out, x)  # zero-initialised output
+    out.square().sum().backward()
+    assert block.attention.to_out.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        block.attention.to_out.weight.normal_(0, 0.1)
+        base = block(x, emb)
+        y = x.clone()
+        y[:, :, 0, 0, 0] += 1.0  # one corner of frame 0
+        moved = block(y, emb)
+        # every position of every frame reads it, the far corner of frame 3 included ...
+        assert not torch.allclose(moved[:, :, 3, 5, 5], base[:, :, 3, 5, 5], atol=1e-5)
+        y = x.clone()
+        y[:, :, 2] += 1.0  # ... while frame 2 reaches no frame but itself
+        moved = block(y, emb)
+        assert torch.equal(moved[:, :, [0, 1, 3]], base[:, :, [0, 1, 3]])
+
+
+def test_first_frame_attention_levels_keep_the_model_at_init_and_learn():
+    torch.manual_seed(0)
+    plain = VideoUNet(tiny_video_config()).eval()
+    video = VideoUNet(tiny_video_config(first_frame_attention=[True, False])).eval()
+    new = [k for k in video.state_dict() if k not in plain.state_dict()]
+    assert new and all(".first_frame." in k for k in new)
+    assert {".".join(k.split(".")[:2]) for k in new} == {"temporal_down.0", "temporal_up.1"}  # up j mirrors down 1 - j
+    assert set(new) <= {n for n, _ in video.named_parameters() if any(p is _ for p in video.temporal_parameters())}
+    video.load_state_dict(plain.state_dict(), strict=False)
+    x, t, context, mask = video_inputs()
+    assert torch.allclose(video(x, t, context, mask), plain(x, t, context, mask), atol=1e-6)
+    video(x, t, context, mask).square().mean().backward()
+    learned = [k for k, p in video.named_parameters() if k in new and p.grad is not None and p.grad.abs().sum() > 0]
+    assert any(k.endswith("to_out.weight") for k in learned)
+    with pytest.raises(ValueError, match="first_frame_attention"):
+        VideoUNet(tiny_video_config(first_frame_attention=[True, True, True]))
 
 
 def test_bad_inputs_fail_clearly():

@@ -20,7 +20,9 @@ import torch
 from omegaconf import DictConfig
 
 from kvideo.diffusion import SamplerSpec, plan_timesteps, sample, text_guided, text_image_guided, with_known
-from kvideo.inference.conditioning import ImageCondition, InterpolationCondition, KeyframeCondition, noise_augment
+from kvideo.inference.conditioning import (
+    ImageCondition, InterpolationCondition, KeyframeCondition, given_frames, noise_augment,
+)
 from kvideo.inference.denoiser import make_schedule
 from kvideo.inference.gaps import gap_blend, merge_gaps
 from kvideo.inference.loading import Bundle
@@ -237,9 +239,8 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
     # to predict that frame: it is the first frame
     anchored = denoiser.unet.cfg.anchor_first_frame
     if (options.keep_first_frame or anchored) and options.use_image:
-        frame0 = torch.zeros(1, 1, options.num_frames, 1, 1, dtype=torch.bool, device=device)
-        frame0[:, :, 0] = True
-        model_fn = with_known(model_fn, bundle.schedule, rc.diffusion.target, first[:, :, None], frame0)
+        model_fn = with_known(model_fn, bundle.schedule, rc.diffusion.target, first[:, :, None],
+                              given_frames(with_image.has_image, options.num_frames))
     x_T = _noise((b, c, options.num_frames, h, w), generator, device)
     return sample(model_fn, bundle.schedule, x_T, options.spec, target=rc.diffusion.target,
                   data_range=rc.latent_scale, generator=generator, callback=callback)

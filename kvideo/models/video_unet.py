@@ -14,7 +14,9 @@ information across frames:
 - a `TemporalAttentionBlock` after the self-attention of every level that has one: attention
   over the frames at each pixel, then a feed-forward; both residual branches end in a
   zero-initialised projection (the release zero-initialises only the attention output, so its
-  feed-forward makes the block no identity at init; here it is).
+  feed-forward makes the block no identity at init; here it is);
+- optionally (`first_frame_attention`, not in the release) a `FirstFrameAttentionBlock` per
+  level: every frame's positions attend to all of frame 0's, output zero-initialised.
 
 The norms of the temporal layers are conditioned per frame on the time embedding plus the
 temporal embedding = MLP(sin(frame index)) + MLP(sin(noise-augmentation level)) +
@@ -69,6 +71,14 @@ class VideoUNetConfig(UNetConfig):
     # Generation). Frame 0 is then an input: the loss leaves it out and sampling returns the first
     # frame there. False: the release.
     anchor_first_frame: bool = False
+    # Per level (None: none): a first-frame attention in that level at its full resolution, where
+    # every frame's positions attend to all of frame 0's (the frame the first frame is given in).
+    # Temporal layers mix frames at one pixel only, so a moving object's shape and colour can reach
+    # later frames from frame 0 only through the spatial convolutions' reach; this attention lets a
+    # frame read frame 0 wherever the object was (the cross-frame attention of Tune-A-Video and
+    # Text2Video-Zero, the first-frame attention of ConsistI2V). Output zero-initialised, a
+    # temporal layer (off in image mode). Not in the release.
+    first_frame_attention: Optional[List[bool]] = None
 
 
 def _temporal_attention_levels(cfg) -> List[bool]:
@@ -81,6 +91,14 @@ def _temporal_attention_levels(cfg) -> List[bool]:
                          f"so it needs add_self_attention on the same levels; got {list(levels)} "
                          f"with add_self_attention {list(cfg.add_self_attention)}")
     return list(levels)
+
+
+def _first_frame_attention_levels(cfg) -> List[bool]:
+    levels = cfg.first_frame_attention if cfg.first_frame_attention is not None else [False] * len(cfg.dim_mult)
+    if len(levels) != len(cfg.dim_mult):
+        raise ValueError(f"{type(cfg).__name__}.first_frame_attention needs one entry per level of dim_mult "
+                         f"({len(cfg.dim_mult)}); got {list(levels)}")
+    return [bool(v) for v in levels]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,16 +168,44 @@ class TemporalAttentionBlock(nn.Module):
         return x + rearrange(out, "b f h w c -> b c f h w")
 
 
+class FirstFrameAttentionBlock(nn.Module):
+    """x + attention of every frame's positions over all of frame 0's positions (its keys and
+    values), one sequence per clip: (b, c, f, h, w) -> same. Each frame is normalised on its own
+    (as the spatial layers see it), conditioned on its temporal embedding, so a frame's output
+    depends on itself and frame 0 only; the output projection starts at zero (identity at init).
+    No positional embedding: a frame finds where the object was in frame 0 by its features."""
+
+    def __init__(self, channels: int, cond_dim: int, groups: int = 32, head_dim: int = 64) -> None:
+        super().__init__()
+        self.norm = ConditionalGroupNorm(channels, cond_dim, groups)
+        self.attention = Attention(channels, channels, channels, head_dim)
+        zero_module(self.attention.to_out)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        b, c, f, h, w = x.shape
+        normed = rearrange(self.norm(rearrange(x, "b c f h w -> (b f) c h w"), rearrange(emb, "b f e -> (b f) e")),
+                           "(b f) c h w -> b c f h w", b=b)
+        queries = rearrange(normed, "b c f h w -> b (f h w) c")
+        first = rearrange(normed[:, :, 0], "b c h w -> b (h w) c")
+        out = self.attention(queries, first)
+        return x + rearrange(out, "b (f h w) c -> b c f h w", f=f, h=h)
+
+
 class LevelTemporal(nn.Module):
     """The temporal layers of one UNet level: a TemporalResNetBlock per spatial ResNet (slot 2i
-    and 2i + 1 for unit i) and an optional TemporalAttentionBlock."""
+    and 2i + 1 for unit i), an optional TemporalAttentionBlock, and an optional
+    FirstFrameAttentionBlock after the temporal ResNet of slot `first_frame_slot`."""
 
-    def __init__(self, resnet_channels: List[int], attention_channels: Optional[int], cfg: VideoUNetConfig) -> None:
+    def __init__(self, resnet_channels: List[int], attention_channels: Optional[int], cfg: VideoUNetConfig,
+                 first_frame_slot: Optional[int] = None) -> None:
         super().__init__()
         e, g = cfg.time_embed_dim, cfg.groups
         self.resnets = nn.ModuleList([TemporalResNetBlock(c, e, g, cfg.compression_ratio) for c in resnet_channels])
         self.attention = (TemporalAttentionBlock(attention_channels, e, g, cfg.head_dim, cfg.expansion_ratio)
                           if attention_channels is not None else None)
+        self.first_frame_slot = first_frame_slot
+        self.first_frame = (FirstFrameAttentionBlock(resnet_channels[first_frame_slot], e, g, cfg.head_dim)
+                            if first_frame_slot is not None else None)
 
 
 class _BoundTemporal:
@@ -177,7 +223,10 @@ class _BoundTemporal:
         return rearrange(block(video, self.emb), "b c f h w -> (b f) c h w")
 
     def resnet(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        return self._apply(self.layers.resnets[slot], x)
+        x = self._apply(self.layers.resnets[slot], x)
+        if slot == self.layers.first_frame_slot:
+            x = self._apply(self.layers.first_frame, x)
+        return x
 
     def inner(self, slot: int):
         return None  # the keyframe model has no layers inside the spatial ResNets
@@ -199,6 +248,7 @@ class VideoUNet(UNet):
         super().__init__(cfg)
         init, e = _init_channels(cfg), cfg.time_embed_dim
         attn = _temporal_attention_levels(cfg)
+        first = _first_frame_attention_levels(cfg)
         self.frame_embed = TimestepEmbedding(init, e)
         self.noise_aug_embed = TimestepEmbedding(init, e)
         self.motion_embed = TimestepEmbedding(init, e)
@@ -211,7 +261,8 @@ class VideoUNet(UNet):
             channels = [u.in_resnet.blocks[-1].conv.out_channels for u in level.units]
             self.temporal_down.append(LevelTemporal(
                 [c for c in channels for _ in range(2)],  # each unit's ResNets both output this width
-                level.self_attention.in_norm.norm.num_channels if attn[i] else None, cfg))
+                level.self_attention.in_norm.norm.num_channels if attn[i] else None, cfg,
+                first_frame_slot=0 if first[i] else None))  # after the level's first ResNet, before any downsampling
         self.temporal_up = nn.ModuleList()
         levels = len(cfg.dim_mult)
         for j, level in enumerate(self.up_samples):
@@ -219,7 +270,9 @@ class VideoUNet(UNet):
             for u in level.units:  # temporal ResNets come before the spatial ones: their input widths
                 widths += [u.in_resnet.blocks[0].norm.norm.num_channels, u.out_resnet.blocks[0].norm.norm.num_channels]
             self.temporal_up.append(LevelTemporal(
-                widths, level.self_attention.in_norm.norm.num_channels if attn[levels - 1 - j] else None, cfg))
+                widths, level.self_attention.in_norm.norm.num_channels if attn[levels - 1 - j] else None, cfg,
+                # before the second spatial ResNet: after the first one's upsampling
+                first_frame_slot=1 if first[levels - 1 - j] else None))
 
     # -- parameter groups (the stage freezes or trains them; model_info reports them)
 

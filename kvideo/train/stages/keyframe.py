@@ -34,7 +34,7 @@ import torch
 from einops import rearrange
 
 from kvideo.inference.autoencoder import decode_latents
-from kvideo.inference.conditioning import KeyframeCondition, Prompts, noise_augment
+from kvideo.inference.conditioning import KeyframeCondition, Prompts, given_frames, noise_augment
 from kvideo.inference.denoiser import TextDenoiser
 from kvideo.inference.sampling import KeyframeOptions, sample_keyframes
 from kvideo.recipes import ConditionDropout, NoiseAugConfig
@@ -115,8 +115,7 @@ class KeyframeStage(LatentDiffusionStage):
         cond = cond.dropped(text=drop_text, image=drop_image.to(self.device))
         mask = None
         if model.unet.cfg.anchor_first_frame:  # frame 0 is the given first frame: no prediction to train
-            mask = torch.ones(b, 1, x0.shape[2], 1, 1, dtype=torch.bool, device=self.device)
-            mask[:, 0, 0] = ~cond.has_image.reshape(b, 1, 1).bool()
+            mask = ~given_frames(cond.has_image, x0.shape[2])
         loss, logs = self.diffusion_loss(parts["main"], x0, cond, mask)
         return loss, {**logs, "keyframe/latent_std": float(x0.std())}
 
