@@ -12,6 +12,9 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],
-        "dev": ["pytest", "pytest-timeout", "diffusers"],
+        # FID / KID / FVD (kvideo.metrics.frechet): scipy's matrix square root, as the references use
+        "metrics": ["scipy"],
+        # pytorch-fid: the reference FID implementation the metric tests compare against
+        "dev": ["pytest", "pytest-timeout", "diffusers", "scipy", "pytorch-fid"],
     },
 )
