@@ -195,3 +195,38 @@ def test_clipsim_and_clip_temp_equal_open_clip_directly(tmp_path):
     assert clip_temp(image_emb) == pytest.approx(expected_temp, abs=1e-5)
     with pytest.raises(ValueError, match="not an open_clip architecture"):
         load_clip("ViT-Nope", tmp_path / "vit_b_32.pt")
+
+
+def test_raft_flow_equals_torchvision_raft_directly(tmp_path):
+    from torchvision.models.optical_flow import raft_small
+
+    from kvideo.metrics.flow import flow_score, load_raft, pair_flows
+
+    torch.manual_seed(0)
+    torch.save(raft_small(weights=None).state_dict(), tmp_path / "raft_small.pth")
+    raft = load_raft(tmp_path / "raft_small.pth")
+    frames = videos(1, t=3, seed=4)[0].repeat(8, axis=1).repeat(8, axis=2)  # (3, 128, 128, 3): RAFT's size
+    ref = raft_small(weights=None)
+    ref.load_state_dict(torch.load(tmp_path / "raft_small.pth", weights_only=True))
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        expected = ref.eval()(x[:-1], x[1:])[-1]
+    assert torch.allclose(pair_flows(raft, frames, batch_size=1), expected, atol=1e-4)
+    assert flow_score(raft, frames) == pytest.approx(expected.norm(dim=1).mean().item(), rel=1e-4)
+    small = frames[:, ::2, ::2][:, :60, :62]  # upscaled x3 for RAFT, padded to multiples of 8, brought back
+    assert pair_flows(raft, small).shape == (2, 2, 60, 62)
+    with pytest.raises(FileNotFoundError, match="--raft"):
+        load_raft(tmp_path / "missing.pth")
+
+
+def test_warping_error_is_zero_along_the_true_flow_and_masks_occlusions():
+    from kvideo.metrics.flow import non_occluded, warping_error_from_flows
+
+    frames = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    frames[0, 10:16, 8:14] = (200, 30, 60)
+    frames[1, 11:17, 10:16] = (200, 30, 60)  # moved 2 right, 1 down
+    forward = torch.tensor([2.0, 1.0]).reshape(1, 2, 1, 1).expand(1, 2, 32, 32).clone()
+    assert warping_error_from_flows(frames, forward, -forward) == pytest.approx(0.0, abs=1e-10)
+    assert warping_error_from_flows(frames, torch.zeros_like(forward), torch.zeros_like(forward)) > 0.01
+    assert non_occluded(forward, -forward).all()
+    assert not non_occluded(forward, forward).any()  # forward and backward disagree everywhere
