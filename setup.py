@@ -14,7 +14,10 @@ setup(
         "xformers": ["xformers"],
         # FID / KID / FVD (kvideo.metrics.frechet): scipy's matrix square root, as the references use
         "metrics": ["scipy"],
+        # tools/human_eval.py: the side-by-side voting page
+        "human-eval": ["flask"],
         # pytorch-fid: the reference FID implementation the metric tests compare against
-        "dev": ["pytest", "pytest-timeout", "diffusers", "scipy", "pytorch-fid"],
+        # selenium drives Debian's chromium in the human-evaluation browser test
+        "dev": ["pytest", "pytest-timeout", "diffusers", "scipy", "pytorch-fid", "flask", "selenium"],
     },
 )
