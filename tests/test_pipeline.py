@@ -186,6 +186,31 @@ def test_evaluate_shapes_scores_the_cascade(cascade, tmp_path, capsys):
     assert "line 1" in capsys.readouterr().err
 
 
+def test_evaluate_shapes_adds_the_fields_metrics_when_weights_are_given(cascade, tmp_path):
+    import json
+
+    import torch
+    from torchvision.models.optical_flow import raft_small
+
+    from tools import evaluate_shapes
+
+    torch.manual_seed(0)
+    torch.save(raft_small(weights=None).state_dict(), tmp_path / "raft.pth")
+    out = tmp_path / "eval"
+    assert evaluate_shapes.main(["--pipeline", str(cascade), "--limit", "1", "--save-videos", "0",
+                                 "--raft", str(tmp_path / "raft.pth"), "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    metrics = result["metrics"]
+    assert set(metrics["settings"]["metrics"]) == {"flow", "warp"} and metrics["settings"]["videos"] == 2
+    assert metrics["flow_score"] >= 0 and set(metrics["per_video"]) == {"000.mp4", "001.mp4"}
+    assert json.loads((out / "videos" / "001.json").read_text())["prompt"] == result["videos"][1]["prompt"]
+    assert "flow_score" in (out / "results.md").read_text()
+    # a missing weights file fails before any video is sampled
+    assert evaluate_shapes.main(["--pipeline", str(cascade), "--raft", str(tmp_path / "nope.pth"),
+                                 "--out", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none" / "videos").exists()
+
+
 def test_evaluate_shapes_splits_direction_by_first_frame_room():
     from tools.evaluate_shapes import markdown, summarise
 

@@ -3,6 +3,7 @@
     python tools/evaluate_shapes.py --pipeline configs/pipeline/shapes.yaml [key=value ...]
         [--prompts FILE] [--limit N] [--seed N] [--batch 4] [--fps-preset low|medium|high]
         [--save-videos N] [--call KEY=VALUE ...] --out DIR
+        [--inception FILE] [--i3d FILE] [--clip ARCH:FILE] [--raft FILE] [--reference DIR] [--metrics ...]
 
 Every prompt (default: the canonical test set, seen and held-out pairs; `--prompts` a text file
 with one ShapesWorld caption per line) goes through `kvideo.pipeline.Pipeline` from its text
@@ -22,6 +23,11 @@ Each video is scored (`kvideo.data.shapes_scorer.score_clip`):
 
 Writes DIR/results.json (settings, summary, every video's scores), DIR/results.md (the tables),
 DIR/sheet.png (the first 8 videos, one row each) and the first --save-videos videos as mp4s.
+
+With weights files (`--inception`, `--i3d`, `--clip ARCH:FILE`, `--raft`; `--reference DIR` for
+FID, KID and FVD; tools/evaluate_videos.py's flags), every video is written with its prompt
+beside it and the field's metrics join the scores: results.json's `metrics` is
+tools/evaluate_videos.py's metrics.json for DIR/videos.
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ import numpy as np
 import torch
 
 from kvideo.evaluation import pct
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from tools import evaluate_videos  # noqa: E402
 
 ATTRS = ("background", "color", "shape", "direction", "speed")
 
@@ -144,6 +155,7 @@ def evaluate(pipe, prompts: list, args, out: Path) -> dict:
     from kvideo.metrics.reconstruction import psnr
 
     call = pipeline_call_arguments(args.call)
+    metrics_wanted = evaluate_videos.wants_metrics(args)
     rows, sheet, timings = [], [], {}
     t0 = time.perf_counter()
     bar = tqdm(total=len(prompts), desc="videos")
@@ -177,10 +189,12 @@ def evaluate(pipe, prompts: list, args, out: Path) -> dict:
             if len(sheet) < 8:
                 sheet.append(video.frames[j].transpose(0, 1))  # (f, 3, h, w)
             index = start + j
-            if index < args.save_videos:
+            if index < args.save_videos or metrics_wanted:  # the field's metrics read every video
                 one = VideoOutput(frames=video.frames[j:j + 1], fps=video.fps, first_frames=video.first_frames[j:j + 1],
                                   keyframes=video.keyframes[j:j + 1])
-                write_outputs(one, [out / "videos" / f"{index:03d}.mp4"])
+                path = out / "videos" / f"{index:03d}.mp4"
+                write_outputs(one, [path])
+                path.with_suffix(".json").write_text(json.dumps({"prompt": item["prompt"], "split": item["split"]}))
         bar.update(len(items))
     bar.close()
     summary = {split: summarise([r for r in rows if split == "all" or r["split"] == split])
@@ -209,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--call", action="append", metavar="KEY=VALUE",
                     help="a pipeline call argument, e.g. image_guidance=3 or first_frame=false (repeatable)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--reference", type=Path, help="real videos for FID, KID and FVD (with --inception / --i3d)")
+    evaluate_videos.add_metric_flags(ap)  # with weights given, the field's metrics join the scores
     args = ap.parse_args(argv)
 
     from kvideo.pipeline import Pipeline
@@ -216,12 +232,19 @@ def main(argv=None) -> int:
     try:
         prompts = read_prompts(args.prompts, args.limit)
         pipe = Pipeline.from_config(args.pipeline, args.overrides)
+        if evaluate_videos.wants_metrics(args):  # bad weights flags fail before any sampling
+            evaluate_videos.build(argparse.Namespace(**{**vars(args), "prompts": None}))
         result = evaluate(pipe, prompts, args, Path(args.out))
+        if evaluate_videos.wants_metrics(args):
+            result["metrics"] = evaluate_videos.run(argparse.Namespace(
+                **{**vars(args), "generated": Path(args.out) / "videos", "prompts": None, "out": Path(args.out)}))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     table = markdown(result)
+    if "metrics" in result:
+        table += "\n\n" + evaluate_videos.report_markdown(result["metrics"])
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(table + "\n")
     print(table)

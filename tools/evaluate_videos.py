@@ -45,12 +45,8 @@ PREPROCESSING = {
 }
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--generated", required=True, type=Path)
-    ap.add_argument("--reference", type=Path)
-    ap.add_argument("--prompts", type=Path)
-    ap.add_argument("--out", required=True, type=Path)
+def add_metric_flags(ap: argparse.ArgumentParser) -> None:
+    """The weights, metric and clip flags (tools/evaluate_shapes.py takes them too)."""
     ap.add_argument("--inception", type=Path, help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     ap.add_argument("--i3d", type=Path, help="StyleGAN-V's i3d_torchscript.pt")
     ap.add_argument("--clip", help="ARCH:FILE, an open_clip architecture and its weights (ViT-B-32:FILE)")
@@ -60,6 +56,19 @@ def parse_args(argv):
     ap.add_argument("--clip-mode", choices=CLIP_MODES, default="first",
                     help="FVD clips: the first frames (StyleGAN-V) or frames spread over the video")
     ap.add_argument("--device", default="cpu")
+
+
+def wants_metrics(args) -> bool:
+    return any(getattr(args, name) for name in ("inception", "i3d", "clip", "raft", "metrics"))
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--generated", required=True, type=Path)
+    ap.add_argument("--reference", type=Path)
+    ap.add_argument("--prompts", type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    add_metric_flags(ap)
     return ap.parse_args(argv)
 
 
@@ -108,14 +117,11 @@ def report_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        detectors, metrics = build(args)
-        prompts = read_prompts(list_videos(args.generated), args.prompts) if "clipsim" in metrics else None
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(args) -> dict:
+    """metrics.json's content for args.generated (against args.reference); features cached in
+    args.out / "features". ValueError / FileNotFoundError name a bad flag or file."""
+    detectors, metrics = build(args)
+    prompts = read_prompts(list_videos(args.generated), args.prompts) if "clipsim" in metrics else None
     kinds = sorted({NEEDS[m] for m in metrics})
     cache = FeatureCache(args.out / "features")
     generated = folder_features(args.generated, kinds, detectors, cache, args.clip_length, args.clip_mode)
@@ -134,8 +140,17 @@ def main(argv=None) -> int:
         "conventions": {"fid": "pytorch-fid (covariance / (N - 1))", "fvd": "StyleGAN-V (covariance / N)",
                         "clipsim": "cosine (papers often print x100)"},
     }
-    result = {**numbers, "settings": settings, "per_video": per_video,
-              "skipped": generated.skipped + (reference.skipped if reference else [])}
+    return {**numbers, "settings": settings, "per_video": per_video,
+            "skipped": generated.skipped + (reference.skipped if reference else [])}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "report.md").write_text(report_markdown(result))
