@@ -266,6 +266,31 @@ def test_run_ablations_table_with_a_training_ablation(cascade, tmp_path, capsys)
     assert f"ablation '{bad}': 2 interpolation pass(es) requested" in capsys.readouterr().err
 
 
+def test_run_ablations_rows_gain_the_fields_metrics(cascade, tmp_path):
+    import json
+
+    import torch
+    from torchvision.models.optical_flow import raft_small
+
+    from tools import run_ablations
+
+    torch.manual_seed(0)
+    torch.save(raft_small(weights=None).state_dict(), tmp_path / "raft.pth")
+    ablations = ROOT / "configs" / "ablations"
+    out = tmp_path / "abl"
+    assert run_ablations.main(["--pipeline", str(cascade), "--ablations", str(ablations / "image_guidance_3.yaml"),
+                               str(ablations / "motion_still.yaml"), "--limit", "1", "--raft", str(tmp_path / "raft.pth"),
+                               "--out", str(out)]) == 0
+    rows = json.loads((out / "ablations.json").read_text())
+    assert all(r["flow_score"] is not None and r["fvd"] is None for r in rows)
+    assert " flow_score | warping_error |" in (out / "ablations.md").read_text().splitlines()[0]
+    # one cache for every ablation's videos, by content: identical videos are computed once
+    from kvideo.metrics.suite import sha256
+    videos = {sha256(v)[:16] for v in out.glob("*/videos/*.mp4")}
+    assert len(list(out.glob("*/videos/*.mp4"))) == 4
+    assert {f.stem for f in (out / "features").glob("raft-*/*.npy")} == videos
+
+
 def test_every_shipped_ablation_config_is_valid():
     from tools.run_ablations import read_ablation
 

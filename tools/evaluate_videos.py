@@ -56,6 +56,16 @@ def add_metric_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--clip-mode", choices=CLIP_MODES, default="first",
                     help="FVD clips: the first frames (StyleGAN-V) or frames spread over the video")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--features", type=Path, help="the per-video feature cache (default: OUT/features)")
+
+
+def metric_flags(args) -> list:
+    """The metric flags of parsed `args` as a command line again (run_ablations hands them on)."""
+    out = []
+    for name in ("inception", "i3d", "clip", "raft", "metrics", "reference", "features"):
+        if getattr(args, name, None):
+            out += [f"--{name}", str(getattr(args, name))]
+    return out + ["--clip-length", str(args.clip_length), "--clip-mode", args.clip_mode, "--device", args.device]
 
 
 def wants_metrics(args) -> bool:
@@ -123,7 +133,7 @@ def run(args) -> dict:
     detectors, metrics = build(args)
     prompts = read_prompts(list_videos(args.generated), args.prompts) if "clipsim" in metrics else None
     kinds = sorted({NEEDS[m] for m in metrics})
-    cache = FeatureCache(args.out / "features")
+    cache = FeatureCache(args.features or args.out / "features")
     generated = folder_features(args.generated, kinds, detectors, cache, args.clip_length, args.clip_mode)
     reference = None
     ref_kinds = [k for k in kinds if any(NEEDS[m] == k for m in metrics if m in WITH_REFERENCE)]

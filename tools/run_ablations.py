@@ -12,7 +12,9 @@ ablation is scored by tools/evaluate_shapes.py on the same prompts and seed, int
 finished ablations are reused unless --force, and ablations with the same call and training (the
 default cascade is the reference row of several groups) are sampled once: calls are compared
 by the settings they resolve to, so `{image_guidance: 2.0}` is the default cascade when 2.0 is
-the keyframe checkpoint's default. Writes DIR/ablations.md and DIR/ablations.json.
+the keyframe checkpoint's default. Writes DIR/ablations.md and DIR/ablations.json. With weights
+files (tools/evaluate_videos.py's flags, `--reference DIR`), every row gains the field's metrics
+(FID, FVD, CLIPSIM, ...), the features of every video cached once in DIR/features.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script, `tools` is not yet importable
-from tools import evaluate_shapes  # noqa: E402
+from tools import evaluate_shapes, evaluate_videos  # noqa: E402
 from kvideo.evaluation import pct  # noqa: E402
 from tools.evaluate_shapes import psnr_cell, speeds_cell  # noqa: E402
 
 STAGES = ("t2i", "keyframe", "interpolation", "video_decoder")
+METRIC_COLUMNS = ("fid", "kid", "fvd", "clipsim", "clip_temp", "flow_score", "warping_error")
 
 
 def read_ablation(path: Path) -> dict:
@@ -89,19 +92,23 @@ def row(spec: dict, result: dict) -> dict:
             "held_out_all_correct": held.get("all_correct"), "frame0_psnr": result["all"]["frame0_psnr"],
             "speed_px_per_24fps_frame": result["all"]["speed_px_per_24fps_frame"],
             "seconds_per_video": result["seconds"] / max(1, result["prompts"]),
-            "stage_seconds": result["stage_seconds"]}
+            "stage_seconds": result["stage_seconds"],
+            **{k: result.get("metrics", {}).get(k) for k in METRIC_COLUMNS}}
 
 
 def markdown(rows: list) -> str:
+    extra = [k for k in METRIC_COLUMNS if any(r.get(k) is not None for r in rows)]  # the field's metrics, when given
     lines = ["| ablation | setting | videos | seen all correct | seen direction | seen speed | seen shape | "
-             "held-out all correct | frame-0 PSNR | speed px/frame still / slow / fast | s per video |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "held-out all correct | frame-0 PSNR | speed px/frame still / slow / fast | s per video |"
+             + "".join(f" {k} |" for k in extra),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     for r in rows:
         acc = r["seen_accuracy"]
         lines.append(f"| {r['group']} | {r['name']} | {r['videos']} | {pct(r['seen_all_correct'])} | "
                      f"{pct(acc['direction'])} | {pct(acc['speed'])} | {pct(acc['shape'])} | "
                      f"{pct(r['held_out_all_correct'])} | {psnr_cell(r['frame0_psnr'])} | "
-                     f"{speeds_cell(r['speed_px_per_24fps_frame'])} | {r['seconds_per_video']:.1f} |")
+                     f"{speeds_cell(r['speed_px_per_24fps_frame'])} | {r['seconds_per_video']:.1f} |"
+                     + "".join(" - |" if r.get(k) is None else f" {r[k]:.4g} |" for k in extra))
     return "\n".join(lines)
 
 
@@ -114,7 +121,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="re-run finished ablations")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--reference", type=Path, help="real videos for FID, KID and FVD (with --inception / --i3d)")
+    evaluate_videos.add_metric_flags(ap)  # with weights given, each row gains the field's metrics
     args = ap.parse_args(argv)
+    if evaluate_videos.wants_metrics(args) and args.features is None:
+        args.features = Path(args.out) / "features"  # one cache: the reference's features computed once
 
     from kvideo.pipeline import Pipeline, load_pipeline_config
 
@@ -146,6 +157,8 @@ def main(argv=None) -> int:
                 cmd += ["--limit", str(args.limit)]
             for item in call_items(spec):
                 cmd += ["--call", item]
+            if evaluate_videos.wants_metrics(args):
+                cmd += evaluate_videos.metric_flags(args)
             print(f"== {spec['group']}: {spec['name']}", flush=True)
             if evaluate_shapes.main(cmd) != 0:
                 print(f"error: ablation '{spec['file']}' failed", file=sys.stderr)
