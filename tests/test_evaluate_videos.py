@@ -102,6 +102,8 @@ def test_every_metric_equals_the_modules_and_features_are_cached(folders, tmp_pa
     assert run(folders, tmp_path / "out", "--metrics", "kid,flow,warp,clip_temp") == 0
     again = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert {"kid", "flow_score", "warping_error", "clip_temp"} <= set(again)
+    assert (tmp_path / "out" / "per_video.png").read_bytes()[:4] == b"\x89PNG"
+    assert "per_video.png" in (tmp_path / "out" / "report.md").read_text()
     for k, f in enumerate(cached):
         np.save(f, np.random.RandomState(k).randn(10, 2048).astype(np.float32))
     assert run(folders, tmp_path / "out", "--metrics", "kid") == 0

@@ -14,7 +14,8 @@ weights file is missing is an error naming the flag.
 
 Writes OUT/metrics.json (the numbers at the top level: fid, kid, fvd, clipsim, clip_temp,
 flow_score, warping_error; `settings`: folders, video and frame counts, clip length and mode,
-each weights file and its sha256; `per_video`; `skipped`), OUT/report.md, and keeps every
+each weights file and its sha256; `per_video`; `skipped`), OUT/report.md with OUT/per_video.png
+(a histogram of each per-video metric over the videos), and keeps every
 video's features in OUT/features/ so that a second run computes only what is new.
 """
 
@@ -28,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
 
 from kvideo.metrics.fvd import CLIP_LENGTH, CLIP_MODES  # noqa: E402
 from kvideo.metrics.suite import (  # noqa: E402
@@ -154,6 +157,34 @@ def run(args) -> dict:
             "skipped": generated.skipped + (reference.skipped if reference else [])}
 
 
+def histograms(per_video: dict, path: Path, bins: int = 20) -> bool:
+    """A PNG with one histogram per per-video metric (CLIPSIM, CLIP-Temp, flow score, warping
+    error) over the videos; False when there is nothing per video to plot."""
+    from PIL import Image, ImageDraw
+
+    keys = [k for k in ("clipsim", "clip_temp", "flow_score", "warping_error")
+            if any(k in v for v in per_video.values())]
+    if not keys:
+        return False
+    width, height, pad = 360, 170, 30
+    img = Image.new("RGB", (width * len(keys), height), "white")
+    draw = ImageDraw.Draw(img)
+    for i, key in enumerate(keys):
+        values = np.array([v[key] for v in per_video.values() if key in v])
+        counts, edges = np.histogram(values, bins=bins)
+        x0, span, top = i * width + pad, width - 2 * pad, max(1, counts.max())
+        draw.text((x0, 6), f"{key}: mean {values.mean():.4g}, n={len(values)}", fill="black")
+        for j, c in enumerate(counts):
+            left = x0 + j * span / bins
+            draw.rectangle([left, height - pad - c / top * (height - 3 * pad), left + span / bins - 1, height - pad],
+                           fill=(60, 110, 200))
+        draw.text((x0, height - pad + 4), f"{edges[0]:.3g}", fill="black")
+        draw.text((x0 + span - 30, height - pad + 4), f"{edges[-1]:.3g}", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return True
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -163,8 +194,11 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "report.md").write_text(report_markdown(result))
-    print(report_markdown(result))
+    report = report_markdown(result)
+    if histograms(result["per_video"], args.out / "per_video.png"):
+        report += "\n![per-video values](per_video.png)\n"
+    (args.out / "report.md").write_text(report)
+    print(report)
     return 0
 
 
