@@ -174,12 +174,9 @@ def folder_features(folder: Path, kinds: Sequence[str], detectors: Detectors, ca
     videos = list_videos(folder)
     cache_kinds = {}
     for name in kinds:
-        kind = f"{name}-{detectors.describe(name)['sha256'][:12]}"
-        if name == "i3d":
-            kind += f"-{clip_mode}{clip_length}"
-        if name == "clip":
-            kind = f"clip-{detectors.clip[0]}-{kind.split('-')[-1]}"
-        cache_kinds[name] = kind
+        label = f"clip-{detectors.clip[0]}" if name == "clip" else name
+        settings = f"-{clip_mode}{clip_length}" if name == "i3d" else ""
+        cache_kinds[name] = f"{label}-{detectors.describe(name)['sha256'][:12]}{settings}"
     out = VideoFeatures(videos, {name: [] for name in kinds}, [])
     for video in tqdm(videos, desc=f"features {Path(folder).name}", unit="video"):
         digest = sha256(video)

@@ -81,24 +81,23 @@ class VideoUNetConfig(UNetConfig):
     first_frame_attention: Optional[List[bool]] = None
 
 
-def _temporal_attention_levels(cfg) -> List[bool]:
-    levels = cfg.temporal_attention if cfg.temporal_attention is not None else cfg.add_self_attention
+def _per_level(cfg, name: str, default: Sequence[bool]) -> List[bool]:
+    """cfg.<name>, one flag per level of dim_mult, or `default` when it is None."""
+    levels = getattr(cfg, name)
+    levels = default if levels is None else levels
     if len(levels) != len(cfg.dim_mult):
-        raise ValueError(f"{type(cfg).__name__}.temporal_attention needs one entry per level of dim_mult "
+        raise ValueError(f"{type(cfg).__name__}.{name} needs one entry per level of dim_mult "
                          f"({len(cfg.dim_mult)}); got {list(levels)}")
+    return [bool(v) for v in levels]
+
+
+def _temporal_attention_levels(cfg) -> List[bool]:
+    levels = _per_level(cfg, "temporal_attention", cfg.add_self_attention)
     if any(t and not s for t, s in zip(levels, cfg.add_self_attention)):
         raise ValueError(f"{type(cfg).__name__}.temporal_attention: temporal attention follows the self-attention, "
                          f"so it needs add_self_attention on the same levels; got {list(levels)} "
                          f"with add_self_attention {list(cfg.add_self_attention)}")
-    return list(levels)
-
-
-def _first_frame_attention_levels(cfg) -> List[bool]:
-    levels = cfg.first_frame_attention if cfg.first_frame_attention is not None else [False] * len(cfg.dim_mult)
-    if len(levels) != len(cfg.dim_mult):
-        raise ValueError(f"{type(cfg).__name__}.first_frame_attention needs one entry per level of dim_mult "
-                         f"({len(cfg.dim_mult)}); got {list(levels)}")
-    return [bool(v) for v in levels]
+    return levels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +247,7 @@ class VideoUNet(UNet):
         super().__init__(cfg)
         init, e = _init_channels(cfg), cfg.time_embed_dim
         attn = _temporal_attention_levels(cfg)
-        first = _first_frame_attention_levels(cfg)
+        first = _per_level(cfg, "first_frame_attention", [False] * len(cfg.dim_mult))
         self.frame_embed = TimestepEmbedding(init, e)
         self.noise_aug_embed = TimestepEmbedding(init, e)
         self.motion_embed = TimestepEmbedding(init, e)
