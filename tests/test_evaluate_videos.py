@@ -13,9 +13,9 @@ from kvideo.metrics.clip_score import clipsim, load_clip
 from kvideo.metrics.frechet import FeatureStats
 from kvideo.metrics.fvd import fvd, i3d_features, load_i3d, take_clip
 from kvideo.metrics.inception import inception_features, load_fid_inception
+from kvideo.metrics.stand_ins import RandomI3D, save_random_fid_inception
 from tools import evaluate_videos
 
-from test_metrics_reference import StandInI3D, random_inception_file
 
 
 def moving_square(seed, frames=10, size=64, step=1):
@@ -43,9 +43,9 @@ def folders(tmp_path_factory):
         write_video(ref / f"r{i}.mp4", moving_square(100 + i), 24)
     weights = root / "weights"
     weights.mkdir()
-    random_inception_file(weights / "inception.pth")
+    save_random_fid_inception(weights / "inception.pth")
     torch.manual_seed(0)
-    torch.jit.script(StandInI3D()).save(str(weights / "i3d.pt"))
+    torch.jit.script(RandomI3D()).save(str(weights / "i3d.pt"))
     from torchvision.models.optical_flow import raft_small
     torch.save(raft_small(weights=None).state_dict(), weights / "raft.pth")
     import open_clip

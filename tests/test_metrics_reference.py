@@ -11,32 +11,17 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from kvideo.metrics.clip_score import clip_temp, clipsim, load_clip
 from kvideo.metrics.frechet import FeatureStats, frechet_distance, kernel_distance
 from kvideo.metrics.fvd import fvd, i3d_features, load_i3d, take_clip
 from kvideo.metrics.inception import FIDInception, inception_features, load_fid_inception
-
-
-def random_inception_file(path):
-    """A randomly initialised FID Inception in the weights file's layout, with non-trivial
-    batch-norm statistics (as trained weights have)."""
-    torch.manual_seed(0)
-    state = FIDInception().state_dict()
-    g = torch.Generator().manual_seed(1)
-    for k, v in state.items():
-        if k.endswith("running_mean"):
-            state[k] = 0.1 * torch.randn(v.shape, generator=g)
-        elif k.endswith("running_var"):
-            state[k] = 0.5 + torch.rand(v.shape, generator=g)
-    torch.save(state, path)
-    return path
+from kvideo.metrics.stand_ins import RandomI3D, save_random_fid_inception
 
 
 def test_fid_inception_features_equal_pytorch_fid(tmp_path, monkeypatch):
     pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
-    path = random_inception_file(tmp_path / "pt_inception-2015-12-05.pth")
+    path = save_random_fid_inception(tmp_path / "pt_inception-2015-12-05.pth")
     # pytorch-fid fetches its weights by URL: hand it the same random file instead
     monkeypatch.setattr(pytorch_fid_inception, "load_state_dict_from_url",
                         lambda *a, **k: torch.load(path, weights_only=True))
@@ -86,26 +71,6 @@ def test_fid_equals_pytorch_fid_frechet_distance():
     assert got == pytest.approx(expected, rel=1e-6)
 
 
-class StandInI3D(nn.Module):
-    """The I3D's calling convention (uint8 (b, c, t, h, w), rescale / resize / return_features)
-    on a small random network, so that a wrong argument changes the features."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv3d(3, 8, 3, padding=1)
-        self.head = nn.Linear(8, 20)
-
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
-                return_features: bool = False) -> torch.Tensor:
-        x = x.float()
-        if rescale:
-            x = x / 127.5 - 1
-        if resize:
-            x = F.interpolate(x, size=(x.shape[2], 12, 12), mode="trilinear", align_corners=False)
-        logits = self.head(torch.relu(self.conv(x)).mean(dim=(2, 3, 4)))
-        return logits if return_features else torch.softmax(logits, dim=1)
-
-
 def stylegan_v_fvd(detector, clips_a, clips_b):
     """StyleGAN-V's src/metrics: detector(images, rescale=True, resize=True, return_features=True),
     FeatureStats.append (float32 -> float64 raw sums), get_mean_cov (/ N), compute_fvd."""
@@ -139,7 +104,7 @@ def our_fvd(detector, videos_a, videos_b, batch_size):
 
 def test_fvd_equals_stylegan_v_and_behaves(tmp_path):
     torch.manual_seed(0)
-    torch.jit.script(StandInI3D()).save(str(tmp_path / "i3d_torchscript.pt"))
+    torch.jit.script(RandomI3D()).save(str(tmp_path / "i3d_torchscript.pt"))
     detector = load_i3d(tmp_path / "i3d_torchscript.pt")
     a, b = videos(40), videos(30, seed=1, shift=40)
     to_clips = lambda v: torch.from_numpy(np.ascontiguousarray(v[:, :16])).permute(0, 4, 1, 2, 3)

@@ -119,7 +119,7 @@ def test_temporal_text_pooling_feeds_only_the_temporal_embedding():
 
 
 def test_temporal_embedding_reaches_only_the_temporal_layers():
-    """Motion score, noise-augmentation level and frame index change the output only through the
+    """Motion score and noise-augmentation level change the output only through the
     temporal layers: the spatial layers' conditioning is identical, and with the temporal layers
     at init (identities) the output does not move at all."""
     torch.manual_seed(0)
@@ -136,8 +136,7 @@ def test_temporal_embedding_reaches_only_the_temporal_layers():
         return out, list(seen)
 
     base, emb_a = run(motion_score=torch.tensor([1.0, 1.0]), noise_aug_level=torch.tensor([0, 0]))
-    moved, emb_b = run(motion_score=torch.tensor([80.0, 5.0]), noise_aug_level=torch.tensor([200, 7]),
-                       frame_index=torch.arange(5) * 4)
+    moved, emb_b = run(motion_score=torch.tensor([80.0, 5.0]), noise_aug_level=torch.tensor([200, 7]))
     for h in hooks:
         h.remove()
     assert emb_a and all(torch.equal(a, b) for a, b in zip(emb_a, emb_b))  # spatial conditioning unchanged
@@ -252,7 +251,7 @@ def test_bad_inputs_fail_clearly():
     with pytest.raises(ValueError, match="motion_score"):
         video(x, t, context, mask, motion_score=torch.tensor([1.0]))
     with pytest.raises(ValueError, match="frame_index"):
-        video(x, t, context, mask, frame_index=torch.arange(4))
+        video.temporal_embedding(torch.zeros(2, 32), 5, None, None, torch.arange(4))
     with pytest.raises(ValueError, match="temporal_attention"):
         VideoUNet(tiny_video_config(temporal_attention=[True, True]))  # level 0 has no self-attention
     with pytest.raises(ValueError, match="the video UNet expects"):

@@ -1,7 +1,7 @@
 """The keyframe UNet of Kandinsky Video 1.1: the Kandinsky 3 UNet plus temporal layers.
 
     x (b, in_channels, f, h, w), t (b,) or (b, f), context (b, n, context_dim), context_mask (b, n),
-    noise_aug_level (b,), motion_score (b,), frame_index (f,) or (b, f)
+    noise_aug_level (b,), motion_score (b,), temporal (bool), motion_free (b,) bool
       -> (b, out_channels, f, h, w)
 
 Every spatial layer is the image UNet's (`kvideo.models.unet`), run on the frames folded into the
@@ -17,6 +17,10 @@ information across frames:
   feed-forward makes the block no identity at init; here it is);
 - optionally (`first_frame_attention`, not in the release) a `FirstFrameAttentionBlock` per
   level: every frame's positions attend to all of frame 0's, output zero-initialised.
+
+Those are the release's layers (`temporal_placement: separate`, `temporal_kind: both`); the
+other placement and kinds of Kandinsky Video 1.0's comparison, the layers themselves and the
+motion-free mode are in `kvideo.models.temporal_layers`.
 
 The norms of the temporal layers are conditioned per frame on the time embedding plus the
 temporal embedding = MLP(sin(frame index)) + MLP(sin(noise-augmentation level)) +
@@ -40,9 +44,11 @@ from einops import rearrange
 from torch import nn
 
 from kvideo.models.sizes import extend_config, sized_config
-from kvideo.models.unet import (
-    Attention, AttentionPooling, ConditionalGroupNorm, TimestepEmbedding, UNet, UNetConfig, _init_channels, unet_config,
+from kvideo.models.temporal_layers import (  # noqa: F401 (re-exported: the temporal layers' old home)
+    INSIDE_AFTER_BLOCK, KINDS, PLACEMENTS, BoundTemporal, FirstFrameAttentionBlock, LevelTemporal,
+    TemporalAttentionBlock, TemporalResNetBlock,
 )
+from kvideo.models.unet import AttentionPooling, TimestepEmbedding, UNet, UNetConfig, _init_channels, unet_config
 from kvideo.nn.layers import zero_module
 
 # ----------------------------------------------------------------------------------------------
@@ -79,6 +85,12 @@ class VideoUNetConfig(UNetConfig):
     # Text2Video-Zero, the first-frame attention of ConsistI2V). Output zero-initialised, a
     # temporal layer (off in image mode). Not in the release.
     first_frame_attention: Optional[List[bool]] = None
+    # Where the temporal layers sit and what they are (kvideo.models.temporal_layers): "separate"
+    # blocks between the spatial ones (the release) or "inside" every spatial ResNet; "conv",
+    # "attention" or "both" (the release: temporal ResNets plus temporal attention after the
+    # self-attention). Kandinsky Video 1.0 compared these and kept separate blocks.
+    temporal_placement: str = "separate"
+    temporal_kind: str = "both"
 
 
 def _per_level(cfg, name: str, default: Sequence[bool]) -> List[bool]:
@@ -91,6 +103,12 @@ def _per_level(cfg, name: str, default: Sequence[bool]) -> List[bool]:
     return [bool(v) for v in levels]
 
 
+def _check_variant(cfg) -> None:
+    for name, allowed in (("temporal_placement", PLACEMENTS), ("temporal_kind", KINDS)):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
+
+
 def _temporal_attention_levels(cfg) -> List[bool]:
     levels = _per_level(cfg, "temporal_attention", cfg.add_self_attention)
     if any(t and not s for t, s in zip(levels, cfg.add_self_attention)):
@@ -101,142 +119,14 @@ def _temporal_attention_levels(cfg) -> List[bool]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Temporal layers, on (b, c, f, h, w) with per-frame conditioning (b, f, e)
-# ----------------------------------------------------------------------------------------------
-
-
-class TemporalBlock(nn.Module):
-    """ConditionalGroupNorm (per frame) -> SiLU -> Conv3d (k, 1, 1) over frames."""
-
-    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, kernel_size: int, groups: int) -> None:
-        super().__init__()
-        self.norm = ConditionalGroupNorm(in_channels, cond_dim, groups)
-        self.activation = nn.SiLU()
-        self.conv = nn.Conv3d(in_channels, out_channels, (kernel_size, 1, 1), padding=(kernel_size // 2, 0, 0))
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.activation(self.norm(x, emb)))
-
-
-class TemporalResNetBlock(nn.Module):
-    """x + bottleneck(x): four TemporalBlocks, kernels 1, 3, 3, 1, hidden channels // compression.
-    The last conv starts at zero, so the block starts as the identity."""
-
-    def __init__(self, channels: int, cond_dim: int, groups: int = 32, compression_ratio: int = 2) -> None:
-        super().__init__()
-        hidden = channels // compression_ratio
-        widths = [channels, hidden, hidden, hidden, channels]
-        self.blocks = nn.ModuleList([
-            TemporalBlock(widths[i], widths[i + 1], cond_dim, kernel, groups) for i, kernel in enumerate([1, 3, 3, 1])
-        ])
-        zero_module(self.blocks[-1].conv)
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        out = x
-        for block in self.blocks:
-            out = block(out, emb)
-        return x + out
-
-
-class TemporalAttentionBlock(nn.Module):
-    """Attention over the frames of each pixel, then a feed-forward; both residual, both ending
-    in a zero-initialised projection (identity at init) unless `zero_init=False` (for a block
-    behind a zero-initialised gate). No positional embedding: frame order reaches the block
-    through the per-frame norms (the frame-index embedding) and neighbouring temporal convs."""
-
-    def __init__(self, channels: int, cond_dim: int, groups: int = 32, head_dim: int = 64,
-                 expansion_ratio: int = 4, zero_init: bool = True) -> None:
-        super().__init__()
-        self.in_norm = ConditionalGroupNorm(channels, cond_dim, groups)
-        self.attention = Attention(channels, channels, channels, head_dim)
-        self.out_norm = ConditionalGroupNorm(channels, cond_dim, groups)
-        hidden = expansion_ratio * channels
-        self.feed_forward = nn.Sequential(
-            nn.Linear(channels, hidden, bias=False), nn.SiLU(), nn.Linear(hidden, channels, bias=False),
-        )
-        if zero_init:  # identity at init; a block behind a zero gate must not be (neither would learn)
-            zero_module(self.attention.to_out)
-            zero_module(self.feed_forward[2])
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        b, c, f, h, w = x.shape
-        tokens = rearrange(self.in_norm(x, emb), "b c f h w -> (b h w) f c")  # one sequence per pixel
-        out = self.attention(tokens, tokens)
-        x = x + rearrange(out, "(b h w) f c -> b c f h w", b=b, h=h, w=w)
-        out = self.feed_forward(rearrange(self.out_norm(x, emb), "b c f h w -> b f h w c"))
-        return x + rearrange(out, "b f h w c -> b c f h w")
-
-
-class FirstFrameAttentionBlock(nn.Module):
-    """x + attention of every frame's positions over all of frame 0's positions (its keys and
-    values), one sequence per clip: (b, c, f, h, w) -> same. Each frame is normalised on its own
-    (as the spatial layers see it), conditioned on its temporal embedding, so a frame's output
-    depends on itself and frame 0 only; the output projection starts at zero (identity at init).
-    No positional embedding: a frame finds where the object was in frame 0 by its features."""
-
-    def __init__(self, channels: int, cond_dim: int, groups: int = 32, head_dim: int = 64) -> None:
-        super().__init__()
-        self.norm = ConditionalGroupNorm(channels, cond_dim, groups)
-        self.attention = Attention(channels, channels, channels, head_dim)
-        zero_module(self.attention.to_out)
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        b, c, f, h, w = x.shape
-        normed = rearrange(self.norm(rearrange(x, "b c f h w -> (b f) c h w"), rearrange(emb, "b f e -> (b f) e")),
-                           "(b f) c h w -> b c f h w", b=b)
-        queries = rearrange(normed, "b c f h w -> b (f h w) c")
-        first = rearrange(normed[:, :, 0], "b c h w -> b (h w) c")
-        out = self.attention(queries, first)
-        return x + rearrange(out, "b (f h w) c -> b c f h w", f=f, h=h)
-
-
-class LevelTemporal(nn.Module):
-    """The temporal layers of one UNet level: a TemporalResNetBlock per spatial ResNet (slot 2i
-    and 2i + 1 for unit i), an optional TemporalAttentionBlock, and an optional
-    FirstFrameAttentionBlock after the temporal ResNet of slot `first_frame_slot`."""
-
-    def __init__(self, resnet_channels: List[int], attention_channels: Optional[int], cfg: VideoUNetConfig,
-                 first_frame_slot: Optional[int] = None) -> None:
-        super().__init__()
-        e, g = cfg.time_embed_dim, cfg.groups
-        self.resnets = nn.ModuleList([TemporalResNetBlock(c, e, g, cfg.compression_ratio) for c in resnet_channels])
-        self.attention = (TemporalAttentionBlock(attention_channels, e, g, cfg.head_dim, cfg.expansion_ratio)
-                          if attention_channels is not None else None)
-        self.first_frame_slot = first_frame_slot
-        self.first_frame = (FirstFrameAttentionBlock(resnet_channels[first_frame_slot], e, g, cfg.head_dim)
-                            if first_frame_slot is not None else None)
-
-
-class _BoundTemporal:
-    """A LevelTemporal bound to one forward pass: the frame count and the per-frame embedding.
-
-    The spatial levels work on frames folded into the batch, ((b f), c, h, w); the hooks unfold
-    them to (b, c, f, h, w) for the temporal layer and fold them back.
-    """
-
-    def __init__(self, layers: LevelTemporal, num_frames: int, emb: torch.Tensor) -> None:
-        self.layers, self.f, self.emb = layers, num_frames, emb
-
-    def _apply(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        video = rearrange(x, "(b f) c h w -> b c f h w", f=self.f)
-        return rearrange(block(video, self.emb), "b c f h w -> (b f) c h w")
-
-    def resnet(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        x = self._apply(self.layers.resnets[slot], x)
-        if slot == self.layers.first_frame_slot:
-            x = self._apply(self.layers.first_frame, x)
-        return x
-
-    def inner(self, slot: int):
-        return None  # the keyframe model has no layers inside the spatial ResNets
-
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.layers.attention is None else self._apply(self.layers.attention, x)
-
-
-# ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
+
+
+def _inner_channels(level) -> List[int]:
+    """The hidden width after the INSIDE_AFTER_BLOCK of each spatial ResNet of a level, by slot."""
+    return [r.blocks[INSIDE_AFTER_BLOCK].conv.out_channels for u in level.units for r in (u.in_resnet, u.out_resnet)]
+
 
 
 class VideoUNet(UNet):
@@ -246,6 +136,7 @@ class VideoUNet(UNet):
     def __init__(self, cfg: VideoUNetConfig) -> None:
         super().__init__(cfg)
         init, e = _init_channels(cfg), cfg.time_embed_dim
+        _check_variant(cfg)
         attn = _temporal_attention_levels(cfg)
         first = _per_level(cfg, "first_frame_attention", [False] * len(cfg.dim_mult))
         self.frame_embed = TimestepEmbedding(init, e)
@@ -261,7 +152,8 @@ class VideoUNet(UNet):
             self.temporal_down.append(LevelTemporal(
                 [c for c in channels for _ in range(2)],  # each unit's ResNets both output this width
                 level.self_attention.in_norm.norm.num_channels if attn[i] else None, cfg,
-                first_frame_slot=0 if first[i] else None))  # after the level's first ResNet, before any downsampling
+                first_frame_slot=0 if first[i] else None,  # after the level's first ResNet, before any downsampling
+                inner_channels=_inner_channels(level)))
         self.temporal_up = nn.ModuleList()
         levels = len(cfg.dim_mult)
         for j, level in enumerate(self.up_samples):
@@ -271,7 +163,7 @@ class VideoUNet(UNet):
             self.temporal_up.append(LevelTemporal(
                 widths, level.self_attention.in_norm.norm.num_channels if attn[levels - 1 - j] else None, cfg,
                 # before the second spatial ResNet: after the first one's upsampling
-                first_frame_slot=1 if first[levels - 1 - j] else None))
+                first_frame_slot=1 if first[levels - 1 - j] else None, inner_channels=_inner_channels(level)))
 
     # -- parameter groups (the stage freezes or trains them; model_info reports them)
 
@@ -322,15 +214,20 @@ class VideoUNet(UNet):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 context_mask: Optional[torch.Tensor] = None, *, noise_aug_level: Optional[torch.Tensor] = None,
-                motion_score: Optional[torch.Tensor] = None, frame_index: Optional[torch.Tensor] = None,
-                temporal: bool = True) -> torch.Tensor:
+                motion_score: Optional[torch.Tensor] = None, temporal: bool = True,
+                motion_free: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(b, c, f, h, w) -> (b, out_channels, f, h, w). t is (b,), one timestep per clip, or
         (b, f), one per frame (a clean anchor frame among noisy ones). `temporal=False` is image
-        mode: every frame denoised on its own by the spatial layers; the temporal inputs are then
-        unused."""
+        mode: every temporal layer bypassed, every frame denoised on its own by the spatial
+        layers (the temporal inputs are then unused). `motion_free` (b,) bool: those samples run
+        the temporal layers with nothing crossing frames (kvideo.models.temporal_layers), the
+        motion-free branch of motion-free guidance."""
         if x.ndim != 5:
             raise ValueError(f"VideoUNet: x must be (b, c, f, h, w); got {tuple(x.shape)}")
         b, _, f = x.shape[:3]
+        if motion_free is not None and (motion_free.shape != (b,) or motion_free.dtype != torch.bool):
+            raise ValueError(f"VideoUNet: motion_free must be a ({b},) bool tensor; got {motion_free.dtype} "
+                             f"{tuple(motion_free.shape)}")
         if t.ndim == 2 and t.shape != (b, f):
             raise ValueError(f"VideoUNet: per-frame timesteps must be ({b}, {f}); got {tuple(t.shape)}")
         frames = rearrange(x, "b c f h w -> (b f) c h w")
@@ -347,9 +244,10 @@ class VideoUNet(UNet):
             if per_frame else self.embed(t, context, context_mask)
         down = up = None
         if temporal:
-            temb = self.temporal_embedding(emb, f, noise_aug_level, motion_score, frame_index, context, context_mask)
-            down = [_BoundTemporal(layers, f, temb) for layers in self.temporal_down]
-            up = [_BoundTemporal(layers, f, temb) for layers in self.temporal_up]
+            temb = self.temporal_embedding(emb, f, noise_aug_level, motion_score, None, context, context_mask)
+            mf = None if motion_free is None else motion_free.to(x.device)
+            down = [BoundTemporal(layers, f, temb, mf) for layers in self.temporal_down]
+            up = [BoundTemporal(layers, f, temb, mf) for layers in self.temporal_up]
         frame_emb = rearrange(emb, "b f e -> (b f) e") if per_frame else emb.repeat_interleave(f, dim=0)
         out = self.run_levels(frames, frame_emb, for_frames(context), for_frames(context_mask), down, up)
         return rearrange(out, "(b f) c h w -> b c f h w", b=b)
