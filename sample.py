@@ -3,7 +3,7 @@
     python sample.py --pipeline configs/pipeline/shapes.yaml --prompt "..." --out out.mp4
         [--seed N] [--image first.png] [--motion-score X|PRESET] [--fps-preset low|medium|high]
         [--negative-prompt "..."] [--gif] [--sheet] [--prompts-file FILE --out-dir DIR]
-        [--size H W] [--frames N] [--window W] [--text-guidance W] [--image-guidance W]
+        [--size H W] [--frames N] [--window W] [--text-guidance W] [--image-guidance W] [--motion-guidance W]
         [--noise-aug-level L] [--passes N] [--call KEY=VALUE ...]
         [key=value ...  pipeline config overrides, e.g. device=cuda]
 
@@ -16,7 +16,7 @@
 
     python sample.py --stage keyframe --checkpoint RUN_OR_CKPT --prompt "..." --out keyframes.mp4
         [--image first.png] [--motion-score X|PRESET] [--t2i T2I_RUN] [--seed N] [--steps N]
-        [--sampler ...] [--text-guidance W] [--image-guidance W] [--noise-aug-level L]
+        [--sampler ...] [--text-guidance W] [--image-guidance W] [--motion-guidance W] [--noise-aug-level L]
 
     python sample.py --stage interpolation --checkpoint RUN_OR_CKPT --input keyframes.mp4 --prompt "..."
         --out video.mp4 [--passes N] [--seed N] [--steps N] [--sampler ...] [--guidance W]
@@ -176,7 +176,8 @@ def sample_keyframe(args) -> int:
     options = KeyframeOptions.from_recipe(kf.cfg, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                                           text_guidance=args.text_guidance, image_guidance=args.image_guidance,
                                           noise_aug_level=args.noise_aug_level, num_frames=args.frames,
-                                          negative_prompt=args.negative_prompt, keep_first_frame=args.keep_first_frame)
+                                          negative_prompt=args.negative_prompt, keep_first_frame=args.keep_first_frame,
+                                          motion_guidance=args.motion_guidance)
     bar = tqdm(total=options.spec.steps, desc="keyframes")
     latents = sample_keyframes(kf, [args.prompt], first_latent, motion, options, generator=generator,
                                callback=lambda *_: bar.update(1))
@@ -270,7 +271,8 @@ def sample_pipeline(args) -> int:
     flags = {"negative_prompt": args.negative_prompt, "motion_score": args.motion_score, "fps_preset": args.fps_preset,
              "passes": args.passes, "noise_aug_level": args.noise_aug_level, "text_guidance": args.text_guidance,
              "image_guidance": args.image_guidance, "size": args.size, "num_keyframes": args.frames,
-             "decode_window": args.window, "keep_first_frame": args.keep_first_frame}
+             "decode_window": args.window, "keep_first_frame": args.keep_first_frame,
+             "motion_guidance": args.motion_guidance}
     arguments.update({k: v for k, v in flags.items() if v is not None})
     pipe = Pipeline.from_config(args.pipeline, args.overrides)
     image = load_image(args.image) if args.image else None  # the pipeline fits it to the video size
@@ -327,6 +329,8 @@ def main(argv=None) -> int:
     kf.add_argument("--frames", type=int, help="keyframes (default: the run's data.num_frames)")
     kf.add_argument("--text-guidance", type=float)
     kf.add_argument("--image-guidance", type=float)
+    kf.add_argument("--motion-guidance", type=float,
+                    help="w_M of motion-free guidance (default: the recipe's sampling.motion_guidance, 0 = none)")
     kf.add_argument("--noise-aug-level", type=int)
     kf.add_argument("--keep-first-frame", action=argparse.BooleanOptionalAction, default=None,
                     help="hold frame 0 to the first frame at every step (default: the recipe's sampling)")

@@ -58,6 +58,9 @@ class PipelineConfig:
     """configs/pipeline/*.yaml: the checkpoint of each stage (run dir, checkpoint dir or file)."""
 
     t2i: Optional[str] = None  # optional when every call gives an image
+    # "keyframe": the keyframe checkpoint makes the first frames itself, in image mode (the
+    # released model's way; train it with recipe.images.share > 0), and `t2i` must be empty
+    first_frame_model: str = "t2i"
     keyframe: str = ""
     interpolation: Optional[str] = None  # none: keyframes only ("low")
     video_decoder: Optional[str] = None  # none: the keyframe MoVQ's image decoder
@@ -96,6 +99,7 @@ class PipelineCall:
     text_guidance: Optional[float] = None
     image_guidance: Optional[float] = None
     keep_first_frame: Optional[bool] = None  # frame 0 held to the first frame (replacement sampling)
+    motion_guidance: Optional[float] = None  # w_M of motion-free guidance (0: none)
     interpolation_sampler: Optional[str] = None
     interpolation_steps: Optional[int] = None
     interpolation_guidance: Optional[float] = None
@@ -108,8 +112,8 @@ class PipelineCall:
 class CallPlan:
     """A call's settings resolved against the stages: what `__call__` runs."""
 
-    source: str  # first frame: "t2i" | "image" | "none"
-    first_frame_options: Optional[FirstFrameOptions]  # the t2i image's options (source "t2i")
+    source: str  # first frame: "t2i" | "keyframe" (its image mode) | "image" | "none"
+    first_frame_options: Optional[FirstFrameOptions]  # the generated image's options (source t2i / keyframe)
     keyframes: KeyframeOptions
     motion: Union[float, List[float]]
     interpolation: Optional[InterpolationOptions]  # None: no pass
@@ -127,7 +131,7 @@ class CallPlan:
         k = self.keyframes
         keyframes = {**_spec_settings(k.spec), "text_guidance": k.text_guidance, "image_guidance": k.image_guidance,
                      "noise_aug_level": k.noise_aug_level, "motion_score": self.motion, "num_keyframes": k.num_frames,
-                     "keep_first_frame": k.keep_first_frame}
+                     "keep_first_frame": k.keep_first_frame, "motion_guidance": k.motion_guidance}
         interp: Dict[str, Any] = {"passes": 0}
         if self.interpolation is not None:
             i = self.interpolation
@@ -221,7 +225,14 @@ class Pipeline:
         self.device = device = torch.device(cfg.device)
         self.keyframe: Bundle = load_bundle(cfg.keyframe, "keyframe", cfg.which, device)
         self.movq = self.keyframe.movq  # the latent space of the keyframes and everything after them
+        if cfg.first_frame_model not in ("t2i", "keyframe"):
+            raise ValueError(f"pipeline config: first_frame_model must be t2i or keyframe; got {cfg.first_frame_model!r}")
+        if cfg.first_frame_model == "keyframe" and cfg.t2i:
+            raise ValueError("pipeline config: first_frame_model: keyframe makes the first frames with the keyframe "
+                             f"checkpoint; remove t2i ('{cfg.t2i}') or set first_frame_model: t2i")
         self.t2i: Optional[Bundle] = load_bundle(cfg.t2i, "t2i", cfg.which, device) if cfg.t2i else None
+        if cfg.first_frame_model == "keyframe":
+            self.t2i = self.keyframe  # its video UNet in image mode (sample_first_frames)
         latent = latent_space(self.movq)
         self.interpolation: Optional[Bundle] = None
         if cfg.interpolation:
@@ -294,14 +305,15 @@ class Pipeline:
         else:
             if self.t2i is None:
                 raise ValueError("no first frame: the pipeline config has no t2i checkpoint and no image was given")
-            source, scale = "t2i", self.cfg.first_frame_scale
+            source, scale = self.cfg.first_frame_model, self.cfg.first_frame_scale
             first_frame_options = FirstFrameOptions.from_recipe(self.t2i.cfg, sampler=call.t2i_sampler, steps=call.t2i_steps,
                                                   guidance=call.t2i_guidance, height=height * scale,
                                                   width=width * scale, negative_prompt=call.negative_prompt)
         keyframes = KeyframeOptions.from_recipe(
             keyframe_cfg, sampler=call.keyframe_sampler, steps=call.keyframe_steps, text_guidance=call.text_guidance,
             image_guidance=call.image_guidance, noise_aug_level=call.noise_aug_level, num_frames=call.num_keyframes,
-            use_image=source != "none", negative_prompt=call.negative_prompt, keep_first_frame=call.keep_first_frame)
+            use_image=source != "none", negative_prompt=call.negative_prompt, keep_first_frame=call.keep_first_frame,
+            motion_guidance=call.motion_guidance)
         interp = None
         if n_passes:
             interp = InterpolationOptions.from_recipe(
@@ -351,7 +363,7 @@ class Pipeline:
                 first_frames = first_frames.expand(b, -1, -1, -1)
             if first_frames.shape[0] != b:
                 raise ValueError(f"{first_frames.shape[0]} images for {b} prompts")
-        elif plan.source == "t2i":
+        elif plan.source in ("t2i", "keyframe"):
             with bars.stage("first frame", plan.first_frame_options.spec.steps) as cb:
                 first_frames = first_frames_at(self.t2i, prompts, plan.first_frame_options, (height, width),
                                                generator=gen, callback=cb)

@@ -158,6 +158,19 @@ class KeyframeSamplingConfig:
     # sampling, `kvideo.diffusion.with_known`), so the keyframes start on it exactly; false: the
     # model denoises frame 0 itself, as the release does
     keep_first_frame: bool = False
+    # w_M of motion-free guidance: + w_M (eps_TI - eps_TI,motion-free), a fourth branch of the
+    # batched forward (kvideo.diffusion.guidance); 0: none. Needs a model trained with
+    # recipe.motion_free > 0 (or image samples) to mean anything.
+    motion_guidance: float = checked(0.0, ">= 0")
+
+
+@dataclass
+class ImageSamples:
+    """Joint image-video training: a share of every batch's samples trained as single images in
+    image mode (every temporal layer bypassed), text-to-image (no first frame)."""
+
+    share: float = checked(0.0, "[0, 1]")  # of train.batch_size; drawn per step (expected share)
+    source: str = checked("frames", "one of frames")  # frames: one random frame of each chosen clip
 
 
 @dataclass
@@ -174,6 +187,10 @@ class KeyframeRecipe:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampling: KeyframeSamplingConfig = field(default_factory=KeyframeSamplingConfig)
     preview_steps: int = checked(15, ">= 1")  # previews: DPM-Solver++(2M), the first frames of the preview batch
+    images: ImageSamples = field(default_factory=ImageSamples)
+    # share of the video samples trained in motion-free mode (no information crossing frames,
+    # kvideo.models.temporal_layers): the branch that sampling.motion_guidance pushes away from
+    motion_free: float = checked(0.0, "[0, 1]")
 
 
 @dataclass

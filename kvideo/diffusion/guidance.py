@@ -12,7 +12,9 @@ the Kandinsky conventions (reference: ../shared/reference/kandinsky_video.md):
 - text (first frame, interpolation): `(w + 1) * cond - w * uncond` = cond + w (cond - uncond);
   w = 0 is no guidance, Kandinsky 3 uses w = 5 (which is a "scale 6" in the diffusers convention);
 - text and image (keyframes), branches [text+image, null text+image, null text+no image]:
-  `eps_0 + w_I (eps_I - eps_0) + w_T (eps_TI - eps_I)`, w_T = 5, w_I = 2.
+  `eps_0 + w_I (eps_I - eps_0) + w_T (eps_TI - eps_I)`, w_T = 5, w_I = 2;
+- motion-free guidance (GenTron), a fourth branch: the text-and-image branch with no
+  information crossing frames, `+ w_M (eps_TI - eps_TI,mf)`; w_M = 0 is none.
 
 Guidance is applied to the model output whatever the prediction target (eps, v or x0): the
 combination is linear, and all three targets are linear in the output at a fixed x_t and t.
@@ -94,14 +96,20 @@ def text_guided(net: Net, cond: Any, uncond: Any, scale: float) -> Callable:
 
 
 def text_image_guided(net: Net, text_image: Any, image: Any, neither: Any, text_scale: float,
-                      image_scale: float) -> Callable:
+                      image_scale: float, motion_free: Any = None, motion_scale: float = 0.0) -> Callable:
     """Three-way guidance of the keyframe model, in one forward of three branches:
     eps_0 + w_I (eps_I - eps_0) + w_T (eps_TI - eps_I), with eps_TI (text and image),
-    eps_I (null text, image) and eps_0 (null text, no image)."""
-    forward = _stacked_forward(net, _stack([text_image, image, neither]))
+    eps_I (null text, image) and eps_0 (null text, no image).
+
+    With `motion_free` (the text-and-image branch in motion-free mode) and w_M = `motion_scale`
+    > 0, motion-free guidance is a fourth branch of the same forward:
+    eps_0 + w_I (eps_I - eps_0) + w_T (eps_TI - eps_I) + w_M (eps_TI - eps_TI,mf)."""
+    use_motion = motion_free is not None and motion_scale != 0
+    forward = _stacked_forward(net, _stack([text_image, image, neither] + ([motion_free] if use_motion else [])))
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        e_ti, e_i, e_0 = forward(x, t)
-        return e_0 + image_scale * (e_i - e_0) + text_scale * (e_ti - e_i)
+        e_ti, e_i, e_0, *rest = forward(x, t)
+        out = e_0 + image_scale * (e_i - e_0) + text_scale * (e_ti - e_i)
+        return out + motion_scale * (e_ti - rest[0]) if use_motion else out
 
     return model_fn

@@ -16,7 +16,7 @@ already encoded, as the samplers do once per call).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
@@ -102,12 +102,20 @@ class KeyframeCondition:
     noise_level: torch.Tensor
     motion_score: torch.Tensor
     motion_scale: float = 1.0
+    # (b,) bool: these samples run the temporal layers with nothing crossing frames (the branch
+    # motion-free guidance drops; trained at recipe.motion_free); None: none of them
+    motion_free: Optional[torch.Tensor] = None
+    # every sample a single image, every temporal layer bypassed (joint image-video training,
+    # first frames from the keyframe model): x_t is (b, c, 1, h, w)
+    image_mode: bool = False
 
     def __post_init__(self):
         if self.first.dim() != 4:
             raise ValueError(f"KeyframeCondition: first must be a (b, c, h, w) latent; got {tuple(self.first.shape)}")
         _check_batch("KeyframeCondition", self.text.batch_size, first=self.first, has_image=self.has_image,
                      noise_level=self.noise_level, motion_score=self.motion_score)
+        if self.motion_free is not None:
+            _check_batch("KeyframeCondition", self.text.batch_size, motion_free=self.motion_free)
 
     def dropped(self, text: torch.Tensor, image: torch.Tensor) -> "KeyframeCondition":
         """The condition with the text dropped where `text` (b,) is True and the first frame where
@@ -136,6 +144,20 @@ class InterpolationCondition:
         if self.keys.dim() != 5:
             raise ValueError(f"InterpolationCondition: keys must be (b, c, g + 1, h, w); got {tuple(self.keys.shape)}")
         _check_batch("InterpolationCondition", self.text.batch_size, keys=self.keys, keep=self.keep)
+
+
+def select_rows(cond, rows: torch.Tensor):
+    """The condition of the samples where `rows` (b,) bool holds: every tensor field (and a
+    `Prompts`' texts and drop) indexed along the batch axis, every other field as it is."""
+    if isinstance(cond, Prompts):
+        keep = rows.cpu().tolist()
+        drop = None if cond.drop is None else cond.drop[rows.to(cond.drop.device)]
+        return Prompts([t for t, k in zip(cond.texts, keep) if k], drop)
+    if isinstance(cond, torch.Tensor):
+        return cond[rows.to(cond.device)]
+    if is_dataclass(cond):
+        return replace(cond, **{f.name: select_rows(getattr(cond, f.name), rows) for f in fields(cond) if f.init})
+    return cond
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,8 +260,11 @@ def keyframe_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: KeyframeCo
     if denoiser.unet.cfg.anchor_first_frame:
         x_t, t = anchored_input(x_t, t, cond.first, cond.has_image, cond.noise_level)
     x = conditioned_input(x_t, cond.first, cond.has_image, denoiser.unet.cfg.first_frame_everywhere)
-    return denoiser.unet(x, t, text.tokens, text.mask,
-                         noise_aug_level=cond.noise_level, motion_score=cond.motion_score * cond.motion_scale)
+    if cond.image_mode and x_t.shape[2] != 1:
+        raise ValueError(f"KeyframeCondition.image_mode: x_t must hold one frame; got {x_t.shape[2]}")
+    return denoiser.unet(x, t, text.tokens, text.mask, noise_aug_level=cond.noise_level,
+                         motion_score=cond.motion_score * cond.motion_scale, temporal=not cond.image_mode,
+                         motion_free=cond.motion_free)
 
 
 @network_call(InterpolationCondition)

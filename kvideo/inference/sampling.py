@@ -89,7 +89,9 @@ class FirstFrameOptions:
     def from_recipe(cls, cfg: DictConfig, **changes) -> "FirstFrameOptions":
         s = cfg.recipe.sampling
         height, width = (int(v) for v in cfg.data.size)
-        return _changed(cls(sampler_spec(s), s.guidance, height, width), changes)
+        # a keyframe checkpoint makes first frames in image mode, with its text guidance w_T
+        guidance = s.text_guidance if cfg.stage == "keyframe" else s.guidance
+        return _changed(cls(sampler_spec(s), guidance, height, width), changes)
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,10 @@ class KeyframeOptions:
     use_image: bool = True
     negative_prompt: Optional[str] = None
     keep_first_frame: bool = False
+    motion_guidance: float = 0.0  # w_M of motion-free guidance (a fourth branch); 0: none
 
     def __post_init__(self):
-        for name in ("text_guidance", "image_guidance", "noise_aug_level"):
+        for name in ("text_guidance", "image_guidance", "noise_aug_level", "motion_guidance"):
             _need(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
         _need("num_frames", self.num_frames, self.num_frames >= 1, ">= 1")
 
@@ -119,7 +122,8 @@ class KeyframeOptions:
         rc = cfg.recipe
         s = rc.sampling
         options = cls(sampler_spec(s), s.text_guidance, s.image_guidance, sampling_noise_level(rc.noise_aug),
-                      int(cfg.data.num_frames), keep_first_frame=bool(s.keep_first_frame))
+                      int(cfg.data.num_frames), keep_first_frame=bool(s.keep_first_frame),
+                      motion_guidance=float(s.motion_guidance))
         return _changed(options, changes)
 
 
@@ -186,19 +190,31 @@ def _noise(shape: tuple, generator: Optional[torch.Generator], device: torch.dev
 def sample_first_frames(bundle: Bundle, prompts: Sequence[str], options: FirstFrameOptions, *,
                         generator: Optional[torch.Generator] = None, callback: Callback = None) -> torch.Tensor:
     """Images (b, 3, height, width) in [-1, 1] for `prompts`, with classifier-free guidance. Noise
-    comes from `generator` only."""
+    comes from `generator` only. `bundle` is a t2i checkpoint, or a keyframe checkpoint whose
+    video UNet then makes the images in image mode (every temporal layer bypassed, no first
+    frame), the released model's way, meaningful after joint image-video training."""
     denoiser, movq, rc = bundle.denoiser, bundle.movq, bundle.recipe
     f = movq.downsample_factor
     multiple = f * denoiser.unet.downsample_factor
     _need("height, width", (options.height, options.width), not (options.height % multiple or options.width % multiple),
           f"divisible by {multiple} (the MoVQ's factor {f} times the UNet's {denoiser.unet.downsample_factor})")
-    b = len(prompts)
-    cond = ImageCondition(denoiser.context(prompts))
-    uncond = ImageCondition(denoiser.unconditional_context(b, options.negative_prompt))
+    b, device = len(prompts), bundle.device
+    shape = (b, movq.cfg.embed_dim, options.height // f, options.width // f)
+    video_model = bundle.cfg.stage == "keyframe"
+    if video_model:  # one frame of a clip: (b, c, 1, h, w)
+        zeros = torch.zeros(b, device=device)
+        cond, uncond = (KeyframeCondition(text, torch.zeros(shape, device=device), zeros, zeros.long(), zeros,
+                                          rc.motion.scale, image_mode=True)
+                        for text in (denoiser.context(prompts), denoiser.unconditional_context(b, options.negative_prompt)))
+        shape = (*shape[:2], 1, *shape[2:])
+    else:
+        cond = ImageCondition(denoiser.context(prompts))
+        uncond = ImageCondition(denoiser.unconditional_context(b, options.negative_prompt))
     model_fn = text_guided(denoiser, cond, uncond, options.guidance)
-    x_T = _noise((b, movq.cfg.embed_dim, options.height // f, options.width // f), generator, bundle.device)
-    latents = sample(model_fn, bundle.schedule, x_T, options.spec, target=rc.diffusion.target,
+    latents = sample(model_fn, bundle.schedule, _noise(shape, generator, device), options.spec, target=rc.diffusion.target,
                      data_range=rc.latent_scale, generator=generator, callback=callback)
+    if video_model:
+        latents = latents[:, :, 0]
     return movq.decode(latents / rc.latent_scale).clamp(-1, 1)
 
 
@@ -209,7 +225,7 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
     """Keyframe latents (b, c, num_frames, h, w) from prompts and first-frame latents `first`
     (b, c, h, w), scaled like the training latents, and motion scores (shard units, one or one per
     prompt), with three-way guidance [text + image, null text + image, null text + no image] in one
-    batched forward. `options.use_image=False` gives every branch no first frame (plain
+    batched forward (a fourth branch, text + image motion-free, with `options.motion_guidance`). `options.use_image=False` gives every branch no first frame (plain
     text-to-video), and the guidance reduces to text guidance with scale w_T.
     `options.keep_first_frame` holds frame 0 to `first` (clean, not noise-augmented) at every step,
     as it always is for a model trained with `anchor_first_frame`."""
@@ -231,9 +247,14 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
     with_image = KeyframeCondition(text, first_aug, torch.ones(b, device=device), level, motion, rc.motion.scale)
     without_image = replace(with_image, has_image=torch.zeros(b, device=device), noise_level=torch.zeros_like(level))
     text_image = with_image if options.use_image else without_image
-    model_fn = text_image_guided(denoiser, text_image, replace(text_image, text=uncond_text),
-                                 replace(without_image, text=uncond_text),
-                                 text_scale=options.text_guidance, image_scale=options.image_guidance)
+    image_only, neither = replace(text_image, text=uncond_text), replace(without_image, text=uncond_text)
+    motion_free = None
+    if options.motion_guidance:  # every branch says which samples are motion-free: one stacked batch
+        full, free = torch.zeros(b, dtype=torch.bool, device=device), torch.ones(b, dtype=torch.bool, device=device)
+        text_image, image_only, neither = (replace(c, motion_free=full) for c in (text_image, image_only, neither))
+        motion_free = replace(text_image, motion_free=free)
+    model_fn = text_image_guided(denoiser, text_image, image_only, neither, options.text_guidance,
+                                 options.image_guidance, motion_free, options.motion_guidance)
     c, h, w = first.shape[1:]
     # a model given its first frame as frame 0 of x_t (model.anchor_first_frame) never learned
     # to predict that frame: it is the first frame

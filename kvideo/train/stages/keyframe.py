@@ -19,6 +19,13 @@ These are a `KeyframeCondition` (kvideo.inference.conditioning). Training drops 
 image, or both, at `recipe.dropout` rates (`KeyframeCondition.dropped`), so one model gives the
 three branches of `text_image_guided`: [text + image, null text + image, null text + no image].
 
+Joint image-video training (`recipe.images.share`): a share of each batch's clips give one
+random frame each, trained as text-to-image samples in image mode (every temporal layer
+bypassed, no first frame) in the same step; the loss is reported per kind (`keyframe/mse_video`,
+`keyframe/mse_image`) and their sample-weighted mean is trained. `recipe.motion_free`: a share of
+the video samples run motion-free (nothing crosses frames), the branch motion-free guidance
+(`recipe.sampling.motion_guidance`) pushes away from.
+
 `recipe.init_from` names a t2i checkpoint: its UNet becomes the spatial layers (new input
 channels start at zero, temporal layers are new) and its text encoder is taken over.
 `recipe.train_spatial: false` freezes the spatial layers and the text encoder (the 1.0 recipe);
@@ -27,6 +34,7 @@ true trains everything (1.1), the loaded layers at `recipe.spatial_lr_scale` tim
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -34,7 +42,7 @@ import torch
 from einops import rearrange
 
 from kvideo.inference.autoencoder import decode_latents
-from kvideo.inference.conditioning import KeyframeCondition, Prompts, given_frames, noise_augment
+from kvideo.inference.conditioning import KeyframeCondition, Prompts, given_frames, noise_augment, select_rows
 from kvideo.inference.denoiser import TextDenoiser
 from kvideo.inference.sampling import KeyframeOptions, sample_keyframes
 from kvideo.recipes import ConditionDropout, NoiseAugConfig
@@ -106,18 +114,40 @@ class KeyframeStage(LatentDiffusionStage):
 
     def loss(self, model, parts, batch, step, phase):
         x0 = self.latents(batch)
-        b = x0.shape[0]
+        b, device = x0.shape[0], self.device
         drop_text, drop_image = draw_dropout(self.rc.dropout, b)
-        level = draw_noise_levels(self.rc.noise_aug, b).to(self.device)
+        level = draw_noise_levels(self.rc.noise_aug, b).to(device)
         first = noise_augment(self.schedule, x0[:, :, 0], level)
-        cond = KeyframeCondition(Prompts(batch["caption"]), first, torch.ones(b, dtype=torch.bool, device=self.device),
-                                 level, batch["motion_score"].to(self.device), self.rc.motion.scale)
-        cond = cond.dropped(text=drop_text, image=drop_image.to(self.device))
-        mask = None
-        if model.unet.cfg.anchor_first_frame:  # frame 0 is the given first frame: no prediction to train
-            mask = ~given_frames(cond.has_image, x0.shape[2])
-        loss, logs = self.diffusion_loss(parts["main"], x0, cond, mask)
-        return loss, {**logs, "keyframe/latent_std": float(x0.std())}
+        motion_free = (torch.rand(b) < self.rc.motion_free).to(device) if self.rc.motion_free > 0 else None
+        cond = KeyframeCondition(Prompts(batch["caption"]), first, torch.ones(b, dtype=torch.bool, device=device),
+                                 level, batch["motion_score"].to(device), self.rc.motion.scale, motion_free)
+        cond = cond.dropped(text=drop_text, image=drop_image.to(device))
+        logs = {"keyframe/latent_std": float(x0.std())}
+        # these clips give one frame each (no draw at share 0: the random stream stays the old one)
+        images = (torch.rand(b) < self.rc.images.share).to(device) if self.rc.images.share > 0 else None
+        if images is None or not bool(images.any()):
+            loss, mse = self.diffusion_loss(parts["main"], x0, cond, self._loss_mask(model, cond, x0))
+            return loss, {**logs, **mse}
+        total = 0.0
+        if not bool(images.all()):
+            video, clips = select_rows(cond, ~images), x0[~images]
+            loss, mse = self.diffusion_loss(parts["main"], clips, video, self._loss_mask(model, video, clips))
+            total = total + loss * len(clips) / b
+            logs["keyframe/mse_video"] = mse["keyframe/mse"]
+        frame = torch.randint(0, x0.shape[2], (int(images.sum()),))
+        pictures = x0[images][torch.arange(len(frame)), :, frame][:, :, None]  # (n, c, 1, h, w)
+        image = select_rows(cond, images)
+        image = replace(image, first=torch.zeros_like(image.first), has_image=torch.zeros_like(image.has_image),
+                        noise_level=torch.zeros_like(image.noise_level), motion_free=None, image_mode=True)
+        loss, mse = self.diffusion_loss(parts["main"], pictures, image)
+        logs["keyframe/mse_image"] = mse["keyframe/mse"]
+        total = total + loss * len(pictures) / b
+        return total, {**logs, "keyframe/image_share": float(images.float().mean())}
+
+    @staticmethod
+    def _loss_mask(model, cond: KeyframeCondition, x0: torch.Tensor) -> Optional[torch.Tensor]:
+        """With anchor_first_frame, frame 0 is the given first frame: no prediction to train."""
+        return ~given_frames(cond.has_image, x0.shape[2]) if model.unet.cfg.anchor_first_frame else None
 
     @torch.no_grad()
     def preview(self, model: TextDenoiser, batch: dict, out_dir: Path, step: int) -> List[Path]:
