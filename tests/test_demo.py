@@ -44,8 +44,11 @@ def tiny_budget(tmp_path) -> dict:
 def test_demo_trains_every_stage_and_scores_videos(tmp_path, capsys):
     from tools import demo
 
+    budget = tiny_budget(tmp_path)
+    # an arm that changes only the cascade's settings samples the base's runs
+    budget["arms"] = {"mg": {"pipeline": {"sampling": {"keyframe": {"motion_guidance": 1.0}}}}}
     path = tmp_path / "budget.yaml"
-    path.write_text(OmegaConf.to_yaml(OmegaConf.create(tiny_budget(tmp_path))))
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(budget)))
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), "--budget", str(path)]) == 0
     for stage in demo.ORDER:
@@ -54,6 +57,13 @@ def test_demo_trains_every_stage_and_scores_videos(tmp_path, capsys):
     assert result["prompts"] == 2 and sorted((out / "samples" / "videos").glob("*.mp4"))
     printed = capsys.readouterr().out
     assert "| seen | 1 |" in printed and "contact sheet" in printed
+    assert not (out / "arms" / "mg" / "runs").exists() and (out / "arms" / "mg" / "samples" / "results.json").is_file()
+    base, mg = (OmegaConf.load(out / "pipelines" / f"{arm}.yaml") for arm in ("base", "mg"))
+    assert base.keyframe == mg.keyframe and mg.sampling.keyframe.motion_guidance == 1.0 and "sampling" not in base
+    report = json.loads((out / "report.json").read_text())
+    params = report["mg"]["params"]
+    assert params == report["base"]["params"] and 0 < params["keyframe"]["temporal"] < params["keyframe"]["total"]
+    assert "temporal)" in printed  # the parameters column
     # a second run reuses the data and the finished runs
     assert demo.main(["--out", str(out), "--budget", str(path)]) == 0
     assert "reusing ShapesWorld train split" in capsys.readouterr().out

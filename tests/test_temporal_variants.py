@@ -107,3 +107,23 @@ def test_motion_free_attention_is_attention_masked_to_the_identity():
         assert torch.allclose(got[0], expected[0], atol=1e-5), (got[0] - expected[0]).abs().max()
         assert torch.allclose(got[1], block(x, emb)[1], atol=1e-6)
         assert not torch.allclose(got[1], expected[1], atol=1e-4)  # the other sample attends across frames
+
+
+def test_model_info_counts_every_variant(capsys):
+    import json
+    import sys
+
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "tools"))
+    import model_info
+
+    config = str(ROOT / "configs" / "keyframe" / "shapes.yaml")
+    assert model_info.main([config, "--temporal-variants", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["placement"], r["kind"]) for r in rows} == set(VARIANTS)
+    assert len({r["temporal_params"] for r in rows}) == len(VARIANTS)
+    assert model_info.main([config, "model.temporal_placement=inside", "model.temporal_kind=conv", "--json"]) == 0
+    inside_conv = json.loads(capsys.readouterr().out)
+    assert inside_conv["temporal_params"] == next(r["temporal_params"] for r in rows if r["placement"] == "inside"
+                                                  and r["kind"] == "conv")
+    assert model_info.main([str(ROOT / "configs" / "t2i" / "shapes.yaml"), "--temporal-variants"]) == 2

@@ -19,12 +19,17 @@ it changes; a stage's `overrides` list is replaced whole): each arm adds overrid
       fast_temporal:
         keyframe: [train.lr=1.0e-3, recipe.spatial_lr_scale=0.3]
 
-and is trained, sampled and scored in OUT/arms/ARM/ beside the base budget (arm "base", in OUT/).
+and is trained, sampled and scored in OUT/arms/ARM/ beside the base budget (arm "base", in OUT/);
+an arm's `pipeline` map changes the cascade's pipeline settings only (e.g.
+`pipeline: {sampling: {keyframe: {motion_guidance: 2.0}}}`, or `first_frame_model: keyframe`),
+so an arm that changes nothing else samples the base's runs. Each arm's cascade is
+OUT/pipelines/ARM.yaml.
 An arm trains only the stages it changes and those that depend on them (keyframe and
 interpolation start from the t2i run, every stage but the MoVQ from the MoVQ); the others are the
 base's runs, trained once. `evaluate` names per-stage evaluations (the stage's tools/evaluate_*.py
 with the given arguments), whose results.json lands in ARM_DIR/eval/STAGE. `--until STAGE` trains up to STAGE (and evaluates) without sampling the
-cascade. The last lines are a table: per arm, the minutes of each stage and the scores.
+cascade. The last lines are a table: per arm, the minutes of each stage, the parameters of each
+stage's model and the scores.
 """
 
 from __future__ import annotations
@@ -69,9 +74,12 @@ def read_budget(path: Path) -> dict:
     for arm, changes in (budget.get("arms") or {}).items():
         if arm == "base" or not isinstance(changes, dict):
             raise ValueError(f"demo budget '{path}': arms.{arm} must be a map of stage -> overrides (and not named base)")
-        unknown = sorted(set(changes) - set(ORDER))
+        unknown = sorted(set(changes) - set(ORDER) - {"pipeline"})
         if unknown:
-            raise ValueError(f"demo budget '{path}': arms.{arm}.{unknown[0]} is not a stage ({', '.join(ORDER)})")
+            raise ValueError(f"demo budget '{path}': arms.{arm}.{unknown[0]} is not a stage ({', '.join(ORDER)}) "
+                             "or pipeline")
+        if not isinstance(changes.get("pipeline", {}), dict):
+            raise ValueError(f"demo budget '{path}': arms.{arm}.pipeline must be a map of pipeline settings")
     unknown = sorted(set(budget.get("evaluate") or {}) - set(EVALUATORS))
     if unknown:
         raise ValueError(f"demo budget '{path}': evaluate.{unknown[0]}: no evaluation tool for it "
@@ -82,7 +90,7 @@ def read_budget(path: Path) -> dict:
 def arm_runs(budget: dict, arm: str, out: Path) -> Dict[str, Path]:
     """stage -> its run directory for `arm`: the arm's own for the stages it changes and the
     stages that depend on them, the base's for the rest."""
-    changed = set((budget.get("arms") or {}).get(arm, {})) if arm != "base" else set()
+    changed = set((budget.get("arms") or {}).get(arm, {})) - {"pipeline"} if arm != "base" else set()
     for stage in ORDER:  # in order, so a dependency's change reaches its dependants
         if any(d in changed for d in DEPENDS.get(stage, ())):
             changed.add(stage)
@@ -208,18 +216,37 @@ def main(argv=None) -> int:
                 results = evaluate_stage(stage, runs[stage], eval_args, home / "eval" / stage)
                 scores.setdefault(stage, []).extend(score_text(r) for r in results)
         if args.until is None:
-            code, scores["cascade"] = sample_cascade(budget, runs, home, minutes)
+            code, scores["cascade"] = sample_cascade(budget, runs, home, minutes, extra.get("pipeline", {}))
             if code != 0:
                 return code
-        report[arm] = {"minutes": minutes, "scores": scores, "runs": {s: str(r) for s, r in runs.items()}}
+            (out / "pipelines").mkdir(exist_ok=True)
+            (out / "pipelines" / f"{arm}.yaml").write_text((home / "pipeline.yaml").read_text())
+        report[arm] = {"minutes": minutes, "scores": scores, "runs": {s: str(r) for s, r in runs.items()},
+                       "params": stage_params({s: runs[s] for s in stages})}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print_report(report)
     return 0
 
 
-def sample_cascade(budget: dict, runs: Dict[str, Path], home: Path, minutes: dict):
-    """Sample and score the budget's canonical prompts through the arm's cascade; (code, [score])."""
-    pipeline = {**budget.get("pipeline", {}), **{s: str(runs[s]) for s in ORDER if s != "movq"}}
+def stage_params(runs: Dict[str, Path]) -> Dict[str, dict]:
+    """stage -> {"total": M, "temporal": M} parameters of the model each run's config builds."""
+    from kvideo.registry import load_config, model_info
+
+    params = {}
+    for stage, run in runs.items():
+        if (run / "config.yaml").is_file():
+            info = model_info(load_config([run / "config.yaml"], require_complete=False))
+            params[stage] = {k: round(info[f"{k}_params"] / 1e6, 3) for k in ("total", "temporal") if f"{k}_params" in info}
+    return params
+
+
+def sample_cascade(budget: dict, runs: Dict[str, Path], home: Path, minutes: dict, changes: dict | None = None):
+    """Sample and score the budget's canonical prompts through the arm's cascade (the budget's
+    pipeline settings merged with the arm's `changes`); (code, [score])."""
+    settings = OmegaConf.merge(OmegaConf.create(budget.get("pipeline", {})), OmegaConf.create(changes or {}))
+    pipeline = {**OmegaConf.to_container(settings), **{s: str(runs[s]) for s in ORDER if s != "movq"}}
+    if pipeline.get("first_frame_model") == "keyframe":  # one UNet: no t2i in the cascade
+        pipeline.pop("t2i")
     home.mkdir(parents=True, exist_ok=True)
     (home / "pipeline.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(pipeline)))
     per_split = int(budget.get("samples", {}).get("per_split", 3))
@@ -246,11 +273,13 @@ def sample_cascade(budget: dict, runs: Dict[str, Path], home: Path, minutes: dic
 def print_report(report: dict) -> None:
     """Per arm: the minutes of each stage of its cascade (a shared run counts in every arm that uses
     it, so each row is the whole cost of its cascade) and the scores."""
-    print("\n| arm | minutes | scores |\n|---|---|---|")
+    print("\n| arm | minutes | parameters (M) | scores |\n|---|---|---|---|")
     for arm, r in report.items():
         mins = ", ".join(f"{k} {v:.1f}" for k, v in r["minutes"].items())
+        params = ", ".join(f"{k} {v['total']:.2f}" + (f" ({v['temporal']:.2f} temporal)" if "temporal" in v else "")
+                           for k, v in r.get("params", {}).items()) or "-"
         scores = "<br>".join(f"{stage}: {s}" for stage, lines in r["scores"].items() for s in lines) or "-"
-        print(f"| {arm} | {mins} | {scores} |")
+        print(f"| {arm} | {mins} | {params} | {scores} |")
     print("  minutes: " + ", ".join(f"{k} {v:.1f}" for k, v in report[next(iter(report))]["minutes"].items()))
 
 
