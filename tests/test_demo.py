@@ -8,6 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from kvideo.inference.checkpoints import latest_checkpoint, read_config
+from kvideo.pipeline import PipelineConfig
+from kvideo.registry import load_config
 
 from conftest import tiny_movq_overrides, tiny_t2i_overrides
 from test_interpolation import tiny_interpolation_overrides
@@ -149,3 +151,11 @@ def test_the_shipped_budgets_name_real_configs():
         budget = demo.read_budget(path)
         for stage in demo.ORDER:
             assert (demo.ROOT / budget["stages"][stage]["config"]).is_file(), (path, stage)
+        # every override of every stage and arm is a key its config schema knows (load_config refuses others)
+        for arm, changes in {"base": {}, **(budget.get("arms") or {})}.items():
+            for stage in demo.ORDER:
+                spec = budget["stages"][stage]
+                load_config([demo.ROOT / spec["config"]], [*spec.get("overrides", []), *changes.get(stage, [])],
+                            require_complete=False)
+            if "pipeline" in changes:
+                PipelineConfig(**{**budget.get("pipeline", {}), **changes["pipeline"], "keyframe": "x"})
