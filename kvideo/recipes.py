@@ -170,7 +170,10 @@ class ImageSamples:
     image mode (every temporal layer bypassed), text-to-image (no first frame)."""
 
     share: float = checked(0.0, "[0, 1]")  # of train.batch_size; drawn per step (expected share)
-    source: str = checked("frames", "one of frames")  # frames: one random frame of each chosen clip
+    # frames: one random frame of each chosen clip; shards: images of `shards` in their place
+    # (kvideo.data.image_shards: KEY.png|jpg + KEY.json with a caption)
+    source: str = checked("frames", "one of frames|shards")
+    shards: Optional[str] = None  # a directory, glob or comma-separated list of tar shards
 
 
 @dataclass

@@ -180,3 +180,78 @@ def test_first_frames_from_the_keyframe_checkpoint_in_image_mode(keyframe_run): 
     assert out.settings["first_frame"]["source"] == "keyframe" and out.frames.shape[2] == 3
     with pytest.raises(ValueError, match="first_frame_model"):
         Pipeline(PipelineConfig(keyframe=str(keyframe_run), t2i=str(keyframe_run), first_frame_model="keyframe"))
+
+
+def write_image_shards(root, n_good=4):
+    """n_good good image samples (png or jpg + caption), a bad caption, an undecodable png, and a
+    caption without an image, in one tar shard."""
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(root / "images-000000.tar", "w") as tar:
+        for i in range(n_good):
+            buf = io.BytesIO()
+            fmt = "PNG" if i % 2 == 0 else "JPEG"
+            Image.fromarray(np.full((20, 30, 3), 40 * i, dtype=np.uint8)).save(buf, format=fmt)
+            add(tar, f"img{i}.{'png' if fmt == 'PNG' else 'jpg'}", buf.getvalue())
+            add(tar, f"img{i}.json", json.dumps({"caption": f"picture {i}"}).encode())
+        if n_good:
+            add(tar, "badcap.png", buf.getvalue())
+            add(tar, "badcap.json", json.dumps({"caption": ""}).encode())
+            add(tar, "broken.png", b"not a png at all")
+            add(tar, "broken.json", json.dumps({"caption": "broken"}).encode())
+        add(tar, "noimage.json", json.dumps({"caption": "no image"}).encode())
+    return root
+
+
+def test_image_shards_draw_by_step_skip_bad_samples_and_resume_exactly(tmp_path):
+    from kvideo.data.image_shards import ImageShards
+
+    shards = write_image_shards(tmp_path / "images")
+    images = ImageShards(str(shards), (16, 16), seed=3)
+    assert len(images) == 6  # the caption without an image is no image sample
+    seen = []
+    for step in range(6):
+        frames, captions = images.draw(step, 3, per_step=4)
+        assert frames.shape == (3, 3, 16, 16) and frames.min() >= -1 and frames.max() <= 1
+        assert all(c.startswith("picture ") for c in captions)  # the bad ones were skipped
+        seen += captions
+    assert set(seen) == {f"picture {i}" for i in range(4)}
+    assert images.skipped["caption"] >= 1 and images.skipped["undecodable"] >= 1
+    again = ImageShards(str(shards), (16, 16), seed=3)  # a resumed run: the same images at the same step
+    a, b = images.draw(4, 2, per_step=4), again.draw(4, 2, per_step=4)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    other_rank = images.draw(4, 2, per_step=4, rank=1, world=2)
+    assert images.draw(4, 2, per_step=4, rank=0, world=2)[1] != other_rank[1]  # ranks draw other positions
+    with pytest.raises(RuntimeError, match="no image sample"):
+        ImageShards(str(write_image_shards(tmp_path / "none", n_good=0)), (16, 16))
+
+
+def test_image_samples_from_image_shards_carry_their_captions(stage_and_model, tmp_path):
+    shards = write_image_shards(tmp_path / "images")
+    stage, model = stage_and_model(**{"recipe.images.share": 1.0, "recipe.images.source": "shards",
+                                      "recipe.images.shards": str(shards), "recipe.dropout.text": 0.0,
+                                      "recipe.dropout.both": 0.0})
+    seen = []
+
+    def net(x_t, t, cond):
+        seen.append((tuple(x_t.shape), cond.text.texts))
+        return model(x_t, t, cond)
+
+    with torch.no_grad():
+        loss, logs = stage.loss(model, {"main": net}, _batch(), 0, "main")
+    assert seen[0][0][2] == 1 and all(c.startswith("picture ") for c in seen[0][1]) and len(seen) == 1
+    assert torch.isfinite(loss) and "keyframe/mse_image" in logs and "data/skipped_images" in logs
+    with pytest.raises(ValueError, match="recipe.images.shards"):
+        stage_and_model(**{"recipe.images.source": "shards"})

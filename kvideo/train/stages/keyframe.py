@@ -20,7 +20,8 @@ image, or both, at `recipe.dropout` rates (`KeyframeCondition.dropped`), so one 
 three branches of `text_image_guided`: [text + image, null text + image, null text + no image].
 
 Joint image-video training (`recipe.images.share`): a share of each batch's clips give one
-random frame each, trained as text-to-image samples in image mode (every temporal layer
+random frame each (or, with `recipe.images.source: shards`, their places go to images of
+`recipe.images.shards`, KEY.png|jpg + KEY.json, drawn by step so a resume is exact), trained as text-to-image samples in image mode (every temporal layer
 bypassed, no first frame) in the same step; the loss is reported per kind (`keyframe/mse_video`,
 `keyframe/mse_image`) and their sample-weighted mean is trained. `recipe.motion_free`: a share of
 the video samples run motion-free (nothing crosses frames), the branch motion-free guidance
@@ -97,6 +98,14 @@ class KeyframeStage(LatentDiffusionStage):
             raise ValueError(f"stage keyframe needs data.num_frames >= 2 (keyframes per clip); got {cfg.data.num_frames}")
         draw_dropout(self.rc.dropout, 0)  # validate the rates now, not at the first step
         draw_noise_levels(self.rc.noise_aug, 0)
+        self.image_shards = None
+        if self.rc.images.source == "shards":
+            if not self.rc.images.shards:
+                raise ValueError("recipe.images.source: shards needs recipe.images.shards (a directory, glob or "
+                                 "comma-separated list of tar shards of KEY.png|jpg + KEY.json)")
+            from kvideo.data.image_shards import ImageShards
+
+            self.image_shards = ImageShards(self.rc.images.shards, tuple(cfg.data.size), int(cfg.seed))
 
     def initialise(self, model: TextDenoiser) -> None:
         """The t2i checkpoint `recipe.init_from` loaded in; with `recipe.train_spatial: false` only
@@ -134,15 +143,29 @@ class KeyframeStage(LatentDiffusionStage):
             loss, mse = self.diffusion_loss(parts["main"], clips, video, self._loss_mask(model, video, clips))
             total = total + loss * len(clips) / b
             logs["keyframe/mse_video"] = mse["keyframe/mse"]
-        frame = torch.randint(0, x0.shape[2], (int(images.sum()),))
-        pictures = x0[images][torch.arange(len(frame)), :, frame][:, :, None]  # (n, c, 1, h, w)
         image = select_rows(cond, images)
         image = replace(image, first=torch.zeros_like(image.first), has_image=torch.zeros_like(image.has_image),
                         noise_level=torch.zeros_like(image.noise_level), motion_free=None, image_mode=True)
+        pictures, image = self._pictures(x0, images, image, step)
         loss, mse = self.diffusion_loss(parts["main"], pictures, image)
         logs["keyframe/mse_image"] = mse["keyframe/mse"]
         total = total + loss * len(pictures) / b
+        if self.image_shards is not None:
+            logs["data/skipped_images"] = sum(self.image_shards.skipped.values())
         return total, {**logs, "keyframe/image_share": float(images.float().mean())}
+
+    def _pictures(self, x0: torch.Tensor, images: torch.Tensor, cond: KeyframeCondition, step: int):
+        """The image samples' latents (n, c, 1, h, w) and condition: one random frame of each
+        chosen clip, or (recipe.images.source: shards) images of the image shards with their captions."""
+        n = int(images.sum())
+        if self.image_shards is None:
+            frame = torch.randint(0, x0.shape[2], (n,))
+            return x0[images][torch.arange(n), :, frame][:, :, None], cond
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+            if torch.distributed.is_initialized() else (0, 1)
+        frames, captions = self.image_shards.draw(step, n, per_step=x0.shape[0], rank=rank, world=world)
+        latents = self.latents({"video": frames[:, :, None]})
+        return latents, replace(cond, text=Prompts(captions, cond.text.drop))
 
     @staticmethod
     def _loss_mask(model, cond: KeyframeCondition, x0: torch.Tensor) -> Optional[torch.Tensor]:
