@@ -177,7 +177,8 @@ def sample_keyframe(args) -> int:
                                           text_guidance=args.text_guidance, image_guidance=args.image_guidance,
                                           noise_aug_level=args.noise_aug_level, num_frames=args.frames,
                                           negative_prompt=args.negative_prompt, keep_first_frame=args.keep_first_frame,
-                                          motion_guidance=args.motion_guidance)
+                                          motion_guidance=args.motion_guidance, anchor=args.anchor,
+                                          anchor_frame=args.anchor_frame)
     bar = tqdm(total=options.spec.steps, desc="keyframes")
     latents = sample_keyframes(kf, [args.prompt], first_latent, motion, options, generator=generator,
                                callback=lambda *_: bar.update(1))
@@ -272,7 +273,7 @@ def sample_pipeline(args) -> int:
              "passes": args.passes, "noise_aug_level": args.noise_aug_level, "text_guidance": args.text_guidance,
              "image_guidance": args.image_guidance, "size": args.size, "num_keyframes": args.frames,
              "decode_window": args.window, "keep_first_frame": args.keep_first_frame,
-             "motion_guidance": args.motion_guidance}
+             "motion_guidance": args.motion_guidance, "anchor": args.anchor, "anchor_frame": args.anchor_frame}
     arguments.update({k: v for k, v in flags.items() if v is not None})
     pipe = Pipeline.from_config(args.pipeline, args.overrides)
     image = load_image(args.image) if args.image else None  # the pipeline fits it to the video size
@@ -331,6 +332,9 @@ def main(argv=None) -> int:
     kf.add_argument("--image-guidance", type=float)
     kf.add_argument("--motion-guidance", type=float,
                     help="w_M of motion-free guidance (default: the recipe's sampling.motion_guidance, 0 = none)")
+    kf.add_argument("--anchor", choices=["first_step", "every_step", "clean"],
+                    help="a text-to-video keyframe model: how the first frame anchors its frame (default: the recipe's)")
+    kf.add_argument("--anchor-frame", type=int, help="the keyframe the first frame anchors (default 0)")
     kf.add_argument("--noise-aug-level", type=int)
     kf.add_argument("--keep-first-frame", action=argparse.BooleanOptionalAction, default=None,
                     help="hold frame 0 to the first frame at every step (default: the recipe's sampling)")

@@ -100,6 +100,8 @@ class PipelineCall:
     image_guidance: Optional[float] = None
     keep_first_frame: Optional[bool] = None  # frame 0 held to the first frame (replacement sampling)
     motion_guidance: Optional[float] = None  # w_M of motion-free guidance (0: none)
+    anchor: Optional[str] = None  # a text-to-video keyframe model's anchor: first_step | every_step | clean
+    anchor_frame: Optional[int] = None  # the keyframe the first frame anchors
     interpolation_sampler: Optional[str] = None
     interpolation_steps: Optional[int] = None
     interpolation_guidance: Optional[float] = None
@@ -131,7 +133,8 @@ class CallPlan:
         k = self.keyframes
         keyframes = {**_spec_settings(k.spec), "text_guidance": k.text_guidance, "image_guidance": k.image_guidance,
                      "noise_aug_level": k.noise_aug_level, "motion_score": self.motion, "num_keyframes": k.num_frames,
-                     "keep_first_frame": k.keep_first_frame, "motion_guidance": k.motion_guidance}
+                     "keep_first_frame": k.keep_first_frame, "motion_guidance": k.motion_guidance,
+                     "anchor": k.anchor, "anchor_frame": k.anchor_frame}
         interp: Dict[str, Any] = {"passes": 0}
         if self.interpolation is not None:
             i = self.interpolation
@@ -313,7 +316,7 @@ class Pipeline:
             keyframe_cfg, sampler=call.keyframe_sampler, steps=call.keyframe_steps, text_guidance=call.text_guidance,
             image_guidance=call.image_guidance, noise_aug_level=call.noise_aug_level, num_frames=call.num_keyframes,
             use_image=source != "none", negative_prompt=call.negative_prompt, keep_first_frame=call.keep_first_frame,
-            motion_guidance=call.motion_guidance)
+            motion_guidance=call.motion_guidance, anchor=call.anchor, anchor_frame=call.anchor_frame)
         interp = None
         if n_passes:
             interp = InterpolationOptions.from_recipe(

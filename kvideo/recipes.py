@@ -162,6 +162,13 @@ class KeyframeSamplingConfig:
     # batched forward (kvideo.diffusion.guidance); 0: none. Needs a model trained with
     # recipe.motion_free > 0 (or image samples) to mean anything.
     motion_guidance: float = checked(0.0, ">= 0")
+    # A text-to-video model (recipe.conditioning: text) given an anchor frame (the pipeline's first
+    # frame, as Factorized Video Generation makes it): first_step = its clean latent replaces that
+    # frame of x_T only (the paper); every_step = that frame's x0 is held to it at every step
+    # (re-noised to each step's level); clean = it is given clean in x_t at every call (as
+    # recipe.anchor training gives it, with its timestep 0 when recipe.anchor.timestep)
+    anchor: str = checked("first_step", "one of first_step|every_step|clean")
+    anchor_frame: int = checked(0, ">= 0")
 
 
 @dataclass
@@ -174,6 +181,19 @@ class ImageSamples:
     # (kvideo.data.image_shards: KEY.png|jpg + KEY.json with a caption)
     source: str = checked("frames", "one of frames|shards")
     shards: Optional[str] = None  # a directory, glob or comma-separated list of tar shards
+
+
+@dataclass
+class AnchorTraining:
+    """Anchor-grounding training of a text-to-video model (Factorized Video Generation): each
+    step one frame (`frame`, or a random one when -1) of every clip is given clean in x_t in place
+    of its noisy version, except for a `drop` share of the clips (which stay plain text-to-video)."""
+
+    enabled: bool = False
+    frame: int = checked(-1, ">= -1")
+    drop: float = checked(0.1, "[0, 1]")
+    loss: str = checked("others", "one of others|all")  # others: the given frame is not a target
+    timestep: bool = False  # the given frame's timestep is 0 (per-frame timesteps), else the clip's
 
 
 @dataclass
@@ -191,6 +211,11 @@ class KeyframeRecipe:
     sampling: KeyframeSamplingConfig = field(default_factory=KeyframeSamplingConfig)
     preview_steps: int = checked(15, ">= 1")  # previews: DPM-Solver++(2M), the first frames of the preview batch
     images: ImageSamples = field(default_factory=ImageSamples)
+    # first_frame: Kandinsky Video 1.1's channel conditioning (x_t | first frame | mask, three-way
+    # guidance); text: a plain text-to-video model (model.in_channels = out_channels, text guidance
+    # only), which takes a first frame as an anchor frame (sampling.anchor, recipe.anchor)
+    conditioning: str = checked("first_frame", "one of first_frame|text")
+    anchor: AnchorTraining = field(default_factory=AnchorTraining)
     # share of the video samples trained in motion-free mode (no information crossing frames,
     # kvideo.models.temporal_layers): the branch that sampling.motion_guidance pushes away from
     motion_free: float = checked(0.0, "[0, 1]")

@@ -111,7 +111,7 @@ def test_image_samples_are_single_frames_in_image_mode_and_losses_are_per_kind(s
     assert video[0][2] == 4 and image[0][2] == 1 and video[0][0] + image[0][0] == 4
     assert image[2] is None and not image[3].any()  # images: no first frame, no temporal layer to free
     assert video[2].all()  # recipe.motion_free 1.0: every video sample motion-free
-    assert {"keyframe/mse_video", "keyframe/mse_image"} <= set(logs)
+    assert {"keyframe/mse_video", "keyframe/mse_image", "keyframe/mse"} <= set(logs)
     n_video, n_image = video[0][0], image[0][0]
     expected = (logs["keyframe/mse_video"] * n_video + logs["keyframe/mse_image"] * n_image) / 4
     assert float(loss) == pytest.approx(expected, rel=1e-5)  # plain MSE: the loss is the sample-weighted mean

@@ -130,6 +130,33 @@ class KeyframeCondition:
 
 
 @dataclass
+class TextVideoCondition:
+    """A plain text-to-video keyframe model (`recipe.conditioning: text`, no first-frame input
+    channels): text and the motion score; optionally an anchor, the clean latent (b, c, h, w) of
+    frame `anchor_frame` given in place of that frame of x_t at every call (anchor-grounding
+    training, Factorized Video Generation; `has_anchor` (b,) 0 where none), whose timestep becomes
+    0 when `anchor_timestep` (per-frame timesteps mark the frame clean). Anchors injected only
+    into x_T, or re-noised at every step, are the sampler's business (`AnchorOptions`)."""
+
+    text: Text
+    motion_score: torch.Tensor
+    motion_scale: float = 1.0
+    anchor: Optional[torch.Tensor] = None
+    has_anchor: Optional[torch.Tensor] = None
+    anchor_frame: int = 0
+    anchor_timestep: bool = False
+
+    def __post_init__(self):
+        _check_batch("TextVideoCondition", self.text.batch_size, motion_score=self.motion_score)
+        if (self.anchor is None) != (self.has_anchor is None):
+            raise ValueError("TextVideoCondition: anchor and has_anchor go together")
+        if self.anchor is not None:
+            if self.anchor.dim() != 4:
+                raise ValueError(f"TextVideoCondition: anchor must be a (b, c, h, w) latent; got {tuple(self.anchor.shape)}")
+            _check_batch("TextVideoCondition", self.text.batch_size, anchor=self.anchor, has_anchor=self.has_anchor)
+
+
+@dataclass
 class InterpolationCondition:
     """The interpolation model: text; the keyframe latents (b, c, g + 1, h, w) around the g gaps;
     `keep` (b,), 0 for the unconditional branch (zeroed keyframes, temporal mask 0); the pass's
@@ -241,16 +268,16 @@ def given_frames(has_image: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 
 def anchored_input(x_t: torch.Tensor, t: torch.Tensor, first: torch.Tensor, has_image: torch.Tensor,
-                   level: torch.Tensor):
-    """(x_t, t (b,)) -> (x_t with frame 0 replaced by the first-frame latent, per-frame timesteps
-    (b, f) with frame 0's set to the first frame's noise-augmentation `level`), where `has_image`;
-    samples without a first frame keep their x_t and t on every frame."""
+                   level: torch.Tensor, frame: int = 0):
+    """(x_t, t (b,)) -> (x_t with frame `frame` replaced by the given latent `first`, per-frame
+    timesteps (b, f) with that frame's set to `level` (b,)), where `has_image`; samples without
+    one keep their x_t and t on every frame."""
     b, f = x_t.shape[0], x_t.shape[2]
     keep = has_image.to(x_t.device) > 0
     x = x_t.clone()
-    x[:, :, 0] = torch.where(keep.reshape(b, 1, 1, 1), first.to(x_t.dtype), x_t[:, :, 0])
+    x[:, :, frame] = torch.where(keep.reshape(b, 1, 1, 1), first.to(x_t.dtype), x_t[:, :, frame])
     frame_t = t.reshape(b, 1).expand(b, f).clone()
-    frame_t[:, 0] = torch.where(keep, level.to(t.device, t.dtype), t)
+    frame_t[:, frame] = torch.where(keep, level.to(t.device, t.dtype), t)
     return x, frame_t
 
 
@@ -265,6 +292,16 @@ def keyframe_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: KeyframeCo
     return denoiser.unet(x, t, text.tokens, text.mask, noise_aug_level=cond.noise_level,
                          motion_score=cond.motion_score * cond.motion_scale, temporal=not cond.image_mode,
                          motion_free=cond.motion_free)
+
+
+@network_call(TextVideoCondition)
+def text_video_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: TextVideoCondition) -> torch.Tensor:
+    text = encode_text(denoiser, cond.text)
+    if cond.anchor is not None:
+        x_anchored, frame_t = anchored_input(x_t, t, cond.anchor, cond.has_anchor, torch.zeros_like(t),
+                                             cond.anchor_frame)
+        x_t, t = x_anchored, (frame_t if cond.anchor_timestep else t)
+    return denoiser.unet(x_t, t, text.tokens, text.mask, motion_score=cond.motion_score * cond.motion_scale)
 
 
 @network_call(InterpolationCondition)

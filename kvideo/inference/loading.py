@@ -40,7 +40,12 @@ def build_stage_denoiser(cfg: DictConfig) -> TextDenoiser:
     if stage == "keyframe":
         if not isinstance(model.unet, VideoUNet):
             raise ValueError(f"stage keyframe needs a video UNet (model.name: video_unet); got model.name: {cfg.model.name}")
-        if ucfg.out_channels * 2 + 1 != ucfg.in_channels:
+        if cfg.recipe.get("conditioning", "first_frame") == "text":
+            if ucfg.in_channels != ucfg.out_channels or ucfg.anchor_first_frame:
+                raise ValueError(f"stage keyframe with recipe.conditioning: text (plain text-to-video) needs "
+                                 f"model.in_channels = out_channels ({ucfg.out_channels}; got {ucfg.in_channels}) "
+                                 "and no model.anchor_first_frame (recipe.anchor trains anchors)")
+        elif ucfg.out_channels * 2 + 1 != ucfg.in_channels:
             raise ValueError(f"stage keyframe: model.in_channels must be 2 * out_channels + 1 "
                              f"(x_t | first frame | mask) = {2 * ucfg.out_channels + 1}; got {ucfg.in_channels}")
     elif stage == "interpolation":

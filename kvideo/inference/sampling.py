@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from kvideo.diffusion import SamplerSpec, plan_timesteps, sample, text_guided, text_image_guided, with_known
 from kvideo.inference.conditioning import (
-    ImageCondition, InterpolationCondition, KeyframeCondition, given_frames, noise_augment,
+    ImageCondition, InterpolationCondition, KeyframeCondition, TextVideoCondition, given_frames, noise_augment,
 )
 from kvideo.inference.denoiser import make_schedule
 from kvideo.inference.gaps import gap_blend, merge_gaps
@@ -94,6 +94,9 @@ class FirstFrameOptions:
         return _changed(cls(sampler_spec(s), guidance, height, width), changes)
 
 
+ANCHOR_MODES = ("first_step", "every_step", "clean")
+
+
 @dataclass(frozen=True)
 class KeyframeOptions:
     """How keyframes are sampled: the sampler, three-way guidance (w_T, w_I), the first frame's
@@ -111,11 +114,17 @@ class KeyframeOptions:
     negative_prompt: Optional[str] = None
     keep_first_frame: bool = False
     motion_guidance: float = 0.0  # w_M of motion-free guidance (a fourth branch); 0: none
+    # a text-to-video model's anchor frame (recipe.sampling.anchor): first_step | every_step | clean
+    anchor: str = "first_step"
+    anchor_frame: int = 0
 
     def __post_init__(self):
         for name in ("text_guidance", "image_guidance", "noise_aug_level", "motion_guidance"):
             _need(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
         _need("num_frames", self.num_frames, self.num_frames >= 1, ">= 1")
+        _need("anchor", self.anchor, self.anchor in ANCHOR_MODES, f"one of {', '.join(ANCHOR_MODES)}")
+        _need("anchor_frame", self.anchor_frame, 0 <= self.anchor_frame < self.num_frames,
+              f"a frame of the {self.num_frames} keyframes")
 
     @classmethod
     def from_recipe(cls, cfg: DictConfig, **changes) -> "KeyframeOptions":
@@ -123,7 +132,7 @@ class KeyframeOptions:
         s = rc.sampling
         options = cls(sampler_spec(s), s.text_guidance, s.image_guidance, sampling_noise_level(rc.noise_aug),
                       int(cfg.data.num_frames), keep_first_frame=bool(s.keep_first_frame),
-                      motion_guidance=float(s.motion_guidance))
+                      motion_guidance=float(s.motion_guidance), anchor=str(s.anchor), anchor_frame=int(s.anchor_frame))
         return _changed(options, changes)
 
 
@@ -231,6 +240,9 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
     as it always is for a model trained with `anchor_first_frame`."""
     denoiser, rc = bundle.denoiser, bundle.recipe
     b, device = len(prompts), bundle.device
+    if rc.get("conditioning", "first_frame") == "text":
+        return _text_video_keyframes(bundle, prompts, first if options.use_image else None, motion_score, options,
+                                     generator, callback)
     if first.shape[0] != b:
         raise ValueError(f"{b} prompts but {first.shape[0]} first frames")
     levels = bundle.schedule.num_steps
@@ -263,6 +275,43 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
         model_fn = with_known(model_fn, bundle.schedule, rc.diffusion.target, first[:, :, None],
                               given_frames(with_image.has_image, options.num_frames))
     x_T = _noise((b, c, options.num_frames, h, w), generator, device)
+    return sample(model_fn, bundle.schedule, x_T, options.spec, target=rc.diffusion.target,
+                  data_range=rc.latent_scale, generator=generator, callback=callback)
+
+
+def _text_video_keyframes(bundle: Bundle, prompts: Sequence[str], anchor: Optional[torch.Tensor],
+                          motion_score: Union[float, torch.Tensor], options: KeyframeOptions,
+                          generator: Optional[torch.Generator], callback: Callback) -> torch.Tensor:
+    """A text-to-video model's keyframes, text-guided, with the anchor latent `anchor` (b, c, h, w)
+    (None: plain text-to-video) put in frame `options.anchor_frame` as `options.anchor` says:
+    first_step (x_T only), every_step (its x0 held, re-noised each step) or clean (given clean at
+    every call, as anchor training gives it; the frame then ends on it, as with every_step)."""
+    denoiser, rc, device = bundle.denoiser, bundle.recipe, bundle.device
+    b, k = len(prompts), options.anchor_frame
+    motion = torch.as_tensor(motion_score, dtype=torch.float32, device=device).expand(b).clone()
+    _need("motion_score", motion_score, bool(torch.isfinite(motion).all() and (motion >= 0).all()), "finite and >= 0")
+    cond = TextVideoCondition(denoiser.context(prompts), motion, rc.motion.scale)
+    c, h, w = denoiser.unet.cfg.out_channels, None, None
+    if anchor is not None:
+        anchor = anchor.to(device)
+        if anchor.shape[0] != b:
+            raise ValueError(f"{b} prompts but {anchor.shape[0]} anchor frames")
+        c, h, w = anchor.shape[1:]
+        if options.anchor == "clean":
+            cond = replace(cond, anchor=anchor, has_anchor=torch.ones(b, device=device), anchor_frame=k,
+                           anchor_timestep=bool(rc.anchor.timestep))
+    else:
+        h, w = (int(v) // bundle.movq.downsample_factor for v in bundle.cfg.data.size)
+    model_fn = text_guided(denoiser, cond, replace(cond, text=denoiser.unconditional_context(b, options.negative_prompt)),
+                           options.text_guidance)
+    x_T = _noise((b, c, options.num_frames, h, w), generator, device)
+    if anchor is not None:
+        if options.anchor == "first_step":
+            x_T[:, :, k] = anchor
+        else:
+            frame = torch.zeros(1, 1, options.num_frames, 1, 1, dtype=torch.bool, device=device)
+            frame[:, :, k] = True
+            model_fn = with_known(model_fn, bundle.schedule, rc.diffusion.target, anchor[:, :, None], frame)
     return sample(model_fn, bundle.schedule, x_T, options.spec, target=rc.diffusion.target,
                   data_range=rc.latent_scale, generator=generator, callback=callback)
 

@@ -43,7 +43,9 @@ import torch
 from einops import rearrange
 
 from kvideo.inference.autoencoder import decode_latents
-from kvideo.inference.conditioning import KeyframeCondition, Prompts, given_frames, noise_augment, select_rows
+from kvideo.inference.conditioning import (
+    KeyframeCondition, Prompts, TextVideoCondition, given_frames, noise_augment, select_rows,
+)
 from kvideo.inference.denoiser import TextDenoiser
 from kvideo.inference.sampling import KeyframeOptions, sample_keyframes
 from kvideo.recipes import ConditionDropout, NoiseAugConfig
@@ -98,6 +100,15 @@ class KeyframeStage(LatentDiffusionStage):
             raise ValueError(f"stage keyframe needs data.num_frames >= 2 (keyframes per clip); got {cfg.data.num_frames}")
         draw_dropout(self.rc.dropout, 0)  # validate the rates now, not at the first step
         draw_noise_levels(self.rc.noise_aug, 0)
+        if self.rc.conditioning == "text" and (self.rc.images.share > 0 or self.rc.motion_free > 0):
+            raise ValueError("recipe.conditioning: text trains plain text-to-video clips; recipe.images.share and "
+                             "recipe.motion_free work with recipe.conditioning: first_frame only (for now)")
+        if self.rc.anchor.enabled and self.rc.conditioning != "text":
+            raise ValueError("recipe.anchor trains a text-to-video model (recipe.conditioning: text); a first-frame "
+                             "model takes its first frame as an anchor with model.anchor_first_frame")
+        if self.rc.anchor.frame >= cfg.data.num_frames:
+            raise ValueError(f"recipe.anchor.frame {self.rc.anchor.frame} is not a frame of a "
+                             f"{cfg.data.num_frames}-frame clip (data.num_frames)")
         self.image_shards = None
         if self.rc.images.source == "shards":
             if not self.rc.images.shards:
@@ -123,6 +134,8 @@ class KeyframeStage(LatentDiffusionStage):
 
     def loss(self, model, parts, batch, step, phase):
         x0 = self.latents(batch)
+        if self.rc.conditioning == "text":
+            return self._text_video_loss(parts, batch, x0)
         b, device = x0.shape[0], self.device
         drop_text, drop_image = draw_dropout(self.rc.dropout, b)
         level = draw_noise_levels(self.rc.noise_aug, b).to(device)
@@ -150,9 +163,32 @@ class KeyframeStage(LatentDiffusionStage):
         loss, mse = self.diffusion_loss(parts["main"], pictures, image)
         logs["keyframe/mse_image"] = mse["keyframe/mse"]
         total = total + loss * len(pictures) / b
+        n_video = b - len(pictures)  # the step's mse over both kinds, as video-only steps log it
+        logs["keyframe/mse"] = (logs.get("keyframe/mse_video", 0.0) * n_video
+                                + logs["keyframe/mse_image"] * len(pictures)) / b
         if self.image_shards is not None:
             logs["data/skipped_images"] = sum(self.image_shards.skipped.values())
         return total, {**logs, "keyframe/image_share": float(images.float().mean())}
+
+    def _text_video_loss(self, parts, batch, x0: torch.Tensor):
+        """Plain text-to-video: text dropped at the dropout's text + both rates; with recipe.anchor,
+        one frame of each clip (but a `drop` share) given clean, and left out of the loss."""
+        b, f, device = x0.shape[0], x0.shape[2], self.device
+        drop_text, _ = draw_dropout(self.rc.dropout, b)
+        cond = TextVideoCondition(Prompts(batch["caption"], drop_text.to(device)), batch["motion_score"].to(device),
+                                  self.rc.motion.scale)
+        mask, logs = None, {"keyframe/latent_std": float(x0.std())}
+        a = self.rc.anchor
+        if a.enabled:
+            k = int(torch.randint(0, f, ())) if a.frame < 0 else a.frame
+            has = (torch.rand(b) >= a.drop).to(device)
+            cond = replace(cond, anchor=x0[:, :, k], has_anchor=has, anchor_frame=k, anchor_timestep=a.timestep)
+            if a.loss == "others":
+                mask = torch.ones(b, 1, f, 1, 1, dtype=torch.bool, device=device)
+                mask[:, 0, k] = ~has.reshape(b, 1, 1)
+            logs["keyframe/anchor_frame"] = k
+        loss, mse = self.diffusion_loss(parts["main"], x0, cond, mask)
+        return loss, {**logs, **mse}
 
     def _pictures(self, x0: torch.Tensor, images: torch.Tensor, cond: KeyframeCondition, step: int):
         """The image samples' latents (n, c, 1, h, w) and condition: one random frame of each
