@@ -4,7 +4,8 @@
         [--seed N] [--image first.png] [--motion-score X|PRESET] [--fps-preset low|medium|high]
         [--negative-prompt "..."] [--gif] [--sheet] [--prompts-file FILE --out-dir DIR]
         [--size H W] [--frames N] [--window W] [--text-guidance W] [--image-guidance W] [--motion-guidance W]
-        [--noise-aug-level L] [--passes N] [--call KEY=VALUE ...]
+        [--noise-aug-level L] [--passes N] [--rewrite identity|shapesworld|llm:PATH]
+        [--anchor first_step|every_step|clean] [--anchor-frame K] [--call KEY=VALUE ...]
         [key=value ...  pipeline config overrides, e.g. device=cuda]
 
     python sample.py --stage movq --checkpoint RUN_OR_CKPT --input VIDEO.mp4 --out RECON.mp4
@@ -273,7 +274,8 @@ def sample_pipeline(args) -> int:
              "passes": args.passes, "noise_aug_level": args.noise_aug_level, "text_guidance": args.text_guidance,
              "image_guidance": args.image_guidance, "size": args.size, "num_keyframes": args.frames,
              "decode_window": args.window, "keep_first_frame": args.keep_first_frame,
-             "motion_guidance": args.motion_guidance, "anchor": args.anchor, "anchor_frame": args.anchor_frame}
+             "motion_guidance": args.motion_guidance, "anchor": args.anchor, "anchor_frame": args.anchor_frame,
+             "rewrite": args.rewrite}
     arguments.update({k: v for k, v in flags.items() if v is not None})
     pipe = Pipeline.from_config(args.pipeline, args.overrides)
     image = load_image(args.image) if args.image else None  # the pipeline fits it to the video size
@@ -292,6 +294,8 @@ def sample_pipeline(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipeline", help="a pipeline YAML (configs/pipeline/): the whole cascade")
+    ap.add_argument("--rewrite", help="--pipeline: the first frame's prompt rewriter, identity | shapesworld | llm:PATH "
+                                      "(Factorized Video Generation; default: the pipeline config's rewriter)")
     ap.add_argument("--stage", choices=["movq", "t2i", "keyframe", "interpolation", "video_decoder"])
     ap.add_argument("--checkpoint", help="a run directory, checkpoint directory or .safetensors file")
     ap.add_argument("--which", default="ema", choices=["ema", "model"])

@@ -61,6 +61,11 @@ class PipelineConfig:
     # "keyframe": the keyframe checkpoint makes the first frames itself, in image mode (the
     # released model's way; train it with recipe.images.share > 0), and `t2i` must be empty
     first_frame_model: str = "t2i"
+    # the first frame's prompt (kvideo.inference.rewrite): identity | shapesworld | llm:PATH, with
+    # the LLM's template (holding {prompt}; none: the default) and token limit
+    rewriter: str = "identity"
+    rewriter_template: Optional[str] = None
+    rewriter_max_new_tokens: int = 64
     keyframe: str = ""
     interpolation: Optional[str] = None  # none: keyframes only ("low")
     video_decoder: Optional[str] = None  # none: the keyframe MoVQ's image decoder
@@ -102,6 +107,7 @@ class PipelineCall:
     motion_guidance: Optional[float] = None  # w_M of motion-free guidance (0: none)
     anchor: Optional[str] = None  # a text-to-video keyframe model's anchor: first_step | every_step | clean
     anchor_frame: Optional[int] = None  # the keyframe the first frame anchors
+    rewrite: Optional[str] = None  # the first frame's prompt rewriter (default: the config's rewriter)
     interpolation_sampler: Optional[str] = None
     interpolation_steps: Optional[int] = None
     interpolation_guidance: Optional[float] = None
@@ -123,13 +129,14 @@ class CallPlan:
     decode_window: Optional[int]
     size: List[int]
     seed: Optional[int]
+    rewriter: str = "identity"  # the first frame's prompt (source t2i / keyframe)
 
     def settings(self) -> Dict[str, Any]:
         """The plan as plain data (VideoOutput.settings, the JSON beside each mp4)."""
         first: Dict[str, Any] = {"source": self.source}
         if self.first_frame_options is not None:
             f = self.first_frame_options
-            first.update(_spec_settings(f.spec), guidance=f.guidance, size=[f.height, f.width])
+            first.update(_spec_settings(f.spec), guidance=f.guidance, size=[f.height, f.width], rewriter=self.rewriter)
         k = self.keyframes
         keyframes = {**_spec_settings(k.spec), "text_guidance": k.text_guidance, "image_guidance": k.image_guidance,
                      "noise_aug_level": k.noise_aug_level, "motion_score": self.motion, "num_keyframes": k.num_frames,
@@ -226,6 +233,7 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
         self.device = device = torch.device(cfg.device)
+        self._rewriters: Dict[str, Any] = {}
         self.keyframe: Bundle = load_bundle(cfg.keyframe, "keyframe", cfg.which, device)
         self.movq = self.keyframe.movq  # the latent space of the keyframes and everything after them
         if cfg.first_frame_model not in ("t2i", "keyframe"):
@@ -298,6 +306,9 @@ class Pipeline:
         else:
             motion = resolve_motion_score(keyframe_cfg.recipe.motion, call.motion_score)
 
+        rewriter = call.rewrite or self.cfg.rewriter
+        if rewriter not in ("identity", "shapesworld") and not rewriter.startswith("llm:"):
+            raise ValueError(f"unknown first-frame rewriter {rewriter!r}: identity, shapesworld or llm:PATH")
         first_frame_options = None
         if not call.first_frame:  # plain text-to-video keyframes: the model's image-dropped branch
             if image:
@@ -326,7 +337,7 @@ class Pipeline:
                 negative_prompt=call.negative_prompt)
         return CallPlan(source, first_frame_options, keyframes, motion, interp, "video" if self.decoder is not None else "image",
                         call.decode_window if call.decode_window is not None else self.cfg.decode_window,
-                        [height, width], call.seed)
+                        [height, width], call.seed, rewriter)
 
     def settings(self, *, image: bool = False, **arguments: Any) -> Dict[str, Any]:
         """`plan(PipelineCall(**arguments), image).settings()`: what a call with these arguments runs,
@@ -367,8 +378,9 @@ class Pipeline:
             if first_frames.shape[0] != b:
                 raise ValueError(f"{first_frames.shape[0]} images for {b} prompts")
         elif plan.source in ("t2i", "keyframe"):
+            first_prompts = self.rewriter(plan.rewriter)(prompts)  # the first frame alone (Factorized Video Generation)
             with bars.stage("first frame", plan.first_frame_options.spec.steps) as cb:
-                first_frames = first_frames_at(self.t2i, prompts, plan.first_frame_options, (height, width),
+                first_frames = first_frames_at(self.t2i, first_prompts, plan.first_frame_options, (height, width),
                                                generator=gen, callback=cb)
         scale = self.keyframe.recipe.latent_scale
         if first_frames is not None:
@@ -405,8 +417,22 @@ class Pipeline:
                 frames = decode_latents(self.movq, z, 1.0)
             if cb:
                 cb()
+        settings = plan.settings()
+        if plan.source in ("t2i", "keyframe"):
+            settings["first_frame"].update(rewriter=self.rewriter(plan.rewriter).describe(), prompts=first_prompts)
         return VideoOutput(frames=frames, fps=fps, first_frames=first_frames, keyframes=keyframes, timings=timings,
-                           settings=plan.settings())
+                           settings=settings)
+
+    def rewriter(self, spec: str):
+        """The first-frame prompt rewriter named `spec` (built once per pipeline: an LLM is loaded once)."""
+        from kvideo.inference.rewrite import build_rewriter
+
+        if spec not in self._rewriters:
+            llm = {"max_new_tokens": self.cfg.rewriter_max_new_tokens, "device": self.cfg.device}
+            if self.cfg.rewriter_template:
+                llm["template"] = self.cfg.rewriter_template
+            self._rewriters[spec] = build_rewriter(spec, **(llm if spec.startswith("llm:") else {}))
+        return self._rewriters[spec]
 
 
 def _pipeline_call(arguments: Dict[str, Any]) -> PipelineCall:

@@ -144,3 +144,40 @@ def test_the_pipeline_anchors_a_text_to_video_model_on_its_first_frame(t2v_run, 
     plain = pipe([PROMPT], first_frame=False, **kw)  # no first frame: plain text-to-video keyframes
     assert not torch.allclose(held.keyframes, first_step.keyframes, atol=1e-3)
     assert not torch.allclose(first_step.keyframes, plain.keyframes, atol=1e-3)
+
+
+def test_the_shapesworld_rewriter_removes_exactly_the_motion():
+    from kvideo.data.shapesworld import caption, parse_caption
+    from kvideo.inference.rewrite import build_rewriter
+
+    rewriter = build_rewriter("shapesworld")
+    attrs = dict(background="white", color="red", shape="circle", direction="left", speed="fast")
+    for seed in range(8):  # the canonical caption and its paraphrases
+        text = caption(attrs, paraphrase_rng=seed)
+        assert rewriter([text]) == ["a red circle on a white background"], text
+    still = caption(dict(attrs, direction="still", speed="none"))
+    assert rewriter([still]) == ["a red circle on a white background"]
+    for a in ({**attrs, "color": "blue", "shape": "square", "background": "black"},):
+        out = rewriter([caption(a)])[0]
+        assert all(v in out for v in ("blue", "square", "black")) and "moving" not in out
+        with pytest.raises(ValueError):
+            parse_caption(out)  # no motion left to parse
+    assert rewriter(["a cat on a sofa"]) == ["a cat on a sofa"]  # not ShapesWorld: kept
+    assert build_rewriter("identity")(["x"]) == ["x"] and build_rewriter("identity").describe() == {"kind": "identity"}
+    with pytest.raises(ValueError, match="rewriter"):
+        build_rewriter("gpt")
+
+
+def test_the_pipeline_draws_the_first_frame_from_the_rewritten_prompt(t2v_run, t2i_run):
+    from kvideo.pipeline import Pipeline, PipelineConfig
+
+    pipe = Pipeline(PipelineConfig(t2i=str(t2i_run), keyframe=str(t2v_run), first_frame_scale=1))
+    kw = dict(t2i_sampler="ddim", t2i_steps=2, keyframe_steps=2, num_keyframes=3, fps_preset="low", progress=False)
+    out = pipe([PROMPT], rewrite="shapesworld", **kw)
+    first = out.settings["first_frame"]
+    assert first["rewriter"] == {"kind": "shapesworld"} and first["prompts"] == ["a red circle on a black background"]
+    plain = pipe([PROMPT], **kw)
+    assert plain.settings["first_frame"]["prompts"] == [PROMPT]
+    assert not torch.allclose(out.first_frames, plain.first_frames, atol=1e-3)  # another prompt, another image
+    with pytest.raises(ValueError, match="rewriter"):
+        pipe.settings(rewrite="gpt", fps_preset="low")
