@@ -18,6 +18,11 @@ setup(
         "human-eval": ["flask"],
         # pytorch-fid: the reference FID implementation the metric tests compare against
         # selenium drives Debian's chromium in the human-evaluation browser test
-        "dev": ["pytest", "pytest-timeout", "diffusers", "scipy", "pytorch-fid", "flask", "selenium"],
+        # the LLM first-frame rewriter (kvideo.inference.rewrite) and T5 text towers
+        "llm": ["transformers"],
+        # LoRA fine-tuning (anchor grounding, Factorized Video Generation)
+        "lora": ["peft"],
+        "dev": ["pytest", "pytest-timeout", "diffusers", "scipy", "pytorch-fid", "flask", "selenium", "transformers",
+                "peft"],
     },
 )

@@ -181,3 +181,43 @@ def test_the_pipeline_draws_the_first_frame_from_the_rewritten_prompt(t2v_run, t
     assert not torch.allclose(out.first_frames, plain.first_frames, atol=1e-3)  # another prompt, another image
     with pytest.raises(ValueError, match="rewriter"):
         pipe.settings(rewrite="gpt", fps_preset="low")
+
+
+def tiny_causal_lm(path):
+    """A tiny random GPT-2 and a word-level tokenizer, written as a local transformers checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>", "describe", "only", "the", "first", "frame", "video", ":", "a", "red", "circle",
+             "moving", "left", "quickly", "on", "black", "background", "still", "image", "of", "blue", "square"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(path)
+    return path
+
+
+def test_the_llm_rewriter_runs_a_local_model_with_its_template_and_limits(tmp_path, monkeypatch):
+    from kvideo.inference.rewrite import LLMRewriter, build_rewriter
+
+    path = tiny_causal_lm(tmp_path / "lm")
+    template = "describe only the first frame : {prompt} image :"
+    rewriter = build_rewriter(f"llm:{path}", template=template, max_new_tokens=3)
+    assert isinstance(rewriter, LLMRewriter) and rewriter.describe()["template"] == template
+    got = rewriter([PROMPT])[0]
+    # the reference: the same model and tokenizer called directly on the filled-in template
+    inputs = rewriter.tokenizer(template.format(prompt=PROMPT), return_tensors="pt")
+    out = rewriter.model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=1)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    assert 1 <= len(new) <= 3  # the generation limit
+    expected = rewriter.tokenizer.decode(new, skip_special_tokens=True).strip()
+    assert got == (expected.splitlines()[0].strip() if expected else PROMPT)
+    # a model that says nothing: the original prompt
+    monkeypatch.setattr(rewriter.model, "generate", lambda input_ids, **kw: input_ids)
+    assert rewriter([PROMPT]) == [PROMPT]
+    with pytest.raises(ValueError, match="prompt"):
+        LLMRewriter(path, template="no placeholder")
+    with pytest.raises(FileNotFoundError, match="model directory"):
+        LLMRewriter(tmp_path / "missing")
