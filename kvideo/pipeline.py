@@ -67,6 +67,7 @@ class PipelineConfig:
     rewriter_template: Optional[str] = None
     rewriter_max_new_tokens: int = 64
     keyframe: str = ""
+    keyframe_lora: Optional[str] = None  # a LoRA adapter (tools/merge_lora.py --lora-out) over the keyframe checkpoint
     interpolation: Optional[str] = None  # none: keyframes only ("low")
     video_decoder: Optional[str] = None  # none: the keyframe MoVQ's image decoder
     which: str = "ema"  # ema | model weights of every checkpoint
@@ -235,6 +236,11 @@ class Pipeline:
         self.device = device = torch.device(cfg.device)
         self._rewriters: Dict[str, Any] = {}
         self.keyframe: Bundle = load_bundle(cfg.keyframe, "keyframe", cfg.which, device)
+        if cfg.keyframe_lora:  # base + adapter (Factorized Video Generation's anchor grounding)
+            from kvideo.inference.lora import load_lora
+
+            load_lora(self.keyframe.denoiser.unet, cfg.keyframe_lora)
+            self.keyframe.denoiser.to(device).eval()
         self.movq = self.keyframe.movq  # the latent space of the keyframes and everything after them
         if cfg.first_frame_model not in ("t2i", "keyframe"):
             raise ValueError(f"pipeline config: first_frame_model must be t2i or keyframe; got {cfg.first_frame_model!r}")

@@ -197,6 +197,21 @@ class AnchorTraining:
 
 
 @dataclass
+class LoraTraining:
+    """LoRA fine-tuning of a trained keyframe model (kvideo.inference.lora, peft): `base` is its
+    checkpoint (run dir, checkpoint dir or weights file), whose weights stay frozen; only the
+    adapters of the `targets` modules (name suffixes) train. tools/merge_lora.py saves the
+    adapter apart or merges it; a pipeline loads base + adapter (keyframe_lora)."""
+
+    enabled: bool = False
+    base: Optional[str] = None
+    rank: int = checked(8, ">= 1")
+    alpha: float = checked(8.0, "> 0")
+    targets: List[str] = field(default_factory=lambda: ["to_query", "to_key", "to_value", "to_out"])
+    dropout: float = checked(0.0, "[0, 1)")
+
+
+@dataclass
 class KeyframeRecipe:
     movq: str = MISSING  # movq-stage checkpoint
     init_from: Optional[str] = None  # t2i-stage checkpoint for the spatial layers and text encoder
@@ -216,6 +231,7 @@ class KeyframeRecipe:
     # only), which takes a first frame as an anchor frame (sampling.anchor, recipe.anchor)
     conditioning: str = checked("first_frame", "one of first_frame|text")
     anchor: AnchorTraining = field(default_factory=AnchorTraining)
+    lora: LoraTraining = field(default_factory=LoraTraining)
     # share of the video samples trained in motion-free mode (no information crossing frames,
     # kvideo.models.temporal_layers): the branch that sampling.motion_guidance pushes away from
     motion_free: float = checked(0.0, "[0, 1]")

@@ -48,6 +48,11 @@ def build_stage_denoiser(cfg: DictConfig) -> TextDenoiser:
         elif ucfg.out_channels * 2 + 1 != ucfg.in_channels:
             raise ValueError(f"stage keyframe: model.in_channels must be 2 * out_channels + 1 "
                              f"(x_t | first frame | mask) = {2 * ucfg.out_channels + 1}; got {ucfg.in_channels}")
+        lora = cfg.recipe.get("lora")
+        if lora is not None and lora.enabled:  # the adapters' layers, so a LoRA run's checkpoints load
+            from kvideo.inference.lora import LoraSpec, add_lora
+
+            add_lora(model.unet, LoraSpec(int(lora.rank), float(lora.alpha), list(lora.targets), float(lora.dropout)))
     elif stage == "interpolation":
         if not isinstance(model.unet, InterpolationUNet):
             raise ValueError(f"stage interpolation needs model.name: interpolation_unet; got {cfg.model.name}")

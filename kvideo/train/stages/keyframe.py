@@ -35,12 +35,14 @@ true trains everything (1.1), the loaded layers at `recipe.spatial_lr_scale` tim
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 from einops import rearrange
+from omegaconf import OmegaConf
 
 from kvideo.inference.autoencoder import decode_latents
 from kvideo.inference.conditioning import (
@@ -51,6 +53,8 @@ from kvideo.inference.sampling import KeyframeOptions, sample_keyframes
 from kvideo.recipes import ConditionDropout, NoiseAugConfig
 from kvideo.train.stages.base import Phase
 from kvideo.train.stages.diffusion import LatentDiffusionStage, init_from_t2i, video_phase
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # Condition dropout and noise augmentation
@@ -85,6 +89,33 @@ def draw_dropout(cfg: ConditionDropout, n: int, generator: Optional[torch.Genera
     return text_only | both, image_only | both
 
 
+def load_lora_base(model: TextDenoiser, cfg) -> None:
+    """The keyframe checkpoint `cfg.recipe.lora.base` into a model whose UNet holds LoRA adapters
+    (its base weights under the adapters' `base_layer`), everything frozen but the adapters."""
+    from kvideo.inference.checkpoints import load_stage_weights
+    from kvideo.inference.lora import base_key
+
+    state, base_cfg = load_stage_weights(cfg.recipe.lora.base, "keyframe")
+    for key in ("model", "recipe.conditioning"):
+        if OmegaConf.select(base_cfg, key) != OmegaConf.select(cfg, key):
+            raise ValueError(f"recipe.lora.base '{cfg.recipe.lora.base}' has another {key} than this config: "
+                             "LoRA fine-tunes the base model as it is")
+    own = model.state_dict()
+    mapped = {k: v for k, v in state.items()}
+    for key in own:
+        if ".base_layer." in key:
+            mapped[key] = state[base_key(key)]
+            mapped.pop(base_key(key), None)
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    if unexpected or any("lora_" not in k for k in missing):
+        bad = unexpected[0] if unexpected else next(k for k in missing if "lora_" not in k)
+        raise ValueError(f"recipe.lora.base '{cfg.recipe.lora.base}': weight '{bad}' does not fit the model")
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    log.info("keyframe: LoRA over %s, %d adapter tensors train", cfg.recipe.lora.base,
+             sum(1 for n, _ in model.named_parameters() if "lora_" in n))
+
+
 # ----------------------------------------------------------------------------------------------
 # Stage
 # ----------------------------------------------------------------------------------------------
@@ -106,6 +137,9 @@ class KeyframeStage(LatentDiffusionStage):
         if self.rc.anchor.enabled and self.rc.conditioning != "text":
             raise ValueError("recipe.anchor trains a text-to-video model (recipe.conditioning: text); a first-frame "
                              "model takes its first frame as an anchor with model.anchor_first_frame")
+        if self.rc.lora.enabled and (not self.rc.lora.base or self.rc.init_from):
+            raise ValueError("recipe.lora fine-tunes a trained keyframe model: set recipe.lora.base to its checkpoint "
+                             "and leave recipe.init_from empty (the base holds every weight)")
         if self.rc.anchor.frame >= cfg.data.num_frames:
             raise ValueError(f"recipe.anchor.frame {self.rc.anchor.frame} is not a frame of a "
                              f"{cfg.data.num_frames}-frame clip (data.num_frames)")
@@ -120,7 +154,12 @@ class KeyframeStage(LatentDiffusionStage):
 
     def initialise(self, model: TextDenoiser) -> None:
         """The t2i checkpoint `recipe.init_from` loaded in; with `recipe.train_spatial: false` only
-        the temporal layers and the input conv (the new conditioning channels) train."""
+        the temporal layers and the input conv (the new conditioning channels) train. With
+        `recipe.lora`, the keyframe checkpoint `recipe.lora.base` is loaded under the adapters and
+        only the adapters train."""
+        if self.rc.lora.enabled:
+            load_lora_base(model, self.cfg)
+            return
         if self.rc.init_from:
             init_from_t2i(model, self.cfg)
         if not self.rc.train_spatial:
