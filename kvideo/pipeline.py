@@ -59,7 +59,8 @@ class PipelineConfig:
 
     t2i: Optional[str] = None  # optional when every call gives an image
     # "keyframe": the keyframe checkpoint makes the first frames itself, in image mode (the
-    # released model's way; train it with recipe.images.share > 0), and `t2i` must be empty
+    # released model's way; train it with recipe.images.share > 0), and `t2i` must be empty;
+    # "none": no first frame unless a call gives an image (plain text-to-video keyframes)
     first_frame_model: str = "t2i"
     # the first frame's prompt (kvideo.inference.rewrite): identity | shapesworld | llm:PATH, with
     # the LLM's template (holding {prompt}; none: the default) and token limit
@@ -242,11 +243,12 @@ class Pipeline:
             load_lora(self.keyframe.denoiser.unet, cfg.keyframe_lora)
             self.keyframe.denoiser.to(device).eval()
         self.movq = self.keyframe.movq  # the latent space of the keyframes and everything after them
-        if cfg.first_frame_model not in ("t2i", "keyframe"):
-            raise ValueError(f"pipeline config: first_frame_model must be t2i or keyframe; got {cfg.first_frame_model!r}")
-        if cfg.first_frame_model == "keyframe" and cfg.t2i:
-            raise ValueError("pipeline config: first_frame_model: keyframe makes the first frames with the keyframe "
-                             f"checkpoint; remove t2i ('{cfg.t2i}') or set first_frame_model: t2i")
+        if cfg.first_frame_model not in ("t2i", "keyframe", "none"):
+            raise ValueError(f"pipeline config: first_frame_model must be t2i, keyframe or none; "
+                             f"got {cfg.first_frame_model!r}")
+        if cfg.first_frame_model != "t2i" and cfg.t2i:
+            raise ValueError(f"pipeline config: first_frame_model: {cfg.first_frame_model} uses no t2i checkpoint; "
+                             f"remove t2i ('{cfg.t2i}') or set first_frame_model: t2i")
         self.t2i: Optional[Bundle] = load_bundle(cfg.t2i, "t2i", cfg.which, device) if cfg.t2i else None
         if cfg.first_frame_model == "keyframe":
             self.t2i = self.keyframe  # its video UNet in image mode (sample_first_frames)
@@ -316,7 +318,8 @@ class Pipeline:
         if rewriter not in ("identity", "shapesworld") and not rewriter.startswith("llm:"):
             raise ValueError(f"unknown first-frame rewriter {rewriter!r}: identity, shapesworld or llm:PATH")
         first_frame_options = None
-        if not call.first_frame:  # plain text-to-video keyframes: the model's image-dropped branch
+        if not call.first_frame or (self.cfg.first_frame_model == "none" and not image):
+            # plain text-to-video keyframes: the model's image-dropped branch
             if image:
                 raise ValueError("an image was given with first_frame=False")
             source = "none"

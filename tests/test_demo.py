@@ -126,6 +126,15 @@ def test_an_experiment_extends_a_budget(tmp_path):
     child.write_text("extends: configs/demo/shapes.yaml\narms:\n  a: {keyframes: [x=1]}\n")
     with pytest.raises(ValueError, match="arms.a.keyframes is not a stage"):
         demo.read_budget(child)
+    child.write_text("extends: configs/demo/shapes.yaml\narms:\n  a: {keyframe: [x=1]}\n  b: {runs_of: a}\n"
+                     "  c: {runs_of: b}\n")
+    with pytest.raises(ValueError, match="arms.c.runs_of"):
+        demo.read_budget(child)
+    child.write_text("extends: configs/demo/shapes.yaml\narms:\n  a: {keyframe: [x=1]}\n  b: {runs_of: a}\n")
+    budget = demo.read_budget(child)
+    assert demo.arm_runs(budget, "b", tmp_path) == demo.arm_runs(budget, "a", tmp_path)  # a sampling variant
+    assert demo.stage_command("keyframe", {"config": "c.yaml", "overrides": ["recipe.lora.base={out}/runs/keyframe"]},
+                              tmp_path)[-1] == f"recipe.lora.base={tmp_path}/runs/keyframe"
     child.write_text("extends: configs/demo/shapes.yaml\nevaluate: {movq: [--x]}\n")
     with pytest.raises(ValueError, match="evaluate.movq: no evaluation tool"):
         demo.read_budget(child)
@@ -155,7 +164,8 @@ def test_the_shipped_budgets_name_real_configs():
         for arm, changes in {"base": {}, **(budget.get("arms") or {})}.items():
             for stage in demo.ORDER:
                 spec = budget["stages"][stage]
-                load_config([demo.ROOT / spec["config"]], [*spec.get("overrides", []), *changes.get(stage, [])],
+                stage_overrides = [*spec.get("overrides", []), *changes.get(stage, [])]
+                load_config([demo.ROOT / spec["config"]], [o.replace("{out}", "OUT") for o in stage_overrides],
                             require_complete=False)
             if "pipeline" in changes:
                 PipelineConfig(**{**budget.get("pipeline", {}), **changes["pipeline"], "keyframe": "x"})

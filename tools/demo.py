@@ -23,7 +23,9 @@ and is trained, sampled and scored in OUT/arms/ARM/ beside the base budget (arm 
 an arm's `pipeline` map changes the cascade's pipeline settings only (e.g.
 `pipeline: {sampling: {keyframe: {motion_guidance: 2.0}}}`, or `first_frame_model: keyframe`),
 so an arm that changes nothing else samples the base's runs. Each arm's cascade is
-OUT/pipelines/ARM.yaml.
+OUT/pipelines/ARM.yaml. `runs_of: OTHER` makes an arm a sampling variant of arm OTHER (its runs,
+the arm's own pipeline settings). In a stage override, `{out}` is OUT (an arm can start from another arm's
+run: recipe.lora.base={out}/runs/keyframe).
 An arm trains only the stages it changes and those that depend on them (keyframe and
 interpolation start from the t2i run, every stage but the MoVQ from the MoVQ); the others are the
 base's runs, trained once. `evaluate` names per-stage evaluations (the stage's tools/evaluate_*.py
@@ -74,10 +76,15 @@ def read_budget(path: Path) -> dict:
     for arm, changes in (budget.get("arms") or {}).items():
         if arm == "base" or not isinstance(changes, dict):
             raise ValueError(f"demo budget '{path}': arms.{arm} must be a map of stage -> overrides (and not named base)")
-        unknown = sorted(set(changes) - set(ORDER) - {"pipeline"})
+        unknown = sorted(set(changes) - set(ORDER) - {"pipeline", "runs_of"})
         if unknown:
-            raise ValueError(f"demo budget '{path}': arms.{arm}.{unknown[0]} is not a stage ({', '.join(ORDER)}) "
-                             "or pipeline")
+            raise ValueError(f"demo budget '{path}': arms.{arm}.{unknown[0]} is not a stage ({', '.join(ORDER)}), "
+                             "pipeline or runs_of")
+        other = changes.get("runs_of")
+        if other is not None and (other not in budget["arms"] or set(changes) - {"pipeline", "runs_of"}
+                                  or budget["arms"][other].get("runs_of")):
+            raise ValueError(f"demo budget '{path}': arms.{arm}.runs_of must name another arm that trains its own "
+                             f"runs ({other!r}), and the arm may then change only its pipeline")
         if not isinstance(changes.get("pipeline", {}), dict):
             raise ValueError(f"demo budget '{path}': arms.{arm}.pipeline must be a map of pipeline settings")
     unknown = sorted(set(budget.get("evaluate") or {}) - set(EVALUATORS))
@@ -90,7 +97,10 @@ def read_budget(path: Path) -> dict:
 def arm_runs(budget: dict, arm: str, out: Path) -> Dict[str, Path]:
     """stage -> its run directory for `arm`: the arm's own for the stages it changes and the
     stages that depend on them, the base's for the rest."""
-    changed = set((budget.get("arms") or {}).get(arm, {})) - {"pipeline"} if arm != "base" else set()
+    spec = (budget.get("arms") or {}).get(arm, {}) if arm != "base" else {}
+    if spec.get("runs_of"):  # a sampling variant of another arm: that arm's runs
+        return arm_runs(budget, spec["runs_of"], out)
+    changed = set(spec) - {"pipeline", "runs_of"}
     for stage in ORDER:  # in order, so a dependency's change reaches its dependants
         if any(d in changed for d in DEPENDS.get(stage, ())):
             changed.add(stage)
@@ -110,8 +120,10 @@ def stage_command(stage: str, spec: dict, out: Path, runs: Dict[str, Path] | Non
     if stage in ("keyframe", "interpolation"):
         args.append(f"recipe.init_from={runs['t2i']}")
     config = Path(spec["config"])
+    # "{out}" in an override is the experiment's directory (e.g. recipe.lora.base={out}/runs/keyframe)
+    overrides = [str(o).replace("{out}", str(out)) for o in (*spec.get("overrides", []), *extra)]
     return [sys.executable, str(ROOT / "train.py"), str(config if config.is_absolute() else ROOT / config),
-            *args, *spec.get("overrides", []), *extra]
+            *args, *overrides]
 
 
 EVALUATORS = {"t2i": "evaluate_t2i.py", "keyframe": "evaluate_keyframes.py",
@@ -201,10 +213,11 @@ def main(argv=None) -> int:
         runs = arm_runs(budget, arm, out)
         home = out if arm == "base" else out / "arms" / arm
         extra = (budget.get("arms") or {}).get(arm, {}) if arm != "base" else {}
+        trains = budget["arms"][extra["runs_of"]] if extra.get("runs_of") else extra  # whose runs these are
         minutes = {"data": data_minutes}
         for stage in stages:
             if not args.skip_train and runs[stage] not in trained:
-                cmd = stage_command(stage, budget["stages"][stage], out, runs, extra.get(stage, []))
+                cmd = stage_command(stage, budget["stages"][stage], out, runs, trains.get(stage, []))
                 print(f"\n== {arm}: stage {stage}\n+ {' '.join(cmd)}", flush=True)
                 t0 = time.perf_counter()
                 subprocess.run(cmd, check=True)
@@ -245,7 +258,7 @@ def sample_cascade(budget: dict, runs: Dict[str, Path], home: Path, minutes: dic
     pipeline settings merged with the arm's `changes`); (code, [score])."""
     settings = OmegaConf.merge(OmegaConf.create(budget.get("pipeline", {})), OmegaConf.create(changes or {}))
     pipeline = {**OmegaConf.to_container(settings), **{s: str(runs[s]) for s in ORDER if s != "movq"}}
-    if pipeline.get("first_frame_model") == "keyframe":  # one UNet: no t2i in the cascade
+    if pipeline.get("first_frame_model") in ("keyframe", "none"):  # no t2i in the cascade
         pipeline.pop("t2i")
     home.mkdir(parents=True, exist_ok=True)
     (home / "pipeline.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(pipeline)))
