@@ -2,6 +2,7 @@
 reconstructions < the demo's cascade < noise, each against the real training clips.
 
     python benchmarks/metric_ranking.py --demo out/demo --out out/ranking [--reference-clips 64]
+        [--frame-stride 4]
 
 Reads a finished `make demo` (tools/demo.py --out DIR): its rendered train and val shards, its
 MoVQ run and its sampled videos (DIR/samples/videos). Writes five folders of mp4s into OUT:
@@ -11,8 +12,9 @@ settings), `cascade` (the demo's videos) and `noise` (uniform random frames, the
 then runs tools/evaluate_videos.py on each set against `reference` with one feature cache.
 
 The detectors are RANDOM-WEIGHT stand-ins (kvideo.metrics.stand_ins: the FID Inception's
-architecture with random weights, and a small random 3D network with the I3D's calling
-convention), since no published weights can be downloaded here: the numbers are comparable only
+architecture with random weights, its batch-norm statistics set from reference frames so its
+features are well scaled, and a small random 3D network with the I3D's calling convention),
+since no published weights can be downloaded here: the numbers are comparable only
 with each other, never with a published FID or FVD. Writes OUT/ranking.json and prints a
 markdown table with, per metric, whether the expected order holds.
 """
@@ -73,6 +75,26 @@ def reconstruct(real: Path, out: Path, movq_run: Path, codec: dict) -> None:
         write_video(out / path.name, video, round(fps), **codec)
 
 
+@torch.no_grad()
+def calibrate_inception(path: Path, reference: Path, frames_per_video: int = 4) -> None:
+    """Set the random Inception's batch-norm statistics from reference frames (a cumulative
+    average over the batches, in train mode), so its features are well scaled: a random network
+    with arbitrary statistics returns features near zero and FIDs of 1e-12. Still random weights."""
+    from kvideo.metrics.inception import inception_features, load_fid_inception
+
+    model = load_fid_inception(path)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # the cumulative average over every batch
+        m.train()
+    for video in sorted(reference.glob("*.mp4")):
+        frames, _ = read_video(video)
+        picks = np.linspace(0, len(frames) - 1, frames_per_video).round().astype(int)
+        inception_features(model, torch.from_numpy(frames[picks]).permute(0, 3, 1, 2).contiguous())
+    torch.save(model.state_dict(), path)
+
+
 def noise(real: Path, out: Path, codec: dict, seed: int = 0) -> None:
     """Uniform random frames, one video per clip of `real`, of its shape."""
     out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--reference-clips", type=int, default=64)
     ap.add_argument("--clip-length", type=int, default=16, help="FVD clip length in frames")
+    ap.add_argument("--frame-stride", type=int, default=4, help="FID / KID on every K-th frame")
     args = ap.parse_args(argv)
     demo, out = args.demo, args.out
     videos = demo / "samples" / "videos"
@@ -107,6 +130,7 @@ def main(argv=None) -> int:
     folders = {name: out / name for name in ("reference", *SETS)}
     if not any(folders["reference"].glob("*.mp4")):
         extract_clips(demo / "data" / "train", folders["reference"], args.reference_clips)
+    calibrate_inception(weights / "random_inception.pth", folders["reference"])
     if not any(folders["real"].glob("*.mp4")):
         extract_clips(demo / "data" / "val", folders["real"], 10 ** 9)
     if not any(folders["movq"].glob("*.mp4")):
@@ -124,7 +148,8 @@ def main(argv=None) -> int:
             "--generated", str(folders[name]), "--reference", str(folders["reference"]),
             "--out", str(out / "metrics" / name), "--features", str(out / "features"),
             "--inception", str(weights / "random_inception.pth"), "--i3d", str(weights / "random_i3d.pt"),
-            "--metrics", ",".join(METRICS), "--clip-length", str(args.clip_length)])
+            "--metrics", ",".join(METRICS), "--clip-length", str(args.clip_length),
+            "--frame-stride", str(args.frame_stride)])
         if code != 0:
             return code
         results[name] = json.loads((out / "metrics" / name / "metrics.json").read_text())
@@ -132,7 +157,8 @@ def main(argv=None) -> int:
     table = {name: {m: results[name][m] for m in METRICS} for name in SETS}
     order = {m: all(table[a][m] < table[b][m] for a, b in zip(SETS, SETS[1:])) for m in METRICS}
     counts = {name: results[name]["settings"]["videos"] for name in SETS}
-    summary = {"detectors": "random-init stand-ins (kvideo.metrics.stand_ins), not the published weights",
+    summary = {"detectors": "random-init stand-ins (kvideo.metrics.stand_ins; Inception batch norms set from the "
+                            "reference frames), not the published weights",
                "reference_videos": results["real"]["settings"].get("reference_videos"),
                "videos": counts, "metrics": table, "expected_order": list(SETS), "order_holds": order}
     (out / "ranking.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -125,3 +125,19 @@ def test_missing_weights_and_bad_flags_are_named(folders, tmp_path, capsys):
     assert evaluate_videos.main(["--generated", str(gen), "--out", str(tmp_path), "--metrics", "flow",
                                  "--raft", str(tmp_path / "nope.pth")]) == 2
     assert "nope.pth" in capsys.readouterr().err
+
+
+def test_frame_stride_gives_the_features_of_every_kth_frame(folders, tmp_path):
+    from kvideo.metrics.suite import Detectors, FeatureCache, folder_features
+
+    gen, _, w = folders
+    detectors = Detectors(w / "inception.pth", None, None, None, "cpu")
+    cache = FeatureCache(tmp_path / "features")
+    every = folder_features(gen, ["inception"], detectors, cache)
+    strided = folder_features(gen, ["inception"], detectors, cache, frame_stride=3)
+    for a, b in zip(every.features["inception"], strided.features["inception"]):
+        if a is not None:
+            assert np.allclose(a[::3], b, atol=1e-5)
+    assert len({p.parent.name for p in (tmp_path / "features").rglob("*.npy")}) == 2  # kept apart
+    with pytest.raises(ValueError, match="stride"):
+        folder_features(gen, ["inception"], detectors, cache, frame_stride=0)

@@ -4,7 +4,7 @@ flow score, warping error (docs/EVALUATION.md says what each is and where its we
     python tools/evaluate_videos.py --generated DIR [--reference DIR] [--prompts FILE] --out DIR
         [--inception FILE] [--i3d FILE] [--clip ARCH:FILE] [--raft FILE]
         [--metrics fid,kid,fvd,clipsim,clip_temp,flow,warp] [--clip-length 16]
-        [--clip-mode first|strided] [--device cpu|cuda]
+        [--clip-mode first|strided] [--frame-stride K] [--device cpu|cuda]
 
 Videos are every .mp4 (.webm, .mkv, .mov, .avi) of a folder, in sorted order, read with PyAV.
 Prompts (for CLIPSIM) are the lines of --prompts, one per generated video in sorted order, or
@@ -58,6 +58,8 @@ def add_metric_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--clip-length", type=int, default=CLIP_LENGTH, help="FVD clip length in frames")
     ap.add_argument("--clip-mode", choices=CLIP_MODES, default="first",
                     help="FVD clips: the first frames (StyleGAN-V) or frames spread over the video")
+    ap.add_argument("--frame-stride", type=int, default=1,
+                    help="FID / KID / CLIPSIM / CLIP-Temp on every K-th frame (default 1: every frame)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--features", type=Path, help="the per-video feature cache (default: OUT/features)")
 
@@ -68,7 +70,8 @@ def metric_flags(args) -> list:
     for name in ("inception", "i3d", "clip", "raft", "metrics", "reference", "features"):
         if getattr(args, name, None):
             out += [f"--{name}", str(getattr(args, name))]
-    return out + ["--clip-length", str(args.clip_length), "--clip-mode", args.clip_mode, "--device", args.device]
+    return out + ["--clip-length", str(args.clip_length), "--clip-mode", args.clip_mode, "--device", args.device,
+                  "--frame-stride", str(args.frame_stride)]
 
 
 def wants_metrics(args) -> bool:
@@ -137,17 +140,20 @@ def run(args) -> dict:
     prompts = read_prompts(list_videos(args.generated), args.prompts) if "clipsim" in metrics else None
     kinds = sorted({NEEDS[m] for m in metrics})
     cache = FeatureCache(args.features or args.out / "features")
-    generated = folder_features(args.generated, kinds, detectors, cache, args.clip_length, args.clip_mode)
+    generated = folder_features(args.generated, kinds, detectors, cache, args.clip_length, args.clip_mode,
+                                args.frame_stride)
     reference = None
     ref_kinds = [k for k in kinds if any(NEEDS[m] == k for m in metrics if m in WITH_REFERENCE)]
     if ref_kinds:
-        reference = folder_features(args.reference, ref_kinds, detectors, cache, args.clip_length, args.clip_mode)
+        reference = folder_features(args.reference, ref_kinds, detectors, cache, args.clip_length, args.clip_mode,
+                                    args.frame_stride)
     numbers, per_video = compute_metrics(generated, reference, metrics, detectors, prompts)
     settings = {
         "generated": str(args.generated), "videos": len(generated.videos),
         "reference": str(args.reference) if reference else None,
         "reference_videos": len(reference.videos) if reference else 0,
         "metrics": metrics, "clip_length": args.clip_length, "clip_mode": args.clip_mode,
+        "frame_stride": args.frame_stride,
         "weights": {k: detectors.describe(k) for k in kinds},
         "preprocessing": {k: PREPROCESSING[k] for k in kinds},
         "conventions": {"fid": "pytorch-fid (covariance / (N - 1))", "fvd": "StyleGAN-V (covariance / N)",

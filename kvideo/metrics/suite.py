@@ -168,14 +168,22 @@ def _per_video(name: str, frames: np.ndarray, detectors: Detectors, clip_length:
     return np.array([float(forward.norm(dim=1).mean()), flow.warping_error_from_flows(frames, forward, backward)])
 
 
+PER_FRAME = ("inception", "clip")  # detectors applied to every frame (FID / KID, CLIPSIM / CLIP-Temp)
+
+
 def folder_features(folder: Path, kinds: Sequence[str], detectors: Detectors, cache: FeatureCache,
-                    clip_length: int = CLIP_LENGTH, clip_mode: str = "first") -> VideoFeatures:
-    """Each detector's features of every video of `folder` (None where a video was skipped)."""
+                    clip_length: int = CLIP_LENGTH, clip_mode: str = "first", frame_stride: int = 1) -> VideoFeatures:
+    """Each detector's features of every video of `folder` (None where a video was skipped). The
+    per-frame detectors see every `frame_stride`-th frame (1: all of them)."""
+    if frame_stride < 1:
+        raise ValueError(f"frame stride must be >= 1; got {frame_stride}")
     videos = list_videos(folder)
     cache_kinds = {}
     for name in kinds:
         label = f"clip-{detectors.clip[0]}" if name == "clip" else name
         settings = f"-{clip_mode}{clip_length}" if name == "i3d" else ""
+        if name in PER_FRAME and frame_stride > 1:
+            settings = f"-stride{frame_stride}"
         cache_kinds[name] = f"{label}-{detectors.describe(name)['sha256'][:12]}{settings}"
     out = VideoFeatures(videos, {name: [] for name in kinds}, [])
     for video in tqdm(videos, desc=f"features {Path(folder).name}", unit="video"):
@@ -194,7 +202,8 @@ def folder_features(folder: Path, kinds: Sequence[str], detectors: Detectors, ca
             value = found[name]
             if value is None:
                 try:
-                    value = _per_video(name, frames, detectors, clip_length, clip_mode)
+                    seen = frames[::frame_stride] if name in PER_FRAME else frames
+                    value = _per_video(name, seen, detectors, clip_length, clip_mode)
                     cache.save(cache_kinds[name], digest, value)
                 except ValueError as e:  # shorter than the FVD clip, or too few frames for flow
                     out.skipped.append({"video": str(video), "metric": name, "reason": str(e)})
