@@ -282,9 +282,11 @@ def sample_pipeline(args) -> int:
     out = pipe(prompts, image=image, seed=args.seed, **arguments)
     for path in write_outputs(out, outs, gif=args.gif, sheet=args.sheet):
         print(f"wrote {path}")
-    for prompt, path in zip(prompts, outs):  # what made each video, beside it
+    for i, (prompt, path) in enumerate(zip(prompts, outs)):  # what made each video, beside it
         record = {"prompt": prompt, "pipeline": args.pipeline, "overrides": args.overrides, "fps": out.fps,
                   "frames": out.frames.shape[2], "settings": out.settings, "seconds": out.timings}
+        if out.first_frame_prompts is not None:
+            record["first_frame_prompt"] = out.first_frame_prompts[i]
         path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in out.timings.items())
     print(f"{len(prompts)} video(s) of {out.frames.shape[2]} frames at {out.fps:g} fps; {times}")

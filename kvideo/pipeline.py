@@ -182,6 +182,7 @@ class VideoOutput:
     keyframes: torch.Tensor  # (b, 3, n, H, W): the keyframes through the image decoder
     timings: Dict[str, float] = field(default_factory=dict)  # seconds per stage
     settings: Dict[str, object] = field(default_factory=dict)  # what every stage ran with
+    first_frame_prompts: Optional[List[str]] = None  # what the first frames were drawn from (the rewriter's output)
 
 
 def load_pipeline_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> PipelineConfig:
@@ -426,11 +427,9 @@ class Pipeline:
                 frames = decode_latents(self.movq, z, 1.0)
             if cb:
                 cb()
-        settings = plan.settings()
-        if plan.source in ("t2i", "keyframe"):
-            settings["first_frame"].update(rewriter=self.rewriter(plan.rewriter).describe(), prompts=first_prompts)
         return VideoOutput(frames=frames, fps=fps, first_frames=first_frames, keyframes=keyframes, timings=timings,
-                           settings=settings)
+                           settings=plan.settings(),
+                           first_frame_prompts=first_prompts if plan.source in ("t2i", "keyframe") else None)
 
     def rewriter(self, spec: str):
         """The first-frame prompt rewriter named `spec` (built once per pipeline: an LLM is loaded once)."""

@@ -174,10 +174,10 @@ def test_the_pipeline_draws_the_first_frame_from_the_rewritten_prompt(t2v_run, t
     pipe = Pipeline(PipelineConfig(t2i=str(t2i_run), keyframe=str(t2v_run), first_frame_scale=1))
     kw = dict(t2i_sampler="ddim", t2i_steps=2, keyframe_steps=2, num_keyframes=3, fps_preset="low", progress=False)
     out = pipe([PROMPT], rewrite="shapesworld", **kw)
-    first = out.settings["first_frame"]
-    assert first["rewriter"] == {"kind": "shapesworld"} and first["prompts"] == ["a red circle on a black background"]
+    assert out.settings["first_frame"]["rewriter"] == "shapesworld"
+    assert out.first_frame_prompts == ["a red circle on a black background"]
     plain = pipe([PROMPT], **kw)
-    assert plain.settings["first_frame"]["prompts"] == [PROMPT]
+    assert plain.first_frame_prompts == [PROMPT] and plain.settings["first_frame"]["rewriter"] == "identity"
     assert not torch.allclose(out.first_frames, plain.first_frames, atol=1e-3)  # another prompt, another image
     with pytest.raises(ValueError, match="rewriter"):
         pipe.settings(rewrite="gpt", fps_preset="low")

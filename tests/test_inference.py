@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 
 from kvideo.inference.conditioning import (NETWORK_CALLS, ImageCondition, InterpolationCondition, KeyframeCondition,
-                                           Prompts, TextContext, call_network, conditioned_input)
+                                           Prompts, TextContext, TextVideoCondition, call_network, conditioned_input)
 from kvideo.inference.sampling import FirstFrameOptions, InterpolationOptions, KeyframeOptions
 from kvideo.registry import load_config
 
@@ -25,7 +25,7 @@ def test_every_named_stage_has_a_training_stage_and_a_schema():
 
 
 def test_every_condition_kind_has_one_network_call():
-    assert set(NETWORK_CALLS) == {ImageCondition, KeyframeCondition, InterpolationCondition}
+    assert set(NETWORK_CALLS) == {ImageCondition, KeyframeCondition, TextVideoCondition, InterpolationCondition}
 
     @dataclasses.dataclass
     class Unregistered:
