@@ -169,3 +169,33 @@ def test_the_shipped_budgets_name_real_configs():
                             require_complete=False)
             if "pipeline" in changes:
                 PipelineConfig(**{**budget.get("pipeline", {}), **changes["pipeline"], "keyframe": "x"})
+
+
+def test_a_factorized_experiment_trains_lora_on_the_base_run_and_samples_it_twice(tmp_path, capsys):
+    """configs/experiments/fvg.yaml's machinery on a tiny budget: a text-to-video base without
+    first frames, a LoRA arm over the base's own keyframe run ({out}), and a sampling variant of
+    that arm (runs_of) that trains nothing."""
+    from tools import demo
+
+    budget = tiny_budget(tmp_path)
+    budget["stages"]["keyframe"]["config"] = "configs/keyframe/shapes_t2v.yaml"
+    budget["pipeline"]["first_frame_model"] = "none"
+    lora = ["recipe.init_from=null", "recipe.lora.base={out}/runs/keyframe", "recipe.lora.enabled=true",
+            "recipe.lora.rank=2", "recipe.anchor.enabled=true", "recipe.anchor.timestep=true"]
+    budget["arms"] = {"fvg": {"keyframe": lora, "pipeline": {"first_frame_model": "t2i", "rewriter": "shapesworld"}},
+                      "fvg_fast": {"runs_of": "fvg", "pipeline": {"first_frame_model": "t2i",
+                                                                  "sampling": {"keyframe": {"sampler": "ddim"}}}}}
+    path = tmp_path / "budget.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(budget)))
+    out = tmp_path / "exp"
+    assert demo.main(["--out", str(out), "--budget", str(path)]) == 0
+    assert read_config(latest_checkpoint(out / "arms" / "fvg" / "runs" / "keyframe"))["recipe"]["lora"]["base"] \
+        == str(out / "runs" / "keyframe")
+    assert not (out / "arms" / "fvg_fast" / "runs").exists()  # fvg's runs, sampled with other settings
+    pipelines = {arm: OmegaConf.load(out / "pipelines" / f"{arm}.yaml") for arm in ("base", "fvg", "fvg_fast")}
+    assert "t2i" not in pipelines["base"] and pipelines["fvg"].t2i == pipelines["fvg_fast"].t2i
+    assert pipelines["fvg"].keyframe == pipelines["fvg_fast"].keyframe == str(out / "arms" / "fvg" / "runs" / "keyframe")
+    for arm in ("fvg", "fvg_fast"):
+        assert json.loads((out / "arms" / arm / "samples" / "results.json").read_text())["prompts"] == 2
+    report = json.loads((out / "report.json").read_text())
+    assert report["fvg_fast"]["minutes"]["keyframe"] == report["fvg"]["minutes"]["keyframe"]
