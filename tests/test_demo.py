@@ -199,3 +199,5 @@ def test_a_factorized_experiment_trains_lora_on_the_base_run_and_samples_it_twic
         assert json.loads((out / "arms" / arm / "samples" / "results.json").read_text())["prompts"] == 2
     report = json.loads((out / "report.json").read_text())
     assert report["fvg_fast"]["minutes"]["keyframe"] == report["fvg"]["minutes"]["keyframe"]
+    assert 0 < report["fvg"]["params"]["keyframe"]["lora"] < report["fvg"]["params"]["keyframe"]["total"] / 10
+    assert "lora" not in report["base"]["params"]["keyframe"] and "s/video" in report["fvg"]["scores"]["cascade"][0]

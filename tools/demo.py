@@ -178,6 +178,8 @@ def score_text(result: dict) -> str:
             values = [f"{k} {summary[k]:.0%}" if k not in ("frame0_psnr", "psnr") else f"{k} {summary[k]:.1f}"
                       for k in SCORE_KEYS if isinstance(summary.get(k), (int, float))]
             parts.append(f"{split}: " + ", ".join(values))
+    if "seconds" in result and result.get("prompts"):  # the cascade's sampling cost
+        parts.append(f"{result['seconds'] / result['prompts']:.1f} s/video")
     return "; ".join(parts)
 
 
@@ -248,9 +250,26 @@ def stage_params(runs: Dict[str, Path]) -> Dict[str, dict]:
     params = {}
     for stage, run in runs.items():
         if (run / "config.yaml").is_file():
-            info = model_info(load_config([run / "config.yaml"], require_complete=False))
+            cfg = load_config([run / "config.yaml"], require_complete=False)
+            info = model_info(cfg)
             params[stage] = {k: round(info[f"{k}_params"] / 1e6, 3) for k in ("total", "temporal") if f"{k}_params" in info}
+            lora = cfg.recipe.get("lora")
+            if lora is not None and lora.enabled:  # the adapters, what such a run trains
+                params[stage]["lora"] = round(lora_params(cfg) / 1e6, 4)
     return params
+
+
+def lora_params(cfg) -> int:
+    """The LoRA adapters' parameters of a recipe.lora run's UNet, built on the meta device."""
+    import torch
+
+    from kvideo.inference.lora import LoraSpec, add_lora
+    from kvideo.registry import build_model
+
+    with torch.device("meta"):
+        unet = build_model(cfg)
+    add_lora(unet, LoraSpec(int(cfg.recipe.lora.rank), float(cfg.recipe.lora.alpha), list(cfg.recipe.lora.targets)))
+    return sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
 
 
 def sample_cascade(budget: dict, runs: Dict[str, Path], home: Path, minutes: dict, changes: dict | None = None):
@@ -290,6 +309,7 @@ def print_report(report: dict) -> None:
     for arm, r in report.items():
         mins = ", ".join(f"{k} {v:.1f}" for k, v in r["minutes"].items())
         params = ", ".join(f"{k} {v['total']:.2f}" + (f" ({v['temporal']:.2f} temporal)" if "temporal" in v else "")
+                           + (f" + LoRA {v['lora']:.3f}" if "lora" in v else "")
                            for k, v in r.get("params", {}).items()) or "-"
         scores = "<br>".join(f"{stage}: {s}" for stage, lines in r["scores"].items() for s in lines) or "-"
         print(f"| {arm} | {mins} | {params} | {scores} |")
