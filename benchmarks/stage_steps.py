@@ -61,6 +61,10 @@ class StageStep:
         self.name, self.device = name, torch.device("cpu")
         self.stage = STAGE_CLASSES[name](cfg, self.device)
         self.model = self.stage.build_model().train()
+        if cfg.train.channels_last:  # as the engine does before building the optimizer
+            from kvideo.train.engine import to_channels_last
+
+            to_channels_last(self.model)
         self.phase = self.stage.phases(self.model)[0]
         self.parts = {self.phase.name: self.phase.module}
         self.opt = build_optimizer(self.phase, cfg.train)

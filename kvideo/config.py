@@ -149,6 +149,9 @@ class TrainConfig:
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n)) for the n-th update
     precision: str = checked("fp32", "one of fp32|bf16")  # bf16: autocast, where the device supports it
     grad_checkpointing: bool = False
+    # every 4-D weight (the 2-D convolutions) in channels_last, so the convolutions run on NHWC
+    # activations (oneDNN's preferred layout on CPU; docs/benchmarks/time_to_quality.md)
+    channels_last: bool = False
     device: str = "auto"  # auto | cpu | cuda
     checkpoint_every: int = checked(1000, ">= 1")
     keep_checkpoints: int = checked(3, ">= 0")  # newest N kept; 0 keeps all

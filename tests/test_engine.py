@@ -228,3 +228,26 @@ def test_optimizer_implementations_agree():
     start = torch.cat([p.flatten() for p in torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.SiLU(),
                                                                  torch.nn.Linear(5, 3)).parameters()])
     assert not torch.allclose(results["loop"], start, atol=1e-4)  # the steps did move the weights
+
+
+def test_channels_last_trains_the_same_model_and_resumes(tmp_path, shapes_shards):
+    """train.channels_last changes the memory layout of the 2-D convolution weights only: the
+    same first step as the default layout (to float tolerance), and its checkpoints save, load and
+    resume like any other."""
+    from kvideo.train.engine import to_channels_last
+
+    model = MovqStage(_cfg(tmp_path / "x", shapes_shards), torch.device("cpu")).build_model()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        before = model.ae(x)[0]
+        to_channels_last(model)
+        after = model.ae(x)[0]
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert torch.allclose(before, after, atol=1e-5)
+    plain = train(_cfg(tmp_path / "a", shapes_shards, **{"train.max_steps": 1}))
+    last = train(_cfg(tmp_path / "b", shapes_shards, **{"train.max_steps": 1, "train.channels_last": "true"}))
+    a, b = _weights(plain), _weights(last)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    resumed = train(_cfg(tmp_path / "b", shapes_shards, **{"train.max_steps": 2, "train.channels_last": "true"}))
+    assert resumed.name == "step_0000002"

@@ -203,6 +203,14 @@ def train(cfg: DictConfig, stage_cls: Optional[type] = None) -> Path:
 _OPTIMIZER_IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
 
 
+def to_channels_last(model: nn.Module) -> None:
+    """Every 4-D parameter (2-D convolution weights) in channels_last memory format, in place,
+    before the optimizer and the EMA copy them; values and names are unchanged."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+
 def build_optimizer(phase: Phase, tc) -> torch.optim.AdamW:
     """AdamW over `phase`'s parameter groups with its learning rate, betas and weight decay (the
     phase's own where set, else train's), in the implementation `tc.optimizer_impl` names."""
@@ -225,6 +233,8 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     seed_everything(cfg.seed)
     stage: Stage = stage_cls(cfg, device)
     model = stage.build_model().to(device)
+    if tc.channels_last:
+        to_channels_last(model)
     check_size(cfg.data.size, stage.size_multiple(model), "the model's total downsampling")
     if tc.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
