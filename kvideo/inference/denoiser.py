@@ -38,7 +38,8 @@ class TextDenoiser(nn.Module):
         condition on), get the null context."""
         blank = [not (isinstance(p, str) and p.strip()) for p in prompts]
         tokens, mask = self._tokens_with_blanks(prompts, blank) if any(blank) else self.text(list(prompts))
-        if drop is not None and bool(drop.any()):
+        if drop is not None:  # even when nothing is dropped: the null context stays in the graph, so
+            # under DDP its parameters get their (zero) gradient on every rank every step
             null_tokens, null_mask = self.text.null_context(len(prompts))
             keep = ~drop.to(tokens.device)
             tokens = torch.where(keep[:, None, None], tokens, null_tokens)

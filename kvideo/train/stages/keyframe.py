@@ -23,7 +23,10 @@ Joint image-video training (`recipe.images.share`): a share of each batch's clip
 random frame each (or, with `recipe.images.source: shards`, their places go to images of
 `recipe.images.shards`, KEY.png|jpg + KEY.json, drawn by step so a resume is exact), trained as text-to-image samples in image mode (every temporal layer
 bypassed, no first frame) in the same step; the loss is reported per kind (`keyframe/mse_video`,
-`keyframe/mse_image`) and their sample-weighted mean is trained. `recipe.motion_free`: a share of
+`keyframe/mse_image`) and their sample-weighted mean is trained. Each sample is an image with
+probability `share`, but every batch keeps at least one clip (every step trains the temporal
+layers, as DDP needs every parameter's gradient; train.batch_size >= 2); under DDP the image pass
+runs through the unwrapped model, so each rank makes one DDP forward a step. `recipe.motion_free`: a share of
 the video samples run motion-free (nothing crosses frames), the branch motion-free guidance
 (`recipe.sampling.motion_guidance`) pushes away from.
 
@@ -43,6 +46,7 @@ from typing import List, Optional
 import torch
 from einops import rearrange
 from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
 from kvideo.inference.autoencoder import decode_latents
 from kvideo.inference.conditioning import (
@@ -143,6 +147,8 @@ class KeyframeStage(LatentDiffusionStage):
         if self.rc.anchor.frame >= cfg.data.num_frames:
             raise ValueError(f"recipe.anchor.frame {self.rc.anchor.frame} is not a frame of a "
                              f"{cfg.data.num_frames}-frame clip (data.num_frames)")
+        if self.rc.images.share > 0 and cfg.train.batch_size < 2:
+            raise ValueError("recipe.images.share needs train.batch_size >= 2: every batch keeps a clip")
         self.image_shards = None
         if self.rc.images.source == "shards":
             if not self.rc.images.shards:
@@ -186,25 +192,28 @@ class KeyframeStage(LatentDiffusionStage):
         logs = {"keyframe/latent_std": float(x0.std())}
         # these clips give one frame each (no draw at share 0: the random stream stays the old one)
         images = (torch.rand(b) < self.rc.images.share).to(device) if self.rc.images.share > 0 else None
+        if images is not None and bool(images.all()):  # keep one clip: every step trains the temporal
+            images[int(torch.randint(0, b, ()))] = False  # layers (DDP needs every parameter's gradient)
         if images is None or not bool(images.any()):
             loss, mse = self.diffusion_loss(parts["main"], x0, cond, self._loss_mask(model, cond, x0))
             return loss, {**logs, **mse}
-        total = 0.0
-        if not bool(images.all()):
-            video, clips = select_rows(cond, ~images), x0[~images]
-            loss, mse = self.diffusion_loss(parts["main"], clips, video, self._loss_mask(model, video, clips))
-            total = total + loss * len(clips) / b
-            logs["keyframe/mse_video"] = mse["keyframe/mse"]
+        video, clips = select_rows(cond, ~images), x0[~images]
+        loss, mse = self.diffusion_loss(parts["main"], clips, video, self._loss_mask(model, video, clips))
+        total = loss * len(clips) / b
+        logs["keyframe/mse_video"] = mse["keyframe/mse"]
         image = select_rows(cond, images)
         image = replace(image, first=torch.zeros_like(image.first), has_image=torch.zeros_like(image.has_image),
                         noise_level=torch.zeros_like(image.noise_level), motion_free=None, image_mode=True)
         pictures, image = self._pictures(x0, images, image, step)
-        loss, mse = self.diffusion_loss(parts["main"], pictures, image)
+        # the image pass through the unwrapped model: DDP sees one forward a step on every rank (its
+        # collectives match), and the shared parameters' gradients, summed by autograd over both
+        # passes before they are ready, are all-reduced once
+        net = parts["main"].module if isinstance(parts["main"], DistributedDataParallel) else parts["main"]
+        loss, mse = self.diffusion_loss(net, pictures, image)
         logs["keyframe/mse_image"] = mse["keyframe/mse"]
         total = total + loss * len(pictures) / b
         n_video = b - len(pictures)  # the step's mse over both kinds, as video-only steps log it
-        logs["keyframe/mse"] = (logs.get("keyframe/mse_video", 0.0) * n_video
-                                + logs["keyframe/mse_image"] * len(pictures)) / b
+        logs["keyframe/mse"] = (logs["keyframe/mse_video"] * n_video + logs["keyframe/mse_image"] * len(pictures)) / b
         if self.image_shards is not None:
             logs["data/skipped_images"] = sum(self.image_shards.skipped.values())
         return total, {**logs, "keyframe/image_share": float(images.float().mean())}
