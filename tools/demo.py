@@ -268,7 +268,7 @@ def lora_params(cfg) -> int:
 
     with torch.device("meta"):
         unet = build_model(cfg)
-    add_lora(unet, LoraSpec(int(cfg.recipe.lora.rank), float(cfg.recipe.lora.alpha), list(cfg.recipe.lora.targets)))
+    add_lora(unet, LoraSpec.from_config(cfg.recipe.lora))
     return sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
 
 

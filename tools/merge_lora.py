@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     if not lora.enabled:
         print(f"error: '{args.checkpoint}' is not a LoRA run (recipe.lora.enabled is false)", file=sys.stderr)
         return 2
-    spec = LoraSpec(int(lora.rank), float(lora.alpha), list(lora.targets), float(lora.dropout))
+    spec = LoraSpec.from_config(lora)
     unet = bundle.denoiser.unet
     if args.lora_out:
         save_lora(unet, spec, args.lora_out, base=str(lora.base))

@@ -258,12 +258,12 @@ def image_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: ImageConditio
     return denoiser.unet(x_t, t, text.tokens, text.mask)
 
 
-def given_frames(has_image: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """Where a model trained with `anchor_first_frame` is given its frames instead of predicting
-    them: (b, 1, num_frames, 1, 1) bool, True at frame 0 of the samples that have a first frame.
-    The keyframe loss leaves these out; sampling holds them to the first frame."""
+def given_frames(has_image: torch.Tensor, num_frames: int, frame: int = 0) -> torch.Tensor:
+    """Where a model is given a frame instead of predicting it (`anchor_first_frame`'s frame 0, an
+    anchor frame): (b, 1, num_frames, 1, 1) bool, True at `frame` of the samples where `has_image`.
+    The loss leaves these out; sampling holds them to the given latent."""
     given = torch.zeros(has_image.shape[0], 1, num_frames, 1, 1, dtype=torch.bool, device=has_image.device)
-    given[:, 0, 0] = (has_image > 0).reshape(-1, 1, 1)
+    given[:, 0, frame] = (has_image > 0).reshape(-1, 1, 1)
     return given
 
 

@@ -52,7 +52,7 @@ def build_stage_denoiser(cfg: DictConfig) -> TextDenoiser:
         if lora is not None and lora.enabled:  # the adapters' layers, so a LoRA run's checkpoints load
             from kvideo.inference.lora import LoraSpec, add_lora
 
-            add_lora(model.unet, LoraSpec(int(lora.rank), float(lora.alpha), list(lora.targets), float(lora.dropout)))
+            add_lora(model.unet, LoraSpec.from_config(lora))
     elif stage == "interpolation":
         if not isinstance(model.unet, InterpolationUNet):
             raise ValueError(f"stage interpolation needs model.name: interpolation_unet; got {cfg.model.name}")

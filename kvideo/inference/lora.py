@@ -31,6 +31,11 @@ class LoraSpec:
     targets: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     dropout: float = 0.0
 
+    @classmethod
+    def from_config(cls, lora_cfg) -> "LoraSpec":
+        """The spec of a recipe's `lora` section (kvideo.recipes.LoraTraining)."""
+        return cls(int(lora_cfg.rank), float(lora_cfg.alpha), list(lora_cfg.targets), float(lora_cfg.dropout))
+
     def __post_init__(self):
         if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or not self.targets:
             raise ValueError(f"LoRA: need rank >= 1, alpha > 0, dropout in [0, 1) and at least one target; got {self}")

@@ -309,8 +309,7 @@ def _text_video_keyframes(bundle: Bundle, prompts: Sequence[str], anchor: Option
         if options.anchor == "first_step":
             x_T[:, :, k] = anchor
         else:
-            frame = torch.zeros(1, 1, options.num_frames, 1, 1, dtype=torch.bool, device=device)
-            frame[:, :, k] = True
+            frame = given_frames(torch.ones(b, device=device), options.num_frames, k)
             model_fn = with_known(model_fn, bundle.schedule, rc.diffusion.target, anchor[:, :, None], frame)
     return sample(model_fn, bundle.schedule, x_T, options.spec, target=rc.diffusion.target,
                   data_range=rc.latent_scale, generator=generator, callback=callback)

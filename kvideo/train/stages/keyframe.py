@@ -232,8 +232,7 @@ class KeyframeStage(LatentDiffusionStage):
             has = (torch.rand(b) >= a.drop).to(device)
             cond = replace(cond, anchor=x0[:, :, k], has_anchor=has, anchor_frame=k, anchor_timestep=a.timestep)
             if a.loss == "others":
-                mask = torch.ones(b, 1, f, 1, 1, dtype=torch.bool, device=device)
-                mask[:, 0, k] = ~has.reshape(b, 1, 1)
+                mask = ~given_frames(has, f, k)
             logs["keyframe/anchor_frame"] = k
         loss, mse = self.diffusion_loss(parts["main"], x0, cond, mask)
         return loss, {**logs, **mse}
