@@ -128,6 +128,23 @@ class DataConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """FSDP2 settings of `train.parallel: fsdp | hsdp` (kvideo/train/parallel.py)."""
+
+    # dtype the gathered parameters compute in, and of the gradient reduce-scatter; the sharded
+    # master weights and the optimizer states stay fp32
+    param_dtype: str = checked("fp32", "one of fp32|bf16")
+    reduce_dtype: str = checked("fp32", "one of fp32|bf16")
+    # frozen parts (the text tower, the video decoder's encoder): replicate (every rank holds them
+    # whole, no collective in their forward) | shard (their memory split over the ranks)
+    frozen: str = checked("replicate", "one of replicate|shard")
+    reshard_after_forward: bool = True  # free each block's gathered weights after its forward (ZeRO-3)
+    # hsdp: ranks per shard group (the model is sharded within a group, replicated across groups);
+    # 0 = the ranks of one node (torchrun's LOCAL_WORLD_SIZE)
+    shard_size: int = checked(0, ">= 0")
+
+
+@dataclass
 class TrainConfig:
     """The training engine's settings: one schema for every stage."""
 
@@ -152,7 +169,18 @@ class TrainConfig:
     # every 4-D weight (the 2-D convolutions) in channels_last, so the convolutions run on NHWC
     # activations (oneDNN's preferred layout on CPU; docs/benchmarks/time_to_quality.md)
     channels_last: bool = False
+    # torch.compile each block (the FSDP units of kvideo/train/parallel.py) in place: checkpoint keys
+    # unchanged (no `_orig_mod.`); the first steps pay the compilation
+    compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    # ddp: every rank holds the whole model (one process: no wrapper) | fsdp: parameters,
+    # gradients, optimizer states and EMA sharded over the ranks, checkpoints sharded | hsdp: sharded
+    # within a group of ranks, replicated across groups
+    parallel: str = checked("ddp", "one of ddp|fsdp|hsdp")
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    # seconds a collective waits for the other ranks before the run fails (rank-0-only work such as
+    # previews and evaluation must fit in it)
+    dist_timeout_s: float = checked(1800.0, "> 0")
     checkpoint_every: int = checked(1000, ">= 1")
     keep_checkpoints: int = checked(3, ">= 0")  # newest N kept; 0 keeps all
     log_every: int = checked(10, ">= 1")

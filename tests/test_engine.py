@@ -116,7 +116,14 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, shapes_shards):
     for k in w1:
         if not k.endswith("usage"):  # codebook statistics still update in the forward pass
             assert torch.equal(w1[k], w3[k]), k
-    assert torch.load(ckpts[-1] / "train_state.pt", weights_only=True)["nonfinite_total"] == 2
+    state = torch.load(ckpts[-1] / "train_state.pt", weights_only=True)
+    assert state["nonfinite_total"] == 2
+    # nor is the EMA updated on a skipped step: its average stays that of step 1
+    assert state["ema_updates"] == 1
+    e1, e3 = _weights(ckpts[0], "ema"), _weights(ckpts[-1], "ema")
+    for k in e1:
+        if not k.endswith("usage"):
+            assert torch.equal(e1[k], e3[k]), k
 
 
 def _run_script(args, env_extra=None, **kw):

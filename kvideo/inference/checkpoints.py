@@ -4,7 +4,8 @@ The layout (written by `kvideo.train.checkpoint`):
 
     run_dir/checkpoints/
       step_0001000/
-        model.safetensors   weights of the unwrapped model
+        model.safetensors   weights of the unwrapped model (a sharded run's checkpoint has
+                            `sharded/` instead of both .safetensors: kvideo/train/sharded.py)
         ema.safetensors     EMA of the trainable weights and the buffers (frozen weights are
                             model.safetensors', not written twice)
         config.yaml         the resolved run config
@@ -33,6 +34,7 @@ from kvideo.registry import load_config
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 MANIFEST = "manifest.json"
+SHARDED = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint directory (kvideo/train/sharded.py)
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "config.yaml", "train_state.pt")
 
 log = logging.getLogger(__name__)
@@ -133,7 +135,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file() and p.suffix == ".safetensors":
         return p.parent
-    if (p / "model.safetensors").is_file():
+    if (p / "model.safetensors").is_file() or (p / SHARDED / ".metadata").is_file():
         return p
     if p.is_dir():
         found = latest_checkpoint(p)
@@ -171,10 +173,13 @@ def _leaves(node, prefix: str = ""):
 
 
 def load_weights(ckpt_dir: str | Path, which: str = "ema") -> Tuple[Dict[str, torch.Tensor], dict]:
-    """(state_dict, config) from `model` or `ema` weights of a checkpoint directory. The `ema`
-    state is complete: ema.safetensors laid over model.safetensors (the EMA leaves frozen weights out)."""
+    """(state_dict, config) from `model` or `ema` weights of a checkpoint directory, whole or
+    sharded. The `ema` state is complete: the EMA laid over the model's weights (the EMA leaves
+    frozen weights out)."""
     if which not in ("model", "ema"):
         raise ValueError(f"which must be 'model' or 'ema', got '{which}'")
+    if (Path(ckpt_dir) / SHARDED).is_dir():
+        return _read_sharded(Path(ckpt_dir), which), read_config(ckpt_dir)
     paths = {name: Path(ckpt_dir) / f"{name}.safetensors" for name in dict.fromkeys([which, "model"])}
     for path in paths.values():
         if not path.is_file():
@@ -184,6 +189,25 @@ def load_weights(ckpt_dir: str | Path, which: str = "ema") -> Tuple[Dict[str, to
         with safe_open(str(paths["model"]), framework="pt") as f:
             state.update({k: f.get_tensor(k) for k in f.keys() if k not in state})
     return state, read_config(ckpt_dir)
+
+
+def _read_sharded(ckpt_dir: Path, which: str) -> Dict[str, torch.Tensor]:
+    """Whole tensors of a sharded checkpoint's `model.*` (and `ema.*` laid over them), read in
+    this process alone (no process group), on the CPU."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(ckpt_dir / SHARDED))
+    stored = reader.read_metadata().state_dict_metadata
+    prefixes = ["model."] + (["ema."] if which == "ema" else [])
+    wanted = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in stored.items()
+              if isinstance(m, TensorStorageMetadata) and any(k.startswith(p) for p in prefixes)}
+    if not any(k.startswith("model.") for k in wanted):
+        raise ValueError(f"sharded checkpoint '{ckpt_dir}' holds no model weights")
+    dcp.load(wanted, storage_reader=reader, no_dist=True)
+    state = {k[len("model."):]: v for k, v in wanted.items() if k.startswith("model.")}
+    state.update({k[len("ema."):]: v for k, v in wanted.items() if k.startswith("ema.")})
+    return state
 
 
 def load_stage_weights(path: str | Path, stage: str, which: str = "ema"):

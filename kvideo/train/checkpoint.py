@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
 from safetensors.torch import save_file
@@ -82,15 +82,41 @@ def save_checkpoint(
     (`step_N.replaced-PID`) before the new one is renamed in, so a crash between the two leaves a
     complete checkpoint that `latest_checkpoint` finds.
     """
+    tmp = begin_checkpoint(run_dir, step)
+    return finish_checkpoint(run_dir, step, tmp, lambda d: _write_files(d, model_state, ema_state, train_state,
+                                                                        config_plain), keep)
+
+
+def begin_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """The empty temporary directory the checkpoint of `step` is written into (a sharded
+    checkpoint's ranks all write their shards there before `finish_checkpoint`)."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(root)
+        tmp = root / f"step_{step:07d}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot create the checkpoint of step {step} in '{root}' ({_reason(e)})") from e
+    return tmp
+
+
+def finish_checkpoint(run_dir: str | Path, step: int, tmp: Path, write: Callable[[Path], None], keep: int = 0) -> Path:
+    """`write(tmp)` the rest of the checkpoint's files, then the manifest, fsync, the rename to
+    `step_NNNNNNN` and `latest` (see `save_checkpoint`). A failure removes `tmp` and raises
+    CheckpointWriteError; the previous checkpoint is untouched."""
+    root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:07d}"
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
     previous = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
     kept = f"the previous checkpoint '{previous}' is intact" if previous else "there is no earlier checkpoint"
     try:
-        _write_files(tmp, model_state, ema_state, train_state, config_plain)
+        write(tmp)
+        write_manifest(tmp)
+        for path in tmp.rglob("*"):
+            _fsync(path)
+        _fsync(tmp)
     except Exception as e:  # OSError, or the writers' own errors around one (safetensors, torch.save)
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(f"writing the checkpoint of step {step} in '{root}' failed ({_reason(e)}); "
@@ -127,24 +153,23 @@ def _reason(e: Exception) -> str:
 
 
 def _write_files(tmp: Path, model_state, ema_state, train_state: dict, config_plain: dict) -> None:
-    """Every file of a checkpoint and its manifest into `tmp`, each fsynced, then `tmp` itself."""
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    """The files of a whole (unsharded) checkpoint into `tmp`."""
     save_weights(tmp / "model.safetensors", model_state, config_plain, "model")
     save_weights(tmp / "ema.safetensors", ema_state, config_plain, "ema")
+    write_train_files(tmp, train_state, config_plain)
+
+
+def write_train_files(tmp: Path, train_state: dict, config_plain: dict) -> None:
+    """config.yaml and train_state.pt, which every checkpoint has."""
     (tmp / "config.yaml").write_text(to_yaml(config_plain))
     torch.save(train_state, tmp / "train_state.pt")
-    write_manifest(tmp)
-    for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
 
 
 def write_manifest(ckpt_dir: Path) -> None:
-    """manifest.json: the size and SHA-256 of every other file of a checkpoint directory."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)}
-             for p in sorted(ckpt_dir.iterdir()) if p.name != MANIFEST}
+    """manifest.json: the size and SHA-256 of every other file of a checkpoint directory (the
+    shards of a sharded checkpoint by their path under it, `sharded/__0_0.distcp`)."""
+    files = {p.relative_to(ckpt_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
     (ckpt_dir / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 

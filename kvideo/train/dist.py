@@ -9,6 +9,7 @@ joins one process group. Nothing here hides a real error behind its own.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, List
@@ -46,16 +47,23 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     raise ValueError(f"train.device must be auto, cpu or cuda, got '{name}'")
 
 
-def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Join the torchrun process group when launched by torchrun; otherwise a world of one."""
+def init_distributed(device_name: str = "auto", *, timeout_s: float = 1800.0, always: bool = False) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun; otherwise a world of one (with
+    a process group of its own when `always`, which FSDP needs even on one rank). A collective
+    that waits longer than `timeout_s` for the other ranks fails instead of hanging."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or always) and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:  # `python train.py`: no rendezvous needed
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

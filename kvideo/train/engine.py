@@ -1,6 +1,6 @@
 """The training loop every stage shares.
 
-    cfg -> stage -> model, phases -> (DDP) -> loop:
+    cfg -> stage -> model, phases -> DDP or FSDP (kvideo.train.parallel) -> loop:
         micro-batches = next grad_accum batches of this rank
         for each active phase: zero grads, forward/backward each micro-batch under autocast,
             skip the step if any rank saw a non-finite loss or gradient, clip, AdamW step
@@ -14,8 +14,6 @@ order and per-sample randomness are pure functions of (seed, rank, batch number)
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import random
 import signal
@@ -27,7 +25,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from kvideo import registry
@@ -41,6 +38,8 @@ from kvideo.train import checkpoint as ckpt
 from kvideo.train import dist
 from kvideo.train.dist import autocast_context
 from kvideo.train.ema import EMA
+from kvideo.train.parallel import Parallel, clip_grad_norm, compile_blocks
+from kvideo.train.sharded import load_sharded, save_sharded, sharded_state
 from kvideo.train.logging import MetricsWriter, setup_text_logging
 
 
@@ -187,7 +186,7 @@ def train(cfg: DictConfig, stage_cls: Optional[type] = None) -> Path:
     """
     stage_cls = stage_cls or STAGES[cfg.stage]
     tc = cfg.train
-    info = dist.init_distributed(tc.device)
+    info = dist.init_distributed(tc.device, timeout_s=tc.dist_timeout_s, always=tc.parallel != "ddp")
     run_dir = Path(cfg.run_dir)
     log = setup_text_logging(run_dir, info.is_main)
     if tc.num_threads > 0:
@@ -245,6 +244,10 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
              counts["trainable_params"] / 1e6, ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts["modules"].items()))
 
     phases: List[Phase] = stage.phases(model)
+    parallel = Parallel(tc.parallel, info, tc.fsdp)
+    parts = parallel.wrap(model, phases)  # before the optimizers and the EMA take the (sharded) parameters
+    if tc.compile:
+        log.info("torch.compile: %d blocks", compile_blocks(model))
     optimizers, schedulers = {}, {}
     for ph in phases:
         opt = build_optimizer(ph, tc)
@@ -259,13 +262,17 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
         ckpt.remove_stale_temporaries(run_dir / "checkpoints")  # what killed writers left
     state = None
     if resume_from is not None:
-        weights, _ = stored.load_weights(resume_from, "model")
-        model.load_state_dict(weights)
-        ema_weights, _ = stored.load_weights(resume_from, "ema")
         state = ckpt.load_train_state(resume_from)
-        ema.load_state_dict(ema_weights, state["ema_updates"])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
+        if parallel.sharded:
+            load_sharded(resume_from, model, ema, optimizers, {ph.name: ph.module for ph in phases}, state["ema_updates"])
+        else:
+            weights, _ = stored.load_weights(resume_from, "model")
+            model.load_state_dict(weights)
+            ema_weights, _ = stored.load_weights(resume_from, "ema")
+            ema.load_state_dict(ema_weights, state["ema_updates"])
+            for name, opt in optimizers.items():
+                opt.load_state_dict(state["optimizers"][name])
+        for name in optimizers:
             schedulers[name].load_state_dict(state["schedulers"][name])
         step, nonfinite_total = state["step"], state["nonfinite_total"]
         data_state = state["data"][info.rank] if info.rank < len(state["data"]) else {}
@@ -279,11 +286,6 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
         log.info("resumed from %s at step %d", resume_from, step)
     else:
         seed_everything(cfg.seed + info.rank)  # per-rank randomness from here on
-
-    parts: Dict[str, nn.Module] = {}
-    for ph in phases:
-        parts[ph.name] = DDP(ph.module, device_ids=[device.index] if device.type == "cuda" else None) \
-            if info.enabled else ph.module
 
     dataset = build_dataset(cfg.data, cfg.seed, train=True, fields=stage.reads_fields)
     fingerprint = dataset.index.fingerprint()
@@ -318,7 +320,6 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     def save() -> Path:
         state = {
             "step": step,
-            "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
             "ema_updates": ema.num_updates,
             "nonfinite_total": nonfinite_total,
@@ -326,6 +327,12 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             "data": dist.gather_objects(data.state()),
             "data_fingerprint": fingerprint,
         }
+        if parallel.sharded:
+            tensors = sharded_state(model, ema, optimizers, {ph.name: ph.module for ph in phases})
+            path = save_sharded(run_dir, step, tensors, state, config_plain, keep=tc.keep_checkpoints, info=info)
+            log.info("saved sharded checkpoint %s", path)
+            return path
+        state["optimizers"] = {n: o.state_dict() for n, o in optimizers.items()}
         path, error = None, None
         if info.is_main:
             try:
@@ -352,8 +359,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for i, batch in enumerate(batches):
-                sync = contextlib.nullcontext() if (not info.enabled or i == len(batches) - 1) else parts[ph.name].no_sync()
-                with sync:
+                with parallel.no_sync(parts[ph.name], last=i == len(batches) - 1):
                     with amp:
                         loss, part_logs = stage.loss(model, parts, batch, step, ph.name)
                     (loss / len(batches)).backward()
@@ -361,7 +367,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
                 for k, v in part_logs.items():
                     logs[k] = logs.get(k, 0.0) + float(v) / len(batches)
             params = [p for p in ph.module.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            norm = clip_grad_norm(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
             finite = math.isfinite(total) and bool(torch.isfinite(norm))
             if not dist.all_true(finite, device):
                 opt.zero_grad(set_to_none=True)
@@ -385,7 +391,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
                     f"or resume from the last checkpoint {last_saved}")
         else:
             nonfinite_in_row = 0
-        ema.update(model)
+            ema.update(model)  # a skipped step leaves the weights, and so their average, as they were
         logs.update(stage.after_step(model, step, batches))
         step += 1
         steps_since += 1
@@ -402,22 +408,22 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             main_loss = logs.get(f"{phases[0].name}/loss")
             if main_loss is not None:
                 bar.set_postfix(loss=f"{main_loss:.4f}")
-        if info.is_main and tc.preview_every > 0 and step % tc.preview_every == 0:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                shadow = copy.deepcopy(model)
-                ema.copy_to(shadow)
-                shadow.eval()
-                stage.preview(shadow, preview_batch, run_dir / "previews", step)
-                del shadow
-        if val_dataset is not None and info.is_main and step % tc.eval_every == 0:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                shadow = copy.deepcopy(model)
-                ema.copy_to(shadow)
-                shadow.eval()
-                values = stage.evaluate(shadow, eval_batches(val_dataset, tc.batch_size, tc.eval_batches))
-                del shadow
-            metrics.write(step, {f"eval/{k}": v for k, v in values.items()})
-            log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        # rank 0 samples previews and evaluates with the EMA weights (gathered whole from every rank
+        # under FSDP); the other ranks wait at the next collective (train.dist_timeout_s)
+        if tc.preview_every > 0 and step % tc.preview_every == 0:
+            shadow = parallel.ema_model(model, ema)
+            if shadow is not None:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    stage.preview(shadow.eval(), preview_batch, run_dir / "previews", step)
+            del shadow
+        if val_dataset is not None and step % tc.eval_every == 0:
+            shadow = parallel.ema_model(model, ema)
+            if shadow is not None:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    values = stage.evaluate(shadow.eval(), eval_batches(val_dataset, tc.batch_size, tc.eval_batches))
+                metrics.write(step, {f"eval/{k}": v for k, v in values.items()})
+                log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+            del shadow
         stop = dist.any_true(preempt.requested, device)
         if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop:
             last_saved = save()

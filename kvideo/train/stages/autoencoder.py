@@ -76,9 +76,11 @@ class AutoencoderGANStage(Stage):
                        batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
         """gan_weight * adaptive weight * hinge generator loss of `recon`, to add to the reconstruction
         loss `rec` (from `recipe.gan_start` on); keeps `recon` for the discriminator phase."""
-        model.disc.requires_grad_(False)  # the generator step does not train the discriminator
+        # The generator step does not train the discriminator: the gradients this backward leaves on
+        # its weights are dropped when the disc phase zeroes them. (Switching its requires_grad off
+        # around this call would save that work, but under FSDP the flag would reach only the
+        # gathered copies of its weights, not the shards its next forward gathers from.)
         g_loss = hinge_g_loss(model.disc(recon))
-        model.disc.requires_grad_(True)
         weight = torch.tensor(1.0, device=recon.device)
         last = model.ae.last_layer_weight()
         if self.rc.adaptive_gan_weight and torch.is_grad_enabled() and last.requires_grad:

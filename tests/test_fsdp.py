@@ -1,0 +1,133 @@
+"""FSDP2 training (`train.parallel=fsdp`) and its sharded checkpoints, on gloo ranks on the CPU.
+
+The references: a plain process for FSDP on one rank, and DDP on the same two ranks for FSDP on
+two (each rank draws its noise and timesteps from its own seeded stream, so two ranks and one
+process with the doubled batch see the same samples but not the same noise: DDP on two ranks,
+already proven against one process in its gradients, is the reference that shares the streams).
+"""
+
+import pytest
+import torch
+
+from kvideo.inference import checkpoints as ckpt
+from kvideo.registry import load_config
+from kvideo.train.engine import train
+
+from conftest import ROOT
+from test_engine import _run_script
+from test_keyframe import KEYFRAME_CONFIG, tiny_keyframe_overrides
+
+STEPS = {"train.max_steps": 4, "train.checkpoint_every": 2, "train.num_threads": 1, "train.preview_every": 0,
+         "train.keep_checkpoints": 0, "recipe.motion_free": 0.5}
+
+
+def _torchrun(run, shards, movq_run, t2i_run, nproc=2, **extra):
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py",
+            str(KEYFRAME_CONFIG), *tiny_keyframe_overrides(run, shards, movq_run, t2i_run, **{**STEPS, **extra})]
+    proc = _run_script(args, {"OMP_NUM_THREADS": "1"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return ckpt.latest_checkpoint(run)
+
+
+def _close(a_dir, b_dir, which="ema", atol=1e-5):
+    a, _ = ckpt.load_weights(a_dir, which)
+    b, _ = ckpt.load_weights(b_dir, which)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= atol, f"largest difference {worst}"
+    return a
+
+
+def test_fsdp_on_one_rank_trains_the_plain_model(tmp_path, shapes_shards, movq_run, t2i_run):
+    plain = train(load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(
+        tmp_path / "plain", shapes_shards, movq_run, t2i_run, **STEPS)))
+    sharded = train(load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(
+        tmp_path / "fsdp", shapes_shards, movq_run, t2i_run, **STEPS, **{"train.parallel": "fsdp"})))
+    assert (sharded / "sharded" / ".metadata").is_file() and not (sharded / "model.safetensors").exists()
+    assert ckpt.verify_checkpoint(sharded) is None
+    for which in ("model", "ema"):
+        weights = _close(plain, sharded, which)
+    assert any("temporal" in k for k in weights)
+
+
+def test_fsdp_on_two_ranks_matches_ddp_and_resumes_exactly(tmp_path, shapes_shards, movq_run, t2i_run):
+    ddp = _torchrun(tmp_path / "ddp", shapes_shards, movq_run, t2i_run)
+    fsdp = _torchrun(tmp_path / "fsdp", shapes_shards, movq_run, t2i_run, **{"train.parallel": "fsdp"})
+    assert sorted(p.name for p in (fsdp / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    for which in ("model", "ema"):
+        _close(ddp, fsdp, which)
+    # stopped at step 2 and resumed from its sharded checkpoint: exactly the straight run
+    stop = tmp_path / "stop"
+    _torchrun(stop, shapes_shards, movq_run, t2i_run, **{"train.parallel": "fsdp", "train.max_steps": 2})
+    resumed = _torchrun(stop, shapes_shards, movq_run, t2i_run, **{"train.parallel": "fsdp"})
+    for which in ("model", "ema"):
+        _close(fsdp, resumed, which, atol=0.0)
+    state = torch.load(resumed / "train_state.pt", weights_only=True)
+    assert state["step"] == 4 and [d["batches_done"] for d in state["data"]] == [4, 4]
+
+
+def test_a_two_rank_sharded_checkpoint_resumes_on_one_rank(tmp_path, shapes_shards, movq_run, t2i_run):
+    """Resharding 2 -> 1: the weights, the EMA and the optimizer moments read back whole."""
+    import torch.distributed.checkpoint as dcp
+
+    run = tmp_path / "run"
+    two = _torchrun(run, shapes_shards, movq_run, t2i_run, **{"train.parallel": "fsdp", "train.max_steps": 2})
+    # a different world size reads the data in another order: refused unless allowed
+    overrides = tiny_keyframe_overrides(run, shapes_shards, movq_run, t2i_run, **{**STEPS, "train.parallel": "fsdp"})
+    with pytest.raises(ValueError, match="world size: 2 -> 1"):
+        train(load_config([KEYFRAME_CONFIG], overrides))
+    one = train(load_config([KEYFRAME_CONFIG], overrides + ["resume_allow_changes=true", "train.max_steps=3"]))
+    assert one.name == "step_0000003"
+    # read both optimizer states whole: the moments at step 2 were carried over (they changed by
+    # one Adam step, not restarted from zero)
+    def moments(d):
+        reader = dcp.FileSystemReader(str(d / "sharded"))
+        meta = reader.read_metadata().state_dict_metadata
+        keys = [k for k in meta if k.startswith("optimizers.main.state.") and k.endswith(".exp_avg_sq")]
+        out = {k: torch.empty(meta[k].size, dtype=meta[k].properties.dtype) for k in keys}
+        dcp.load(out, storage_reader=reader, no_dist=True)
+        return out
+
+    before, after = moments(two), moments(one)
+    assert before.keys() == after.keys() and len(before) > 10
+    beta2 = 0.999
+    ratio = [float(after[k].sum() / before[k].sum()) for k in before if float(before[k].sum()) > 0]
+    assert min(ratio) >= beta2 - 1e-6  # a restarted second moment would be (1 - beta2) g^2, far smaller
+
+
+def test_whole_weights_of_a_sharded_checkpoint_serve_sampling_and_export(tmp_path, shapes_shards, movq_run, t2i_run):
+    import subprocess
+    import sys
+
+    sharded = train(load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(
+        tmp_path / "fsdp", shapes_shards, movq_run, t2i_run, **{**STEPS, "train.max_steps": 2, "train.parallel": "fsdp"})))
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, "tools/export_checkpoint.py", str(sharded), "--out", str(out)], cwd=ROOT,
+                   check=True)
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "ema.safetensors", "config.yaml"}
+    for which in ("model", "ema"):
+        _close(sharded, out, which, atol=0.0)
+    from kvideo.inference.loading import load_bundle
+
+    bundle = load_bundle(sharded, "keyframe")  # what sample.py and the pipelines load
+    ema, _ = ckpt.load_weights(sharded, "ema")
+    loaded = bundle.denoiser.state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
+
+
+def test_the_gan_stage_under_fsdp_trains_the_plain_model(tmp_path, shapes_shards):
+    """movq: two phases (autoencoder, discriminator), the adaptive GAN weight's gradient through
+    the decoder's last layer, the codebook's buffers."""
+    from conftest import tiny_movq_overrides
+    from test_engine import CONFIG as MOVQ_CONFIG
+
+    def run(name, **extra):
+        return train(load_config([MOVQ_CONFIG], tiny_movq_overrides(tmp_path / name, shapes_shards, **{
+            "train.max_steps": 3, "train.checkpoint_every": 3, "recipe.gan_start": 1, "train.eval_every": 0,
+            "recipe.dead_code_every": 0, **extra})))
+
+    plain, sharded = run("plain"), run("fsdp", **{"train.parallel": "fsdp"})
+    for which in ("model", "ema"):
+        weights = _close(plain, sharded, which)
+    assert any(k.startswith("disc.") for k in weights)
