@@ -53,7 +53,11 @@ def test_fsdp_on_one_rank_trains_the_plain_model(tmp_path, shapes_shards, movq_r
 
 def test_fsdp_on_two_ranks_matches_ddp_and_resumes_exactly(tmp_path, shapes_shards, movq_run, t2i_run):
     ddp = _torchrun(tmp_path / "ddp", shapes_shards, movq_run, t2i_run)
-    fsdp = _torchrun(tmp_path / "fsdp", shapes_shards, movq_run, t2i_run, **{"train.parallel": "fsdp"})
+    # with previews: rank 0 samples with the EMA weights gathered from both ranks (outside the
+    # training RNG streams, so the weights are unchanged)
+    fsdp = _torchrun(tmp_path / "fsdp", shapes_shards, movq_run, t2i_run, **{"train.parallel": "fsdp",
+                                                                             "train.preview_every": 2})
+    assert len(list((tmp_path / "fsdp" / "previews").iterdir())) >= 2
     assert sorted(p.name for p in (fsdp / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     for which in ("model", "ema"):
         _close(ddp, fsdp, which)
@@ -131,3 +135,43 @@ def test_the_gan_stage_under_fsdp_trains_the_plain_model(tmp_path, shapes_shards
     for which in ("model", "ema"):
         weights = _close(plain, sharded, which)
     assert any(k.startswith("disc.") for k in weights)
+
+
+def test_hsdp_replicates_across_groups(tmp_path, shapes_shards, movq_run, t2i_run):
+    """hsdp with groups of one rank: a 2 x 1 mesh (replicated twice, sharded once), DDP's weights."""
+    ddp = _torchrun(tmp_path / "ddp", shapes_shards, movq_run, t2i_run, **{"train.max_steps": 2})
+    hsdp = _torchrun(tmp_path / "hsdp", shapes_shards, movq_run, t2i_run, **{
+        "train.max_steps": 2, "train.parallel": "hsdp", "train.fsdp.shard_size": 1})
+    for which in ("model", "ema"):
+        _close(ddp, hsdp, which)
+
+
+def _resume_point_on_rank(rank, store_file, run_dirs, results):
+    import torch.distributed as tdist
+    from omegaconf import OmegaConf
+
+    from kvideo.train.engine import _resume_point
+
+    tdist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    try:
+        found = _resume_point(OmegaConf.create({"resume": "auto"}), run_dirs[rank], rank == 0)
+        results[rank] = str(found)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_rank_zero_decides_the_resume_point_for_every_rank(tmp_path, shapes_shards):
+    """Rank 1 is shown a run directory without checkpoints (as a rank whose view of a shared
+    disk lags would be): it still resumes from the checkpoint rank 0 chose."""
+    import torch.multiprocessing as mp
+
+    from conftest import tiny_movq_overrides
+    from test_engine import CONFIG as MOVQ_CONFIG
+
+    last = train(load_config([MOVQ_CONFIG], tiny_movq_overrides(tmp_path / "run", shapes_shards, **{
+        "train.max_steps": 1, "train.eval_every": 0})))
+    (tmp_path / "empty").mkdir()
+    results = mp.Manager().dict()
+    mp.spawn(_resume_point_on_rank, args=(str(tmp_path / "store"), [tmp_path / "run", tmp_path / "empty"], results),
+             nprocs=2)
+    assert results[0] == results[1] == str(last)
