@@ -175,3 +175,17 @@ def test_rank_zero_decides_the_resume_point_for_every_rank(tmp_path, shapes_shar
     mp.spawn(_resume_point_on_rank, args=(str(tmp_path / "store"), [tmp_path / "run", tmp_path / "empty"], results),
              nprocs=2)
     assert results[0] == results[1] == str(last)
+
+
+@pytest.mark.parametrize("setting", [{"train.fsdp.frozen": "shard"}, {"recipe.train_spatial": "false"}],
+                         ids=["frozen_tower_sharded", "spatial_layers_frozen"])
+def test_frozen_parts_replicated_or_sharded(tmp_path, shapes_shards, movq_run, t2i_run, setting):
+    """The frozen text tower sharded instead of replicated; whole frozen blocks (the 1.0 recipe
+    trains only the temporal layers) left out of the units: the plain model's weights either way."""
+    common = {**STEPS, "train.max_steps": 2, **setting}
+    plain = train(load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(
+        tmp_path / "plain", shapes_shards, movq_run, t2i_run, **common)))
+    sharded = train(load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(
+        tmp_path / "fsdp", shapes_shards, movq_run, t2i_run, **common, **{"train.parallel": "fsdp"})))
+    for which in ("model", "ema"):
+        _close(plain, sharded, which)
