@@ -103,6 +103,17 @@ def check_ranges(node: Any, prefix: str = "") -> None:
 
 
 @dataclass
+class BucketConfig:
+    """One shape of training batch (`data.buckets`): its frame size, clip length and batch size,
+    drawn with probability proportional to `weight`."""
+
+    size: List[int] = checked(rule="each >= 1", factory=lambda: [64, 64])  # (height, width)
+    frames: int = checked(1, ">= 1")  # the bucket's data.num_frames
+    batch_size: int = checked(1, ">= 1")  # per rank and per micro-batch
+    weight: float = checked(1.0, "> 0")
+
+
+@dataclass
 class DataConfig:
     """Where training samples come from and what one sample looks like."""
 
@@ -125,6 +136,11 @@ class DataConfig:
     # Latent stages (t2i, keyframe, interpolation): a directory of precomputed MoVQ latents of
     # data.shards, built by the stage on start when missing (kvideo/data/latent_cache.py).
     latent_cache: Optional[str] = None
+    # Resolution and duration buckets: each micro-batch is drawn from one bucket (every rank the
+    # same, seeded by the run seed and the draw's number), in place of data.size, data.num_frames
+    # and train.batch_size; empty: one shape (kvideo/data/buckets.py). A latent cache is kept per
+    # frame size, under data.latent_cache/HxW.
+    buckets: List[BucketConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
     python tools/cache_latents.py CONFIG.yaml [MORE.yaml ...] data.latent_cache=DIR [key=value ...]
 
-Encodes every frame of every clip of `data.shards` (centre crop at `data.size`) with the
+Encodes every frame of every clip of `data.shards` (centre crop at `data.size`, or at each
+frame size of `data.buckets`, into data.latent_cache/HxW) with the
 config's frozen `recipe.movq`, in `train.precision`, into `data.latent_cache`
 (kvideo/data/latent_cache.py). Resumable: finished shards are skipped. Under torchrun the ranks
 split the shards. Useful to time the cache apart from training, or to build it once on a
@@ -19,6 +20,7 @@ def main(argv) -> int:
     from kvideo.registry import load_config
     from kvideo.data.shards import ShardIndex
     from kvideo.inference.autoencoder import load_movq
+    from kvideo.data.buckets import bucket_shapes
     from kvideo.train.stages.diffusion import ensure_latent_cache
     from kvideo.train.dist import resolve_device
 
@@ -36,7 +38,9 @@ def main(argv) -> int:
         return 2
     device = resolve_device(cfg.train.device)
     t0 = time.perf_counter()
-    ensure_latent_cache(cfg, load_movq(cfg.recipe.movq, device=device), device)
+    movq = load_movq(cfg.recipe.movq, device=device)
+    for shape in bucket_shapes(cfg.data, cfg.train.batch_size):  # a cache per frame size of data.buckets
+        ensure_latent_cache(cfg, shape.data, movq, device)
     print(f"latent cache {cfg.data.latent_cache}: {len(ShardIndex(cfg.data.shards))} clips of {cfg.data.shards}, "
           f"{time.perf_counter() - t0:.1f} s")
     return 0

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from kvideo import registry
 from kvideo.config import to_plain, to_yaml
+from kvideo.data.buckets import BucketedTrainData, BucketShape, bucket_states
 from kvideo.data.datasets import build_dataset
 from kvideo.data.shards import SKIP_REASONS, ResumableBatchSampler, TrainData, eval_batches
 from kvideo.train.stages import STAGES
@@ -159,15 +160,19 @@ def _pick_checkpoint(cfg: DictConfig, run_dir: Path) -> Optional[str]:
 # What decides which sample each rank reads at each step; a resume under other values would
 # repeat or skip data. The shards are compared by `ShardIndex.fingerprint` (names, sizes,
 # samples), so moving them to another mount point is not a change.
-DATA_ORDER_KEYS = ("seed", "train.batch_size", "data.shuffle")
+DATA_ORDER_KEYS = ("seed", "train.batch_size", "data.shuffle", "data.buckets")
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def resume_changes(then_cfg: dict, then_state: dict, cfg: DictConfig, world_size: int, fingerprint: dict) -> List[str]:
     """What differs between the checkpoint's run and this one in the data order (empty if nothing)."""
     changes = []
     for key in DATA_ORDER_KEYS:
-        before, now = OmegaConf.select(OmegaConf.create(then_cfg), key), OmegaConf.select(cfg, key)
-        if before != now:
+        before, now = (_plain(OmegaConf.select(c, key)) for c in (OmegaConf.create(then_cfg), cfg))
+        if before != now and not (before in (None, []) and now in (None, [])):  # a key older runs lack, empty
             changes.append(f"{key}: {before!r} -> {now!r}")
     if len(then_state["data"]) != world_size:
         changes.append(f"world size: {len(then_state['data'])} -> {world_size}")
@@ -176,6 +181,22 @@ def resume_changes(then_cfg: dict, then_state: dict, cfg: DictConfig, world_size
         changes.append(f"data.shards: other data ({before['samples']} -> {fingerprint['samples']} samples, "
                        f"shard names/sizes {'changed' if before['shards'] != fingerprint['shards'] else 'equal'})")
     return changes
+
+
+def open_train_data(cfg: DictConfig, shapes: List[BucketShape], datasets: list, info: dist.DistInfo, state: dict):
+    """This rank's training batches from `state` on (a checkpoint's data position, or {}): one
+    `TrainData`, or with data.buckets one per bucket under a `BucketedTrainData`."""
+    def one(shape: BucketShape, dataset, position: dict) -> TrainData:
+        order = ResumableBatchSampler(len(dataset), shape.batch_size, rank=info.rank, world_size=info.world_size,
+                                      seed=cfg.seed, shuffle=cfg.data.shuffle, start_batch=position.get("batches_done", 0))
+        return TrainData(dataset, order, num_workers=cfg.data.num_workers, timeout_s=cfg.data.timeout_s,
+                         skipped=position.get("skipped"))
+
+    if not cfg.data.buckets:
+        return one(shapes[0], datasets[0], state)
+    positions = bucket_states(state, len(shapes))
+    return BucketedTrainData([one(s, d, p) for s, d, p in zip(shapes, datasets, positions)],
+                             [s.weight for s in shapes], cfg.seed, draws=state.get("draws", 0))
 
 
 def train(cfg: DictConfig, stage_cls: Optional[type] = None) -> Path:
@@ -234,7 +255,8 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     model = stage.build_model().to(device)
     if tc.channels_last:
         to_channels_last(model)
-    check_size(cfg.data.size, stage.size_multiple(model), "the model's total downsampling")
+    for shape in stage.shapes:
+        check_size(shape.data.size, stage.size_multiple(model), "the model's total downsampling")
     if tc.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ValueError(f"train.grad_checkpointing is on but model '{cfg.model.name}' has no set_grad_checkpointing")
@@ -256,7 +278,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
 
     # Resume.
-    step, batches_done, nonfinite_total, data_state = 0, 0, 0, {}
+    step, nonfinite_total, data_state = 0, 0, {}
     resume_from = _resume_point(cfg, run_dir, info.is_main)
     if info.is_main and (run_dir / "checkpoints").is_dir():
         ckpt.remove_stale_temporaries(run_dir / "checkpoints")  # what killed writers left
@@ -276,7 +298,6 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             schedulers[name].load_state_dict(state["schedulers"][name])
         step, nonfinite_total = state["step"], state["nonfinite_total"]
         data_state = state["data"][info.rank] if info.rank < len(state["data"]) else {}
-        batches_done = data_state.get("batches_done", 0)
         if len(state["rng"]) == info.world_size:
             set_rng_state(state["rng"][info.rank], device)
         else:
@@ -287,8 +308,8 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     else:
         seed_everything(cfg.seed + info.rank)  # per-rank randomness from here on
 
-    dataset = build_dataset(cfg.data, cfg.seed, train=True, fields=stage.reads_fields)
-    fingerprint = dataset.index.fingerprint()
+    datasets = [build_dataset(shape.data, cfg.seed, train=True, fields=stage.reads_fields) for shape in stage.shapes]
+    fingerprint = datasets[0].index.fingerprint()
     if state is not None:
         changes = resume_changes(stored.read_config(resume_from), state, cfg, info.world_size, fingerprint)
         if changes and not cfg.resume_allow_changes:
@@ -298,13 +319,11 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
                              f"resume_allow_changes=true")
         if changes:
             log.warning("resuming under changed data settings (resume_allow_changes=true): %s", "; ".join(changes))
-    order = ResumableBatchSampler(len(dataset), tc.batch_size, rank=info.rank, world_size=info.world_size,
-                                  seed=cfg.seed, shuffle=cfg.data.shuffle, start_batch=batches_done)
-    data = TrainData(dataset, order, num_workers=cfg.data.num_workers, timeout_s=cfg.data.timeout_s,
-                     skipped=data_state.get("skipped"))
+    data = open_train_data(cfg, stage.shapes, datasets, info, data_state)
     if info.is_main:
-        log.info("data: %d samples in %d shards, %d batches per epoch per rank",
-                 len(dataset), len(dataset.index.shards), data.batches_per_epoch)
+        log.info("data: %d samples in %d shards, %d batches per epoch per rank%s", len(datasets[0]),
+                 len(datasets[0].index.shards), data.batches_per_epoch,
+                 f", buckets {', '.join(s.name for s in stage.shapes)}" if cfg.data.buckets else "")
     val_dataset = build_dataset(cfg.data, cfg.seed, train=False) \
         if (cfg.data.val_shards and tc.eval_every > 0) else None
 

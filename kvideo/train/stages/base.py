@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from kvideo.data.buckets import bucket_shapes
 
 @dataclass
 class Phase:
@@ -89,6 +90,13 @@ class Stage:
         if cfg.data.get("latent_cache") and not self.reads_latents:
             raise ValueError(f"data.latent_cache is set, but stage '{self.name}' trains on pixels, not on cached "
                              f"latents: remove data.latent_cache")
+        self.shapes = bucket_shapes(cfg.data, cfg.train.batch_size)  # data.buckets, or the one shape
+        for shape in self.shapes:
+            self.check_data(shape.data)
+
+    def check_data(self, data: DictConfig) -> None:
+        """A ValueError when the stage cannot train on clips of this data section's shape
+        (data.size, data.num_frames; called for each of data.buckets)."""
 
     def build_model(self) -> nn.Module:
         """The whole trainable model, on the CPU, randomly initialised or loaded by the stage."""

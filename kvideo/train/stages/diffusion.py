@@ -39,8 +39,10 @@ class LatentDiffusionStage(Stage):
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
         self.movq = load_movq(self.rc.movq, device=device).requires_grad_(False)
-        check_size(cfg.data.size, self.movq.downsample_factor, "the MoVQ's downsampling")  # before any encoding
-        ensure_latent_cache(cfg, self.movq, device)
+        for shape in self.shapes:  # before any encoding
+            check_size(shape.data.size, self.movq.downsample_factor, "the MoVQ's downsampling")
+        for data in {tuple(s.data.size): s.data for s in self.shapes}.values():  # a cache per frame size
+            ensure_latent_cache(cfg, data, self.movq, device)
         check_sampling(cfg)
         self.schedule = make_schedule(self.rc.diffusion)
         self.loss_spec = loss_spec(self.rc.diffusion)
@@ -72,16 +74,17 @@ class LatentDiffusionStage(Stage):
         return loss.mean(), {f"{self.name}/mse": float(info["mse"].mean())}
 
 
-def ensure_latent_cache(cfg, movq: nn.Module, device: torch.device) -> None:
-    """Build `cfg.data.latent_cache` (when set) from `cfg.data.shards` with the stage's frozen
-    MoVQ; a no-op when it is complete, an error when it holds another MoVQ's latents."""
-    if not cfg.data.get("latent_cache"):
+def ensure_latent_cache(cfg, data, movq: nn.Module, device: torch.device) -> None:
+    """Build `data.latent_cache` (when set) from `data.shards` at `data.size` with the stage's
+    frozen MoVQ (`data`: cfg.data, or one bucket's); a no-op when it is complete, an error when it
+    holds another MoVQ's latents."""
+    if not data.get("latent_cache"):
         return
     from kvideo.data.latent_cache import LatentCacheSpec, build_latent_cache
 
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
-    spec = LatentCacheSpec(cfg.data.latent_cache, cfg.data.shards, cfg.recipe.movq, cfg.data.size)
+    spec = LatentCacheSpec(data.latent_cache, data.shards, cfg.recipe.movq, data.size)
     build_latent_cache(spec, movq, device=device,
                        autocast=autocast_context(cfg.train.precision, device, logging.getLogger(__name__)),
                        rank=rank, world_size=world)

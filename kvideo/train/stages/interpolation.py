@@ -48,15 +48,18 @@ class InterpolationStage(LatentDiffusionStage):
         rc = cfg.recipe
         if not rc.passes:
             raise ValueError("recipe.passes needs at least one pass")
-        need = clip_frames_needed(rc)
-        if cfg.data.num_frames < need:
-            raise ValueError(f"data.num_frames = {cfg.data.num_frames} is too short: {rc.gaps} gaps of "
-                             f"{rc.frames_per_gap} frames at stride {max(p.stride for p in rc.passes)} need {need}")
         if not 0.0 <= rc.uncond_prob < 1.0:
             raise ValueError(f"recipe.uncond_prob must be in [0, 1), got {rc.uncond_prob}")
         if rc.init_convs not in ("spread", "fresh"):
             raise ValueError(f"recipe.init_convs must be 'spread' or 'fresh'; got {rc.init_convs!r}")
         super().__init__(cfg, device)
+
+    def check_data(self, data) -> None:
+        super().check_data(data)
+        rc, need = self.rc, clip_frames_needed(self.rc)
+        if data.num_frames < need:
+            raise ValueError(f"data.num_frames = {data.num_frames} is too short: {rc.gaps} gaps of "
+                             f"{rc.frames_per_gap} frames at stride {max(p.stride for p in rc.passes)} need {need}")
 
     def initialise(self, model: TextDenoiser) -> None:
         """The t2i checkpoint `recipe.init_from` loaded in (its input and output convs mean other

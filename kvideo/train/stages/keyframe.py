@@ -95,7 +95,7 @@ def draw_dropout(cfg: ConditionDropout, n: int, generator: Optional[torch.Genera
 
 def load_lora_base(model: TextDenoiser, cfg) -> None:
     """The keyframe checkpoint `cfg.recipe.lora.base` into a model whose UNet holds LoRA adapters
-    (its base weights under the adapters' `base_layer`), everything frozen but the adapters."""
+    (its base weights under the adapters' `base_layer`)."""
     from kvideo.inference.checkpoints import load_stage_weights
     from kvideo.inference.lora import base_key
 
@@ -114,10 +114,22 @@ def load_lora_base(model: TextDenoiser, cfg) -> None:
     if unexpected or any("lora_" not in k for k in missing):
         bad = unexpected[0] if unexpected else next(k for k in missing if "lora_" not in k)
         raise ValueError(f"recipe.lora.base '{cfg.recipe.lora.base}': weight '{bad}' does not fit the model")
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
     log.info("keyframe: LoRA over %s, %d adapter tensors train", cfg.recipe.lora.base,
              sum(1 for n, _ in model.named_parameters() if "lora_" in n))
+
+
+def freeze_untrained(model: TextDenoiser, rc) -> None:
+    """Freeze what the recipe `rc` does not train: with `lora`, everything but the adapters; with
+    `train_spatial: false` (the 1.0 recipe), everything but the temporal layers and the input conv
+    (its new conditioning channels must learn). The text tower is frozen by its own config."""
+    if rc.lora.enabled:
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+    elif not rc.train_spatial:
+        model.requires_grad_(False)
+        for p in model.unet.temporal_parameters():
+            p.requires_grad_(True)
+        model.unet.in_layer.requires_grad_(True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,8 +143,6 @@ class KeyframeStage(LatentDiffusionStage):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        if cfg.data.num_frames < 2:
-            raise ValueError(f"stage keyframe needs data.num_frames >= 2 (keyframes per clip); got {cfg.data.num_frames}")
         draw_dropout(self.rc.dropout, 0)  # validate the rates now, not at the first step
         draw_noise_levels(self.rc.noise_aug, 0)
         if self.rc.conditioning == "text" and (self.rc.images.share > 0 or self.rc.motion_free > 0):
@@ -144,11 +154,11 @@ class KeyframeStage(LatentDiffusionStage):
         if self.rc.lora.enabled and (not self.rc.lora.base or self.rc.init_from):
             raise ValueError("recipe.lora fine-tunes a trained keyframe model: set recipe.lora.base to its checkpoint "
                              "and leave recipe.init_from empty (the base holds every weight)")
-        if self.rc.anchor.frame >= cfg.data.num_frames:
-            raise ValueError(f"recipe.anchor.frame {self.rc.anchor.frame} is not a frame of a "
-                             f"{cfg.data.num_frames}-frame clip (data.num_frames)")
-        if self.rc.images.share > 0 and cfg.train.batch_size < 2:
+        if self.rc.images.share > 0 and min(s.batch_size for s in self.shapes) < 2:
             raise ValueError("recipe.images.share needs train.batch_size >= 2: every batch keeps a clip")
+        if self.rc.images.share > 0 and cfg.data.buckets:
+            raise ValueError("recipe.images.share with data.buckets: image samples take data.size, which buckets "
+                             "replace; not supported yet")
         self.image_shards = None
         if self.rc.images.source == "shards":
             if not self.rc.images.shards:
@@ -162,17 +172,20 @@ class KeyframeStage(LatentDiffusionStage):
         """The t2i checkpoint `recipe.init_from` loaded in; with `recipe.train_spatial: false` only
         the temporal layers and the input conv (the new conditioning channels) train. With
         `recipe.lora`, the keyframe checkpoint `recipe.lora.base` is loaded under the adapters and
-        only the adapters train."""
+        only the adapters train (`freeze_untrained`)."""
         if self.rc.lora.enabled:
             load_lora_base(model, self.cfg)
-            return
-        if self.rc.init_from:
+        elif self.rc.init_from:
             init_from_t2i(model, self.cfg)
-        if not self.rc.train_spatial:
-            model.requires_grad_(False)
-            for p in model.unet.temporal_parameters():
-                p.requires_grad_(True)
-            model.unet.in_layer.requires_grad_(True)  # the new conditioning channels must learn
+        freeze_untrained(model, self.rc)
+
+    def check_data(self, data) -> None:
+        super().check_data(data)
+        if data.num_frames < 2:
+            raise ValueError(f"stage keyframe needs data.num_frames >= 2 (keyframes per clip); got {data.num_frames}")
+        if self.rc.anchor.frame >= data.num_frames:
+            raise ValueError(f"recipe.anchor.frame {self.rc.anchor.frame} is not a frame of a "
+                             f"{data.num_frames}-frame clip (data.num_frames)")
 
     def phases(self, model: TextDenoiser) -> List[Phase]:
         return [video_phase(model, self.rc.spatial_lr_scale)]

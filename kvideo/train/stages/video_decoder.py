@@ -36,14 +36,28 @@ from kvideo.train.stages.base import Phase
 log = logging.getLogger(__name__)
 
 
-def build_video_decoder(cfg) -> AutoencoderWithDiscriminator:
-    """The VideoMoVQ with the image MoVQ `recipe.movq` loaded in, and the 3D discriminator; the
-    encoder, quant_conv and codebook frozen."""
+def video_decoder_model(cfg) -> AutoencoderWithDiscriminator:
+    """The VideoMoVQ and the 3D discriminator, randomly initialised, with what the stage does not
+    train frozen: the encoder, quant_conv and codebook (and, with `recipe.train_spatial: false`,
+    every spatial layer). Reads no file."""
     from kvideo.models.video_movq import VideoMoVQ
 
     ae = build_model(cfg)
     if not isinstance(ae, VideoMoVQ):
         raise ValueError(f"stage video_decoder needs model.name: video_movq; got {cfg.model.name}")
+    for part in (ae.encoder, ae.quant_conv, ae.quantize):
+        part.requires_grad_(False)
+    if not cfg.recipe.train_spatial:
+        ae.requires_grad_(False)
+        for p in ae.temporal_parameters():
+            p.requires_grad_(True)
+    return AutoencoderWithDiscriminator(ae, build_discriminator(cfg.recipe, cfg.model.out_channels, video=True))
+
+
+def build_video_decoder(cfg) -> AutoencoderWithDiscriminator:
+    """`video_decoder_model` with the image MoVQ `recipe.movq` loaded in."""
+    model = video_decoder_model(cfg)
+    ae = model.ae
     state, movq_cfg = load_stage_weights(cfg.recipe.movq, "movq")
     differ = {k: (movq_cfg.model[k], cfg.model[k]) for k in movq_cfg.model
               if k not in ("name", "size") and k in cfg.model and movq_cfg.model[k] != cfg.model[k]}
@@ -55,13 +69,7 @@ def build_video_decoder(cfg) -> AutoencoderWithDiscriminator:
     if unexpected or any(not k.startswith(("temporal_convs.", "temporal_attn.")) for k in missing):
         raise ValueError(f"recipe.movq '{cfg.recipe.movq}' does not match model (unexpected {unexpected[:3]}, "
                          f"missing {[k for k in missing if not k.startswith('temporal_')][:3]})")
-    for part in (ae.encoder, ae.quant_conv, ae.quantize):
-        part.requires_grad_(False)
-    if not cfg.recipe.train_spatial:
-        ae.requires_grad_(False)
-        for p in ae.temporal_parameters():
-            p.requires_grad_(True)
-    return AutoencoderWithDiscriminator(ae, build_discriminator(cfg.recipe, cfg.model.out_channels, video=True))
+    return model
 
 
 def temporal_difference_loss(frames: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -73,10 +81,9 @@ class VideoDecoderStage(AutoencoderGANStage):
     name = "video_decoder"
     log_prefix = "vdec"
 
-    def __init__(self, cfg, device):
-        if cfg.data.num_frames < 2:
-            raise ValueError(f"stage video_decoder trains on clips: data.num_frames must be >= 2, got {cfg.data.num_frames}")
-        super().__init__(cfg, device)
+    def check_data(self, data) -> None:
+        if data.num_frames < 2:
+            raise ValueError(f"stage video_decoder trains on clips: data.num_frames must be >= 2, got {data.num_frames}")
 
     def build_model(self) -> nn.Module:
         return build_video_decoder(self.cfg)
