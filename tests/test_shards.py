@@ -8,7 +8,8 @@ import tarfile
 import pytest
 import torch
 
-from kvideo.data.shards import ClipDataset, ClipFormat, ResumableBatchSampler, ShardIndex, TrainData, expand_shards
+from kvideo.data.shards import (ClipDataset, ClipFormat, ResumableBatchSampler, ShardIndex, TrainData, expand_shards,
+                                 reshard_positions)
 
 
 def _clip_dataset(shards, num_frames=6, fps=12.0, size=(24, 32), **kw):
@@ -128,3 +129,36 @@ def test_broken_samples_are_skipped_and_counted(tmp_path, shapes_shards):
     for _ in range(7):  # one epoch: 28 samples, 4 of them broken
         got += train.next()["size"]
     assert train.failed_total == 4 and got == 24
+
+
+def _read(samplers, batches):
+    return [item for b in range(batches) for s in samplers for item in s.batch(b)]
+
+
+def test_a_position_recomputed_for_another_number_of_ranks_neither_repeats_nor_skips():
+    n, bs = 50, 4
+    old = [ResumableBatchSampler(n, bs, rank=r, world_size=2, seed=3, shuffle=True) for r in range(2)]
+    consumed = _read(old, 3)  # 2 ranks x 3 batches x 4 = the epoch's first 24 items
+    perm = old[0].permutation(0)
+    assert sorted(i for _, i in consumed) == sorted(perm[:24])
+    states = [{"batches_done": 3, "skipped": {"undecodable": r + 1}} for r in range(2)]
+    moved = reshard_positions(states, n, bs, seed=3, shuffle=True, world_size=3)
+    assert [m["origin"] for m in moved] == [[0, 24]] * 3 and moved[0]["skipped"] == {"undecodable": 3}
+    new = [ResumableBatchSampler(n, bs, rank=r, world_size=3, seed=3, shuffle=True, origin=tuple(m["origin"]))
+           for r, m in enumerate(moved)]
+    rest = _read(new, new[0].first_epoch_batches)  # the rest of epoch 0 over 3 ranks
+    assert new[0].first_epoch_batches == 2 and all(e == 0 for e, _ in rest)
+    assert sorted(i for _, i in rest) == sorted(perm[24:48])  # the next 24 items, none read before
+    assert new[0].batch(2)[0][0] == 1  # then whole epochs as usual
+    assert new[0].epoch_order(1) == ResumableBatchSampler(n, bs, rank=0, world_size=3, seed=3,
+                                                          shuffle=True).epoch_order(1)
+    # resharding again, back to 2 ranks, one batch into the partial epoch: item 24 + 12 = 36
+    again = reshard_positions([{"batches_done": 1, "origin": [0, 24]}] * 3, n, bs, seed=3, shuffle=True, world_size=2)
+    assert again[0]["origin"] == [0, 36]
+    # at the end of an epoch the position is the next epoch's start
+    assert reshard_positions([{"batches_done": 6}] * 2, n, bs, seed=3, shuffle=True, world_size=1)[0]["origin"] == [1, 0]
+
+
+def test_no_position_is_exact_when_the_ranks_read_different_numbers_of_batches():
+    assert reshard_positions([{"batches_done": 3}, {"batches_done": 4}], 50, 4, seed=0, shuffle=True,
+                             world_size=1) is None

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kvideo.data.shards import SKIP_REASONS, TrainData
+from kvideo.data.shards import SKIP_REASONS, TrainData, reshard_positions
 
 
 @dataclass(frozen=True)
@@ -111,3 +111,20 @@ def bucket_states(state: Optional[dict], n: int) -> List[dict]:
         raise ValueError(f"the checkpoint's data position has {len(saved or [])} bucket(s), this run has {n}: "
                          f"data.buckets changed")
     return saved
+
+
+def reshard_data_state(states: List[dict], shapes: List[BucketShape], n: int, *, seed: int, shuffle: bool,
+                       world_size: int) -> Optional[List[dict]]:
+    """`reshard_positions` for a run with or without buckets: the new ranks' data positions that
+    continue the old ranks' `states` exactly, or None when none does."""
+    def move(positions: List[dict], shape: BucketShape) -> Optional[List[dict]]:
+        return reshard_positions(positions, n, shape.batch_size, seed=seed, shuffle=shuffle, world_size=world_size)
+
+    if "buckets" not in states[0]:
+        return move(states, shapes[0])
+    if len({st["draws"] for st in states}) != 1 or len(states[0]["buckets"]) != len(shapes):
+        return None
+    moved = [move([st["buckets"][i] for st in states], shape) for i, shape in enumerate(shapes)]
+    if any(m is None for m in moved):
+        return None
+    return [{"draws": states[0]["draws"], "buckets": [m[r] for m in moved]} for r in range(world_size)]

@@ -344,10 +344,16 @@ class ResumableBatchSampler(Sampler):
     Each epoch is a permutation seeded by (seed, epoch); rank r takes items r, r + W, r + 2W...
     (the permutation is padded by wrapping so every rank gets the same count) and drops the
     last incomplete batch. Batch b of the run is therefore a pure function of (seed, rank, b).
+    The W ranks' first j batches of an epoch are its first j * batch_size * W items together,
+    which is what makes a data position exact at the sample level (`sample_position`).
+
+    `origin` (epoch, offset): the sampler's batch 0 starts at item `offset` of that epoch's
+    permutation (a run resumed on another number of ranks continues where the old ranks stopped:
+    the rest of that epoch is dealt over the new ranks, then whole epochs as usual).
     """
 
     def __init__(self, n: int, batch_size: int, *, rank: int, world_size: int, seed: int, shuffle: bool,
-                 start_batch: int = 0):
+                 start_batch: int = 0, origin: Tuple[int, int] = (0, 0)):
         per_rank = -(-n // world_size)
         self.batches_per_epoch = per_rank // batch_size
         if self.batches_per_epoch == 0:
@@ -357,27 +363,47 @@ class ResumableBatchSampler(Sampler):
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.start_batch = start_batch
+        self.origin = (int(origin[0]), int(origin[1]))
+        self.first_epoch_batches = (-(-(n - self.origin[1]) // world_size)) // batch_size
+
+    def permutation(self, epoch: int) -> List[int]:
+        if self.shuffle:
+            return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)).tolist()
+        return list(range(self.n))
 
     def epoch_order(self, epoch: int) -> List[int]:
-        if self.shuffle:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)).tolist()
-        else:
-            perm = list(range(self.n))
-        total = -(-self.n // self.world_size) * self.world_size
-        perm = (perm * (total // self.n + 1))[:total]
-        return perm[self.rank :: self.world_size]
+        """This rank's items of `epoch` (from the origin's offset in the origin's epoch)."""
+        perm = self.permutation(epoch)
+        items = perm[self.origin[1]:] if epoch == self.origin[0] else perm
+        total = -(-len(items) // self.world_size) * self.world_size
+        items = (items + perm * (total // self.n + 1))[:total]  # padded by wrapping to the epoch's start
+        return items[self.rank :: self.world_size]
+
+    def locate(self, b: int) -> Tuple[int, int]:
+        """(epoch, batch within that epoch's order) of the run's batch `b`."""
+        if b < self.first_epoch_batches:
+            return self.origin[0], b
+        epoch, j = divmod(b - self.first_epoch_batches, self.batches_per_epoch)
+        return self.origin[0] + 1 + epoch, j
 
     def batch(self, b: int) -> List[Tuple[int, int]]:
         """The items of batch `b` of the run."""
-        epoch, j = divmod(b, self.batches_per_epoch)
+        epoch, j = self.locate(b)
         return [(epoch, i) for i in self.epoch_order(epoch)[j * self.batch_size : (j + 1) * self.batch_size]]
+
+    def sample_position(self, batches_done: int) -> Tuple[int, int]:
+        """(epoch, offset into its permutation) of the next item once every rank has read
+        `batches_done` batches: where a run on any number of ranks continues."""
+        epoch, j = self.locate(batches_done)
+        offset = (self.origin[1] if epoch == self.origin[0] else 0) + j * self.batch_size * self.world_size
+        return (epoch + 1, 0) if offset >= self.n else (epoch, offset)
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         b = self.start_batch
         while True:
-            epoch, within = divmod(b, self.batches_per_epoch)
+            epoch, within = self.locate(b)
             order = self.epoch_order(epoch)
-            for j in range(within, self.batches_per_epoch):
+            for j in range(within, len(order) // self.batch_size):
                 yield [(epoch, i) for i in order[j * self.batch_size : (j + 1) * self.batch_size]]
                 b += 1
 
@@ -470,7 +496,27 @@ class TrainData:
         return sum(self.skipped.values())
 
     def state(self) -> dict:
-        return {"batches_done": self.batches_done, "skipped": dict(self.skipped)}
+        return {"batches_done": self.batches_done, "skipped": dict(self.skipped), "origin": list(self.sampler.origin)}
+
+
+def reshard_positions(states: List[dict], n: int, batch_size: int, *, seed: int, shuffle: bool,
+                      world_size: int) -> Optional[List[dict]]:
+    """The data positions of `world_size` new ranks that continue exactly where the old ranks'
+    `states` stopped (the rest of the epoch dealt over the new ranks), or None when no position
+    is exact: the old ranks had read different numbers of batches (one skipped a batch whose every
+    sample was bad)."""
+    done = {int(st.get("batches_done", 0)) for st in states}
+    if len(done) != 1:
+        return None
+    origin = tuple(states[0].get("origin", (0, 0)))
+    old = ResumableBatchSampler(n, batch_size, rank=0, world_size=len(states), seed=seed, shuffle=shuffle,
+                                origin=origin)
+    position = list(old.sample_position(done.pop()))
+    skipped = Counter()
+    for st in states:
+        skipped.update(st.get("skipped", {}))
+    return [{"batches_done": 0, "origin": position, "skipped": dict(skipped) if r == 0 else {}}
+            for r in range(world_size)]
 
 
 def eval_batches(dataset: ClipDataset, batch_size: int, max_batches: int) -> Iterator[dict]:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from kvideo import registry
 from kvideo.config import to_plain, to_yaml
-from kvideo.data.buckets import BucketedTrainData, BucketShape, bucket_states
+from kvideo.data.buckets import BucketedTrainData, BucketShape, bucket_states, reshard_data_state
 from kvideo.data.datasets import build_dataset
 from kvideo.data.shards import SKIP_REASONS, ResumableBatchSampler, TrainData, eval_batches
 from kvideo.train.stages import STAGES
@@ -183,12 +183,17 @@ def resume_changes(then_cfg: dict, then_state: dict, cfg: DictConfig, world_size
     return changes
 
 
+def _first_origin(position: dict) -> Tuple[int, int]:
+    return tuple((position["buckets"][0] if "buckets" in position else position)["origin"])
+
+
 def open_train_data(cfg: DictConfig, shapes: List[BucketShape], datasets: list, info: dist.DistInfo, state: dict):
     """This rank's training batches from `state` on (a checkpoint's data position, or {}): one
     `TrainData`, or with data.buckets one per bucket under a `BucketedTrainData`."""
     def one(shape: BucketShape, dataset, position: dict) -> TrainData:
         order = ResumableBatchSampler(len(dataset), shape.batch_size, rank=info.rank, world_size=info.world_size,
-                                      seed=cfg.seed, shuffle=cfg.data.shuffle, start_batch=position.get("batches_done", 0))
+                                      seed=cfg.seed, shuffle=cfg.data.shuffle, start_batch=position.get("batches_done", 0),
+                                      origin=tuple(position.get("origin", (0, 0))))
         return TrainData(dataset, order, num_workers=cfg.data.num_workers, timeout_s=cfg.data.timeout_s,
                          skipped=position.get("skipped"))
 
@@ -312,6 +317,17 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     fingerprint = datasets[0].index.fingerprint()
     if state is not None:
         changes = resume_changes(stored.read_config(resume_from), state, cfg, info.world_size, fingerprint)
+        if len(changes) == 1 and changes[0].startswith("world size"):
+            # only the number of ranks changed: continue at the sample where the old ranks stopped
+            moved = reshard_data_state(state["data"], stage.shapes, len(datasets[0]), seed=cfg.seed,
+                                       shuffle=cfg.data.shuffle, world_size=info.world_size)
+            if moved is not None:
+                data_state, changes = moved[info.rank], []
+                log.info("world size %d -> %d: the data position is recomputed at the sample level (epoch %d, item %d)",
+                         len(state["data"]), info.world_size, *_first_origin(moved[0]))
+            else:
+                changes = [changes[0] + " (the old ranks had read different numbers of batches, one having skipped "
+                                        "a batch of bad samples: no position on the new ranks is exact)"]
         if changes and not cfg.resume_allow_changes:
             raise ValueError(f"resume from '{resume_from}': the data would be read in another order than the run "
                              f"that wrote it ({'; '.join(changes)}), repeating or skipping samples. Restore those "

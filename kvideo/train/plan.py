@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -56,7 +57,8 @@ from einops import rearrange
 from omegaconf import DictConfig, read_write
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from kvideo.diffusion import training_loss
@@ -191,7 +193,7 @@ def _autoencoder_trainee(cfg: DictConfig) -> Trainee:
     stage = STAGES[cfg.stage](planning_config(cfg), torch.device("cpu"))
     model = video_decoder_model(stage.cfg) if cfg.stage == "video_decoder" else stage.build_model()
     if cfg.recipe.lpips_weights:
-        stage.lpips = LPIPS()
+        stage.lpips = _outside_fake_mode(LPIPS)
     parts = {"ae": model.ae, "disc": model.disc}
 
     def phases(b: int) -> List[Callable[[], torch.Tensor]]:
@@ -200,6 +202,22 @@ def _autoencoder_trainee(cfg: DictConfig) -> Trainee:
                 lambda: stage.loss(model, parts, batch, cfg.recipe.gan_start, "disc")[0]]
 
     return Trainee(model, [stage.lpips] if stage.lpips is not None else [], phases)
+
+
+def _outside_fake_mode(build: Callable[[], nn.Module]) -> nn.Module:
+    """A module whose constructor fails on fake tensors (LPIPS: its uninitialised weights come from
+    the meta device through `to_empty`), built real and given weights like its own in the current
+    mode (fake ones under `fake_tensors()`)."""
+    with _disable_current_modes():
+        module = build()
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                m._parameters[name] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = torch.empty_like(b)
+    return module
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,29 +244,63 @@ def fake_tensors():
         yield
 
 
-class _WeightCopies(TorchDispatchMode):
-    """Notes the storages of the low-precision copies autocast makes of the trainable parameters
-    (their views, e.g. a Linear's transposed weight, share the storage)."""
+class _Allocations(TorchDispatchMode):
+    """The tensors ops make inside it: the bytes still alive (`now`, each storage once, freed when
+    its last tensor dies) and their peaks, apart for allocations made with autograd recording
+    (`peaks[True]`: the trained forward) and not (`peaks[False]`: the frozen networks' forwards,
+    e.g. the MoVQ encoding the batch), each as [with, without] the low-precision copies autocast
+    makes of the trainable parameters (`copies`: their storages; a Linear's transposed weight is a
+    view of its copy). An op's output that shares an input's storage (a view, an in-place op) is
+    no allocation."""
 
     def __init__(self, params):
         super().__init__()
-        self.params, self.storages, self.total = {id(p) for p in params}, set(), 0
+        self.params, self.copies, self.sizes = {id(p) for p in params}, set(), {}
+        self.now, self.now_without_copies = 0, 0
+        self.peaks = {False: [0, 0], True: [0, 0]}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._to_copy.default and id(args[0]) in self.params:
-            self.storages.add(out.untyped_storage()._cdata)
-            self.total += out.untyped_storage().nbytes()
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage()._cdata
+                if key not in inputs and key not in self.sizes:
+                    weight_copy = func is torch.ops.aten._to_copy.default and id(args[0]) in self.params
+                    self._allocate(t.untyped_storage(), weight_copy)
         return out
+
+    def _allocate(self, storage, weight_copy: bool) -> None:
+        key, size = storage._cdata, storage.nbytes()
+        self.sizes[key] = size
+        if weight_copy:
+            self.copies.add(key)
+        self.now += size
+        self.now_without_copies += 0 if weight_copy else size
+        peak = self.peaks[torch.is_grad_enabled()]
+        peak[0], peak[1] = max(peak[0], self.now), max(peak[1], self.now_without_copies)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key) -> None:
+        size = self.sizes.pop(key)
+        self.now -= size
+        if key in self.copies:
+            self.copies.discard(key)
+        else:
+            self.now_without_copies -= size
+
+    def restart(self) -> tuple:
+        """Count the peaks from here; returns what is alive now (with, without copies)."""
+        self.peaks = {False: [self.now, self.now_without_copies], True: [self.now, self.now_without_copies]}
+        return self.now, self.now_without_copies
 
 
 class _SavedBytes:
     """Pack hook of `saved_tensors_hooks`: sums the storages autograd saves for the backward, each
-    once, `exclude` (the parameters' and buffers') left out; `copies` is the share of the weight
-    copies `_WeightCopies` noted."""
+    once, `exclude` (the parameters' and buffers') left out; `copies` is the weight copies' share."""
 
-    def __init__(self, exclude: set, weight_copies: _WeightCopies):
-        self.exclude, self.weight_copies = exclude, weight_copies
+    def __init__(self, exclude: set, allocations: _Allocations):
+        self.exclude, self.allocations = exclude, allocations
         self.seen, self.total, self.copies = set(), 0, 0
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -257,7 +309,7 @@ class _SavedBytes:
         if key not in self.seen and key not in self.exclude:
             self.seen.add(key)
             self.total += storage.nbytes()
-            if key in self.weight_copies.storages:
+            if key in self.allocations.copies:
                 self.copies += storage.nbytes()
         return t
 
@@ -291,13 +343,20 @@ class _Blocks:
 
 @dataclass
 class Trace:
-    """One step at one batch size: bytes saved for the backward (the largest phase's), of which
-    autocast weight copies, and all the weight copies autocast made in that phase's forward; the
-    largest recomputed block's saved bytes and copies; FLOPs."""
+    """One step at one batch size, of the phase whose forward peaks highest. The peaks of the bytes
+    its forward allocated and kept alive at once (the autocast cache, the saved tensors, the
+    working tensors), reached while autograd recorded (`forward`) and while it did not (`frozen`:
+    the MoVQ encoding the batch, the frozen text tower), each with and without autocast's weight
+    copies (`*_nc`); the bytes the forward saved for the backward and their weight copies; the
+    largest recomputed block's saved bytes and copies. FLOPs of every phase, and the forward FLOPs
+    of the recomputed blocks."""
 
+    forward: int
+    forward_nc: int
+    frozen: int
+    frozen_nc: int
     saved: int
     copies: int
-    all_copies: int
     block: int
     block_copies: int
     flops: int
@@ -311,18 +370,21 @@ def trace_step(trainee: Trainee, batch_size: int, precision: str, checkpointing:
     model.train()
     model.set_grad_checkpointing(checkpointing)
     exclude = {t.untyped_storage()._cdata for m in [model, *trainee.held] for t in [*m.parameters(), *m.buffers()]}
-    copies = _WeightCopies(p for p in model.parameters() if p.requires_grad)
-    saved = _SavedBytes(exclude, copies)
+    allocations = _Allocations(p for p in model.parameters() if p.requires_grad)
+    saved = _SavedBytes(exclude, allocations)
     amp = autocast_context(precision, torch.device("cpu"), logging.getLogger(__name__))
-    worst = (0, 0, 0)
-    with FlopCounterMode(display=False) as flops, copies:
+    worst = (0,) * 6
+    with FlopCounterMode(display=False) as flops, allocations:
         blocks = _Blocks(model, saved, flops)
         try:
             for phase in trainee.phases(batch_size):
-                saved.seen, saved.total, saved.copies, copies.total = set(), 0, 0, 0
+                saved.seen, saved.total, saved.copies = set(), 0, 0
+                alive, alive_nc = allocations.restart()
                 with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), amp:
                     loss = phase()
-                worst = max(worst, (saved.total, saved.copies, copies.total))
+                (forward, forward_nc), (frozen, frozen_nc) = allocations.peaks[True], allocations.peaks[False]
+                worst = max(worst, (forward - alive, forward_nc - alive_nc, frozen - alive, frozen_nc - alive_nc,
+                                    saved.total, saved.copies))
                 if backward:
                     loss.backward()
                 del loss
@@ -330,8 +392,7 @@ def trace_step(trainee: Trainee, batch_size: int, precision: str, checkpointing:
             blocks.close()
     model.zero_grad(set_to_none=True)
     block = max(blocks.runs, default=(0, 0, 0))
-    return Trace(*worst, block[0], block[1], flops.get_total_flops(),
-                 sum(run[2] for run in blocks.runs))
+    return Trace(*worst, block[0], block[1], flops.get_total_flops(), sum(run[2] for run in blocks.runs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,11 +417,12 @@ class Linear:
 
 @dataclass
 class Footprint:
-    """What a config's training step holds and computes, independent of the cluster. Counts of
-    elements (`*_numel`) and bytes; the activations and the FLOPs are linear in the per-GPU batch.
-    `activations[(checkpointing, copies)]`: with `copies`, autocast's low-precision copies of the
-    trainable weights are among them (the weights are fp32 when the forward uses them); without,
-    the weights come in the compute dtype (FSDP's `param_dtype: bf16`)."""
+    """What a config's training step holds and computes, independent of the cluster: counts of
+    elements (`*_numel`), bytes, and what is linear in the per-GPU batch. `activations[(checkpointing,
+    copies)]` are the lines of the moments a step may peak (`activation_peaks`), the activations
+    at a batch their maximum; with `copies`, autocast's low-precision copies of the trainable
+    weights are among them (the weights are fp32 when the forward uses them), without, the weights
+    come in the compute dtype (FSDP's `param_dtype: bf16`)."""
 
     trainable_numel: int
     frozen_bytes: int  # the model's frozen parameters and its buffers
@@ -368,22 +430,25 @@ class Footprint:
     buffer_numel: int  # persistent buffers (the EMA copies them)
     unit_numel: int  # the largest FSDP unit's trainable parameters
     root_numel: int  # the trainable parameters in no unit (the root units, gathered forward to backward)
-    activations: Dict[Tuple[bool, bool], Linear]
+    activations: Dict[Tuple[bool, bool], List[Linear]]
     flops: Linear  # forward + backward, without the recompute
     recompute_flops: Linear
     info: Dict[str, object] = field(default_factory=dict)
 
 
-def activation_peak(trace: Trace, blocks: Optional[Trace], copies: bool) -> float:
-    """Activation bytes at the step's peak from a trace (`blocks`: the trace without checkpointing
-    whose largest block is recomputed in the backward; None without checkpointing). At the end of
-    the forward: what it saved, and with `copies` the weight copies no op saved (autocast caches
-    every copy until the forward ends); in the backward: what the forward saved and one block's
-    recompute. Without `copies`, no weight copies anywhere."""
-    block = 0 if blocks is None else blocks.block - (0 if copies else blocks.block_copies)
+PEAK_MOMENTS = ("frozen forward", "forward", "backward")
+
+
+def activation_peaks(trace: Trace, blocks: Optional[Trace], copies: bool) -> List[float]:
+    """The activation bytes at the moments a step may peak (`PEAK_MOMENTS`): the frozen networks'
+    forwards, the trained forward, and the start of the backward with (under checkpointing,
+    `blocks` the trace without it) the largest block recomputed. Without `copies`, no autocast
+    weight copies (the weights come in the compute dtype)."""
     if copies:
-        return trace.saved + max(trace.all_copies - trace.copies, block)
-    return trace.saved - trace.copies + max(0, block)
+        block = 0 if blocks is None else blocks.block
+        return [trace.frozen, trace.forward, trace.saved + block]
+    block = 0 if blocks is None else blocks.block - blocks.block_copies
+    return [trace.frozen_nc, trace.forward_nc, trace.saved - trace.copies + block]
 
 
 def _unit_sizes(model: nn.Module) -> tuple:
@@ -399,32 +464,29 @@ def _unit_sizes(model: nn.Module) -> tuple:
 
 
 def footprint_of(trainee: Trainee, precision: str) -> Footprint:
-    """Trace `trainee` at batch 1 and 2, with and without checkpointing (the latter forward only)."""
+    """Trace `trainee` at batch 1 and 2, without and with checkpointing (the latter forward only);
+    each quantity is the line through its values at the two batches."""
     model = trainee.model
     off = [trace_step(trainee, b, precision, checkpointing=False) for b in (1, 2)]
     on = [trace_step(trainee, b, precision, checkpointing=True, backward=False) for b in (1, 2)]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    frozen = [t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad]
     persistent = set(model.state_dict(keep_vars=True))
-    buffers = [b for n, b in model.named_buffers() if n in persistent]
     unit, root = _unit_sizes(model)
 
-    def line(get) -> Linear:  # through the values at batch 1 and 2
-        return Linear.through(*(float(get(i)) for i in (0, 1)))
-
-    def peak(checkpointing: bool, copies: bool) -> Linear:
-        if checkpointing:
-            return line(lambda i: activation_peak(on[i], off[i], copies))
-        return line(lambda i: activation_peak(off[i], None, copies))
+    def peaks(checkpointing: bool, copies: bool) -> List[Linear]:
+        at = [activation_peaks(on[i], off[i], copies) if checkpointing else activation_peaks(off[i], None, copies)
+              for i in (0, 1)]
+        return [Linear.through(one, two) for one, two in zip(*at)]
 
     return Footprint(
         trainable_numel=sum(p.numel() for p in trainable),
-        frozen_bytes=sum(t.nbytes for t in frozen),
+        frozen_bytes=sum(t.nbytes for t in [*model.parameters(), *model.buffers()] if not t.requires_grad),
         held_bytes=sum(t.nbytes for m in trainee.held for t in [*m.parameters(), *m.buffers()]),
-        buffer_numel=sum(b.numel() for b in buffers),
+        buffer_numel=sum(b.numel() for n, b in model.named_buffers() if n in persistent),
         unit_numel=unit, root_numel=root,
-        activations={(ckpt, copies): peak(ckpt, copies) for ckpt in (False, True) for copies in (False, True)},
-        flops=line(lambda i: off[i].flops), recompute_flops=line(lambda i: off[i].recompute_flops),
+        activations={(ckpt, copies): peaks(ckpt, copies) for ckpt in (False, True) for copies in (False, True)},
+        flops=Linear.through(off[0].flops, off[1].flops),
+        recompute_flops=Linear.through(off[0].recompute_flops, off[1].recompute_flops),
         info={"trainable_params": sum(p.numel() for p in trainable),
               "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
               "held_params": sum(p.numel() for m in trainee.held for p in m.parameters())},
@@ -463,20 +525,23 @@ def shard_degree(strategy: str, cluster: Cluster, fsdp_cfg) -> int:
     return min(cluster.gpus, fsdp_cfg.shard_size or cluster.gpus_per_node)
 
 
-def per_gpu(fp: Footprint, strategy: str, checkpointing: bool, cluster: Cluster, fsdp_cfg, batch: int) -> Dict[str, float]:
-    """Bytes per GPU of each part of a step at per-GPU `batch`, and their total.
+def _copies(strategy: str, fsdp_cfg) -> bool:
+    """Whether autocast copies the weights: they are fp32 unless FSDP gathers them in bf16."""
+    return strategy == "ddp" or fsdp_cfg.param_dtype == "fp32"
+
+
+def state_bytes(fp: Footprint, strategy: str, cluster: Cluster, fsdp_cfg) -> Dict[str, float]:
+    """Bytes per GPU of what does not grow with the batch: params, grads, optimizer, ema.
 
     ddp: everything whole; gradients twice when there is more than one GPU (DDP's reducer holds
     its buckets beside `.grad`). fsdp / hsdp: weights, gradients, moments and EMA of the trainable
     parameters divided by the shard degree; frozen parameters whole (`train.fsdp.frozen:
     replicate`) or divided (`shard`); plus the gathered weights in flight in `param_dtype`, two
     of the largest unit (the one computing, the next prefetched) and the roots (held from forward
-    to backward), and the unsharded gradients of one unit and the roots. With `param_dtype: bf16`
-    the gathered weights are already bf16, so autocast makes no weight copies."""
+    to backward), and the unsharded gradients of one unit and the roots. The frozen networks the
+    stage holds beside the model are whole everywhere."""
     n = shard_degree(strategy, cluster, fsdp_cfg)
     trainable = fp.trainable_numel * 4
-    copies = strategy == "ddp" or fsdp_cfg.param_dtype == "fp32"
-    activations = fp.activations[(checkpointing, copies)].at(batch)
     if strategy == "ddp":
         params = trainable + fp.frozen_bytes + fp.held_bytes
         grads = trainable * (2 if cluster.gpus > 1 else 1)
@@ -485,19 +550,23 @@ def per_gpu(fp: Footprint, strategy: str, checkpointing: bool, cluster: Cluster,
         frozen = fp.frozen_bytes if fsdp_cfg.frozen == "replicate" else fp.frozen_bytes / n
         params = trainable / n + frozen + fp.held_bytes + gathered * (2 * fp.unit_numel + fp.root_numel)
         grads = trainable / n + gathered * (fp.unit_numel + fp.root_numel)
-    parts = {"params": params, "grads": grads, "optimizer": 2 * trainable / n,
-             "ema": (trainable + fp.buffer_numel * 4) / n, "activations": activations}
+    return {"params": params, "grads": grads, "optimizer": 2 * trainable / n, "ema": (trainable + fp.buffer_numel * 4) / n}
+
+
+def per_gpu(fp: Footprint, strategy: str, checkpointing: bool, cluster: Cluster, fsdp_cfg, batch: int) -> Dict[str, float]:
+    """Bytes per GPU of each part of a step at per-GPU `batch` (`state_bytes` and the activations
+    at the step's peak) and their total, every part counted at its own peak."""
+    parts = state_bytes(fp, strategy, cluster, fsdp_cfg)
+    parts["activations"] = max(line.at(batch) for line in fp.activations[(checkpointing, _copies(strategy, fsdp_cfg))])
     return {**parts, "total": sum(parts.values())}
 
 
 def max_batch(fp: Footprint, strategy: str, checkpointing: bool, cluster: Cluster, fsdp_cfg) -> int:
     """The largest per-GPU batch whose total fits in the GPU's memory (0: not even one sample)."""
-    budget = cluster.gpu_mem_gb * GIB
-    at0 = per_gpu(fp, strategy, checkpointing, cluster, fsdp_cfg, 0)["total"]
-    slope = per_gpu(fp, strategy, checkpointing, cluster, fsdp_cfg, 1)["total"] - at0
-    if at0 + slope > budget:
-        return 0
-    return int((budget - at0) // slope) if slope > 0 else 1 << 30
+    room = cluster.gpu_mem_gb * GIB - sum(state_bytes(fp, strategy, cluster, fsdp_cfg).values())
+    limits = [(room - line.fixed) // line.per_sample if line.per_sample > 0 else (1 << 30 if line.fixed <= room else 0)
+              for line in fp.activations[(checkpointing, _copies(strategy, fsdp_cfg))]]
+    return max(0, int(min(limits)))
 
 
 def plan_cluster(fp: Footprint, cfg: DictConfig, cluster: Cluster) -> dict:
@@ -513,6 +582,11 @@ def plan_cluster(fp: Footprint, cfg: DictConfig, cluster: Cluster) -> dict:
                          "fits": parts["total"] <= cluster.gpu_mem_gb * GIB,
                          "max_batch": max_batch(fp, strategy, ckpt, cluster, tc.fsdp),
                          "shard_degree": shard_degree(strategy, cluster, tc.fsdp)})
+    activations = {
+        f"{'checkpointing' if ckpt else 'plain'}{'' if copies else ', bf16 weights'}":
+            {moment: {"fixed_gb": line.fixed / GIB, "per_sample_gb": line.per_sample / GIB}
+             for moment, line in zip(PEAK_MOMENTS, lines)}
+        for (ckpt, copies), lines in fp.activations.items()}
     return {
         "strategies": rows,
         "step_flops": fp.flops.at(batch) * tc.grad_accum,
@@ -520,7 +594,5 @@ def plan_cluster(fp: Footprint, cfg: DictConfig, cluster: Cluster) -> dict:
         "recompute_flops": fp.recompute_flops.at(batch) * tc.grad_accum,
         "stage": cfg.stage, "model": cfg.model.name, "batch_size": batch, "grad_accum": tc.grad_accum,
         "precision": tc.precision, "gpus": cluster.gpus, "gpu_mem_gb": cluster.gpu_mem_gb,
-        "gpus_per_node": cluster.gpus_per_node, **fp.info,
-        "activation_bytes": {f"{'checkpointing' if ckpt else 'plain'}{'' if copies else ', bf16 weights'}":
-                             {"fixed": v.fixed, "per_sample": v.per_sample} for (ckpt, copies), v in fp.activations.items()},
+        "gpus_per_node": cluster.gpus_per_node, **fp.info, "activations": activations,
     }
