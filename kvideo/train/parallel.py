@@ -134,8 +134,13 @@ def compile_blocks(model: nn.Module) -> int:
     """`torch.compile` every block of `model` (`SHARD_UNITS`) in place (`nn.Module.compile`: the
     parameter names do not change); returns how many. After FSDP's wrapping, as FSDP2 wants."""
     blocks = shard_units(model)
+    # Static shapes: inductor failed on this UNet's dynamic-shape graphs (a symbolic size it could
+    # not order). Blocks of one class share their code, so each instance and shape is a
+    # recompilation of it: the limit is raised to the block count, past which dynamo would run
+    # the rest eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
     for block in blocks:
-        block.compile()
+        block.compile(dynamic=False)
     return len(blocks)
 
 
