@@ -136,13 +136,14 @@ def test_whole_weights_of_a_sharded_checkpoint_serve_sampling_and_export(tmp_pat
 
 def test_the_gan_stage_under_fsdp_trains_the_plain_model(tmp_path, shapes_shards):
     """movq: two phases (autoencoder, discriminator), the adaptive GAN weight's gradient through
-    the decoder's last layer, the codebook's buffers."""
+    the decoder's last layer, the codebook's buffers; a checkpoint saved before the discriminator
+    has stepped (its first steps would be damped if saving initialised its Adam state)."""
     from conftest import tiny_movq_overrides
     from test_engine import CONFIG as MOVQ_CONFIG
 
     def run(name, **extra):
         return train(load_config([MOVQ_CONFIG], tiny_movq_overrides(tmp_path / name, shapes_shards, **{
-            "train.max_steps": 3, "train.checkpoint_every": 3, "recipe.gan_start": 1, "train.eval_every": 0,
+            "train.max_steps": 4, "train.checkpoint_every": 1, "recipe.gan_start": 2, "train.eval_every": 0,
             "recipe.dead_code_every": 0, **extra})))
 
     plain, sharded = run("plain"), run("fsdp", **{"train.parallel": "fsdp"})

@@ -34,9 +34,12 @@ from kvideo.train.ema import EMA
 def sharded_state(model: nn.Module, ema: EMA, optimizers: Dict[str, torch.optim.Optimizer],
                   modules: Dict[str, nn.Module]) -> dict:
     """What a sharded checkpoint holds, as this rank's (DTensor) views: `modules[name]` is the
-    module optimizer `name` steps (its parameters' names key the optimizer state)."""
+    module optimizer `name` steps (its parameters' names key the optimizer state). An optimizer
+    that has not stepped yet (a GAN's discriminator before recipe.gan_start) is left out:
+    `get_optimizer_state_dict` would initialise it with a step of zero gradients, and its Adam
+    step count of 1 would change the bias correction of its real first steps."""
     return {"model": model.state_dict(), "ema": ema.state_dict(),
-            "optimizers": {n: get_optimizer_state_dict(modules[n], opt) for n, opt in optimizers.items()}}
+            "optimizers": {n: get_optimizer_state_dict(modules[n], opt) for n, opt in optimizers.items() if opt.state}}
 
 
 def save_sharded(run_dir: Path, step: int, tensors: dict, train_state: dict, config_plain: dict, *, keep: int,
@@ -81,9 +84,12 @@ def load_sharded(ckpt_dir: Path, model: nn.Module, ema: EMA, optimizers: Dict[st
         raise ValueError(f"resume: '{ckpt_dir}' is a whole checkpoint, this run shards its model "
                          f"(train.parallel=fsdp|hsdp). Resume it with train.parallel=ddp, or start the sharded "
                          f"run from its weights (recipe.init_from) without its optimizer state")
-    state = sharded_state(model, ema, optimizers, modules)
+    stored = dcp.FileSystemReader(str(ckpt_dir / SHARDED)).read_metadata().state_dict_metadata
+    saved = {name for name in optimizers if any(k.startswith(f"optimizers.{name}.") for k in stored)}
+    state = {"model": model.state_dict(), "ema": ema.state_dict(),  # the optimizers the checkpoint has
+             "optimizers": {n: get_optimizer_state_dict(modules[n], optimizers[n]) for n in saved}}
     dcp.load(state, checkpoint_id=str(ckpt_dir / SHARDED))
     model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"], ema_updates)
-    for name, opt in optimizers.items():
-        set_optimizer_state_dict(modules[name], opt, state["optimizers"][name])
+    for name in saved:
+        set_optimizer_state_dict(modules[name], optimizers[name], state["optimizers"][name])
