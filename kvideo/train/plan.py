@@ -1,46 +1,44 @@
-"""The memory and FLOP planner: what one training step of a config costs each GPU, before renting one.
+"""The memory and FLOP planner: what one training step of a config holds on each GPU and computes.
 
-    footprint = measure(cfg)                          # traces the step: no memory, no weights files
+    footprint = measure(cfg)          # one step traced on fake tensors: no memory, no weights files
     plan = plan_cluster(footprint, cfg, Cluster(gpus=64, gpu_mem_gb=80))
     plan["strategies"]   [{"strategy", "checkpointing", "per_gpu_gb": {...}, "fits", "max_batch"}, ...]
     plan["step_flops"]   forward + backward FLOPs of one step at train.batch_size
 
-`tools/plan.py` is the command line; docs/SCALING.md has the table of the full-size configs.
+`tools/plan.py` is the command line; docs/SCALING.md has the full-size configs' table.
 
-**What is traced.** The model the engine trains (`trainee`): the stage's network, built as the
-stage builds it but randomly initialised, with what the stage freezes frozen (the text tower, the
-video decoder's encoder, the 1.0 recipe's spatial layers, a LoRA base), and the frozen networks
-the stage holds beside it (a latent stage's MoVQ, an autoencoder stage's LPIPS). One step's
-forward runs the real network through the real conditioning (a latent stage: the frames encoded
-by the frozen MoVQ unless `data.latent_cache`, then `diffusion.training_loss` under the stage's
-condition, its text through the text encoder with a dropout mask; an autoencoder stage: the
-stage's own `loss` for the ae phase, with the GAN term on, then the disc phase), under
-`train.precision`'s autocast, and a backward of the scalar loss.
+What runs (`build_trainee`): the model the engine trains, built as its stage builds it but randomly
+initialised, with what the stage freezes frozen; the frozen networks the stage holds beside it (a
+latent stage's MoVQ, an autoencoder stage's LPIPS); one step of it. A latent stage encodes the
+frames with the MoVQ (unless `data.latent_cache`) and runs `diffusion.training_loss` through the
+stage's condition, the text through the text encoder with a dropout mask; an autoencoder stage
+runs its own `loss`, the ae phase with the GAN term on, then the disc phase. The forward runs under
+`train.precision`'s autocast, then the backward of the scalar loss.
 
-**How.** Everything runs under `FakeTensorMode` (torch._subclasses.fake_tensor): tensors carry
-shapes, dtypes and devices but no memory, so the 4.1B-parameter keyframe step traces on a laptop
-CPU in about a minute. Not the meta device: autocast acts only on tensors whose device has an
-autocast key, which a fake CPU tensor has and a meta tensor has not, so on meta the bf16 casts and
-bf16 activations of `train.precision: bf16` would not be traced. Both kinds fail at `bool(t)` and
-`t.item()` (the inputs' checks, e.g. the UNet's "every sample has a valid text token", the
-tokenizer's end tokens, a stage's logged `float(loss)`): `_Constants`, a dispatch mode above the
-fake one, answers them with 1 / True, so every check passes and the trace goes on.
+How: under `FakeTensorMode` (torch._subclasses.fake_tensor), whose tensors have shapes, dtypes and
+devices but no memory: the 4.1B-parameter keyframe step traces in about two minutes on a CPU. Not
+the meta device: autocast acts on tensors whose device has an autocast key, which a fake CPU tensor
+has and a meta tensor has not, so on meta the bf16 casts and activations would not be traced. Both
+fail at `bool(t)` and `t.item()` (input checks such as the UNet's "a valid text token in every
+sample", the tokenizer's end tokens, a stage's logged `float(loss)`): `_Constants` answers them as
+valid data would.
 
-- activations: the bytes autograd saves for the backward (`saved_tensors_hooks`), each storage
-  once, parameters and buffers left out, at batch 1 and 2: a fixed part and a per-sample slope.
-  With `train.grad_checkpointing` the saved tensors outside the recomputed blocks plus the
-  largest block's own (its recompute in the backward); a block is an outermost module of the
-  FSDP units (`kvideo.train.parallel.SHARD_UNITS`, the modules `run_block` recomputes), its
-  bytes taken from the trace without checkpointing.
-- FLOPs: `torch.utils.flop_counter.FlopCounterMode` over the whole step, frozen networks
-  included (the MoVQ encoding, the text tower); the recompute of checkpointed blocks is counted
-  apart (`recompute_flops`), not in `step_flops`.
+- activations, at batch 1 and 2 (a fixed part and a per-sample slope), at each moment a step may
+  peak: while autograd does not record (the frozen networks' forwards, e.g. the MoVQ encoding a
+  batch of 512x512 frames; a stage's own gradients, e.g. the GAN's adaptive weight), the trained
+  forward (what it allocated and keeps: the tensors saved for the backward and autocast's copy of
+  every fp32 weight, cached until the forward ends), and the start of the backward: the bytes
+  saved for it (`saved_tensors_hooks`, each storage once, parameters and buffers left out) and,
+  with checkpointing, the largest block's recompute (its saved bytes in the trace without
+  checkpointing; a block is an outermost FSDP unit, `kvideo.train.parallel.SHARD_UNITS`, the
+  modules `run_block` recomputes).
+- FLOPs: `torch.utils.flop_counter.FlopCounterMode` over the step, the frozen networks' forwards
+  included; checkpointing's recompute counted apart (`recompute_flops`).
 - weights, gradients, AdamW's two fp32 moments and the fp32 EMA of the trainable parameters
-  (kvideo/train/ema.py) are counted from the parameters and laid out per strategy (`per_gpu`).
+  (kvideo/train/ema.py), from the parameters, laid out per strategy (`state_bytes`).
 
-The total adds every part at once, an upper bound of the step's peak: gradients are counted
-whole while the activations are at their peak (the backward frees activations as gradients come).
-tests/test_plan.py checks the prediction against the peak measured on the CPU for tiny models.
+The total adds each part at its own peak, an upper bound: the gradients are whole while the
+activations peak. tests/test_plan.py checks it against the peak measured on the CPU.
 """
 
 from __future__ import annotations
@@ -48,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
@@ -56,6 +55,7 @@ import torch
 from einops import rearrange
 from omegaconf import DictConfig, read_write
 from torch import nn
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
@@ -121,10 +121,10 @@ def build_trainee(cfg: DictConfig, movq: Optional[MovqConfig] = None) -> Trainee
 def _latent_trainee(cfg: DictConfig, movq_cfg: MovqConfig) -> Trainee:
     from kvideo.train.stages.keyframe import freeze_untrained
 
-    model = build_stage_denoiser(cfg)
+    model = _network(lambda: build_stage_denoiser(cfg))
     if cfg.stage == "keyframe":
         freeze_untrained(model, cfg.recipe)
-    movq = MoVQ(movq_cfg).requires_grad_(False).eval()
+    movq = _network(lambda: MoVQ(movq_cfg)).requires_grad_(False).eval()
     schedule, spec = make_schedule(cfg.recipe.diffusion), loss_spec(cfg.recipe.diffusion)
 
     def step(b: int) -> torch.Tensor:
@@ -191,9 +191,9 @@ def _autoencoder_trainee(cfg: DictConfig) -> Trainee:
     from kvideo.train.stages.video_decoder import video_decoder_model
 
     stage = STAGES[cfg.stage](planning_config(cfg), torch.device("cpu"))
-    model = video_decoder_model(stage.cfg) if cfg.stage == "video_decoder" else stage.build_model()
+    model = _network(lambda: video_decoder_model(stage.cfg) if cfg.stage == "video_decoder" else stage.build_model())
     if cfg.recipe.lpips_weights:
-        stage.lpips = _outside_fake_mode(LPIPS)
+        stage.lpips = _network(LPIPS)
     parts = {"ae": model.ae, "disc": model.disc}
 
     def phases(b: int) -> List[Callable[[], torch.Tensor]]:
@@ -204,19 +204,23 @@ def _autoencoder_trainee(cfg: DictConfig) -> Trainee:
     return Trainee(model, [stage.lpips] if stage.lpips is not None else [], phases)
 
 
-def _outside_fake_mode(build: Callable[[], nn.Module]) -> nn.Module:
-    """A module whose constructor fails on fake tensors (LPIPS: its uninitialised weights come from
-    the meta device through `to_empty`), built real and given weights like its own in the current
-    mode (fake ones under `fake_tensors()`)."""
-    with _disable_current_modes():
+def _network(build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()`, or under `fake_tensors()` the network built on the meta device (out of the fake
+    mode: fake parameters refuse `Module.to`, which peft's LoRA and LPIPS call) and given fake
+    parameters and buffers of its shapes and dtypes."""
+    if detect_fake_mode() is None:
+        return build()
+    with _disable_current_modes(), torch.device("meta"):
         module = build()
+    made: Dict[int, torch.Tensor] = {}  # a tensor two modules share stays shared
     for m in module.modules():
-        for name, p in m._parameters.items():
-            if p is not None:
-                m._parameters[name] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
-        for name, b in m._buffers.items():
-            if b is not None:
-                m._buffers[name] = torch.empty_like(b)
+        for tensors in (m._parameters, m._buffers):
+            for name, t in [(n, t) for n, t in tensors.items() if t is not None]:
+                if id(t) not in made:
+                    made[id(t)] = torch.empty(t.shape, dtype=t.dtype)
+                    if isinstance(t, nn.Parameter):
+                        made[id(t)] = nn.Parameter(made[id(t)], requires_grad=t.requires_grad)
+                tensors[name] = made[id(t)]
     return module
 
 
@@ -226,15 +230,25 @@ def _outside_fake_mode(build: Callable[[], nn.Module]) -> nn.Module:
 
 
 class _Constants(TorchDispatchMode):
-    """Answers a fake tensor's value questions (`bool(t)`, `t.item()`, `float(t)`) with 1 / True:
-    the checks of the inputs pass and the logged values are ignored. Nothing the planner traces
-    takes a shape from a value."""
+    """Answers a fake tensor's value questions (`bool(t)`, `t.item()`, `float(t)`) as valid data
+    would: False for the result of an `any` (no element is bad: `if bool((count == 0).any()):
+    raise`), True for other booleans (`if not bool(mask.any(dim=1).all()): raise`), 1 for numbers
+    (logged values). No shape the planner traces comes from a value."""
+
+    def __init__(self):
+        super().__init__()
+        self.last_any = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
             t = args[0]
-            return True if t.dtype == torch.bool else 1.0 if t.is_floating_point() else 1
-        return func(*args, **(kwargs or {}))
+            if t.dtype == torch.bool:
+                return t is not self.last_any
+            return 1.0 if t.is_floating_point() else 1
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.any:
+            self.last_any = out
+        return out
 
 
 @contextlib.contextmanager
@@ -244,117 +258,98 @@ def fake_tensors():
         yield
 
 
-class _Allocations(TorchDispatchMode):
-    """The tensors ops make inside it: the bytes still alive (`now`, each storage once, freed when
-    its last tensor dies) and their peaks, apart for allocations made with autograd recording
-    (`peaks[True]`: the trained forward) and not (`peaks[False]`: the frozen networks' forwards,
-    e.g. the MoVQ encoding the batch), each as [with, without] the low-precision copies autocast
-    makes of the trainable parameters (`copies`: their storages; a Linear's transposed weight is a
-    view of its copy). An op's output that shares an input's storage (a view, an in-place op) is
-    no allocation."""
+class _StepMemory(TorchDispatchMode):
+    """The memory of one phase's forward. As a dispatch mode: the tensors ops make (an output that
+    shares an input's storage, a view or an in-place op, is none), each storage once until its
+    last tensor dies; their peaks while autograd records (`peaks[True]`, the trained forward) and
+    while it does not (`peaks[False]`: the frozen networks, `autograd.grad`), each [with, without]
+    the copies autocast makes of the trainable parameters (`copies`; a Linear's transposed weight
+    is a view of its copy). As `pack`, the hook of `saved_tensors_hooks`: the bytes saved for the
+    backward (`saved`) and their weight copies (`saved_copies`), each storage once, `exclude` left
+    out."""
 
-    def __init__(self, params):
+    def __init__(self, params, exclude: set):
         super().__init__()
-        self.params, self.copies, self.sizes = {id(p) for p in params}, set(), {}
-        self.now, self.now_without_copies = 0, 0
-        self.peaks = {False: [0, 0], True: [0, 0]}
+        self.params, self.exclude, self.copies, self.sizes = {id(p) for p in params}, exclude, set(), {}
+        self.now = [0, 0]  # alive: [all, without the weight copies]
+        self.restart()
+
+    def restart(self) -> List[int]:
+        """Count the phase from here; returns what is alive now."""
+        self.peaks = {False: list(self.now), True: list(self.now)}
+        self.seen, self.saved, self.saved_copies = set(), 0, 0
+        return list(self.now)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                key = t.untyped_storage()._cdata
+                storage = t.untyped_storage()
+                key = storage._cdata
                 if key not in inputs and key not in self.sizes:
                     weight_copy = func is torch.ops.aten._to_copy.default and id(args[0]) in self.params
-                    self._allocate(t.untyped_storage(), weight_copy)
+                    self._allocate(storage, key, weight_copy)
         return out
 
-    def _allocate(self, storage, weight_copy: bool) -> None:
-        key, size = storage._cdata, storage.nbytes()
-        self.sizes[key] = size
+    def _allocate(self, storage, key, weight_copy: bool) -> None:
+        self.sizes[key] = size = storage.nbytes()
         if weight_copy:
             self.copies.add(key)
-        self.now += size
-        self.now_without_copies += 0 if weight_copy else size
+        self.now = [self.now[0] + size, self.now[1] + (0 if weight_copy else size)]
         peak = self.peaks[torch.is_grad_enabled()]
-        peak[0], peak[1] = max(peak[0], self.now), max(peak[1], self.now_without_copies)
+        peak[:] = [max(a, b) for a, b in zip(peak, self.now)]
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key) -> None:
         size = self.sizes.pop(key)
-        self.now -= size
-        if key in self.copies:
-            self.copies.discard(key)
-        else:
-            self.now_without_copies -= size
-
-    def restart(self) -> tuple:
-        """Count the peaks from here; returns what is alive now (with, without copies)."""
-        self.peaks = {False: [self.now, self.now_without_copies], True: [self.now, self.now_without_copies]}
-        return self.now, self.now_without_copies
-
-
-class _SavedBytes:
-    """Pack hook of `saved_tensors_hooks`: sums the storages autograd saves for the backward, each
-    once, `exclude` (the parameters' and buffers') left out; `copies` is the weight copies' share."""
-
-    def __init__(self, exclude: set, allocations: _Allocations):
-        self.exclude, self.allocations = exclude, allocations
-        self.seen, self.total, self.copies = set(), 0, 0
+        self.now = [self.now[0] - size, self.now[1] - (0 if key in self.copies else size)]
+        self.copies.discard(key)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key = storage._cdata
+        key = t.untyped_storage()._cdata
         if key not in self.seen and key not in self.exclude:
             self.seen.add(key)
-            self.total += storage.nbytes()
-            if key in self.allocations.copies:
-                self.copies += storage.nbytes()
+            self.saved += t.untyped_storage().nbytes()
+            self.saved_copies += t.untyped_storage().nbytes() if key in self.copies else 0
         return t
 
 
 class _Blocks:
-    """Forward hooks on the recomputed blocks: the saved bytes (and their weight copies) and the
-    forward FLOPs of each outermost block run with autograd recording."""
+    """Forward hooks on the recomputed blocks: the saved bytes, their weight copies and the forward
+    FLOPs of each outermost block run with autograd recording."""
 
-    def __init__(self, model: nn.Module, saved: _SavedBytes, flops: FlopCounterMode):
-        self.saved, self.flops, self.depth, self.start = saved, flops, 0, None
+    def __init__(self, model: nn.Module, memory: _StepMemory, flops: FlopCounterMode):
+        self.memory, self.flops, self.depth, self.start = memory, flops, 0, None
         self.runs: List[tuple] = []  # (saved bytes, weight copies, forward flops) per block run
         self.handles = [h for m in model.modules() if isinstance(m, RECOMPUTED)
                         for h in (m.register_forward_pre_hook(self.enter), m.register_forward_hook(self.leave))]
 
+    def now(self) -> tuple:
+        return self.memory.saved, self.memory.saved_copies, self.flops.get_total_flops()
+
     def enter(self, module, args):
         if self.depth == 0 and torch.is_grad_enabled():
-            self.start = (self.saved.total, self.saved.copies, self.flops.get_total_flops())
+            self.start = self.now()
         self.depth += 1
 
     def leave(self, module, args, output):
         self.depth -= 1
         if self.depth == 0 and self.start is not None:
-            now = (self.saved.total, self.saved.copies, self.flops.get_total_flops())
-            self.runs.append(tuple(a - b for a, b in zip(now, self.start)))
+            self.runs.append(tuple(a - b for a, b in zip(self.now(), self.start)))
             self.start = None
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
 
 
 @dataclass
 class Trace:
-    """One step at one batch size, of the phase whose forward peaks highest. The peaks of the bytes
-    its forward allocated and kept alive at once (the autocast cache, the saved tensors, the
-    working tensors), reached while autograd recorded (`forward`) and while it did not (`frozen`:
-    the MoVQ encoding the batch, the frozen text tower), each with and without autocast's weight
-    copies (`*_nc`); the bytes the forward saved for the backward and their weight copies; the
-    largest recomputed block's saved bytes and copies. FLOPs of every phase, and the forward FLOPs
-    of the recomputed blocks."""
+    """One step at one batch size (the phase whose forward peaks highest): `_StepMemory`'s peaks
+    (`*_nc`: without the weight copies) and saved bytes, the largest recomputed block's saved bytes
+    and copies; the FLOPs of every phase, and the forward FLOPs of the recomputed blocks."""
 
     forward: int
     forward_nc: int
-    frozen: int
-    frozen_nc: int
+    no_grad: int
+    no_grad_nc: int
     saved: int
     copies: int
     block: int
@@ -370,26 +365,23 @@ def trace_step(trainee: Trainee, batch_size: int, precision: str, checkpointing:
     model.train()
     model.set_grad_checkpointing(checkpointing)
     exclude = {t.untyped_storage()._cdata for m in [model, *trainee.held] for t in [*m.parameters(), *m.buffers()]}
-    allocations = _Allocations(p for p in model.parameters() if p.requires_grad)
-    saved = _SavedBytes(exclude, allocations)
+    memory = _StepMemory([p for p in model.parameters() if p.requires_grad], exclude)
     amp = autocast_context(precision, torch.device("cpu"), logging.getLogger(__name__))
     worst = (0,) * 6
-    with FlopCounterMode(display=False) as flops, allocations:
-        blocks = _Blocks(model, saved, flops)
-        try:
-            for phase in trainee.phases(batch_size):
-                saved.seen, saved.total, saved.copies = set(), 0, 0
-                alive, alive_nc = allocations.restart()
-                with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), amp:
-                    loss = phase()
-                (forward, forward_nc), (frozen, frozen_nc) = allocations.peaks[True], allocations.peaks[False]
-                worst = max(worst, (forward - alive, forward_nc - alive_nc, frozen - alive, frozen_nc - alive_nc,
-                                    saved.total, saved.copies))
-                if backward:
-                    loss.backward()
-                del loss
-        finally:
-            blocks.close()
+    with FlopCounterMode(display=False) as flops, memory:
+        blocks = _Blocks(model, memory, flops)
+        for phase in trainee.phases(batch_size):
+            alive = memory.restart()
+            with torch.autograd.graph.saved_tensors_hooks(memory.pack, lambda t: t), amp:
+                loss = phase()
+            forward, no_grad = memory.peaks[True], memory.peaks[False]
+            worst = max(worst, (forward[0] - alive[0], forward[1] - alive[1], no_grad[0] - alive[0],
+                                no_grad[1] - alive[1], memory.saved, memory.saved_copies))
+            if backward:
+                loss.backward()
+            del loss
+    for handle in blocks.handles:
+        handle.remove()
     model.zero_grad(set_to_none=True)
     block = max(blocks.runs, default=(0, 0, 0))
     return Trace(*worst, block[0], block[1], flops.get_total_flops(), sum(run[2] for run in blocks.runs))
@@ -409,7 +401,8 @@ class Linear:
 
     @classmethod
     def through(cls, at1: float, at2: float) -> "Linear":
-        return cls(2 * at1 - at2, at2 - at1)
+        """The line through its values at batch 1 and 2."""
+        return cls(float(2 * at1 - at2), float(at2 - at1))
 
     def at(self, batch: int) -> float:
         return self.fixed + self.per_sample * batch
@@ -417,12 +410,10 @@ class Linear:
 
 @dataclass
 class Footprint:
-    """What a config's training step holds and computes, independent of the cluster: counts of
-    elements (`*_numel`), bytes, and what is linear in the per-GPU batch. `activations[(checkpointing,
-    copies)]` are the lines of the moments a step may peak (`activation_peaks`), the activations
-    at a batch their maximum; with `copies`, autocast's low-precision copies of the trainable
-    weights are among them (the weights are fp32 when the forward uses them), without, the weights
-    come in the compute dtype (FSDP's `param_dtype: bf16`)."""
+    """What a config's step holds and computes, whatever the cluster: element counts, bytes, and
+    lines in the per-GPU batch. `activations[(checkpointing, copies)]`: a line per moment a step may
+    peak (`activation_peaks`; the activations at a batch are their maximum), with or without
+    autocast's copies of the trainable weights (none when FSDP gathers them in bf16)."""
 
     trainable_numel: int
     frozen_bytes: int  # the model's frozen parameters and its buffers
@@ -436,19 +427,19 @@ class Footprint:
     info: Dict[str, object] = field(default_factory=dict)
 
 
-PEAK_MOMENTS = ("frozen forward", "forward", "backward")
+PEAK_MOMENTS = ("no_grad", "forward", "backward")
 
 
 def activation_peaks(trace: Trace, blocks: Optional[Trace], copies: bool) -> List[float]:
-    """The activation bytes at the moments a step may peak (`PEAK_MOMENTS`): the frozen networks'
-    forwards, the trained forward, and the start of the backward with (under checkpointing,
-    `blocks` the trace without it) the largest block recomputed. Without `copies`, no autocast
-    weight copies (the weights come in the compute dtype)."""
+    """The activation bytes at the moments a step may peak (`PEAK_MOMENTS`): while autograd does not
+    record (the frozen networks' forwards), the trained forward, and the start of the backward with
+    (under checkpointing, `blocks` the trace without it) the largest block recomputed. Without
+    `copies`, no autocast weight copies (the weights come in the compute dtype)."""
     if copies:
         block = 0 if blocks is None else blocks.block
-        return [trace.frozen, trace.forward, trace.saved + block]
+        return [trace.no_grad, trace.forward, trace.saved + block]
     block = 0 if blocks is None else blocks.block - blocks.block_copies
-    return [trace.frozen_nc, trace.forward_nc, trace.saved - trace.copies + block]
+    return [trace.no_grad_nc, trace.forward_nc, trace.saved - trace.copies + block]
 
 
 def _unit_sizes(model: nn.Module) -> tuple:
@@ -495,7 +486,8 @@ def footprint_of(trainee: Trainee, precision: str) -> Footprint:
 
 def measure(cfg: DictConfig, movq: Optional[MovqConfig] = None) -> Footprint:
     """The `Footprint` of `cfg`'s training step, traced on fake tensors (no memory, no files)."""
-    with fake_tensors():
+    with fake_tensors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what the stages warn about real data (long prompts, logged grads)
         trainee = build_trainee(cfg, movq)
         return footprint_of(trainee, cfg.train.precision)
 
@@ -550,10 +542,12 @@ def state_bytes(fp: Footprint, strategy: str, cluster: Cluster, fsdp_cfg) -> Dic
         frozen = fp.frozen_bytes if fsdp_cfg.frozen == "replicate" else fp.frozen_bytes / n
         params = trainable / n + frozen + fp.held_bytes + gathered * (2 * fp.unit_numel + fp.root_numel)
         grads = trainable / n + gathered * (fp.unit_numel + fp.root_numel)
-    return {"params": params, "grads": grads, "optimizer": 2 * trainable / n, "ema": (trainable + fp.buffer_numel * 4) / n}
+    ema = (trainable + fp.buffer_numel * 4) / n
+    return {"params": params, "grads": grads, "optimizer": 2 * trainable / n, "ema": ema}
 
 
-def per_gpu(fp: Footprint, strategy: str, checkpointing: bool, cluster: Cluster, fsdp_cfg, batch: int) -> Dict[str, float]:
+def per_gpu(fp: Footprint, strategy: str, checkpointing: bool, cluster: Cluster, fsdp_cfg,
+            batch: int) -> Dict[str, float]:
     """Bytes per GPU of each part of a step at per-GPU `batch` (`state_bytes` and the activations
     at the step's peak) and their total, every part counted at its own peak."""
     parts = state_bytes(fp, strategy, cluster, fsdp_cfg)
