@@ -273,6 +273,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     phases: List[Phase] = stage.phases(model)
     parallel = Parallel(tc.parallel, info, tc.fsdp)
     parts = parallel.wrap(model, phases)  # before the optimizers and the EMA take the (sharded) parameters
+    stepped = {ph.name: ph.module for ph in phases}  # the module each optimizer steps (sharded state's keys)
     if tc.compile:
         log.info("torch.compile: %d blocks", compile_blocks(model))
     optimizers, schedulers = {}, {}
@@ -291,7 +292,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     if resume_from is not None:
         state = ckpt.load_train_state(resume_from)
         if parallel.sharded:
-            load_sharded(resume_from, model, ema, optimizers, {ph.name: ph.module for ph in phases}, state["ema_updates"])
+            load_sharded(resume_from, model, ema, optimizers, stepped, state["ema_updates"])
         else:
             weights, _ = stored.load_weights(resume_from, "model")
             model.load_state_dict(weights)
@@ -363,7 +364,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             "data_fingerprint": fingerprint,
         }
         if parallel.sharded:
-            tensors = sharded_state(model, ema, optimizers, {ph.name: ph.module for ph in phases})
+            tensors = sharded_state(model, ema, optimizers, stepped)
             path = save_sharded(run_dir, step, tensors, state, config_plain, keep=tc.keep_checkpoints, info=info)
             log.info("saved sharded checkpoint %s", path)
             return path
