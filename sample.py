@@ -97,11 +97,20 @@ def fit_size(path: str, factor: int, size=None) -> tuple:
     return info["height"] // factor * factor, info["width"] // factor * factor
 
 
+def maybe_compile(args, network):
+    """--compile: torch.compile the network's blocks in place (kvideo.models.blocks); returns it."""
+    if args.compile:
+        from kvideo.models.blocks import compile_blocks
+
+        print(f"torch.compile: {compile_blocks(network)} blocks")
+    return network
+
+
 def sample_movq(args) -> int:
     from kvideo.inference.autoencoder import load_movq
     from kvideo.metrics.reconstruction import psnr
 
-    ae = load_movq(args.checkpoint, which=args.which)
+    ae = maybe_compile(args, load_movq(args.checkpoint, which=args.which))
     size = fit_size(args.input, ae.downsample_factor, args.size)
     x, fps = read_clip(args.input, size, args.max_frames)  # (f, c, h, w) in [-1, 1]
     with torch.no_grad():
@@ -121,6 +130,7 @@ def sample_t2i(args) -> int:
     from kvideo.inference.sampling import FirstFrameOptions, sample_first_frames
 
     t2i = load_bundle(args.checkpoint, "t2i", args.which)
+    maybe_compile(args, t2i.denoiser)
     height, width = args.size or list(t2i.cfg.data.size)
     options = FirstFrameOptions.from_recipe(t2i.cfg, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                                             guidance=args.guidance, height=height, width=width,
@@ -156,6 +166,7 @@ def sample_keyframe(args) -> int:
                                            sample_keyframes)
 
     kf = load_bundle(args.checkpoint, "keyframe", args.which)
+    maybe_compile(args, kf.denoiser)
     rc = kf.recipe
     height, width = args.size or list(kf.cfg.data.size)
     generator = torch.Generator().manual_seed(args.seed)
@@ -167,6 +178,7 @@ def sample_keyframe(args) -> int:
             raise ValueError("no first frame: give --image, or --t2i with a t2i checkpoint "
                              "(the keyframe run has no recipe.init_from)")
         t2i = load_bundle(t2i_path, "t2i", args.which)
+        maybe_compile(args, t2i.denoiser)
         s = args.first_frame_scale
         options = FirstFrameOptions.from_recipe(t2i.cfg, height=height * s, width=width * s,
                                                 negative_prompt=args.negative_prompt)
@@ -199,6 +211,7 @@ def sample_interpolation(args) -> int:
     from kvideo.inference.sampling import InterpolationOptions, interpolate
 
     ip = load_bundle(args.checkpoint, "interpolation", args.which)
+    maybe_compile(args, ip.denoiser)
     rc = ip.recipe
     skips = [p.skip_frames for p in rc.passes]
     if args.passes is not None and not 1 <= args.passes <= len(skips):
@@ -230,7 +243,7 @@ def sample_video_decoder(args) -> int:
     from kvideo.inference.checkpoints import load_stage_weights
     from kvideo.metrics.reconstruction import psnr, static_background_flicker
 
-    ae = load_video_movq(args.checkpoint, which=args.which)
+    ae = maybe_compile(args, load_video_movq(args.checkpoint, which=args.which))
     _, cfg = load_stage_weights(args.checkpoint, "video_decoder", args.which)
     size = fit_size(args.input, ae.downsample_factor, args.size)
     x, fps = read_clip(args.input, size, args.max_frames)
@@ -277,7 +290,7 @@ def sample_pipeline(args) -> int:
              "motion_guidance": args.motion_guidance, "anchor": args.anchor, "anchor_frame": args.anchor_frame,
              "rewrite": args.rewrite}
     arguments.update({k: v for k, v in flags.items() if v is not None})
-    pipe = Pipeline.from_config(args.pipeline, args.overrides)
+    pipe = Pipeline.from_config(args.pipeline, [*args.overrides, *(["compile=true"] if args.compile else [])])
     image = load_image(args.image) if args.image else None  # the pipeline fits it to the video size
     out = pipe(prompts, image=image, seed=args.seed, **arguments)
     for path in write_outputs(out, outs, gif=args.gif, sheet=args.sheet):
@@ -301,6 +314,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stage", choices=["movq", "t2i", "keyframe", "interpolation", "video_decoder"])
     ap.add_argument("--checkpoint", help="a run directory, checkpoint directory or .safetensors file")
     ap.add_argument("--which", default="ema", choices=["ema", "model"])
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every network's blocks (the pipeline's compile key); pays off over many "
+                         "prompts of one size (--prompts-file), each new shape compiles again")
     ap.add_argument("--out")
     ap.add_argument("overrides", nargs="*", help="--pipeline: config overrides key=value")
     pipe = ap.add_argument_group("pipeline")

@@ -3,13 +3,16 @@ every stage's training step.
 
     python benchmarks/bench_unet.py [--batch 2] [--frames 8] [--latent 32] [--steps 6]
         [--precision bf16|fp32] [--stages all|movq,t2i,...] [--stage-precision bf16|fp32]
-        [--variant NAME:KEY=VALUE[;KEY=VALUE] ...] [--json FILE]
+        [--variant NAME:KEY=VALUE[;KEY=VALUE] ...] [--forward-only] [--json FILE]
 
 `--stages` adds a table of each ShapesWorld stage's own training step as train.py runs it
 (benchmarks/stage_steps.py: the stage's config, its batch size and precision, synthetic batches),
 timed interleaved like the two UNets, with the fraction of the fp32 and the bf16 matmul peak.
 Each `--variant` times every stage again with config overrides (`movq/KEY=VALUE` changes the MoVQ
-and so the latents' shape), interleaved with the configured step, so their ratio is one run's.
+and so the latents' shape), interleaved with the configured step, so their ratio is one run's;
+`--variant 'compile:train.compile=true'` measures torch.compile (kvideo.models.blocks), compiled
+in the warm-up steps. `--forward-only` times the stages' forward without gradients instead (what
+a sampling step runs; the pipeline's `compile` key compiles the same blocks).
 
 Both networks are built in the same layout (three levels, channels w/2w/4w, cross-attention on
 the lower two) at a matched parameter count (diffusers' width is searched; the run stops unless
@@ -160,6 +163,9 @@ def main(argv=None) -> int:
                     help="time each stage again with these config overrides, interleaved with the others "
                          "(repeatable; 'movq/KEY=VALUE' changes the random MoVQ, i.e. the latent geometry), "
                          "e.g. 'loop:train.optimizer_impl=loop' or 'f8:movq/model.ch_mult=[1,2,2,2]'")
+    ap.add_argument("--forward-only", action="store_true",
+                    help="--stages: time each stage's forward without gradients (what a sampling step runs) "
+                         "instead of its training step, e.g. with --variant 'compile:train.compile=true'")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -253,16 +259,19 @@ def time_stages(args, peak32: float, peak16: float) -> list:
         for s in build_steps(names, [*base, *overrides], movq_overrides):
             s.variant = variant
             steps.append(s)
+    forward = args.forward_only
     for s in steps:
-        s.flops_per_step = s.flops()
+        s.flops_per_step = s.flops(forward)
+        s.compile()
         s.times = []
-        for _ in range(2):  # warm-up
-            s.step()
+        for _ in range(2):  # warm-up (and compilation)
+            s.step(forward)
     for _ in range(args.steps):
         for s in steps:
-            s.times.append(s.step())
+            s.times.append(s.step(forward))
     rows = []
-    print(f"\nEach stage's training step (configs/STAGE/shapes.yaml, its batch size; median of {args.steps}, interleaved)")
+    what = "forward without gradients (a sampling step's call)" if forward else "training step"
+    print(f"\nEach stage's {what} (configs/STAGE/shapes.yaml, its batch size; median of {args.steps}, interleaved)")
     print("| stage | variant | trainable params | batch | precision | step s | samples/s | against configured | "
           "GFLOP/step | GFLOP/s | of fp32 peak | of bf16 peak |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -271,7 +280,7 @@ def time_stages(args, peak32: float, peak16: float) -> list:
         sec = statistics.median(s.times)
         configured.setdefault(s.name, sec)
         gflops = s.flops_per_step / sec / 1e9
-        row = {"stage": s.name, "variant": s.variant, "params": s.params, "batch": s.batch_size,
+        row = {"stage": s.name, "variant": s.variant, "step": "forward" if forward else "train", "params": s.params, "batch": s.batch_size,
                "precision": s.cfg.train.precision, "step_s": sec, "samples_per_s": s.batch_size / sec,
                "speed_against_configured": configured[s.name] / sec, "gflop_per_step": s.flops_per_step / 1e9,
                "gflop_per_s": gflops, "fraction_of_fp32_matmul_peak": gflops / peak32,

@@ -48,6 +48,7 @@ from kvideo.inference.gaps import frames_after_passes
 from kvideo.inference.loading import Bundle, load_bundle
 from kvideo.inference.sampling import (FirstFrameOptions, InterpolationOptions, KeyframeOptions, first_frames_at,
                                        fit_frames, interpolate, resolve_motion_score, sample_keyframes)
+from kvideo.models.blocks import compile_blocks
 
 FPS_PRESETS: Dict[str, int] = {"low": 0, "medium": 1, "high": 2}  # interpolation passes (the release's fps=...)
 RENAMED_KEYS = {"fps": "fps_preset"}  # old pipeline key or call argument -> its name now
@@ -77,6 +78,9 @@ class PipelineConfig:
     fps_preset: str = "medium"  # default interpolation preset: low | medium | high = 0 | 1 | 2 passes
     decode_window: Optional[int] = 16  # video-decoder window (frames); none: the whole clip at once
     decode_overlap: int = 4
+    # torch.compile every block of every network in place (static shapes: each new size or batch
+    # compiles again); pays off over many calls of one shape
+    compile: bool = False
     # Per stage (t2i, keyframe, interpolation), keys of that checkpoint's recipe.sampling to replace,
     # e.g. {keyframe: {spacing: trailing}}: the defaults every __call__ argument falls back to.
     sampling: Dict[str, Dict[str, Any]] = field(default_factory=dict)
@@ -278,6 +282,10 @@ class Pipeline:
             if bundles.get(stage) is None:
                 raise ValueError(f"pipeline config: sampling.{stage} is given but the pipeline has no {stage} checkpoint")
             override_sampling(bundles[stage].cfg, overrides, stage, getattr(cfg, stage))
+        if cfg.compile:
+            networks = [n for b in bundles.values() if b is not None for n in (b.denoiser, b.movq)] + [self.decoder]
+            for net in {id(n): n for n in networks if n is not None}.values():  # t2i may be the keyframe's
+                compile_blocks(net)
 
     @classmethod
     def from_config(cls, path: Union[str, Path], overrides: Sequence[str] = ()) -> "Pipeline":

@@ -6,8 +6,8 @@ import copy
 import torch
 from torch import nn
 
+from kvideo.models.blocks import compile_blocks
 from kvideo.models.unet import ResNetBlock
-from kvideo.train.parallel import compile_blocks
 
 
 def test_compiled_blocks_keep_names_and_values():

@@ -152,6 +152,22 @@ def test_pipeline_config_overrides_a_stage_sampling(cascade):
         load_pipeline_config(cascade, ["sampling.video_decoder.steps=2"])
 
 
+def test_compile_compiles_each_network_once(cascade, monkeypatch):
+    """`compile: true` hands every network of the cascade to compile_blocks once (that compiled
+    blocks compute what eager ones do: tests/test_compile.py)."""
+    import kvideo.pipeline as pipeline
+
+    compiled = []
+    monkeypatch.setattr(pipeline, "compile_blocks", lambda net: compiled.append(net) or 0)
+    Pipeline.from_config(cascade)
+    assert compiled == []
+    pipe = Pipeline.from_config(cascade, ["compile=true"])
+    networks = [pipe.t2i.denoiser, pipe.t2i.movq, pipe.keyframe.denoiser, pipe.movq, pipe.interpolation.denoiser,
+                pipe.interpolation.movq, pipe.decoder]
+    assert {id(n) for n in compiled} == {id(n) for n in networks}
+    assert len(compiled) == len({id(n) for n in compiled})
+
+
 def test_the_shipped_pipeline_configs_load():
     for name in ("shapes", "kandinsky"):
         cfg = load_pipeline_config(ROOT / "configs" / "pipeline" / f"{name}.yaml")

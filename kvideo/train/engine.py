@@ -35,11 +35,12 @@ from kvideo.data.shards import SKIP_REASONS, ResumableBatchSampler, TrainData, e
 from kvideo.train.stages import STAGES
 from kvideo.train.stages.base import Phase, Stage, check_size
 from kvideo.inference import checkpoints as stored
+from kvideo.models.blocks import compile_blocks
 from kvideo.train import checkpoint as ckpt
 from kvideo.train import dist
 from kvideo.train.dist import autocast_context
 from kvideo.train.ema import EMA
-from kvideo.train.parallel import Parallel, clip_grad_norm, compile_blocks
+from kvideo.train.parallel import Parallel, clip_grad_norm
 from kvideo.train.sharded import load_sharded, save_sharded, sharded_state
 from kvideo.train.logging import MetricsWriter, setup_text_logging
 

@@ -32,22 +32,15 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kvideo.models import interpolation_unet, movq, temporal_layers, unet, video_movq
+from kvideo.models.blocks import BLOCKS, blocks
 from kvideo.models.discriminator import PatchDiscriminator
 from kvideo.train.dist import DistInfo
 from kvideo.train.ema import EMA
 from kvideo.train.stages.base import Phase
 
-# The blocks that become FSDP units: modules the networks call through their forward (a unit
-# whose parameters were used without its forward would never be gathered).
-SHARD_UNITS = (
-    unet.ResNetBlock, unet.AttentionBlock,
-    temporal_layers.TemporalResNetBlock, temporal_layers.TemporalAttentionBlock,
-    temporal_layers.FirstFrameAttentionBlock, temporal_layers.InsideTemporal,
-    interpolation_unet.GatedTemporalAttention,
-    movq.ResnetBlock, movq.AttnBlock, video_movq.TemporalAttnBlock,
-    PatchDiscriminator,
-)
+# The FSDP units: the networks' blocks and the GAN discriminator, a whole network called through
+# its forward.
+SHARD_UNITS = (*BLOCKS, PatchDiscriminator)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -81,7 +74,7 @@ class Parallel:
         for ph in phases:
             frozen = {p for p in ph.module.parameters() if not p.requires_grad} if c.frozen == "replicate" else set()
             options = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=c.reshard_after_forward)
-            for unit in shard_units(ph.module):
+            for unit in blocks(ph.module, SHARD_UNITS):
                 if any(p not in frozen for p in unit.parameters()):
                     fully_shard(unit, ignored_params=frozen & set(unit.parameters()) or None, **options)
             # the root keeps its weights gathered from its forward to its backward (it would gather
@@ -123,25 +116,6 @@ class Parallel:
         shadow = copy.deepcopy(self.skeleton)  # its non-persistent buffers are real, the rest meta
         shadow.load_state_dict({k: v.detach().clone() for k, v in full.items()}, assign=True)
         return shadow.to(self.info.device)
-
-
-def shard_units(module: nn.Module) -> List[nn.Module]:
-    """The blocks of `module` that become FSDP units, innermost first (fully_shard's order)."""
-    return [m for m in reversed(list(module.modules())) if isinstance(m, SHARD_UNITS) and m is not module]
-
-
-def compile_blocks(model: nn.Module) -> int:
-    """`torch.compile` every block of `model` (`SHARD_UNITS`) in place (`nn.Module.compile`: the
-    parameter names do not change); returns how many. After FSDP's wrapping, as FSDP2 wants."""
-    blocks = shard_units(model)
-    # Static shapes: inductor failed on this UNet's dynamic-shape graphs (a symbolic size it could
-    # not order). Blocks of one class share their code, so each instance and shape is a
-    # recompilation of it: the limit is raised to the block count, past which dynamo would run
-    # the rest eagerly.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
-    for block in blocks:
-        block.compile(dynamic=False)
-    return len(blocks)
 
 
 def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> torch.Tensor:

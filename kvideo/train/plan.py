@@ -30,7 +30,7 @@ valid data would.
   every fp32 weight, cached until the forward ends), and the start of the backward: the bytes
   saved for it (`saved_tensors_hooks`, each storage once, parameters and buffers left out) and,
   with checkpointing, the largest block's recompute (its saved bytes in the trace without
-  checkpointing; a block is an outermost FSDP unit, `kvideo.train.parallel.SHARD_UNITS`, the
+  checkpointing; a block is an outermost FSDP unit, `kvideo.models.blocks.BLOCKS`, the
   modules `run_block` recomputes).
 - FLOPs: `torch.utils.flop_counter.FlopCounterMode` over the step, the frozen networks' forwards
   included; checkpointing's recompute counted apart (`recompute_flops`).
@@ -69,16 +69,16 @@ from kvideo.inference.conditioning import (
 from kvideo.inference.denoiser import loss_spec, make_schedule
 from kvideo.inference.gaps import gap_blend, split_gaps
 from kvideo.inference.loading import DIFFUSION_STAGES, build_stage_denoiser
-from kvideo.models.discriminator import PatchDiscriminator
+from kvideo.models.blocks import BLOCKS, blocks
 from kvideo.models.movq import MoVQ, MovqConfig
 from kvideo.train.dist import autocast_context
-from kvideo.train.parallel import SHARD_UNITS, shard_units
+from kvideo.train.parallel import SHARD_UNITS
 
 GIB = 2 ** 30
 CAPTION = "a red fox runs across a snowy field"
-# The modules whose forward `run_block` recomputes under checkpointing: the FSDP units but the
-# discriminator (a unit, never checkpointed).
-RECOMPUTED = tuple(u for u in SHARD_UNITS if u is not PatchDiscriminator)
+# The modules whose forward `run_block` recomputes under checkpointing: the networks' blocks (the
+# FSDP units but the discriminator, never checkpointed).
+RECOMPUTED = BLOCKS
 _BYTES = {"fp32": 4, "bf16": 2}
 
 # ----------------------------------------------------------------------------------------------
@@ -446,7 +446,7 @@ def _unit_sizes(model: nn.Module) -> tuple:
     """(largest unit's, the roots') trainable elements under FSDP: each unit owns the trainable
     parameters none of the units inside it owns."""
     owned, largest = set(), 0
-    for unit in shard_units(model):  # innermost first
+    for unit in blocks(model, SHARD_UNITS):  # innermost first
         mine = [p for p in unit.parameters() if p.requires_grad and id(p) not in owned]
         owned.update(id(p) for p in mine)
         largest = max(largest, sum(p.numel() for p in mine))
