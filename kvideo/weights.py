@@ -3,8 +3,11 @@
 The networks in kvideo/models/ read no files; this module is where their pretrained weights
 come in. Nothing is ever downloaded: every path is a local file.
 
-    build_text_encoder(cfg)       TextEncoder, its tower loaded from `cfg.weights` when set
+    build_text_encoder(cfg)       the text encoder of `cfg.kind`: an open_clip TextEncoder, its tower
+                                  loaded from `cfg.weights` when set, or a T5TextEncoder read from
+                                  the local directory `cfg.weights`
     load_text_tower(encoder, p)   an open_clip checkpoint -> encoder.tower
+    load_text_projection(e, sd)   a projection state dict (the release's Linear + LayerNorm) -> e.proj, e.norm
     load_lpips(path)              LPIPS from one local file
     convert_lpips_weights(...)    that file, from torchvision's VGG16 and the official lin heads
 
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING, Dict, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from kvideo.models.text_encoder import TextEncoder, TextEncoderConfig
+from kvideo.models.text_encoder import ProjectedText, TextEncoder, TextEncoderConfig
 
 if TYPE_CHECKING:
     from kvideo.models.lpips import LPIPS
@@ -36,15 +39,59 @@ PathLike = Union[str, Path]
 # ----------------------------------------------------------------------------------------------
 
 
-def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
+def build_text_encoder(cfg: TextEncoderConfig) -> ProjectedText:
     """The text encoder of `cfg`, its tower loaded from `cfg.weights` when that is set.
 
     The network is initialised first (same random numbers whether or not weights follow), then
     the tower's weights are replaced."""
+    if cfg.kind == "t5":
+        return build_t5_text_encoder(cfg)
+    if cfg.kind != "open_clip":
+        raise ValueError(f"recipe.text_encoder.kind must be open_clip or t5, got {cfg.kind!r}")
     encoder = TextEncoder(cfg)
     if cfg.weights is not None:
         load_text_tower(encoder, cfg.weights)
     return encoder
+
+
+def build_t5_text_encoder(cfg: TextEncoderConfig, load_weights: bool = True) -> ProjectedText:
+    """A T5TextEncoder from the local directory `cfg.weights` in transformers' layout (config.json,
+    the tokenizer's files, the weights: a whole T5 or its encoder; a decoder is ignored). The
+    tower is loaded as it is built (a 4.7B-parameter Flan-UL2 encoder is not initialised twice);
+    without `load_weights` it is randomly initialised and the weights are not read."""
+    from kvideo.models.t5_text import T5TextEncoder
+
+    if cfg.weights is None:
+        raise ValueError("recipe.text_encoder.kind t5 needs recipe.text_encoder.weights: a local directory holding a "
+                         "transformers T5 checkpoint (config.json, the tokenizer's files, the weights)")
+    path = Path(cfg.weights)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"recipe.text_encoder.weights {str(path)!r}: no config.json there (a T5 text encoder "
+                                "is a local transformers directory)")
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not load_weights:
+        return T5TextEncoder(cfg, T5Config.from_pretrained(path, local_files_only=True), tokenizer)
+    tower = T5EncoderModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    return T5TextEncoder(cfg, tower.config, tokenizer, tower=tower)
+
+
+def load_text_projection(encoder: ProjectedText, state: Dict[str, torch.Tensor]) -> None:
+    """Fill `encoder.proj` and `encoder.norm` from a projection state dict: the release's
+    `nn.Sequential(Linear, LayerNorm)` (`0.weight`, `1.weight`, `1.bias`; t5_projections.pt's
+    `projection_base`) or kvideo's names (`proj.*`, `norm.*`). A Linear without bias needs
+    `projection_bias: false`."""
+    renamed = {k.replace("0.", "proj.", 1) if k.startswith("0.") else k.replace("1.", "norm.", 1) if k.startswith("1.")
+               else k: v for k, v in state.items()}
+    own = {k: v for k, v in encoder.state_dict().items() if k.startswith(("proj.", "norm."))}
+    if set(renamed) != set(own):
+        raise KeyError(f"text projection: the state dict has {sorted(state)}, the encoder needs {sorted(own)} "
+                       "(a Linear without bias needs recipe.text_encoder.projection_bias: false)")
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in renamed.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"text projection shapes do not fit the encoder: {wrong}")
+    encoder.load_state_dict(renamed, strict=False)
 
 
 def load_text_tower(encoder: TextEncoder, path: PathLike) -> None:

@@ -8,7 +8,9 @@
                                                                         tokens (b, n, out_dim), mask (b, n)
 
 Kandinsky 3 uses the Flan-UL2 encoder (4096-d, 128 tokens) followed by a trained
-Linear + LayerNorm; this project uses an open_clip text tower in its place. The UNet attends to
+Linear + LayerNorm: `kind: t5` (kvideo.models.t5_text) is that tower; the default, `kind:
+open_clip`, an open_clip text tower in its place. Both share `ProjectedText`: the projection, the
+padding zeroed, the null context, the frozen tower's modes. The UNet attends to
 every token, so the encoder returns the per-token hidden states after the tower's final
 LayerNorm (not the pooled, projected CLIP embedding; the tower's own `text_projection` is kept
 only so that open_clip checkpoints load as they are, and is never used). The mask is True from
@@ -63,6 +65,10 @@ class TextEncoderConfig:
     frozen: bool = True  # tower: no grads, always eval, run under no_grad
     out_dim: int = 64  # the UNet's context size
     truncate: bool = True  # too-long prompts: warn and truncate (True) or ValueError (False)
+    # "open_clip": the tower `arch` names; "t5": a transformers T5 encoder whose config, tokenizer
+    # and weights `weights` (a local directory) holds (kvideo.models.t5_text; the `llm` extra)
+    kind: str = "open_clip"
+    projection_bias: bool = True  # the projection Linear's bias (the release's T5 projection has none)
 
 
 def _tower_cfg(cfg: TextEncoderConfig) -> Tuple[CLIPTextCfg, bool]:
@@ -87,11 +93,102 @@ def _tower_cfg(cfg: TextEncoderConfig) -> Tuple[CLIPTextCfg, bool]:
 # ----------------------------------------------------------------------------------------------
 
 
-class TextEncoder(nn.Module):
-    """prompts -> (tokens (b, n, out_dim), mask (b, n) bool), n = context_length."""
+class ProjectedText(nn.Module):
+    """What every text encoder shares: a tower's per-token hidden states (`encode_hidden`, from
+    the ids of `tokenize`) through the trained projection (Linear + LayerNorm, padding zeroed),
+    and the learned null context. A subclass builds `self.tower`, `self.context_length` and
+    then `init_projection(width)`."""
+
+    cfg: TextEncoderConfig
+    tower: nn.Module
+    context_length: int
+
+    def init_projection(self, width: int) -> None:
+        self.width = width
+        self.proj = nn.Linear(width, self.cfg.out_dim, bias=self.cfg.projection_bias)
+        self.norm = nn.LayerNorm(self.cfg.out_dim)
+        # Unit scale, like the LayerNorm'd tokens it stands in for.
+        self.null_embedding = nn.Parameter(torch.randn(1, self.cfg.out_dim))
+        if self.cfg.frozen:
+            self.tower.requires_grad_(False)
+            self.tower.eval()
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_hidden(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- modes ---------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "ProjectedText":
+        super().train(mode)
+        if self.cfg.frozen:
+            self.tower.eval()  # a frozen tower never enters train mode (no dropout, fixed outputs)
+        return self
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """A list of strings, none empty."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, got a single string")
+        empty = [i for i, p in enumerate(prompts) if not p.strip()]
+        if empty:
+            raise ValueError(f"empty prompt(s) at batch index {empty[:8]}: an empty prompt is not the unconditional "
+                             "context; use TextEncoder.null_context(batch_size) for the guidance / dropout branch")
+
+    def too_long(self, lengths: Sequence[int], prompts: Sequence[str]) -> None:
+        """Token counts (with the special tokens) over the context length: warn, or raise when
+        `truncate` is off."""
+        n = self.context_length
+        over = [i for i, length in enumerate(lengths) if length > n]
+        if not over:
+            return
+        if not self.cfg.truncate:
+            i = over[0]
+            raise ValueError(f"prompt {i} has {lengths[i]} tokens (with the special tokens), more than the context "
+                             f"length {n}; shorten it or set truncate=True: {prompts[i][:80]!r}")
+        warnings.warn(f"{len(over)} of {len(prompts)} prompts exceed the context length {n} "
+                      f"(up to {max(lengths)} tokens) and were truncated", stacklevel=4)
+
+    # -- encoding --------------------------------------------------------------------------------
+
+    def project(self, hidden: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (b, n, width), mask) -> (tokens (b, n, out_dim), mask); padding tokens are zero."""
+        hidden = hidden.to(self.proj.weight)
+        mask = mask.to(hidden.device)
+        tokens = self.norm(self.proj(hidden)) * mask[..., None]  # (b, n, out_dim)
+        return tokens, mask
+
+    def encode_tokens(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Precomputed ids (b, n) -> (tokens (b, n, out_dim), mask (b, n))."""
+        return self.project(*self.encode_hidden(ids))
+
+    def forward(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> (tokens (b, context_length, out_dim), mask (b, context_length) bool)."""
+        return self.encode_tokens(self.tokenize(prompts))
+
+    def null_context(self, batch_size: int, num_tokens: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional context: null_embedding at token 0, zeros after; mask True at token 0 only.
+        num_tokens defaults to context_length, so it concatenates with `forward`'s output."""
+        n = num_tokens or self.context_length
+        tokens = torch.zeros(batch_size, n, self.cfg.out_dim, device=self.null_embedding.device, dtype=self.null_embedding.dtype)
+        tokens[:, 0] = self.null_embedding[0]  # (b, n, out_dim); differentiable w.r.t. null_embedding
+        mask = torch.zeros(batch_size, n, dtype=torch.bool, device=tokens.device)
+        mask[:, 0] = True
+        return tokens, mask
+
+
+class TextEncoder(ProjectedText):
+    """An open_clip text tower: prompts -> (tokens (b, n, out_dim), mask (b, n) bool),
+    n = context_length."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
+        if cfg.kind != "open_clip":
+            raise ValueError(f"TextEncoder is the open_clip tower; text encoder kind {cfg.kind!r} is built by "
+                             "kvideo.weights.build_text_encoder")
         self.cfg = cfg
         text_cfg, quick_gelu = _tower_cfg(cfg)
         self.context_length = cfg.context_length or text_cfg.context_length
@@ -103,54 +200,23 @@ class TextEncoder(nn.Module):
         # embed_dim only sizes the tower's pooled projection, which is kept for checkpoint
         # compatibility and never used.
         self.tower = _build_text_tower(text_cfg.width, text_cfg, quick_gelu=quick_gelu)
-        self.width = text_cfg.width
         self.tokenizer = SimpleTokenizer(context_length=self.context_length)
         if self.tokenizer.vocab_size > text_cfg.vocab_size:
             raise ValueError(f"tokenizer vocabulary ({self.tokenizer.vocab_size}) exceeds the tower's ({text_cfg.vocab_size})")
-
-        self.proj = nn.Linear(self.width, cfg.out_dim)
-        self.norm = nn.LayerNorm(cfg.out_dim)
-        # Unit scale, like the LayerNorm'd tokens it stands in for.
-        self.null_embedding = nn.Parameter(torch.randn(1, cfg.out_dim))
-
-        if cfg.frozen:
-            self.tower.requires_grad_(False)
-            self.tower.eval()
-
-    # -- modes ---------------------------------------------------------------------------------
-
-    def train(self, mode: bool = True) -> "TextEncoder":
-        super().train(mode)
-        if self.cfg.frozen:
-            self.tower.eval()  # a frozen tower never enters train mode (no dropout, fixed outputs)
-        return self
+        self.init_projection(text_cfg.width)
 
     # -- tokenisation ----------------------------------------------------------------------------
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """prompts -> ids (b, context_length) long: [sot, bpe..., eot] then zeros."""
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, got a single string")
-        empty = [i for i, p in enumerate(prompts) if not p.strip()]
-        if empty:
-            raise ValueError(f"empty prompt(s) at batch index {empty[:8]}: an empty prompt is not the unconditional "
-                             "context; use TextEncoder.null_context(batch_size) for the guidance / dropout branch")
+        self.check_prompts(prompts)
         sot, eot, n = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id, self.context_length
+        bodies = [self.tokenizer.encode(prompt) for prompt in prompts]
+        self.too_long([len(body) + 2 for body in bodies], prompts)
         ids = torch.zeros(len(prompts), n, dtype=torch.long)
-        too_long = []
-        for i, prompt in enumerate(prompts):
-            body = self.tokenizer.encode(prompt)
-            if len(body) + 2 > n:
-                if not self.cfg.truncate:
-                    raise ValueError(f"prompt {i} has {len(body) + 2} tokens (with sot/eot), more than the context "
-                                     f"length {n}; shorten it or set truncate=True: {prompt[:80]!r}")
-                too_long.append(len(body) + 2)
-                body = body[: n - 2]  # keep room for the eot token
-            row = [sot, *body, eot]
+        for i, body in enumerate(bodies):
+            row = [sot, *body[: n - 2], eot]  # keep room for the eot token
             ids[i, : len(row)] = torch.tensor(row)
-        if too_long:
-            warnings.warn(f"{len(too_long)} of {len(prompts)} prompts exceed the context length {n} "
-                          f"(up to {max(too_long)} tokens) and were truncated", stacklevel=3)
         return ids
 
     def token_mask(self, ids: torch.Tensor) -> torch.Tensor:
@@ -180,31 +246,6 @@ class TextEncoder(nn.Module):
             x = t.transformer(x, attn_mask=attn_mask)  # (b, n, width), batch first
             x = t.ln_final(x)
         return x, mask
-
-    def project(self, hidden: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(hidden (b, n, width), mask) -> (tokens (b, n, out_dim), mask); padding tokens are zero."""
-        hidden = hidden.to(self.proj.weight)
-        mask = mask.to(hidden.device)
-        tokens = self.norm(self.proj(hidden)) * mask[..., None]  # (b, n, out_dim)
-        return tokens, mask
-
-    def encode_tokens(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Precomputed ids (b, n) -> (tokens (b, n, out_dim), mask (b, n))."""
-        return self.project(*self.encode_hidden(ids))
-
-    def forward(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """prompts -> (tokens (b, context_length, out_dim), mask (b, context_length) bool)."""
-        return self.encode_tokens(self.tokenize(prompts))
-
-    def null_context(self, batch_size: int, num_tokens: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The unconditional context: null_embedding at token 0, zeros after; mask True at token 0 only.
-        num_tokens defaults to context_length, so it concatenates with `forward`'s output."""
-        n = num_tokens or self.context_length
-        tokens = torch.zeros(batch_size, n, self.cfg.out_dim, device=self.null_embedding.device, dtype=self.null_embedding.dtype)
-        tokens[:, 0] = self.null_embedding[0]  # (b, n, out_dim); differentiable w.r.t. null_embedding
-        mask = torch.zeros(batch_size, n, dtype=torch.bool, device=tokens.device)
-        mask[:, 0] = True
-        return tokens, mask
 
 
 # ----------------------------------------------------------------------------------------------
