@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvideo-installed
 
-.PHONY: test demo install clean-demo
+.PHONY: test test-all demo install clean-demo
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,12 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# `make test`: the suite without the tests marked slow (pytest.ini), under 15 minutes;
+# `make test-all`: every test, as CI runs it.
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

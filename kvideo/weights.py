@@ -73,8 +73,8 @@ def build_t5_text_encoder(cfg: TextEncoderConfig, load_weights: bool = True) -> 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not load_weights:
         return T5TextEncoder(cfg, T5Config.from_pretrained(path, local_files_only=True), tokenizer)
-    tower = T5EncoderModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    return T5TextEncoder(cfg, tower.config, tokenizer, tower=tower)
+    loaded = T5EncoderModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    return T5TextEncoder(cfg, loaded.config, tokenizer, tower=loaded.encoder)
 
 
 def load_text_projection(encoder: ProjectedText, state: Dict[str, torch.Tensor]) -> None:

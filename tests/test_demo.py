@@ -43,6 +43,7 @@ def tiny_budget(tmp_path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_demo_trains_every_stage_and_scores_videos(tmp_path, capsys):
     from tools import demo
 
@@ -84,6 +85,7 @@ def test_arms_train_what_they_change_and_what_depends_on_it(tmp_path):
     assert demo.arm_runs(budget, "kf", out)["t2i"] == out / "runs" / "t2i"
 
 
+@pytest.mark.slow
 def test_an_experiment_runs_its_arms_on_shared_stages_and_evaluates_them(tmp_path, capsys):
     from tools import demo
 
@@ -171,6 +173,7 @@ def test_the_shipped_budgets_name_real_configs():
                 PipelineConfig(**{**budget.get("pipeline", {}), **changes["pipeline"], "keyframe": "x"})
 
 
+@pytest.mark.slow
 def test_a_factorized_experiment_trains_lora_on_the_base_run_and_samples_it_twice(tmp_path, capsys):
     """configs/experiments/fvg.yaml's machinery on a tiny budget: a text-to-video base without
     first frames, a LoRA arm over the base's own keyframe run ({out}), and a sampling variant of

@@ -66,6 +66,7 @@ def test_fsdp_on_one_rank_trains_the_plain_model(tmp_path, shapes_shards, movq_r
     assert any("temporal" in k for k in weights)
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_ranks_matches_ddp(runs):
     fsdp = runs["fsdp"]
     assert len(list((runs["root"] / "fsdp" / "previews").iterdir())) >= 2
@@ -74,6 +75,7 @@ def test_fsdp_on_two_ranks_matches_ddp(runs):
         _close(runs["ddp"], fsdp, which)
 
 
+@pytest.mark.slow
 def test_a_sharded_run_resumes_exactly(runs, shapes_shards, movq_run, t2i_run):
     """Stopped at step 2 and resumed from its sharded checkpoint: bit for bit the straight run."""
     resume = runs["root"] / "resumed"
@@ -84,6 +86,7 @@ def test_a_sharded_run_resumes_exactly(runs, shapes_shards, movq_run, t2i_run):
     assert state["step"] == 4 and [d["batches_done"] for d in state["data"]] == [4, 4]
 
 
+@pytest.mark.slow
 def test_a_two_rank_sharded_checkpoint_resumes_on_one_rank(runs, tmp_path, shapes_shards, movq_run, t2i_run):
     """Resharding 2 -> 1: the weights, the EMA and the optimizer moments read back whole, and the
     data position recomputed at the sample level."""
@@ -152,6 +155,7 @@ def test_the_gan_stage_under_fsdp_trains_the_plain_model(tmp_path, shapes_shards
     assert any(k.startswith("disc.") for k in weights)
 
 
+@pytest.mark.slow
 def test_hsdp_replicates_across_groups(runs, shapes_shards, movq_run, t2i_run):
     """hsdp with groups of one rank: a 2 x 1 mesh (replicated twice, sharded once), DDP's weights."""
     hsdp = _torchrun(runs["root"] / "hsdp", shapes_shards, movq_run, t2i_run, **{

@@ -127,4 +127,5 @@ def test_a_t2i_stage_trains_on_the_t5_tower(tmp_path, t5_dir, shapes_shards, mov
         "train.preview_every": 2})
     train(load_config([T2I_CONFIG], overrides))
     weights, _ = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "run"), "model")
-    assert any(k.endswith("tower.shared.weight") for k in weights) and not any(k.endswith("proj.bias") for k in weights)
+    assert "text.tower.embed_tokens.weight" in weights
+    assert "text.proj.weight" in weights and "text.proj.bias" not in weights

@@ -3,7 +3,7 @@ encoder, the encoder of Flan-UL2 (d_model 4096), with the release's 128-token li
 
     prompts: list[str]
       -> the checkpoint's tokenizer: [pieces..., </s>, <pad>, ...]        ids (b, n), n = context_length (128)
-      -> T5 encoder stack (bidirectional, padding masked out)           hidden (b, n, d_model) per token
+      -> T5 encoder stack (bidirectional, padding masked out; the release's `.encoder`)           hidden (b, n, d_model) per token
       -> projection Linear(d_model, out_dim) + LayerNorm(out_dim), padding zeroed
                                                                         tokens (b, n, out_dim), mask (b, n)
 
@@ -33,7 +33,8 @@ class T5TextEncoder(ProjectedText):
     """prompts -> (tokens (b, n, out_dim), mask (b, n) bool), n = context_length (default 128)."""
 
     def __init__(self, cfg: TextEncoderConfig, t5_config: Any, tokenizer: Any, tower: Optional[nn.Module] = None):
-        """`tower`: a loaded `T5EncoderModel` of `t5_config` to use instead of a random one."""
+        """`tower`: a loaded T5 encoder stack (`T5EncoderModel.encoder`) of `t5_config` to use
+        instead of a random one."""
         super().__init__()
         try:
             from transformers import T5EncoderModel
@@ -47,7 +48,10 @@ class T5TextEncoder(ProjectedText):
             raise ValueError(f"context_length {self.context_length} leaves no room for a token before </s>")
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the T5 tokenizer must have a pad and an eos (</s>) token")
-        self.tower = tower if tower is not None else T5EncoderModel(t5_config)
+        # the encoder stack alone, as the release keeps it (`T5EncoderModel(...).encoder`): the
+        # model's `shared` embedding is the stack's `embed_tokens`, one tensor under two names,
+        # which a safetensors checkpoint cannot hold
+        self.tower = tower if tower is not None else T5EncoderModel(t5_config).encoder
         self.tokenizer = tokenizer
         self.init_projection(t5_config.d_model)
 
@@ -65,7 +69,7 @@ class T5TextEncoder(ProjectedText):
 
     def encode_hidden(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """ids (b, n) -> (hidden (b, n, d_model): the encoder's last hidden state, mask (b, n))."""
-        ids = ids.to(self.tower.shared.weight.device)
+        ids = ids.to(self.tower.embed_tokens.weight.device)
         mask = self.token_mask(ids)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.frozen):
             hidden = self.tower(input_ids=ids, attention_mask=mask.long()).last_hidden_state
