@@ -76,9 +76,6 @@ from kvideo.train.parallel import SHARD_UNITS
 
 GIB = 2 ** 30
 CAPTION = "a red fox runs across a snowy field"
-# The modules whose forward `run_block` recomputes under checkpointing: the networks' blocks (the
-# FSDP units but the discriminator, never checkpointed).
-RECOMPUTED = BLOCKS
 _BYTES = {"fp32": 4, "bf16": 2}
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +319,7 @@ class _Blocks:
     def __init__(self, model: nn.Module, memory: _StepMemory, flops: FlopCounterMode):
         self.memory, self.flops, self.depth, self.start = memory, flops, 0, None
         self.runs: List[tuple] = []  # (saved bytes, weight copies, forward flops) per block run
-        self.handles = [h for m in model.modules() if isinstance(m, RECOMPUTED)
+        self.handles = [h for m in model.modules() if isinstance(m, BLOCKS)  # what `run_block` recomputes
                         for h in (m.register_forward_pre_hook(self.enter), m.register_forward_hook(self.leave))]
 
     def now(self) -> tuple:
