@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Cascaded text-to-video latent diffusion in the recipe of Kandinsky Video 1.1, with training code",
     packages=find_packages(include=["kvideo", "kvideo.*"]),
+    package_data={"kvideo.release": ["inventory.json.gz"]},  # the released checkpoints' key names and shapes
     python_requires=">=3.10",
     install_requires=[
         "torch", "torchvision", "einops", "omegaconf", "open-clip-torch", "opencv-python",

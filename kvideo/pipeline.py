@@ -145,7 +145,8 @@ class CallPlan:
             first.update(_spec_settings(f.spec), guidance=f.guidance, size=[f.height, f.width], rewriter=self.rewriter)
         k = self.keyframes
         keyframes = {**_spec_settings(k.spec), "text_guidance": k.text_guidance, "image_guidance": k.image_guidance,
-                     "noise_aug_level": k.noise_aug_level, "motion_score": self.motion, "num_keyframes": k.num_frames,
+                     "noise_aug_level": k.noise_aug_level, "noise_aug_noise": k.noise_aug_noise,
+                     "motion_score": self.motion, "num_keyframes": k.num_frames,
                      "keep_first_frame": k.keep_first_frame, "motion_guidance": k.motion_guidance,
                      "anchor": k.anchor, "anchor_frame": k.anchor_frame}
         interp: Dict[str, Any] = {"passes": 0}
@@ -159,7 +160,8 @@ class CallPlan:
 
 
 def _spec_settings(spec) -> Dict[str, Any]:
-    return {k: asdict(spec)[k] for k in ("sampler", "steps", "spacing", "timestep_shift")}
+    return {k: asdict(spec)[k] for k in ("sampler", "steps", "spacing", "timestep_shift", "dynamic_threshold",
+                                         "threshold_max")}
 
 
 def override_sampling(stage_cfg, overrides: Dict[str, Any], stage: str, checkpoint: str) -> None:

@@ -98,6 +98,9 @@ class SamplingConfig:
     timestep_shift: float = checked(1.0, "> 0")  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
     guidance: float = checked(5.0, ">= 0")  # Kandinsky convention: (w + 1) * cond - w * uncond
     dynamic_threshold: Optional[float] = checked(0.995, "(0, 1]")  # percentile; None disables
+    # the threshold's upper bound (diffusers' sample_max_value); 1 makes thresholding clipping of x0 to
+    # [-1, 1] (the release's sampling); None: unbounded (Imagen)
+    threshold_max: Optional[float] = checked(None, "> 0")
 
 
 @dataclass
@@ -133,6 +136,9 @@ class NoiseAugConfig:
     min_level: int = checked(0, ">= 0")
     max_level: int = checked(250, ">= 0")
     sample_level: int = checked(20, ">= 0")  # the level used at sampling (the release's noise_augmentation=20)
+    # the noise the first frame is augmented with at sampling: gaussian (as in training), or
+    # uniform U[0, 1), what the release's sampling draws (torch.rand_like where Gaussian was meant)
+    sample_noise: str = checked("gaussian", "one of gaussian|uniform")
 
 
 @dataclass
@@ -154,6 +160,9 @@ class KeyframeSamplingConfig:
     text_guidance: float = checked(5.0, ">= 0")  # w_T
     image_guidance: float = checked(2.0, ">= 0")  # w_I
     dynamic_threshold: Optional[float] = checked(0.995, "(0, 1]")
+    # the threshold's upper bound (diffusers' sample_max_value); 1 makes thresholding clipping of x0 to
+    # [-1, 1] (the release's sampling); None: unbounded (Imagen)
+    threshold_max: Optional[float] = checked(None, "> 0")
     # true: frame 0's x0 prediction is the given first frame at every step (replacement
     # sampling, `kvideo.diffusion.with_known`), so the keyframes start on it exactly; false: the
     # model denoises frame 0 itself, as the release does
@@ -251,6 +260,9 @@ class InterpolationSamplingConfig:
     timestep_shift: float = checked(1.0, "> 0")  # inference timesteps moved toward noise (Schedule.timesteps); 1 = none
     guidance: float = checked(0.5, ">= 0")  # (w + 1) * cond - w * uncond
     dynamic_threshold: Optional[float] = checked(None, "(0, 1]")
+    # the threshold's upper bound (diffusers' sample_max_value); 1 makes thresholding clipping of x0 to
+    # [-1, 1] (the release's sampling); None: unbounded (Imagen)
+    threshold_max: Optional[float] = checked(None, "> 0")
 
 
 @dataclass

@@ -82,8 +82,9 @@ def load_text_projection(encoder: ProjectedText, state: Dict[str, torch.Tensor])
     `nn.Sequential(Linear, LayerNorm)` (`0.weight`, `1.weight`, `1.bias`; t5_projections.pt's
     `projection_base`) or kvideo's names (`proj.*`, `norm.*`). A Linear without bias needs
     `projection_bias: false`."""
-    renamed = {k.replace("0.", "proj.", 1) if k.startswith("0.") else k.replace("1.", "norm.", 1) if k.startswith("1.")
-               else k: v for k, v in state.items()}
+    from kvideo.release.maps import T5_PROJECTION
+
+    renamed = {T5_PROJECTION.to_kvideo(k): v for k, v in state.items()}
     own = {k: v for k, v in encoder.state_dict().items() if k.startswith(("proj.", "norm."))}
     if set(renamed) != set(own):
         raise KeyError(f"text projection: the state dict has {sorted(state)}, the encoder needs {sorted(own)} "

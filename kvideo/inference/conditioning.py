@@ -219,11 +219,18 @@ def gap_input(x_t: torch.Tensor, keys: torch.Tensor, keep: torch.Tensor) -> torc
     return torch.cat([keys[:, :, :-1] * k, x_t, keys[:, :, 1:] * k], dim=1)
 
 
+NOISES = ("gaussian", "uniform")
+
+
 def noise_augment(schedule: Schedule, latent: torch.Tensor, level: torch.Tensor,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """q_sample of the first-frame latent to integer `level` (b,) with Gaussian noise."""
+                  generator: Optional[torch.Generator] = None, noise: str = "gaussian") -> torch.Tensor:
+    """q_sample of the first-frame latent to integer `level` (b,) with Gaussian noise, or with
+    U[0, 1) noise (`noise="uniform"`: the release's sampling, torch.rand_like where Gaussian was meant)."""
+    if noise not in NOISES:
+        raise ValueError(f"noise_augment: noise must be one of {', '.join(NOISES)}; got {noise!r}")
     gen_device = generator.device if generator is not None else latent.device
-    noise = torch.randn(latent.shape, generator=generator, device=gen_device, dtype=latent.dtype).to(latent.device)
+    draw = torch.randn if noise == "gaussian" else torch.rand
+    noise = draw(latent.shape, generator=generator, device=gen_device, dtype=latent.dtype).to(latent.device)
     return schedule.q_sample(latent, level.to(latent.device).long(), noise)
 
 

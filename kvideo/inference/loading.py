@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Dict, Union
 
 import torch
 from omegaconf import DictConfig
@@ -24,6 +24,22 @@ from kvideo.inference.checkpoints import load_stage_weights
 from kvideo.inference.denoiser import TextDenoiser, build_denoiser, make_schedule
 
 DIFFUSION_STAGES = ("t2i", "keyframe", "interpolation")
+TEXT_TOWER = "text.tower."
+
+
+def with_text_tower(state: Dict[str, torch.Tensor], denoiser: TextDenoiser, source: Union[str, Path]
+                    ) -> Dict[str, torch.Tensor]:
+    """A stage checkpoint's weights with the text tower the denoiser was built with when the
+    checkpoint holds none: a converted release leaves its frozen T5 tower out, read from
+    recipe.text_encoder.weights instead (kvideo.release.convert). A checkpoint without a tower
+    whose config names no weights for it is a ValueError naming the checkpoint."""
+    if any(k.startswith(TEXT_TOWER) for k in state):
+        return state
+    text = denoiser.text
+    if text.cfg.weights is None or not text.cfg.frozen:
+        raise ValueError(f"checkpoint '{source}' holds no text tower ({TEXT_TOWER}*) and its recipe.text_encoder "
+                         "names no frozen weights to read it from")
+    return {**state, **{TEXT_TOWER + k: v for k, v in text.tower.state_dict().items()}}
 
 
 def build_stage_denoiser(cfg: DictConfig) -> TextDenoiser:
@@ -90,6 +106,6 @@ def load_bundle(path: Union[str, Path], stage: str, which: str = "ema",
     its config names; `which` weights: "ema" or "model"."""
     state, cfg = load_stage_weights(path, stage, which)
     denoiser = build_stage_denoiser(cfg)
-    denoiser.load_state_dict(state)
+    denoiser.load_state_dict(with_text_tower(state, denoiser, path))
     movq = load_movq(cfg.recipe.movq, device=device)
     return Bundle(stage, denoiser.to(device).eval(), movq, cfg, make_schedule(cfg.recipe.diffusion), str(path))

@@ -21,14 +21,14 @@ from omegaconf import DictConfig
 
 from kvideo.diffusion import SamplerSpec, plan_timesteps, sample, text_guided, text_image_guided, with_known
 from kvideo.inference.conditioning import (
-    ImageCondition, InterpolationCondition, KeyframeCondition, TextVideoCondition, given_frames, noise_augment,
+    NOISES, ImageCondition, InterpolationCondition, KeyframeCondition, TextVideoCondition, given_frames, noise_augment,
 )
 from kvideo.inference.denoiser import make_schedule
 from kvideo.inference.gaps import gap_blend, merge_gaps
 from kvideo.inference.loading import Bundle
 
 Callback = Optional[Callable[..., None]]
-SPEC_FIELDS = ("sampler", "steps", "spacing", "timestep_shift", "dynamic_threshold")
+SPEC_FIELDS = ("sampler", "steps", "spacing", "timestep_shift", "dynamic_threshold", "threshold_max")
 
 # ----------------------------------------------------------------------------------------------
 # Options
@@ -109,6 +109,7 @@ class KeyframeOptions:
     text_guidance: float = 5.0
     image_guidance: float = 2.0
     noise_aug_level: int = 20
+    noise_aug_noise: str = "gaussian"  # gaussian | uniform (the release's U[0, 1) draw; recipe.noise_aug.sample_noise)
     num_frames: int = 12
     use_image: bool = True
     negative_prompt: Optional[str] = None
@@ -122,6 +123,7 @@ class KeyframeOptions:
         for name in ("text_guidance", "image_guidance", "noise_aug_level", "motion_guidance"):
             _need(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
         _need("num_frames", self.num_frames, self.num_frames >= 1, ">= 1")
+        _need("noise_aug_noise", self.noise_aug_noise, self.noise_aug_noise in NOISES, f"one of {', '.join(NOISES)}")
         _need("anchor", self.anchor, self.anchor in ANCHOR_MODES, f"one of {', '.join(ANCHOR_MODES)}")
         _need("anchor_frame", self.anchor_frame, 0 <= self.anchor_frame < self.num_frames,
               f"a frame of the {self.num_frames} keyframes")
@@ -131,7 +133,7 @@ class KeyframeOptions:
         rc = cfg.recipe
         s = rc.sampling
         options = cls(sampler_spec(s), s.text_guidance, s.image_guidance, sampling_noise_level(rc.noise_aug),
-                      int(cfg.data.num_frames), keep_first_frame=bool(s.keep_first_frame),
+                      str(rc.noise_aug.sample_noise), int(cfg.data.num_frames), keep_first_frame=bool(s.keep_first_frame),
                       motion_guidance=float(s.motion_guidance), anchor=str(s.anchor), anchor_frame=int(s.anchor_frame))
         return _changed(options, changes)
 
@@ -253,7 +255,7 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
     text = denoiser.context(prompts)
     uncond_text = denoiser.unconditional_context(b, options.negative_prompt)
     level = torch.full((b,), int(options.noise_aug_level), dtype=torch.long, device=device)
-    first_aug = noise_augment(bundle.schedule, first, level, generator) if options.noise_aug_level > 0 else first
+    first_aug = noise_augment(bundle.schedule, first, level, generator, options.noise_aug_noise) if options.noise_aug_level > 0 else first
     motion = torch.as_tensor(motion_score, dtype=torch.float32, device=device).expand(b).clone()
     # as in training, a branch without the first frame has noise-augmentation level 0
     with_image = KeyframeCondition(text, first_aug, torch.ones(b, device=device), level, motion, rc.motion.scale)

@@ -20,6 +20,14 @@ the spacing of the keyframes in frames) is embedded and added to the time embedd
 learnable scale starting at 0. At initialisation the model is therefore the image UNet applied
 gap by gap.
 
+The release computes four things differently; each is an option whose default keeps kvideo's
+computation: the temporal attention's norms take each gap's statistics (`temporal_norm: frame`),
+the temporal conv of a Block with a down conv runs before that conv
+(`temporal_conv_before_down`), `skip_frames` is looked up in a table
+(`skip_embedding: table`), and the temporal attention is two gated convex blends of
+non-residual branches, `y = (1 - a1) h + a1 A(N1(h))`, `out = (1 - a2) y + a2 F(N2(y))`
+(`attention_gates: 2`).
+
 With the `kandinsky` size (20 input, 12 output channels) this is the released layout, 3.98B
 parameters. `load_image_weights` (from `kvideo.models.video_unet`) loads a t2i UNet into it.
 """
@@ -34,7 +42,8 @@ from einops import rearrange
 from torch import nn
 
 from kvideo.models.sizes import extend_config, sized_config
-from kvideo.models.unet import TimestepEmbedding, UNet, UNetConfig, _init_channels, unet_config
+from kvideo.models.temporal_layers import NORMS
+from kvideo.models.unet import TimestepEmbedding, UNet, UNetConfig, _check_choice, _init_channels, unet_config
 from kvideo.models.video_unet import TemporalAttentionBlock, _temporal_attention_levels
 from kvideo.nn.temporal import TemporalConvBlend
 
@@ -50,6 +59,36 @@ class InterpolationUNetConfig(UNetConfig):
     in_channels: int = 20  # left keyframe (4) | x_t of the new frames (4 k) | right keyframe (4)
     out_channels: int = 12  # the k = 3 new frames
     temporal_attention: Optional[List[bool]] = None  # per level; None = where there is self-attention
+    # The statistics of the temporal attention's conditional group norms: "clip", over all gaps
+    # (kvideo's default, kept), or "frame", over each gap alone (the release's computation).
+    temporal_norm: str = "clip"
+    # In the Block of a spatial ResNet that has a k2-s2 down conv, the temporal conv after the
+    # Block's 3x3 conv and before its down conv (the release) rather than after the whole Block
+    # (kvideo's default, kept).
+    temporal_conv_before_down: bool = False
+    # How `skip_frames` is embedded, always behind the scale `skip_embed.scale` starting at 0:
+    # "sinusoid", MLP(sin(s)) (kvideo's default, kept), or "table", a learnt row per value of s,
+    # `nn.Embedding(skip_table_size, time_embed_dim)` (the release: 20 rows).
+    skip_embedding: str = "sinusoid"
+    skip_table_size: int = 20
+    # The gates of the temporal attention (each starting at 0, times the temporal mask m): 1, one
+    # gate on the residual block, h + a m (block(h) - h) (kvideo's default, kept); 2, the
+    # release's two convex blends of the block's non-residual branches, a1 = `gate` on the
+    # attention, a2 = `gate_ff` on the feed-forward (TemporalAttentionBlock.forward).
+    attention_gates: int = 1
+
+
+SKIP_EMBEDDINGS = ("sinusoid", "table")
+ATTENTION_GATES = (1, 2)
+
+
+def _check_interpolation(cfg: InterpolationUNetConfig) -> None:
+    """Raise ValueError naming the field when the interpolation options cannot build a network."""
+    for name, allowed in (("temporal_norm", NORMS), ("skip_embedding", SKIP_EMBEDDINGS),
+                          ("attention_gates", ATTENTION_GATES)):
+        _check_choice(cfg, name, allowed)
+    if cfg.skip_table_size < 1:
+        raise ValueError(f"{type(cfg).__name__}.skip_table_size needs at least one row; got {cfg.skip_table_size}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,28 +97,55 @@ class InterpolationUNetConfig(UNetConfig):
 
 
 class GatedTemporalAttention(nn.Module):
-    """h + a m (TemporalAttentionBlock(h) - h); the gate a starts at zero."""
+    """A TemporalAttentionBlock behind gates starting at zero, each times the temporal mask m (b,):
 
-    def __init__(self, channels: int, cond_dim: int, groups: int, head_dim: int, expansion_ratio: int) -> None:
+    - `gates=1`: h + a m (block(h) - h), a = `gate`;
+    - `gates=2` (the release): the block's non-residual branches blended, y = (1 - a1 m) h +
+      a1 m A(N1(h)), out = (1 - a2 m) y + a2 m F(N2(y)), a1 = `gate`, a2 = `gate_ff`.
+    """
+
+    def __init__(self, channels: int, cond_dim: int, groups: int, head_dim: int, expansion_ratio: int,
+                 gates: int = 1, frame_norm: bool = False) -> None:
         super().__init__()
-        self.block = TemporalAttentionBlock(channels, cond_dim, groups, head_dim, expansion_ratio, zero_init=False)
+        if gates not in ATTENTION_GATES:
+            raise ValueError(f"GatedTemporalAttention: gates must be 1 or 2; got {gates!r}")
+        self.block = TemporalAttentionBlock(channels, cond_dim, groups, head_dim, expansion_ratio, zero_init=False,
+                                            frame_norm=frame_norm)
         self.gate = nn.Parameter(torch.zeros(()))
+        self.gate_ff = nn.Parameter(torch.zeros(())) if gates == 2 else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        a = (self.gate * mask.to(x.dtype)).reshape(-1, 1, 1, 1, 1)
-        return x + a * (self.block(x, emb) - x)
+        if self.gate_ff is None:
+            a = (self.gate * mask.to(x.dtype)).reshape(-1, 1, 1, 1, 1)
+            return x + a * (self.block(x, emb) - x)
+        m = mask.to(x.dtype).reshape(-1, 1, 1, 1, 1)
+        return self.block(x, emb, gates=(self.gate * m, self.gate_ff * m))
 
 
 class SkipFramesEmbedding(nn.Module):
-    """scale * MLP(sin(skip_frames)), the scale starting at 0: added to the time embedding."""
+    """scale * embed(skip_frames), the scale starting at 0: added to the time embedding. The
+    embedding is MLP(sin(s)) (`kind="sinusoid"`, `embed`) or row s of a learnt table
+    (`kind="table"`, `table`, the release: s must be an integer in [0, table_size))."""
 
-    def __init__(self, sinusoidal_dim: int, time_embed_dim: int) -> None:
+    def __init__(self, sinusoidal_dim: int, time_embed_dim: int, kind: str = "sinusoid", table_size: int = 20) -> None:
         super().__init__()
-        self.embed = TimestepEmbedding(sinusoidal_dim, time_embed_dim)
+        if kind not in SKIP_EMBEDDINGS:
+            raise ValueError(f"SkipFramesEmbedding: kind must be one of {', '.join(SKIP_EMBEDDINGS)}; got {kind!r}")
+        self.embed = TimestepEmbedding(sinusoidal_dim, time_embed_dim) if kind == "sinusoid" else None
+        self.table = nn.Embedding(table_size, time_embed_dim) if kind == "table" else None
         self.scale = nn.Parameter(torch.zeros(()))
 
     def forward(self, skip_frames: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.embed(skip_frames)
+        if self.table is None:
+            return self.scale * self.embed(skip_frames)
+        rows = self.table.num_embeddings
+        if skip_frames.is_floating_point() and not bool((skip_frames == skip_frames.round()).all()):
+            raise ValueError(f"InterpolationUNet: skip_frames must be whole numbers for the skip_embedding table; "
+                             f"got {skip_frames.tolist()}")
+        if bool(((skip_frames < 0) | (skip_frames >= rows)).any()):
+            raise ValueError(f"InterpolationUNet: skip_frames {skip_frames.tolist()} outside the skip_embedding "
+                             f"table's rows 0 .. {rows - 1} (skip_table_size = {rows})")
+        return self.scale * self.table(skip_frames.long())  # (b, time_embed_dim)
 
 
 class LevelInterpolation(nn.Module):
@@ -89,16 +155,23 @@ class LevelInterpolation(nn.Module):
     def __init__(self, block_channels: List[List[int]], attention_channels: Optional[int],
                  cfg: InterpolationUNetConfig) -> None:
         super().__init__()
+        self.conv_before_down = cfg.temporal_conv_before_down
         self.convs = nn.ModuleList([nn.ModuleList([TemporalConvBlend(c) for c in slot]) for slot in block_channels])
         self.attention = (GatedTemporalAttention(attention_channels, cfg.time_embed_dim, cfg.groups, cfg.head_dim,
-                                                 cfg.expansion_ratio) if attention_channels is not None else None)
+                                                 cfg.expansion_ratio, cfg.attention_gates, cfg.temporal_norm == "frame")
+                          if attention_channels is not None else None)
 
 
 class _BoundInterpolation:
-    """LevelInterpolation bound to one forward: gap count, conditioning vector, temporal mask."""
+    """LevelInterpolation bound to one forward: gap count, conditioning vector, temporal mask. The
+    level (`kvideo.models.unet._Level`) reads `before_down` (the temporal conv of a down-sampling
+    Block before its down conv) and `attention_first_up` (always False here)."""
+
+    attention_first_up = False
 
     def __init__(self, layers: LevelInterpolation, num_gaps: int, emb: torch.Tensor, mask: torch.Tensor) -> None:
         self.layers, self.g, self.emb, self.mask = layers, num_gaps, emb, mask
+        self.before_down = layers.conv_before_down
 
     def _unfold(self, x: torch.Tensor) -> torch.Tensor:
         return rearrange(x, "(b g) c h w -> b c g h w", g=self.g)
@@ -138,10 +211,11 @@ class InterpolationUNet(UNet):
 
     def __init__(self, cfg: InterpolationUNetConfig) -> None:
         super().__init__(cfg)
+        _check_interpolation(cfg)
         init, e = _init_channels(cfg), cfg.time_embed_dim
         attn = _temporal_attention_levels(cfg)
         levels = len(cfg.dim_mult)
-        self.skip_embed = SkipFramesEmbedding(init, e)
+        self.skip_embed = SkipFramesEmbedding(init, e, cfg.skip_embedding, cfg.skip_table_size)
         self.temporal_down = nn.ModuleList([
             LevelInterpolation([_block_widths(r) for u in level.units for r in (u.in_resnet, u.out_resnet)],
                                level.self_attention.in_norm.norm.num_channels if attn[i] else None, cfg)

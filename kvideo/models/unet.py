@@ -23,9 +23,9 @@ as a plain GroupNorm. No positional embeddings anywhere.
 
 The layout follows the released ai-forever/Kandinsky-3 UNet (3.0B parameters with the
 `kandinsky` size); module names are ours. Differences from the release, all deliberate:
-the pooling query is the mean of the *valid* context tokens (the release averages padding too),
-integer timesteps are embedded in float32, and a context mask without any valid token is an
-error (the release returns NaN).
+the pooling query is the mean of the *valid* context tokens (the release averages padding too:
+`pool_query: all` computes that), integer timesteps are embedded in float32, and a context mask
+without any valid token is an error (the release returns NaN).
 
 A video model extends this one without copying it: the levels are `self.down_samples[i]` /
 `self.up_samples[i]`, each with its `units` (ResNet, cross-attention, ResNet) and its
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -70,14 +71,30 @@ class UNetConfig:
     num_blocks: List[int] = field(default_factory=lambda: [3, 3, 3, 3])  # (ResNet, attn, ResNet) units per level
     add_cross_attention: List[bool] = field(default_factory=lambda: [False, True, True, True])
     add_self_attention: List[bool] = field(default_factory=lambda: [False, True, True, True])
+    # The query of the text pooling (AttentionPooling): "valid", the mean of the valid context
+    # tokens (kvideo's default, kept), or "all", the mean over all n tokens, padding included (the
+    # release's and diffusers' behaviour, for loading released weights). The attention itself
+    # honours the mask either way.
+    pool_query: str = "valid"
+
+
+POOL_QUERIES = ("valid", "all")
 
 
 def _init_channels(cfg: UNetConfig) -> int:
     return cfg.init_channels if cfg.init_channels is not None else cfg.model_channels
 
 
+def _check_choice(cfg, name: str, allowed: Sequence) -> None:
+    """Raise ValueError naming `cfg.<name>` when its value is not one of `allowed`."""
+    if getattr(cfg, name) not in allowed:
+        raise ValueError(f"{type(cfg).__name__}.{name} must be one of {', '.join(str(a) for a in allowed)}; "
+                         f"got {getattr(cfg, name)!r}")
+
+
 def _check_config(cfg: UNetConfig) -> None:
     """Raise ValueError naming the field when a UNetConfig cannot build a network."""
+    _check_choice(cfg, "pool_query", POOL_QUERIES)
     levels = len(cfg.dim_mult)
     if levels < 1:
         raise ValueError("UNetConfig.dim_mult needs at least one level")
@@ -165,16 +182,20 @@ class Attention(nn.Module):
 
 
 class AttentionPooling(nn.Module):
-    """Adds the text to the time embedding: one query, the mean of the valid context tokens,
-    attends over the context; the result (b, time_embed_dim) is added to the time embedding."""
+    """Adds the text to the time embedding: one query, the mean of the valid context tokens
+    (`query="valid"`) or of all of them, padding included (`query="all"`, the release), attends
+    over the (valid) context; the result (b, time_embed_dim) is added to the time embedding."""
 
-    def __init__(self, time_embed_dim: int, context_dim: int, head_dim: int = 64) -> None:
+    def __init__(self, time_embed_dim: int, context_dim: int, head_dim: int = 64, query: str = "valid") -> None:
         super().__init__()
+        if query not in POOL_QUERIES:
+            raise ValueError(f"AttentionPooling: query must be one of {', '.join(POOL_QUERIES)}; got {query!r}")
+        self.query = query
         self.attention = Attention(context_dim, time_embed_dim, context_dim, head_dim)
 
     def forward(self, time_embed: torch.Tensor, context: torch.Tensor,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if mask is None:
+        if mask is None or self.query == "all":
             query = context.mean(dim=1, keepdim=True)  # (b, 1, context_dim)
         else:
             weights = rearrange(mask.to(context.dtype), "b m -> b m 1")
@@ -228,11 +249,14 @@ class Block(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
         self.down = nn.Conv2d(out_channels, out_channels, kernel_size=2, stride=2) if resample == "down" else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, after_conv=None) -> torch.Tensor:
+        """`after_conv(h) -> h` (video models): applied after `conv`, before any down conv."""
         x = self.activation(self.norm(x, emb))
         if self.up is not None:
             x = self.up(x)  # (b, c_in, 2h, 2w)
         x = self.conv(x)
+        if after_conv is not None:
+            x = after_conv(x)
         if self.down is not None:
             x = self.down(x)  # (b, c_out, h/2, w/2)
         return x
@@ -261,12 +285,15 @@ class ResNetBlock(nn.Module):
         self.shortcut_proj = nn.Conv2d(in_channels, out_channels, kernel_size=1) if project else None
         self.shortcut_down = nn.Conv2d(out_channels, out_channels, kernel_size=2, stride=2) if down else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, after_block=None) -> torch.Tensor:
-        """`after_block(i, h) -> h` (video models): applied to the output of Block i of the bottleneck."""
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, after_block=None, before_down: bool = False) -> torch.Tensor:
+        """`after_block(i, h) -> h` (video models): applied to the output of Block i of the
+        bottleneck; with `before_down`, in the Block with a down conv it runs before that conv
+        (after the Block's 3x3 conv) instead."""
         out = x
         for i, block in enumerate(self.blocks):
-            out = block(out, emb)
-            if after_block is not None:
+            inside = after_block is not None and before_down and block.down is not None  # between conv and down
+            out = block(out, emb, partial(after_block, i) if inside else None)
+            if after_block is not None and not inside:
                 out = after_block(i, out)
         for layer in (self.shortcut_up, self.shortcut_proj, self.shortcut_down):
             if layer is not None:
@@ -330,10 +357,12 @@ class _Level(GradCheckpointMixin, nn.Module):
     """Shared forward of DownLevel / UpLevel: [self-attn first] -> units -> [self-attn last].
 
     `temporal` (video models only) interleaves temporal layers: an object with `resnet(slot, x)`,
-    `inner(slot)` and `attention(x)`, where slot 2i / 2i + 1 are the in / out ResNet of unit i.
-    Going down `resnet` follows each spatial ResNet, going up it precedes it; `inner(slot)` is
-    None or an `after_block` function run inside the spatial ResNet after each of its Blocks;
-    `attention` follows the level's self-attention. All run through this level's `run_block`.
+    `inner(slot)`, `attention(x)` and two flags, `before_down` and `attention_first_up`, where
+    slot 2i / 2i + 1 are the in / out ResNet of unit i. Going down `resnet` follows each spatial
+    ResNet, going up it precedes it; `inner(slot)` is None or an `after_block` function run inside
+    the spatial ResNet after each of its Blocks (with `before_down`, before the down conv of the
+    Block that has one); `attention` follows the level's self-attention (going up with
+    `attention_first_up`, it precedes it). All run through this level's `run_block`.
     """
 
     self_attention_first: bool = True
@@ -341,14 +370,20 @@ class _Level(GradCheckpointMixin, nn.Module):
     def _run_self_attention(self, x: torch.Tensor, emb: torch.Tensor, temporal) -> torch.Tensor:
         if self.self_attention is None:
             return x
+        temporal_first = temporal is not None and not self.self_attention_first and temporal.attention_first_up
+        if temporal_first:
+            x = self.run_block(temporal.attention, x)
         x = self.run_block(self.self_attention, x, emb)
-        return x if temporal is None else self.run_block(temporal.attention, x)
+        if temporal is not None and not temporal_first:
+            x = self.run_block(temporal.attention, x)
+        return x
 
     def _run_resnet(self, resnet: ResNetBlock, x: torch.Tensor, emb: torch.Tensor, temporal, slot: int) -> torch.Tensor:
         down = self.self_attention_first  # DownLevel: temporal after the spatial ResNet; UpLevel: before
         if temporal is not None and not down:
             x = self.run_block(temporal.resnet, slot, x)
-        x = self.run_block(resnet, x, emb, None if temporal is None else temporal.inner(slot))
+        inner, before_down = (None, False) if temporal is None else (temporal.inner(slot), temporal.before_down)
+        x = self.run_block(resnet, x, emb, inner, before_down)
         if temporal is not None and down:
             x = self.run_block(temporal.resnet, slot, x)
         return x
@@ -437,7 +472,7 @@ class UNet(GradCheckpointMixin, nn.Module):
         self.cfg = cfg
         init = _init_channels(cfg)
         self.time_embed = TimestepEmbedding(init, cfg.time_embed_dim)
-        self.feature_pooling = AttentionPooling(cfg.time_embed_dim, cfg.context_dim, cfg.head_dim)
+        self.feature_pooling = AttentionPooling(cfg.time_embed_dim, cfg.context_dim, cfg.head_dim, cfg.pool_query)
         self.in_layer = nn.Conv2d(cfg.in_channels, init, kernel_size=3, padding=1)
 
         widths = [init] + [cfg.model_channels * m for m in cfg.dim_mult]

@@ -20,7 +20,10 @@ information across frames:
 
 Those are the release's layers (`temporal_placement: separate`, `temporal_kind: both`); the
 other placement and kinds of Kandinsky Video 1.0's comparison, the layers themselves and the
-motion-free mode are in `kvideo.models.temporal_layers`.
+motion-free mode are in `kvideo.models.temporal_layers`. The release computes two things
+differently, each an option that kvideo's default leaves off: its temporal norms take each
+frame's statistics (`temporal_norm: frame`; kvideo's default normalises the clip), and its up
+levels run the temporal attention before the self-attention (`up_temporal_attention_first`).
 
 The norms of the temporal layers are conditioned per frame on the time embedding plus the
 temporal embedding = MLP(sin(frame index)) + MLP(sin(noise-augmentation level)) +
@@ -45,10 +48,12 @@ from torch import nn
 
 from kvideo.models.sizes import extend_config, sized_config
 from kvideo.models.temporal_layers import (  # noqa: F401 (re-exported: the temporal layers' old home)
-    INSIDE_AFTER_BLOCK, KINDS, PLACEMENTS, BoundTemporal, FirstFrameAttentionBlock, LevelTemporal,
+    INSIDE_AFTER_BLOCK, KINDS, NORMS, PLACEMENTS, BoundTemporal, FirstFrameAttentionBlock, LevelTemporal,
     TemporalAttentionBlock, TemporalResNetBlock,
 )
-from kvideo.models.unet import AttentionPooling, TimestepEmbedding, UNet, UNetConfig, _init_channels, unet_config
+from kvideo.models.unet import (
+    AttentionPooling, TimestepEmbedding, UNet, UNetConfig, _check_choice, _init_channels, unet_config,
+)
 from kvideo.nn.layers import zero_module
 
 # ----------------------------------------------------------------------------------------------
@@ -91,6 +96,14 @@ class VideoUNetConfig(UNetConfig):
     # self-attention). Kandinsky Video 1.0 compared these and kept separate blocks.
     temporal_placement: str = "separate"
     temporal_kind: str = "both"
+    # The statistics of every temporal layer's conditional group norm (the temporal ResNets' and
+    # convs' blocks, the temporal attentions' in and out norms): "clip", over the whole
+    # (b, c, f, h, w) clip (kvideo's default, kept), or "frame", over each frame alone (the
+    # release's computation: it normalises ((b f), c, h, w) before unfolding the frames).
+    temporal_norm: str = "clip"
+    # In up levels, the temporal attention before the level's self-attention (the release's
+    # order; its down levels, as every level of kvideo's default, run self-attention first).
+    up_temporal_attention_first: bool = False
 
 
 def _per_level(cfg, name: str, default: Sequence[bool]) -> List[bool]:
@@ -104,9 +117,8 @@ def _per_level(cfg, name: str, default: Sequence[bool]) -> List[bool]:
 
 
 def _check_variant(cfg) -> None:
-    for name, allowed in (("temporal_placement", PLACEMENTS), ("temporal_kind", KINDS)):
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{type(cfg).__name__}.{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
+    for name, allowed in (("temporal_placement", PLACEMENTS), ("temporal_kind", KINDS), ("temporal_norm", NORMS)):
+        _check_choice(cfg, name, allowed)
 
 
 def _temporal_attention_levels(cfg) -> List[bool]:

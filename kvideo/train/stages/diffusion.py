@@ -20,7 +20,7 @@ from kvideo.diffusion import training_loss
 from kvideo.inference.autoencoder import clip_latents, load_movq
 from kvideo.inference.checkpoints import load_stage_weights
 from kvideo.inference.denoiser import TextDenoiser, loss_spec, make_schedule
-from kvideo.inference.loading import Bundle, build_stage_denoiser
+from kvideo.inference.loading import Bundle, build_stage_denoiser, with_text_tower
 from kvideo.inference.sampling import check_sampling
 from kvideo.train import dist
 from kvideo.train.dist import autocast_context
@@ -104,6 +104,7 @@ def init_from_t2i(model: TextDenoiser, cfg, keep_new: Sequence[str] = ()) -> Dic
                          f"{dict(cfg.recipe.text_encoder)} vs {dict(t2i_cfg.recipe.text_encoder)}")
     unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
     report = load_image_weights(model.unet, unet_state, keep_new=keep_new)
+    state = with_text_tower(state, model, cfg.recipe.init_from)
     model.text.load_state_dict({k[len("text."):]: v for k, v in state.items() if k.startswith("text.")})
     log.info("%s: loaded %d spatial tensors from %s (%d widened, %d new)", cfg.stage, len(report["loaded"]),
              cfg.recipe.init_from, len(report["widened"]), len(report["new"]))

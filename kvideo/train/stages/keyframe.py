@@ -97,6 +97,7 @@ def load_lora_base(model: TextDenoiser, cfg) -> None:
     """The keyframe checkpoint `cfg.recipe.lora.base` into a model whose UNet holds LoRA adapters
     (its base weights under the adapters' `base_layer`)."""
     from kvideo.inference.checkpoints import load_stage_weights
+    from kvideo.inference.loading import with_text_tower
     from kvideo.inference.lora import base_key
 
     state, base_cfg = load_stage_weights(cfg.recipe.lora.base, "keyframe")
@@ -105,7 +106,7 @@ def load_lora_base(model: TextDenoiser, cfg) -> None:
             raise ValueError(f"recipe.lora.base '{cfg.recipe.lora.base}' has another {key} than this config: "
                              "LoRA fine-tunes the base model as it is")
     own = model.state_dict()
-    mapped = {k: v for k, v in state.items()}
+    mapped = dict(with_text_tower(state, model, cfg.recipe.lora.base))
     for key in own:
         if ".base_layer." in key:
             mapped[key] = state[base_key(key)]

@@ -1,9 +1,11 @@
-"""The released Kandinsky checkpoints' parameter names -> kvideo's, with a report of what is left over.
+"""Renaming a released checkpoint's parameters to kvideo's, with a report of what is left over.
 
 A released state dict is renamed by a `KeyMap`, an ordered list of `Rename` rules between the
 release's names and kvideo's. Each rule is a pair of dot-separated templates matched on whole
 name segments (`resnet_attn_blocks.{i}.0` <-> `units.{i}.in_resnet`), so a map runs both ways:
-`to_kvideo(key)` applies the rules in order, `to_release(key)` undoes them in reverse order.
+`to_kvideo(key)` applies the rules in order, `to_release(key)` undoes them in reverse order. A
+rule whose two sides number things differently (the release's unit i, block 3 or 4 <-> kvideo's
+slot 2i or 2i + 1) carries a `Fields` pair of functions between the two sides' placeholders.
 
 `convert(state, key_map, target)` renames every key, fits shapes that differ only by singleton
 dimensions (a 1x1 conv weight [o, i, 1, 1] for a Linear [o, i], a [1] gate for a scalar) and
@@ -12,13 +14,7 @@ counterpart (`unmapped`) and the kvideo keys the release did not fill (`unfilled
 converter can say that every key was mapped or reported. A shape that cannot be fitted, or two
 release keys renamed to one kvideo key, is an error.
 
-    k3_unet_to_kvideo(state, unet)   ai-forever/Kandinsky-3 `kandinsky3/model/unet.py` UNet -> UNet
-    movq_to_kvideo(state, movq)      the Kandinsky 3 / Kandinsky Video 1.1 `movq.pt` -> MoVQ
-
-Nothing here reads a file: the caller loads the release's state dict (and keeps it on the meta
-device if it only wants the report).
-
-Sections: renaming rules, conversion, Kandinsky 3 UNet, MoVQ.
+The maps of the released models are in `kvideo.release.maps`. Nothing here reads a file.
 """
 
 from __future__ import annotations
@@ -26,22 +22,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-
-from kvideo.models.movq import MoVQ
-from kvideo.models.unet import UNet
 
 # ----------------------------------------------------------------------------------------------
 # Renaming rules
 # ----------------------------------------------------------------------------------------------
 
-# What a `{name}` in a template matches: one whole name segment.
+# What a `{name}` in a template matches (within one name segment); any other name is an index.
 FIELDS: Dict[str, str] = {
-    "i": r"\d+",  # a module index
     "norm": r"norm(?:\d+|_out)?",  # a MoVQ norm: norm, norm1, norm2, norm_out
+    "side": r"down|up",  # a UNet's down or up levels
+    "resnet": r"in|out",  # a kvideo level unit's in or out ResNet
 }
+INDEX = r"\d+"
 
 
 @lru_cache(maxsize=None)
@@ -50,36 +45,55 @@ def _template_pattern(template: str) -> re.Pattern:
     anchors it at the start of the name. `{i}`, `{norm}` become named groups (`FIELDS`)."""
     anchored = template.startswith("^")
     parts = re.split(r"\{(\w+)\}", template.lstrip("^"))  # literal, field, literal, field, ...
-    body = "".join(f"(?P<{p}>{FIELDS[p]})" if i % 2 else re.escape(p) for i, p in enumerate(parts))
+    body = "".join(f"(?P<{p}>{FIELDS.get(p, INDEX)})" if i % 2 else re.escape(p) for i, p in enumerate(parts))
     start = "^" if anchored else r"(?<![^.])"  # the start of the name or just after a dot
     return re.compile(f"{start}{body}(?![^.])")  # up to the end of the name or a dot
+
+
+Groups = Dict[str, str]
+
+
+@dataclass(frozen=True)
+class Fields:
+    """How one rule's placeholders translate between its two sides: `to_kvideo(release groups)`
+    -> kvideo groups and `to_release` back (e.g. {i, block} <-> {slot} with slot = 2 i + block - 3)."""
+
+    to_kvideo: Callable[[Groups], Groups]
+    to_release: Callable[[Groups], Groups]
 
 
 @dataclass(frozen=True)
 class Rename:
     """One rule: the release's `release` template <-> kvideo's `kvideo` template.
 
-    Templates are dot-separated name segments with `{field}` placeholders (`FIELDS`); both sides
-    must use the same fields. `scope` limits the rule to names starting with it (the MoVQ's
-    encoder wraps its norms, its decoder does not)."""
+    Templates are dot-separated name segments with `{field}` placeholders (`FIELDS`; any other
+    field is an index). Both sides use the same fields unless `fields` translates them. `scope`
+    limits the rule to names starting with it (the MoVQ's encoder wraps its norms, its decoder
+    does not)."""
 
     release: str
     kvideo: str
     scope: str = ""
+    fields: Optional[Fields] = None
 
-    def _apply(self, key: str, source: str, target: str) -> str:
+    def _apply(self, key: str, source: str, target: str, translate) -> str:
         if not key.startswith(self.scope):
             return key
         replacement = target.lstrip("^")
-        return _template_pattern(source).sub(lambda m: replacement.format(**m.groupdict()), key)
+
+        def substitute(match: re.Match) -> str:
+            groups = match.groupdict()
+            return replacement.format(**(groups if self.fields is None else translate(groups)))
+
+        return _template_pattern(source).sub(substitute, key)
 
     def to_kvideo(self, key: str) -> str:
         """`key` with this rule's release segments replaced by kvideo's."""
-        return self._apply(key, self.release, self.kvideo)
+        return self._apply(key, self.release, self.kvideo, self.fields and self.fields.to_kvideo)
 
     def to_release(self, key: str) -> str:
         """`key` with this rule's kvideo segments replaced by the release's."""
-        return self._apply(key, self.kvideo, self.release)
+        return self._apply(key, self.kvideo, self.release, self.fields and self.fields.to_release)
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,9 @@ class Conversion:
     unmapped    release keys whose kvideo name is not a key of the target (left out)
     unfilled    target keys that no release key filled
     reshaped    kvideo keys whose tensor changed shape on the way (1x1 conv -> Linear, [1] -> [])
+    consumed    release keys read by a transformation rather than renamed -> what it did with them
+                (a fold, a fusion, a parameter the release never uses)
+    derived     kvideo keys computed rather than copied -> how (the fold's result, a constant)
     """
 
     name: str
@@ -124,6 +141,15 @@ class Conversion:
     unmapped: List[str] = field(default_factory=list)
     unfilled: List[str] = field(default_factory=list)
     reshaped: List[str] = field(default_factory=list)
+    consumed: Dict[str, str] = field(default_factory=dict)
+    derived: Dict[str, str] = field(default_factory=dict)
+
+    def derive(self, key: str, tensor: torch.Tensor, how: str) -> None:
+        """Fill kvideo's `key` with a computed `tensor` (replacing a renamed one), saying `how`."""
+        self.state_dict[key] = tensor
+        self.derived[key] = how
+        if key in self.unfilled:
+            self.unfilled.remove(key)
 
     @property
     def complete(self) -> bool:
@@ -132,7 +158,8 @@ class Conversion:
 
     def report(self, limit: int = 8) -> str:
         """One paragraph for a converter's log: counts, then up to `limit` keys of each list."""
-        lines = [f"{self.name}: {len(self.state_dict)} keys mapped, {len(self.unmapped)} release keys unmapped, "
+        lines = [f"{self.name}: {len(self.state_dict)} kvideo keys filled ({len(self.derived)} derived), "
+                 f"{len(self.unmapped)} release keys unmapped, {len(self.consumed)} consumed by a transformation, "
                  f"{len(self.unfilled)} kvideo keys unfilled, {len(self.reshaped)} reshaped"]
         for label, keys in (("unmapped", self.unmapped), ("unfilled", self.unfilled), ("reshaped", self.reshaped)):
             if keys:
@@ -202,64 +229,3 @@ def to_release_names(state: Mapping[str, torch.Tensor], key_map: KeyMap) -> Dict
     if len(out) != len(state):
         raise ValueError(f"{key_map.name}: two kvideo keys share one release name")
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Kandinsky 3 UNet
-# ----------------------------------------------------------------------------------------------
-# ai-forever/Kandinsky-3 `kandinsky3/model/unet.py` names -> kvideo.models.unet.UNet. Unchanged:
-# in_layer, out_layer.{0,2}, feature_pooling.attention.to_{query,key,value}, down_samples.L /
-# up_samples.J, in_norm / out_norm / attention.to_* / feed_forward.{0,2} (1x1 convs on both
-# sides), context_mlp.1. The release's Identity layers (no cross-attention on level 0, no
-# self-attention) have no parameters, nor do kvideo's `None`s.
-
-K3_UNET = KeyMap("Kandinsky 3 UNet", (
-    Rename("^to_time_embed.1", "time_embed.mlp.0"),  # to_time_embed.0 is the sinusoid, .2 the SiLU
-    Rename("^to_time_embed.3", "time_embed.mlp.2"),
-    Rename("output_layer", "to_out"),  # every Attention, the pooling's included
-    Rename("self_attention_block", "self_attention"),
-    Rename("resnet_attn_blocks.{i}.0", "units.{i}.in_resnet"),
-    Rename("resnet_attn_blocks.{i}.1", "units.{i}.cross_attention"),
-    Rename("resnet_attn_blocks.{i}.2", "units.{i}.out_resnet"),
-    Rename("resnet_blocks.{i}.group_norm", "blocks.{i}.norm"),
-    Rename("resnet_blocks.{i}.projection", "blocks.{i}.conv"),
-    Rename("resnet_blocks.{i}.up_sample", "blocks.{i}.up"),
-    Rename("resnet_blocks.{i}.down_sample", "blocks.{i}.down"),
-    Rename("shortcut_up_sample", "shortcut_up"),
-    Rename("shortcut_projection", "shortcut_proj"),
-    Rename("shortcut_down_sample", "shortcut_down"),
-))
-
-
-def k3_unet_to_kvideo(state: Mapping[str, torch.Tensor], unet: UNet) -> Conversion:
-    """A released Kandinsky 3 UNet state dict (original names) -> `unet`'s names.
-
-    `unet` is built from the matching config (`unet_config("kandinsky")` for the 3.0B release),
-    on the meta device if only the report is wanted. A complete conversion loads strictly.
-    Numerics: kvideo's pooling query is the mean of the valid context tokens, the release's the
-    mean of all of them (kvideo.models.unet); the two agree when every token is valid."""
-    return convert(state, K3_UNET, unet.state_dict())
-
-
-# ----------------------------------------------------------------------------------------------
-# MoVQ
-# ----------------------------------------------------------------------------------------------
-# The Kandinsky 3 / Kandinsky Video 1.1 `movq.pt` builds every encoder norm as a
-# SpatialNorm(zq=None) around a GroupNorm, so its encoder norms are named
-# `encoder.down.0.block.0.norm1.norm_layer.weight`; kvideo's encoder norms are plain GroupNorms
-# (`...norm1.weight`, the MoVQGAN names). Every other name is the same on both sides. The
-# release has no codebook (`quantize.*`: it never quantises); its decoder takes the continuous
-# latent, as `MoVQ.decode` does.
-
-MOVQ = KeyMap("MoVQ", (
-    Rename("{norm}.norm_layer", "{norm}", scope="encoder."),
-))
-
-
-def movq_to_kvideo(state: Mapping[str, torch.Tensor], movq: MoVQ) -> Conversion:
-    """A released MoVQ state dict (`movq.pt`) -> `movq`'s names.
-
-    The release lacks `quantize.embedding.weight` (and kvideo's `quantize.usage` buffer): they
-    come back as unfilled, so load with `strict=False` after
-    `conversion.require(unfilled_ok=("quantize.",))`; `decode` never reads the codebook."""
-    return convert(state, MOVQ, movq.state_dict())
