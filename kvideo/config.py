@@ -218,6 +218,11 @@ class Config:
     # Resume refuses a checkpoint whose run read its data in another order (seed, batch size,
     # shards, shuffle, world size); true resumes anyway, with a warning naming the changes.
     resume_allow_changes: bool = False
+    # A checkpoint of this stage whose weights (its EMA) start the run instead of the random
+    # initialisation: fine-tuning another run or a converted release (tools/convert_release.py).
+    # Weights only (a new optimizer, step 0); a resumed run ignores it. A discriminator the
+    # checkpoint lacks (a release has none) starts fresh.
+    init_weights: Optional[str] = None
     model: Any = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

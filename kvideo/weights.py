@@ -21,6 +21,7 @@ Sections: text encoder, LPIPS.
 from __future__ import annotations
 
 import argparse
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Union
 
@@ -54,11 +55,18 @@ def build_text_encoder(cfg: TextEncoderConfig) -> ProjectedText:
     return encoder
 
 
+# Frozen T5 towers already loaded in this process, by resolved directory: every diffusion stage of a
+# pipeline names the same frozen tower (Flan-UL2's encoder is about 8.7B parameters), so the stages
+# share one module instead of loading it three times. A tower lives as long as an encoder holds it.
+_FROZEN_T5_TOWERS: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
+
+
 def build_t5_text_encoder(cfg: TextEncoderConfig, load_weights: bool = True) -> ProjectedText:
     """A T5TextEncoder from the local directory `cfg.weights` in transformers' layout (config.json,
     the tokenizer's files, the weights: a whole T5 or its encoder; a decoder is ignored). The
-    tower is loaded as it is built (a 4.7B-parameter Flan-UL2 encoder is not initialised twice);
-    without `load_weights` it is randomly initialised and the weights are not read."""
+    tower is loaded as it is built (an 8.7B-parameter Flan-UL2 encoder is not initialised twice),
+    and a frozen tower is shared with every other encoder of this process built from the same
+    directory; without `load_weights` it is randomly initialised and the weights are not read."""
     from kvideo.models.t5_text import T5TextEncoder
 
     if cfg.weights is None:
@@ -73,8 +81,13 @@ def build_t5_text_encoder(cfg: TextEncoderConfig, load_weights: bool = True) -> 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not load_weights:
         return T5TextEncoder(cfg, T5Config.from_pretrained(path, local_files_only=True), tokenizer)
-    loaded = T5EncoderModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    return T5TextEncoder(cfg, loaded.config, tokenizer, tower=loaded.encoder)
+    key = str(path.resolve())
+    tower = _FROZEN_T5_TOWERS.get(key) if cfg.frozen else None
+    if tower is None:
+        tower = T5EncoderModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).encoder
+        if cfg.frozen:
+            _FROZEN_T5_TOWERS[key] = tower
+    return T5TextEncoder(cfg, tower.config, tokenizer, tower=tower)
 
 
 def load_text_projection(encoder: ProjectedText, state: Dict[str, torch.Tensor]) -> None:

@@ -258,3 +258,26 @@ def test_channels_last_trains_the_same_model_and_resumes(tmp_path, shapes_shards
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     resumed = train(_cfg(tmp_path / "b", shapes_shards, **{"train.max_steps": 2, "train.channels_last": "true"}))
     assert resumed.name == "step_0000002"
+
+
+def test_init_weights_starts_a_run_from_a_checkpoint_of_its_stage(tmp_path, shapes_shards):
+    """A fine-tuning run starts from another checkpoint's weights (e.g. a converted release, which
+    has no discriminator: that starts fresh); a checkpoint of another stage or shape is refused."""
+    from kvideo.release.convert import write_checkpoint
+
+    source = train(_cfg(tmp_path / "a", shapes_shards, **{"train.max_steps": 2, "train.eval_every": 0}))
+    ae = {k: v for k, v in _weights(source, "ema").items() if k.startswith("ae.")}
+    release_like = write_checkpoint(tmp_path / "release_like", load_config(base=ckpt.read_config(source)), ae)
+    cfg = _cfg(tmp_path / "b", shapes_shards, **{"train.max_steps": 1, "train.eval_every": 0, "train.lr": 0.0,
+                                                  "train.warmup_steps": 0, "init_weights": str(release_like)})
+    started = _weights(train(cfg))
+    # learning rate 0: still the source's weights (the codebook usage statistics move in every forward)
+    assert all(torch.equal(started[k], v) for k, v in ae.items() if k != "ae.quantize.usage")
+    fresh = _weights(train(_cfg(tmp_path / "c", shapes_shards, **{"train.max_steps": 1, "train.eval_every": 0,
+                                                                    "train.lr": 0.0, "train.warmup_steps": 0})))
+    assert not torch.equal(started["ae.encoder.conv_in.weight"], fresh["ae.encoder.conv_in.weight"])
+    assert torch.equal(started["disc.main.0.weight"], fresh["disc.main.0.weight"])  # the discriminator's own init
+
+    wider = _cfg(tmp_path / "d", shapes_shards, **{"model.ch": 16, "init_weights": str(release_like)})
+    with pytest.raises(ValueError, match="does not fit the model"):
+        train(wider)

@@ -246,6 +246,8 @@ def test_the_converted_pipeline_samples(converted):
     cfg = load_pipeline_config(converted["out"] / "pipeline.yaml", ["device=cpu"])
     assert cfg.sampling["keyframe"]["threshold_max"] == 1.0 and cfg.first_frame_scale == 2
     pipe = Pipeline(cfg)
+    towers = {id(bundle.denoiser.text.tower) for bundle in (pipe.t2i, pipe.keyframe, pipe.interpolation)}
+    assert len(towers) == 1  # one frozen T5 for the three stages
     video = pipe(["a red circle moves left"], t2i_steps=2, keyframe_steps=2, interpolation_steps=1, num_keyframes=3,
                  size=[32, 32], seed=0)
     assert video.frames.shape[:3] == (1, 3, 9) and torch.isfinite(video.frames).all()

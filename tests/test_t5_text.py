@@ -129,3 +129,40 @@ def test_a_t2i_stage_trains_on_the_t5_tower(tmp_path, t5_dir, shapes_shards, mov
     weights, _ = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "run"), "model")
     assert "text.tower.embed_tokens.weight" in weights
     assert "text.proj.weight" in weights and "text.proj.bias" not in weights
+
+
+def test_encoders_of_one_directory_share_a_frozen_tower(t5_dir):
+    """Every diffusion stage of a pipeline names the same frozen T5: it is loaded once per process.
+    A tower that trains is each encoder's own."""
+    a, b = build_text_encoder(t5_config(t5_dir)), build_text_encoder(t5_config(t5_dir, out_dim=16))
+    assert a.tower is b.tower and a.proj is not b.proj
+    trained = build_text_encoder(t5_config(t5_dir, frozen=False))
+    assert trained.tower is not a.tower
+    torch.testing.assert_close(trained.tower.state_dict()["block.0.layer.0.SelfAttention.q.weight"],
+                               a.tower.state_dict()["block.0.layer.0.SelfAttention.q.weight"])
+
+
+def test_trim_context_cuts_to_the_longest_prompt_plus_one_and_guidance_keeps_one_length(t5_dir):
+    """The release cuts the context to the batch's longest prompt plus one padding token, and its
+    null context has that length too (with `pool_query: all` the pooled text depends on it)."""
+    from kvideo.inference.denoiser import TextDenoiser
+
+    torch.manual_seed(2)
+    full = build_text_encoder(t5_config(t5_dir))
+    trimmed = build_text_encoder(t5_config(t5_dir, trim_context=True))
+    trimmed.load_state_dict(full.state_dict())
+    tokens, mask = trimmed(PROMPTS)
+    longest = max(len(p.split()) + 1 for p in PROMPTS)  # the words and </s>
+    assert tokens.shape[1] == mask.shape[1] == longest + 1 and not mask[:, -1].any()
+    reference, _ = full(PROMPTS)
+    torch.testing.assert_close(tokens, reference[:, :longest + 1])
+
+    denoiser = TextDenoiser(nn.Identity(), trimmed)
+    cond, uncond = denoiser.guidance_contexts(PROMPTS)
+    assert cond.tokens.shape == uncond.tokens.shape == tokens.shape
+    assert uncond.mask[:, 0].all() and not uncond.mask[:, 1:].any()
+    cond, negative = denoiser.guidance_contexts(PROMPTS[:1] * 2, negative_prompt=PROMPTS[1])
+    assert cond.tokens.shape == negative.tokens.shape and cond.tokens.shape[1] == longest + 1  # padded to the longer
+    assert not cond.mask[:, len(PROMPTS[0].split()) + 1:].any()
+    blank = denoiser.context(["", PROMPTS[0]])  # a blank prompt's null context takes the batch's length
+    assert blank.tokens.shape[1] == len(PROMPTS[0].split()) + 2 and blank.mask[0].tolist()[:2] == [True, False]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from kvideo.diffusion import Schedule
 
@@ -43,6 +44,15 @@ class TextContext:
     @property
     def batch_size(self) -> int:
         return self.tokens.shape[0]
+
+    def padded(self, num_tokens: int) -> "TextContext":
+        """This context with padding tokens (zeros, masked out) appended up to `num_tokens`."""
+        extra = num_tokens - self.tokens.shape[1]
+        if extra < 0:
+            raise ValueError(f"TextContext: cannot pad {self.tokens.shape[1]} tokens to {num_tokens}")
+        if extra == 0:
+            return self
+        return TextContext(F.pad(self.tokens, (0, 0, 0, extra)), F.pad(self.mask, (0, extra), value=False))
 
 
 @dataclass

@@ -40,7 +40,7 @@ class TextDenoiser(nn.Module):
         tokens, mask = self._tokens_with_blanks(prompts, blank) if any(blank) else self.text(list(prompts))
         if drop is not None:  # even when nothing is dropped: the null context stays in the graph, so
             # under DDP its parameters get their (zero) gradient on every rank every step
-            null_tokens, null_mask = self.text.null_context(len(prompts))
+            null_tokens, null_mask = self.text.null_context(len(prompts), tokens.shape[1])
             keep = ~drop.to(tokens.device)
             tokens = torch.where(keep[:, None, None], tokens, null_tokens)
             mask = torch.where(keep[:, None], mask, null_mask)
@@ -48,19 +48,31 @@ class TextDenoiser(nn.Module):
 
     def _tokens_with_blanks(self, prompts, blank: List[bool]) -> Tuple[torch.Tensor, torch.Tensor]:
         """The text tower's (tokens, mask) with the null context in the blank rows."""
-        tokens, mask = self.text.null_context(len(prompts))
         rows = [i for i, b in enumerate(blank) if not b]
-        if rows:
-            t, m = self.text([prompts[i] for i in rows])
+        encoded = self.text([prompts[i] for i in rows]) if rows else None
+        tokens, mask = self.text.null_context(len(prompts), None if encoded is None else encoded[0].shape[1])
+        if encoded is not None:
             tokens, mask = tokens.clone(), mask.clone()
-            tokens[rows], mask[rows] = t.to(tokens.dtype), m
+            tokens[rows], mask[rows] = encoded[0].to(tokens.dtype), encoded[1]
         return tokens, mask
 
-    def unconditional_context(self, b: int, negative_prompt: Optional[str] = None) -> TextContext:
-        """What guidance pushes away from: the null context, or the context of `negative_prompt`."""
+    def unconditional_context(self, b: int, negative_prompt: Optional[str] = None,
+                              num_tokens: Optional[int] = None) -> TextContext:
+        """What guidance pushes away from: the null context (of `num_tokens` tokens, default the
+        text encoder's length), or the context of `negative_prompt`."""
         if negative_prompt:
             return self.context([negative_prompt] * b)
-        return TextContext(*self.text.null_context(b))
+        return TextContext(*self.text.null_context(b, num_tokens))
+
+    def guidance_contexts(self, prompts: Sequence[Optional[str]],
+                          negative_prompt: Optional[str] = None) -> Tuple[TextContext, TextContext]:
+        """(the prompts' context, the unconditional one) of one length, as guidance batches them: the
+        null context as long as the prompts' (with `trim_context` that length varies), a negative
+        prompt's context and the prompts' padded to the longer of the two."""
+        cond = self.context(prompts)
+        uncond = self.unconditional_context(len(prompts), negative_prompt, cond.tokens.shape[1])
+        n = max(cond.tokens.shape[1], uncond.tokens.shape[1])
+        return cond.padded(n), uncond.padded(n)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         return call_network(self, x_t, t, cond)

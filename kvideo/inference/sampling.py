@@ -216,11 +216,10 @@ def sample_first_frames(bundle: Bundle, prompts: Sequence[str], options: FirstFr
         zeros = torch.zeros(b, device=device)
         cond, uncond = (KeyframeCondition(text, torch.zeros(shape, device=device), zeros, zeros.long(), zeros,
                                           rc.motion.scale, image_mode=True)
-                        for text in (denoiser.context(prompts), denoiser.unconditional_context(b, options.negative_prompt)))
+                        for text in denoiser.guidance_contexts(prompts, options.negative_prompt))
         shape = (*shape[:2], 1, *shape[2:])
     else:
-        cond = ImageCondition(denoiser.context(prompts))
-        uncond = ImageCondition(denoiser.unconditional_context(b, options.negative_prompt))
+        cond, uncond = (ImageCondition(text) for text in denoiser.guidance_contexts(prompts, options.negative_prompt))
     model_fn = text_guided(denoiser, cond, uncond, options.guidance)
     latents = sample(model_fn, bundle.schedule, _noise(shape, generator, device), options.spec, target=rc.diffusion.target,
                      data_range=rc.latent_scale, generator=generator, callback=callback)
@@ -252,8 +251,7 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
     scores = torch.as_tensor(motion_score, dtype=torch.float32)
     _need("motion_score", motion_score, bool(torch.isfinite(scores).all() and (scores >= 0).all()), "finite and >= 0")
     first = first.to(device)
-    text = denoiser.context(prompts)
-    uncond_text = denoiser.unconditional_context(b, options.negative_prompt)
+    text, uncond_text = denoiser.guidance_contexts(prompts, options.negative_prompt)
     level = torch.full((b,), int(options.noise_aug_level), dtype=torch.long, device=device)
     first_aug = noise_augment(bundle.schedule, first, level, generator, options.noise_aug_noise) if options.noise_aug_level > 0 else first
     motion = torch.as_tensor(motion_score, dtype=torch.float32, device=device).expand(b).clone()
@@ -292,7 +290,8 @@ def _text_video_keyframes(bundle: Bundle, prompts: Sequence[str], anchor: Option
     b, k = len(prompts), options.anchor_frame
     motion = torch.as_tensor(motion_score, dtype=torch.float32, device=device).expand(b).clone()
     _need("motion_score", motion_score, bool(torch.isfinite(motion).all() and (motion >= 0).all()), "finite and >= 0")
-    cond = TextVideoCondition(denoiser.context(prompts), motion, rc.motion.scale)
+    text, uncond_text = denoiser.guidance_contexts(prompts, options.negative_prompt)
+    cond = TextVideoCondition(text, motion, rc.motion.scale)
     c, h, w = denoiser.unet.cfg.out_channels, None, None
     if anchor is not None:
         anchor = anchor.to(device)
@@ -304,8 +303,7 @@ def _text_video_keyframes(bundle: Bundle, prompts: Sequence[str], anchor: Option
                            anchor_timestep=bool(rc.anchor.timestep))
     else:
         h, w = (int(v) // bundle.movq.downsample_factor for v in bundle.cfg.data.size)
-    model_fn = text_guided(denoiser, cond, replace(cond, text=denoiser.unconditional_context(b, options.negative_prompt)),
-                           options.text_guidance)
+    model_fn = text_guided(denoiser, cond, replace(cond, text=uncond_text), options.text_guidance)
     x_T = _noise((b, c, options.num_frames, h, w), generator, device)
     if anchor is not None:
         if options.anchor == "first_step":
@@ -328,8 +326,7 @@ def interpolate(bundle: Bundle, keyframes: torch.Tensor, prompts: Sequence[str],
     `options.residual` the model's samples are residuals over `gap_blend`, which is added back."""
     denoiser, rc = bundle.denoiser, bundle.recipe
     b, k, device = keyframes.shape[0], rc.frames_per_gap, bundle.device
-    text = denoiser.context(prompts)
-    uncond_text = denoiser.unconditional_context(b, options.negative_prompt)
+    text, uncond_text = denoiser.guidance_contexts(prompts, options.negative_prompt)
     keys = keyframes.to(device)
     data_range = 2 * rc.latent_scale if options.residual else rc.latent_scale
     for skip in options.skip_frames:

@@ -69,6 +69,10 @@ class TextEncoderConfig:
     # and weights `weights` (a local directory) holds (kvideo.models.t5_text; the `llm` extra)
     kind: str = "open_clip"
     projection_bias: bool = True  # the projection Linear's bias (the release's T5 projection has none)
+    # Cut a batch's tokens to its longest prompt plus one padding token, as Kandinsky 3 and
+    # Kandinsky Video do (False: always context_length tokens). The attention ignores padding either
+    # way; a UNet with `pool_query: all` averages it, so its pooled text depends on the length.
+    trim_context: bool = False
 
 
 def _tower_cfg(cfg: TextEncoderConfig) -> Tuple[CLIPTextCfg, bool]:
@@ -166,8 +170,13 @@ class ProjectedText(nn.Module):
         return self.project(*self.encode_hidden(ids))
 
     def forward(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """prompts -> (tokens (b, context_length, out_dim), mask (b, context_length) bool)."""
-        return self.encode_tokens(self.tokenize(prompts))
+        """prompts -> (tokens (b, n, out_dim), mask (b, n) bool): n = context_length, or with
+        `trim_context` the longest prompt's tokens plus one."""
+        tokens, mask = self.encode_tokens(self.tokenize(prompts))
+        if self.cfg.trim_context:
+            n = min(int(mask.sum(dim=1).max()) + 1, mask.shape[1])
+            tokens, mask = tokens[:, :n], mask[:, :n]
+        return tokens, mask
 
     def null_context(self, batch_size: int, num_tokens: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """The unconditional context: null_embedding at token 0, zeros after; mask True at token 0 only.

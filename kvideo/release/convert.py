@@ -93,7 +93,8 @@ RELEASE_MODEL_OPTIONS: Dict[str, Dict[str, object]] = {
     "movq": {},
     "video_decoder": {"temporal_mid_blocks": True},
 }
-RELEASE_TEXT_ENCODER = {"kind": "t5", "context_length": 128, "projection_bias": False, "frozen": True, "truncate": True}
+RELEASE_TEXT_ENCODER = {"kind": "t5", "context_length": 128, "projection_bias": False, "frozen": True, "truncate": True,
+                        "trim_context": True}
 # The release's sampling (kandinsky_video/t2v_pipeline.py, model/diffusion.py): diffusers'
 # DDPMScheduler, squaredcos_cap_v2 with zero terminal SNR, thresholding whose max value 1 makes it
 # clipping of x0 to [-1, 1]; guidance in the Kandinsky convention (w + 1) cond - w uncond.

@@ -14,6 +14,7 @@ order and per-sample randomness are pure functions of (seed, rank, batch number)
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import signal
@@ -124,6 +125,32 @@ class _Preemption:
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
+
+
+FRESH_WITHOUT_INIT = ("disc.",)  # parts an init_weights checkpoint may lack (a release has no discriminator)
+
+
+def load_init_weights(model: nn.Module, cfg: DictConfig) -> None:
+    """`cfg.init_weights`, a checkpoint of this stage (its EMA weights), into `model` before training.
+    A checkpoint without its frozen text tower takes the tower `recipe.text_encoder.weights` gives;
+    a missing discriminator starts fresh. Any other missing, unexpected or misshapen weight is a
+    ValueError naming the checkpoint."""
+    from kvideo.inference.loading import with_text_tower
+
+    state, _ = stored.load_stage_weights(cfg.init_weights, cfg.stage, "ema")
+    if hasattr(model, "text"):
+        state = with_text_tower(state, model, cfg.init_weights)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"init_weights '{cfg.init_weights}' does not fit the model: {e}") from None
+    fresh = [k for k in missing if k.startswith(FRESH_WITHOUT_INIT)]
+    wrong = list(unexpected) + [k for k in missing if k not in fresh]
+    if wrong:
+        raise ValueError(f"init_weights '{cfg.init_weights}' does not fit the model ({len(unexpected)} unexpected, "
+                         f"{len(missing) - len(fresh)} missing weights), e.g. {wrong[:4]}")
+    logging.getLogger("kvideo").info("started from init_weights %s (%d tensors%s)", cfg.init_weights, len(state),
+             f"; {len(fresh)} discriminator tensors fresh" if fresh else "")
 
 
 def _resume_point(cfg: DictConfig, run_dir: Path, is_main: bool) -> Optional[Path]:
@@ -255,10 +282,13 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
         (run_dir / "config.yaml").write_text(to_yaml(config_plain))
         log.info("run directory %s, stage %s, world size %d, device %s", run_dir, cfg.stage, info.world_size, device)
 
-    # Model: identical initialisation on every rank (seeded before building).
+    # Model: identical initialisation on every rank (seeded before building), or `init_weights`.
+    resume_from = _resume_point(cfg, run_dir, info.is_main)
     seed_everything(cfg.seed)
     stage: Stage = stage_cls(cfg, device)
     model = stage.build_model().to(device)
+    if cfg.init_weights and resume_from is None:
+        load_init_weights(model, cfg)
     if tc.channels_last:
         to_channels_last(model)
     for shape in stage.shapes:
@@ -286,7 +316,6 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
 
     # Resume.
     step, nonfinite_total, data_state = 0, 0, {}
-    resume_from = _resume_point(cfg, run_dir, info.is_main)
     if info.is_main and (run_dir / "checkpoints").is_dir():
         ckpt.remove_stale_temporaries(run_dir / "checkpoints")  # what killed writers left
     state = None
