@@ -1,15 +1,20 @@
-"""Do FID, KID and FVD rank ShapesWorld sets as they should? Real held-out clips < MoVQ
-reconstructions < the demo's cascade < noise, each against the real training clips.
+"""Do FID, KID and FVD rank ShapesWorld sets as they should? Real clips < MoVQ reconstructions <
+the demo's cascade < noise, each against real training clips.
 
     python benchmarks/metric_ranking.py --demo out/demo --out out/ranking [--reference-clips 64]
-        [--frame-stride 4]
+        [--real train|val] [--set-size 48] [--frame-stride 4]
 
 Reads a finished `make demo` (tools/demo.py --out DIR): its rendered train and val shards, its
-MoVQ run and its sampled videos (DIR/samples/videos). Writes five folders of mp4s into OUT:
-`reference` (the first --reference-clips training clips), `real` (the val clips), `movq` (the val
-clips encoded and decoded frame by frame by the demo's MoVQ, written with the shards' codec
-settings), `cascade` (the demo's videos) and `noise` (uniform random frames, the val clips' shape),
-then runs tools/evaluate_videos.py on each set against `reference` with one feature cache.
+MoVQ run and its pipeline. Writes five folders of mp4s into OUT: `reference` (the first
+--reference-clips training clips); `real`: with `--real train` (the default) the next --set-size
+training clips, drawn from the reference's distribution but not in it, with `--real val` the val
+clips (whose colour-shape pairs follow the renderer's held-out split, so they differ from the
+reference in content as well as in sample); `movq` (the real clips encoded and decoded frame by
+frame by the demo's MoVQ, written with the shards' codec settings); `cascade` (with `--real
+train`, the demo's pipeline sampled on the real clips' captions, as many videos as real clips,
+through tools/evaluate_shapes.py; with `--real val`, the demo's own videos) and `noise` (uniform
+random frames, the real clips' shape); then runs tools/evaluate_videos.py on each set against
+`reference` with one feature cache.
 
 The detectors are RANDOM-WEIGHT stand-ins (kvideo.metrics.stand_ins: the FID Inception's
 architecture with random weights, its batch-norm statistics set from reference frames so its
@@ -42,21 +47,47 @@ SETS = ("real", "movq", "cascade", "noise")  # the expected order, best first
 METRICS = ("fid", "kid", "fvd")
 
 
-def extract_clips(shards: Path, out: Path, limit: int) -> int:
-    """The first `limit` mp4 members of the sorted tar shards of `shards`, as files in `out`."""
+def extract_clips(shards: Path, out: Path, limit: int, skip: int = 0) -> int:
+    """The mp4 members `skip` .. `skip + limit` of the sorted tar shards of `shards`, as files in
+    `out`, each with its caption in a .txt beside it."""
     out.mkdir(parents=True, exist_ok=True)
-    n = 0
+    n = seen = 0
     for shard in sorted(shards.glob("*.tar")):
         with tarfile.open(shard) as tar:
             for member in tar:
                 if n == limit:
                     return n
-                if member.name.endswith(".mp4"):
-                    (out / Path(member.name).name).write_bytes(tar.extractfile(member).read())
-                    n += 1
+                if not member.name.endswith(".mp4"):
+                    continue
+                seen += 1
+                if seen <= skip:
+                    continue
+                name = Path(member.name)
+                (out / name.name).write_bytes(tar.extractfile(member).read())
+                meta = json.loads(tar.extractfile(member.name[: -len(".mp4")] + ".json").read())
+                (out / name.with_suffix(".txt").name).write_text(meta["caption"] + "\n")
+                n += 1
     if n == 0:
-        raise FileNotFoundError(f"no mp4 clips in the tar shards of '{shards}'")
+        raise FileNotFoundError(f"no mp4 clips in the tar shards of '{shards}' after the first {skip}")
     return n
+
+
+def sample_cascade(demo: Path, real: Path, out: Path) -> None:
+    """The demo's pipeline sampled on the captions of the clips in `real` (one video each), by
+    tools/evaluate_shapes.py, the videos copied into `out`."""
+    from tools import evaluate_shapes
+
+    captions = [p.read_text().strip() for p in sorted(real.glob("*.txt"))]
+    prompts = out.parent / "cascade_prompts.txt"
+    prompts.write_text("\n".join(captions) + "\n")
+    run = out.parent / "cascade_run"
+    code = evaluate_shapes.main(["--pipeline", str(demo / "pipeline.yaml"), "--prompts", str(prompts),
+                                 "--save-videos", str(len(captions)), "--out", str(run)])
+    if code not in (0, None):
+        raise RuntimeError(f"tools/evaluate_shapes.py exited with {code}")
+    out.mkdir(parents=True, exist_ok=True)
+    for video in sorted((run / "videos").glob("*.mp4")):
+        shutil.copy(video, out / video.name)
 
 
 @torch.no_grad()
@@ -109,6 +140,9 @@ def main(argv=None) -> int:
     ap.add_argument("--demo", required=True, type=Path, help="a finished tools/demo.py --out DIR")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--reference-clips", type=int, default=64)
+    ap.add_argument("--real", choices=["train", "val"], default="train",
+                    help="the real set: training clips after the reference's (default) or the val clips")
+    ap.add_argument("--set-size", type=int, default=48, help="clips in the real set (--real train)")
     ap.add_argument("--clip-length", type=int, default=16, help="FVD clip length in frames")
     ap.add_argument("--frame-stride", type=int, default=4, help="FID / KID on every K-th frame")
     args = ap.parse_args(argv)
@@ -132,13 +166,19 @@ def main(argv=None) -> int:
         extract_clips(demo / "data" / "train", folders["reference"], args.reference_clips)
     calibrate_inception(weights / "random_inception.pth", folders["reference"])
     if not any(folders["real"].glob("*.mp4")):
-        extract_clips(demo / "data" / "val", folders["real"], 10 ** 9)
+        if args.real == "train":
+            extract_clips(demo / "data" / "train", folders["real"], args.set_size, skip=args.reference_clips)
+        else:
+            extract_clips(demo / "data" / "val", folders["real"], 10 ** 9)
     if not any(folders["movq"].glob("*.mp4")):
         reconstruct(folders["real"], folders["movq"], demo / "runs" / "movq", codec)
     if not any(folders["noise"].glob("*.mp4")):
         noise(folders["real"], folders["noise"], codec)
     if not any(folders["cascade"].glob("*.mp4")):
-        shutil.copytree(videos, folders["cascade"], dirs_exist_ok=True)
+        if args.real == "train":
+            sample_cascade(demo, folders["real"], folders["cascade"])
+        else:
+            shutil.copytree(videos, folders["cascade"], dirs_exist_ok=True)
 
     from tools import evaluate_videos
 
@@ -160,6 +200,7 @@ def main(argv=None) -> int:
     summary = {"detectors": "random-init stand-ins (kvideo.metrics.stand_ins; Inception batch norms set from the "
                             "reference frames), not the published weights",
                "reference_videos": results["real"]["settings"].get("reference_videos"),
+               "real": "training clips after the reference's" if args.real == "train" else "the val clips",
                "videos": counts, "metrics": table, "expected_order": list(SETS), "order_holds": order}
     (out / "ranking.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nagainst {summary['reference_videos']} training clips; detectors RANDOM-INIT\n")
