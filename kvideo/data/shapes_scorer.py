@@ -23,6 +23,13 @@ Scoring (``score_clip``), the details the spec leaves open:
   ``t = i / fps``. Speeds are in fractions of the frame width per second, so the scorer works
   at any frame rate and size: still below 0.05, slow below 0.2, else fast; the direction is
   the dominant axis of the fitted velocity.
+- a banded object (``band_rows``, the v2 characters of ``kvideo.data.characters_scorer``): the
+  band rows of a frame are those whose centre lies within ``band_rows * r`` of the vertical
+  centre of the mask's bounding box (r = half its height); the band colour is the per-channel
+  median of the mask pixels in those rows of all frames, the body colour that of the rest, and
+  ``color`` names the body colour. When the two are more than ``BAND_NONE_DISTANCE`` apart, a
+  pixel's coverage is ``a + b`` of its least-squares fit ``pixel - bg = a (body - bg) + b (band -
+  bg)``, so the band counts as fully inside the object (as does a body/band edge pixel).
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ from kvideo.data.shapesworld import (ATTRIBUTES, BACKGROUNDS, COLORS, FILL_RATIO
 
 BACKGROUND_MAX_DISTANCE = 60.0
 MASK_MIN_DISTANCE = 40.0
+BAND_NONE_DISTANCE = 60.0  # body and band colours this close: no band
 
 
-def _nearest(table: Mapping[str, tuple], rgb: np.ndarray) -> tuple[str, float]:
+def nearest(table: Mapping[str, tuple], rgb: np.ndarray) -> tuple[str, float]:
+    """The name of the ``table`` colour nearest to ``rgb`` and its (Euclidean RGB) distance."""
     names = list(table)
     dist = np.linalg.norm(np.asarray([table[n] for n in names], np.float64) - rgb[None], axis=1)
     return names[int(np.argmin(dist))], float(dist.min())
@@ -57,29 +66,61 @@ def _longest_run(alpha: np.ndarray, axis: int) -> float:
     return float((sums[keep] / peaks[keep]).max()) if keep.any() else float(sums.max())
 
 
-def analyze_clip(frames: np.ndarray, fps: float) -> dict:
+def border_pixels(frames: np.ndarray) -> np.ndarray:
+    """The outermost rows and columns of every frame, float32 ``(f, n, 3)``."""
+    x = np.asarray(frames, dtype=np.float32)  # (f, h, w, 3)
+    return np.concatenate([x[:, 0], x[:, -1], x[:, 1:-1, 0], x[:, 1:-1, -1]], axis=1)
+
+
+def _largest_region(binary: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a boolean (h, w) image (all False if there is none)."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    if n < 2:
+        return np.zeros(binary.shape, bool)
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
+def _band_colors(x: np.ndarray, mask: np.ndarray, band_rows: float) -> tuple[np.ndarray, np.ndarray]:
+    """(body, band) median colours of the masked pixels outside / inside each frame's band rows
+    (rows within ``band_rows * r`` of the vertical centre of the mask's bounding box)."""
+    centres = np.arange(x.shape[1]) + 0.5  # row centres
+    body, band = [], []
+    for i in np.flatnonzero(mask.any(axis=(1, 2))):
+        rows = np.flatnonzero(mask[i].any(axis=1))
+        top, bottom = rows[0], rows[-1] + 1
+        in_band = np.abs(centres - 0.5 * (top + bottom)) <= band_rows * 0.5 * (bottom - top)  # (h,)
+        band.append(x[i][mask[i] & in_band[:, None]])
+        body.append(x[i][mask[i] & ~in_band[:, None]])
+    body, band = np.concatenate(body), np.concatenate(band)
+    body_rgb = np.median(body if len(body) else band, axis=0)
+    return body_rgb, (np.median(band, axis=0) if len(band) else body_rgb)
+
+
+def analyze_clip(frames: np.ndarray, fps: float, *, band_rows: float | None = None) -> dict:
     """Measure a clip's attributes without a prompt (see the module docstring and the spec).
 
     Returns predicted ``background, color, shape, direction, speed`` (``'unknown'`` where a
     value cannot be measured: a background farther than 60 from every BACKGROUNDS entry, no
     object found, or fewer than two frames with an object for the motion) and the
-    measurements behind them.
+    measurements behind them, ``area_px`` the median soft area of the object. ``band_rows``
+    measures a banded object (module docstring): ``body_rgb``, ``band_rgb`` and their
+    distance ``band_distance`` are added, and ``color`` is the body colour.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) < 1:
         raise ValueError(f"frames must be uint8 (f, h, w, 3), got {frames.dtype} {frames.shape}")
     x = frames.astype(np.float32)  # (f, h, w, 3)
     num, _, width, _ = x.shape
-    border = np.concatenate([x[:, 0].reshape(-1, 3), x[:, -1].reshape(-1, 3),
-                             x[:, 1:-1, 0].reshape(-1, 3), x[:, 1:-1, -1].reshape(-1, 3)])
-    bg_rgb = np.median(border, axis=0)
-    bg_name, bg_dist = _nearest(BACKGROUNDS, bg_rgb)
+    bg_rgb = np.median(border_pixels(x).reshape(-1, 3), axis=0)
+    bg_name, bg_dist = nearest(BACKGROUNDS, bg_rgb)
     out = dict(background=bg_name if bg_dist <= BACKGROUND_MAX_DISTANCE else UNKNOWN,
                color=UNKNOWN, shape=UNKNOWN, direction=UNKNOWN, speed=UNKNOWN,
                background_rgb=bg_rgb.tolist(), background_distance=bg_dist, color_rgb=None,
                fill_ratio=None, speed_measured=None, speed_px_per_second=None,
-               velocity_px_per_second=None, detected_frac=0.0, area_cv=None,
+               velocity_px_per_second=None, detected_frac=0.0, area_cv=None, area_px=None,
                color_drift=None, track_rmse_px=None, first_box_px=None)
+    if band_rows is not None:
+        out.update(body_rgb=None, band_rgb=None, band_distance=None)
 
     dist = np.linalg.norm(x - bg_rgb, axis=-1)  # (f, h, w)
     coarse = dist > MASK_MIN_DISTANCE
@@ -87,19 +128,21 @@ def analyze_clip(frames: np.ndarray, fps: float) -> dict:
         return out
     contrast = np.median(x[coarse], axis=0) - bg_rgb  # object colour minus background
     threshold = max(MASK_MIN_DISTANCE, 0.5 * float(np.linalg.norm(contrast)))
+    mask = np.stack([_largest_region(d > threshold) for d in dist])  # (f, h, w)
     # Soft coverage: where each pixel lies between the background (0) and the object (1).
     coverage = np.clip((x - bg_rgb) @ contrast / float(contrast @ contrast), 0.0, 1.0)  # (f, h, w)
+    if band_rows is not None and mask.any():
+        body_rgb, band_rgb = _band_colors(x, mask, band_rows)
+        band_distance = float(np.linalg.norm(band_rgb - body_rgb))
+        out.update(body_rgb=body_rgb.tolist(), band_rgb=band_rgb.tolist(), band_distance=band_distance)
+        palette = [body_rgb - bg_rgb] + ([band_rgb - bg_rgb] if band_distance > BAND_NONE_DISTANCE else [])
+        weights = np.linalg.pinv(np.stack(palette, axis=1).astype(np.float64)).sum(axis=0)  # (3,): pixel - bg -> a + b
+        coverage = np.clip((x - bg_rgb) @ weights.astype(np.float32), 0.0, 1.0)
     rows, cols = np.mgrid[0 : x.shape[1], 0 : x.shape[2]] + 0.5  # pixel centres (y, x)
     kernel = np.ones((3, 3), np.uint8)
-    mask = np.zeros_like(coarse)
     areas, fills, centroids, colors, times = [], [], [], [], []
     first_box = None
-    for i in range(num):
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(
-            (dist[i] > threshold).astype(np.uint8), connectivity=8)
-        if n < 2:
-            continue
-        mask[i] = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))  # largest region
+    for i in np.flatnonzero(mask.any(axis=(1, 2))):
         near = cv2.dilate(mask[i].astype(np.uint8), kernel, iterations=2).astype(bool)
         alpha = np.where(near, coverage[i], 0.0)  # the region plus its anti-aliased rim
         area = float(alpha.sum())
@@ -119,10 +162,11 @@ def analyze_clip(frames: np.ndarray, fps: float) -> dict:
     areas, centroids, colors = np.asarray(areas), np.asarray(centroids), np.asarray(colors)
     color_rgb = np.median(x[mask], axis=0)
     fill = float(np.median(fills))
-    out.update(color=_nearest(COLORS, color_rgb)[0], color_rgb=color_rgb.tolist(), fill_ratio=fill,
+    named = color_rgb if band_rows is None else np.asarray(out["body_rgb"])
+    out.update(color=nearest(COLORS, named)[0], color_rgb=color_rgb.tolist(), fill_ratio=fill,
                shape=min(FILL_RATIOS, key=lambda s: abs(FILL_RATIOS[s] - fill)),
                detected_frac=len(areas) / num, area_cv=float(areas.std() / areas.mean()), first_box_px=first_box,
-               color_drift=float(np.linalg.norm(colors - color_rgb, axis=1).mean()))
+               area_px=float(np.median(areas)), color_drift=float(np.linalg.norm(colors - color_rgb, axis=1).mean()))
     if len(areas) < 2:
         return out
     t = np.asarray(times)
@@ -184,7 +228,7 @@ def _target_attributes(prompt_or_attrs) -> dict:
     return target
 
 
-def score_clip(frames: np.ndarray, fps: float, prompt_or_attrs) -> dict:
+def score_clip(frames: np.ndarray, fps: float, prompt_or_attrs, *, band_rows: float | None = None) -> dict:
     """Score a clip against a prompt (caption string, attribute dict or ClipSpec).
 
     Returns a JSON-serialisable dict: ``pred``, ``target`` and ``correct`` (per attribute),
@@ -193,9 +237,10 @@ def score_clip(frames: np.ndarray, fps: float, prompt_or_attrs) -> dict:
     :func:`analyze_clip` including the temporal-consistency numbers ``area_cv`` (coefficient
     of variation of the mask area), ``color_drift`` (mean RGB distance of each frame's
     median object colour from the clip's), ``detected_frac`` and ``track_rmse_px``.
+    ``band_rows``: a banded object, as in :func:`analyze_clip`.
     """
     target = _target_attributes(prompt_or_attrs)
-    measured = analyze_clip(frames, fps)
+    measured = analyze_clip(frames, fps, band_rows=band_rows)
     pred = {k: measured.pop(k) for k in ATTRIBUTES}
     correct = {k: pred[k] == target[k] for k in ATTRIBUTES}
     requested = SPEEDS.get(target["speed"], 0.0)

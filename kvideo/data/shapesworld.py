@@ -31,7 +31,7 @@ import multiprocessing
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import ClassVar, Mapping
 
 import cv2
 import numpy as np
@@ -71,7 +71,7 @@ ATTRIBUTES = ("background", "color", "shape", "direction", "speed")
 SPLIT_IDS = {"train": 0, "val": 1}
 
 _UNIT = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0), "still": (0.0, 0.0)}
-_ADVERBS = {"slow": "slowly", "fast": "quickly"}
+ADVERBS = {"slow": "slowly", "fast": "quickly"}
 
 
 # ----------------------------------------------------------------------------- clip spec
@@ -135,12 +135,13 @@ def allowed_pairs(exclude_held_out: bool = True) -> list[tuple[str, str]]:
     return [p for p in pairs if not (exclude_held_out and p in HELD_OUT_PAIRS)]
 
 
-def check_motion_fits(*, size: int, fps: float, num_frames: int, speed: str | None = "fast") -> None:
-    """Raise ValueError unless an object of the largest size can make the whole trip."""
+def check_motion_fits(*, size: int, fps: float, num_frames: int, speed: str | None = "fast",
+                      max_radius: float = SIZE_RANGE[1]) -> None:
+    """Raise ValueError unless an object of the largest size (``max_radius`` * S) can make the whole trip."""
     if speed is None:
         return
     travel = SPEEDS[speed] * size * (num_frames - 1) / fps
-    free = size - 2 * (SIZE_RANGE[1] * size + EDGE_MARGIN_PX)
+    free = size - 2 * (max_radius * size + EDGE_MARGIN_PX)
     if travel > free:
         raise ValueError(f"a {speed} object travels {travel:.1f} px in {num_frames} frames at "
                          f"{fps} fps, more than the {free:.1f} px free on a {size} px canvas; "
@@ -148,27 +149,31 @@ def check_motion_fits(*, size: int, fps: float, num_frames: int, speed: str | No
 
 
 def clip_spec_from_attributes(
-    attrs: Mapping[str, str], rng, *, size: int = 64, fps: float = 24.0, num_frames: int = 48
+    attrs: Mapping[str, str], rng, *, size: int = 64, fps: float = 24.0, num_frames: int = 48,
+    size_range: tuple[float, float] = SIZE_RANGE, box: tuple[float, float, float, float] | None = None,
 ) -> ClipSpec:
     """Draw size and start point for given attributes so the whole trajectory fits.
 
     ``attrs`` has background, color, shape, direction and speed (``'none'``/None if still).
+    ``r`` is drawn from ``size_range`` (fractions of ``size``); the object stays inside ``box``
+    ``(x0, y0, x1, y1)`` (px, default the canvas) with ``EDGE_MARGIN_PX`` to spare.
     Raises ValueError when the motion is too long for the canvas (e.g. fast over 4 s).
     """
     rng = np.random.default_rng(rng)
     direction = attrs["direction"]
     speed = None if direction == "still" else attrs["speed"]
-    check_motion_fits(size=size, fps=fps, num_frames=num_frames, speed=speed)
-    r = float(rng.uniform(SIZE_RANGE[0] * size, SIZE_RANGE[1] * size))
-    lo, hi = r + EDGE_MARGIN_PX, size - r - EDGE_MARGIN_PX
+    check_motion_fits(size=size, fps=fps, num_frames=num_frames, speed=speed, max_radius=size_range[1])
+    r = float(rng.uniform(size_range[0] * size, size_range[1] * size))
+    box = np.asarray((0, 0, size, size) if box is None else box, dtype=np.float64)
+    lo, hi = box[:2] + r + EDGE_MARGIN_PX, box[2:] - r - EDGE_MARGIN_PX  # (x, y) each
     travel = (0.0 if speed is None else SPEEDS[speed] * size) * (num_frames - 1) / fps
     start = rng.uniform(lo, hi, size=2)
     ux, uy = _UNIT[direction]
     for axis, u in ((0, ux), (1, uy)):
         if u > 0:
-            start[axis] = rng.uniform(lo, hi - travel)
+            start[axis] = rng.uniform(lo[axis], hi[axis] - travel)
         elif u < 0:
-            start[axis] = rng.uniform(lo + travel, hi)
+            start[axis] = rng.uniform(lo[axis] + travel, hi[axis])
     return ClipSpec(attrs["background"], attrs["color"], attrs["shape"], direction, speed, r,
                     (float(start[0]), float(start[1])), float(fps), int(num_frames), int(size))
 
@@ -205,20 +210,29 @@ def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     return (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
 
 
+def shape_coverage(shape: str, center_xy, r: float, size: int) -> np.ndarray:
+    """Anti-aliased coverage, float32 ``(S, S)`` in [0, 1], of a shape of size ``r`` whose
+    bounding box is centred at ``center_xy`` (x, y), by ``SUPERSAMPLE`` x ``SUPERSAMPLE``
+    samples per pixel."""
+    k = SUPERSAMPLE
+    samples = (np.arange(size * k, dtype=np.float64) + 0.5) / k  # sub-pixel sample positions
+    cx, cy = center_xy
+    inside = _inside(shape, samples[None, :] - cx, samples[:, None] - cy, r)
+    return reduce(inside.astype(np.float32), "(h a) (w b) -> h w", "mean", a=k, b=k)  # (S, S)
+
+
 def render_clip(spec: ClipSpec, *, background_rgb=None, color_rgb=None) -> np.ndarray:
     """Render a clip as uint8 ``(f, S, S, 3)`` RGB.
 
     ``background_rgb`` / ``color_rgb`` override the palette colours (for tests of the scorer
     and off-palette experiments); the geometry and motion always follow ``spec``.
     """
-    s, k = spec.canvas_size, SUPERSAMPLE
+    s = spec.canvas_size
     bg = np.asarray(BACKGROUNDS[spec.background] if background_rgb is None else background_rgb, np.float32)
     fg = np.asarray(COLORS[spec.color] if color_rgb is None else color_rgb, np.float32)
-    samples = (np.arange(s * k, dtype=np.float64) + 0.5) / k  # sub-pixel sample positions
     out = np.empty((spec.num_frames, s, s, 3), dtype=np.uint8)
-    for i, (cx, cy) in enumerate(spec.centers()):
-        inside = _inside(spec.shape, samples[None, :] - cx, samples[:, None] - cy, spec.size)
-        alpha = reduce(inside.astype(np.float32), "(h a) (w b) -> h w", "mean", a=k, b=k)  # (S, S)
+    for i, center in enumerate(spec.centers()):
+        alpha = shape_coverage(spec.shape, center, spec.size, s)
         out[i] = np.rint(bg + alpha[..., None] * (fg - bg)).astype(np.uint8)
     return out
 
@@ -262,14 +276,14 @@ def caption(spec_or_attrs, paraphrase_rng=None) -> str:
         rng = np.random.default_rng(paraphrase_rng)
         if rng.random() < 0.5:
             index = 1 + int(rng.integers(len(templates) - 1))
-    adverb = None if still else _ADVERBS[a["speed"]]
+    adverb = None if still else ADVERBS[a["speed"]]
     return templates[index].format(color=a["color"], shape=a["shape"], direction=a["direction"],
                                    adverb=adverb, background=a["background"])
 
 
 def _template_regex(template: str) -> re.Pattern:
     alternatives = dict(color=COLORS, shape=SHAPES, direction=DIRECTIONS[:4],
-                        adverb=_ADVERBS.values(), background=BACKGROUNDS)
+                        adverb=ADVERBS.values(), background=BACKGROUNDS)
     parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
     pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{'|'.join(alternatives[p])})"
                       for i, p in enumerate(parts))
@@ -292,7 +306,7 @@ def parse_caption(text: str) -> dict:
         m = regex.match(clean)
         if m:
             g = m.groupdict()
-            speed = NO_SPEED if still else {v: k for k, v in _ADVERBS.items()}[g["adverb"]]
+            speed = NO_SPEED if still else {v: k for k, v in ADVERBS.items()}[g["adverb"]]
             return dict(background=g["background"], color=g["color"], shape=g["shape"],
                         direction="still" if still else g["direction"], speed=speed)
     raise ValueError(f"not a ShapesWorld caption: {text!r}")
@@ -375,11 +389,11 @@ def prompt_clip(prompt: str, index: int, size: int = 64, coded: bool = False,
     return read_video(encode_video_bytes(frames, 24.0, crf=CRF, pix_fmt=pix_fmt))[0]
 
 
-def clip_seed(seed: int, split: str, index: int) -> int:
-    """The seed of clip ``index`` of a split, derived from (seed, split, index)."""
-    if split not in SPLIT_IDS:
-        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLIT_IDS)}")
-    return int(np.random.SeedSequence([seed, SPLIT_IDS[split], index]).generate_state(1)[0])
+def clip_seed(seed: int, split: str, index: int, splits: Mapping[str, int] = SPLIT_IDS) -> int:
+    """The seed of clip ``index`` of a split, derived from (seed, ``splits[split]``, index)."""
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(splits)}")
+    return int(np.random.SeedSequence([seed, splits[split], index]).generate_state(1)[0])
 
 
 def make_clip(seed: int, *, size: int = 64, fps: float = 24.0, num_frames: int = 48, crf: int = CRF,
@@ -403,20 +417,26 @@ def make_clip(seed: int, *, size: int = 64, fps: float = 24.0, num_frames: int =
 def _make_clip_job(job):
     index, seed, kwargs = job
     cv2.setNumThreads(1)
-    return index, *make_clip(seed, **kwargs)
+    return index, *make_clip(seed, **kwargs), {}
+
+
 
 
 @dataclass(frozen=True)
-class ShapesWorldSpec:
-    """What a ShapesWorld split holds; the split is deterministic given these fields.
+class SplitSpec:
+    """The fields of a ShapesWorld split that every world (v1 :class:`ShapesWorldSpec`, v2
+    ``characters.CharactersSpec``) shares; the split is deterministic given them.
 
     ``num_clips`` clips of ``num_frames`` frames at ``fps`` on a ``size`` px canvas, clip ``i``
-    seeded by :func:`clip_seed` (``seed``, ``split``, i); ``split='val'`` draws a disjoint stream
-    with the same distribution. Coded as H.264 at ``crf`` in ``pix_fmt``, ``clips_per_shard``
-    clips per webdataset shard, or plain mp4 files with ``raw=True``. ``paraphrase``: captions
-    are sometimes paraphrases (the attributes in the metadata stay exact).
-    Raises ValueError naming the field when a value is out of range.
+    seeded by :func:`clip_seed` (``seed``, ``split``, i, ``splits``); ``split='val'`` draws a
+    disjoint stream with the same distribution. Coded as H.264 at ``crf`` in ``pix_fmt``,
+    ``clips_per_shard`` clips per webdataset shard, or plain mp4 files with ``raw=True``.
+    Raises ValueError naming the field when a value is out of range, or when the fastest motion
+    of the world's largest object (``max_radius`` * size) does not fit the canvas.
     """
+
+    splits: ClassVar[Mapping[str, int]] = SPLIT_IDS  # the world's split names
+    max_radius: ClassVar[float] = SIZE_RANGE[1]  # the world's largest r, a fraction of size
 
     num_clips: int
     size: int = 64
@@ -428,61 +448,66 @@ class ShapesWorldSpec:
     clips_per_shard: int = 256
     crf: int = CRF
     pix_fmt: str = PIX_FMT
-    paraphrase: bool = False
 
     def __post_init__(self):
+        name = type(self).__name__
         if self.num_clips < 0:
-            raise ValueError(f"ShapesWorldSpec.num_clips must be >= 0, got {self.num_clips}")
-        for name in ("size", "fps", "num_frames", "clips_per_shard"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"ShapesWorldSpec.{name} must be > 0, got {getattr(self, name)}")
-        if self.split not in SPLIT_IDS:
-            raise ValueError(f"ShapesWorldSpec.split: unknown split {self.split!r}; expected one of {list(SPLIT_IDS)}")
+            raise ValueError(f"{name}.num_clips must be >= 0, got {self.num_clips}")
+        for field in ("size", "fps", "num_frames", "clips_per_shard"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"{name}.{field} must be > 0, got {getattr(self, field)}")
+        if self.split not in self.splits:
+            raise ValueError(f"{name}.split: unknown split {self.split!r}; expected one of {list(self.splits)}")
         try:
-            check_motion_fits(size=self.size, fps=self.fps, num_frames=self.num_frames)
+            check_motion_fits(size=self.size, fps=self.fps, num_frames=self.num_frames, max_radius=self.max_radius)
         except ValueError as e:
-            raise ValueError(f"ShapesWorldSpec (size, fps, num_frames): {e}") from None
+            raise ValueError(f"{name} (size, fps, num_frames): {e}") from None
 
 
-def write_shapesworld(out: str | os.PathLike, spec: ShapesWorldSpec, *, workers: int = 1,
-                      progress: bool = True) -> dict:
-    """Write the ShapesWorld split ``spec`` to ``out``; deterministic given ``spec``.
+@dataclass(frozen=True)
+class ShapesWorldSpec(SplitSpec):
+    """What a ShapesWorld v1 split holds (the fields of :class:`SplitSpec`, splits train and val).
+    ``paraphrase``: captions are sometimes paraphrases (the attributes in the metadata stay exact).
+    """
 
-    Default: webdataset shards ``out/shard-000000.tar``... with samples ``clip_0000000.mp4``
-    + ``clip_0000000.json`` (:func:`metadata`). ``spec.raw``: ``out/clip_0000000.mp4`` files
-    and ``out/captions.jsonl`` (``{"path", "caption"}``, paths relative to ``out``). Always
-    writes ``out/test_prompts.jsonl`` (:func:`canonical_test_prompts`) and
-    ``out/dataset.json`` (the fields of ``spec``, ``num_shards``, the held-out pairs). Held-out
-    pairs are never rendered. ``workers`` render/encode processes and ``progress`` (a bar)
-    change nothing in the output. Returns the contents of ``dataset.json``.
+    paraphrase: bool = False
+
+
+def write_clips(out: str | os.PathLike, jobs: list, make_job, *, raw: bool = False, clips_per_shard: int = 256,
+                workers: int = 1, progress: bool = True, desc: str = "shapesworld") -> int:
+    """Write the clips of ``jobs`` (in order) to ``out``; returns the number of shards.
+
+    ``make_job(job)`` (a module-level function, for the worker processes) returns ``(index,
+    mp4 bytes, metadata, extra)``, ``extra`` mapping further member extensions to bytes (e.g.
+    ``{"ref.png": ...}``). Shards: ``out/shard-000000.tar``... with samples ``clip_0000000.mp4``
+    + ``.json`` (+ extras), ``clips_per_shard`` per tar. ``raw``: ``out/clip_0000000.mp4`` (+
+    ``clip_0000000.EXT`` extras) and ``out/captions.jsonl`` (``{"path", "caption"}``).
+    Every file is rewritten from its jobs, so re-running a killed run with the same jobs
+    leaves exactly the output of an uninterrupted one (nothing lost, nothing twice).
     """
     from tqdm import tqdm
 
     os.makedirs(out, exist_ok=True)
-    kwargs = dict(size=spec.size, fps=spec.fps, num_frames=spec.num_frames, crf=spec.crf, pix_fmt=spec.pix_fmt,
-                  paraphrase=spec.paraphrase)
-    jobs = [(i, clip_seed(spec.seed, spec.split, i), kwargs) for i in range(spec.num_clips)]
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    results = pool.imap(_make_clip_job, jobs, chunksize=4) if pool else map(_make_clip_job, jobs)
+    results = pool.imap(make_job, jobs, chunksize=4) if pool else map(make_job, jobs)
     writer = captions = None
     try:
-        if spec.raw:
+        if raw:
             captions = open(os.path.join(out, "captions.jsonl"), "w")
         else:
             import webdataset as wds
 
-            writer = wds.ShardWriter(os.path.join(os.fspath(out), "shard-%06d.tar"),
-                                     maxcount=spec.clips_per_shard, verbose=0)
-        for index, mp4, meta in tqdm(results, total=spec.num_clips, disable=not progress,
-                                     desc=f"shapesworld {spec.split}"):
+            writer = wds.ShardWriter(os.path.join(os.fspath(out), "shard-%06d.tar"), maxcount=clips_per_shard,
+                                     verbose=0)
+        for index, mp4, meta, extra in tqdm(results, total=len(jobs), disable=not progress, desc=desc):
             key = f"clip_{index:07d}"
-            if spec.raw:
-                with open(os.path.join(out, f"{key}.mp4"), "wb") as f:
-                    f.write(mp4)
+            if raw:
+                for ext, data in {"mp4": mp4, **extra}.items():
+                    with open(os.path.join(out, f"{key}.{ext}"), "wb") as f:
+                        f.write(data)
                 captions.write(json.dumps({"path": f"{key}.mp4", "caption": meta["caption"]}) + "\n")
             else:
-                writer.write({"__key__": key, "mp4": mp4,
-                              "json": json.dumps(meta, sort_keys=True).encode()})
+                writer.write({"__key__": key, "mp4": mp4, "json": json.dumps(meta, sort_keys=True).encode(), **extra})
     finally:
         if pool:
             pool.close()
@@ -491,10 +516,29 @@ def write_shapesworld(out: str | os.PathLike, spec: ShapesWorldSpec, *, workers:
             writer.close()
         if captions:
             captions.close()
+    return 0 if raw else math.ceil(len(jobs) / clips_per_shard)
+
+
+def write_shapesworld(out: str | os.PathLike, spec: ShapesWorldSpec, *, workers: int = 1,
+                      progress: bool = True) -> dict:
+    """Write the ShapesWorld split ``spec`` to ``out``; deterministic given ``spec``.
+
+    Default: webdataset shards ``out/shard-000000.tar``... with samples ``clip_0000000.mp4``
+    + ``clip_0000000.json`` (:func:`metadata`). ``spec.raw``: ``out/clip_0000000.mp4`` files
+    and ``out/captions.jsonl`` (``{"path", "caption"}``, paths relative to ``out``); see
+    :func:`write_clips`. Always writes ``out/test_prompts.jsonl`` (:func:`canonical_test_prompts`)
+    and ``out/dataset.json`` (the fields of ``spec``, ``num_shards``, the held-out pairs). Held-out
+    pairs are never rendered. ``workers`` render/encode processes and ``progress`` (a bar)
+    change nothing in the output. Returns the contents of ``dataset.json``.
+    """
+    kwargs = dict(size=spec.size, fps=spec.fps, num_frames=spec.num_frames, crf=spec.crf, pix_fmt=spec.pix_fmt,
+                  paraphrase=spec.paraphrase)
+    jobs = [(i, clip_seed(spec.seed, spec.split, i), kwargs) for i in range(spec.num_clips)]
+    num_shards = write_clips(out, jobs, _make_clip_job, raw=spec.raw, clips_per_shard=spec.clips_per_shard,
+                             workers=workers, progress=progress, desc=f"shapesworld {spec.split}")
     with open(os.path.join(out, "test_prompts.jsonl"), "w") as f:
         for p in canonical_test_prompts():
             f.write(json.dumps(p) + "\n")
-    num_shards = 0 if spec.raw else math.ceil(spec.num_clips / spec.clips_per_shard)
     summary = dict(name="shapesworld-v1", split=spec.split, num_clips=spec.num_clips, size=spec.size,
                    seed=spec.seed, fps=spec.fps, num_frames=spec.num_frames, raw=spec.raw,
                    clips_per_shard=spec.clips_per_shard, crf=spec.crf, pix_fmt=spec.pix_fmt,
