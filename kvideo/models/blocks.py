@@ -3,8 +3,9 @@
 torch.compile compiles one at a time.
 
 A block is a module the network calls through its forward (a block whose parameters were used
-without its forward would never be gathered by FSDP): the UNet's ResNet and attention blocks, the
-temporal blocks and the MoVQ's blocks.
+without its forward would never be gathered by FSDP): the UNet's ResNet and attention blocks, its
+gated identity attention (its gate with the attention block inside), the temporal blocks and the
+MoVQ's blocks.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import List, Tuple, Type
 import torch
 from torch import nn
 
-from kvideo.models import interpolation_unet, movq, temporal_layers, unet, video_movq
+from kvideo.models import identity, interpolation_unet, movq, temporal_layers, unet_blocks, video_movq
 
 BLOCKS = (
-    unet.ResNetBlock, unet.AttentionBlock,
+    unet_blocks.ResNetBlock, unet_blocks.AttentionBlock, identity.IdentityAttention,
     temporal_layers.TemporalResNetBlock, temporal_layers.TemporalAttentionBlock,
     temporal_layers.FirstFrameAttentionBlock, temporal_layers.InsideTemporal,
     interpolation_unet.GatedTemporalAttention,

@@ -89,6 +89,9 @@ def _check_interpolation(cfg: InterpolationUNetConfig) -> None:
         _check_choice(cfg, name, allowed)
     if cfg.skip_table_size < 1:
         raise ValueError(f"{type(cfg).__name__}.skip_table_size needs at least one row; got {cfg.skip_table_size}")
+    if cfg.identity_attention is not None and any(cfg.identity_attention):
+        raise ValueError(f"{type(cfg).__name__}.identity_attention: the interpolation UNet takes no identity tokens "
+                         f"(its forward has no `identity`); got {list(cfg.identity_attention)}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from kvideo.models.unet import Attention, ConditionalGroupNorm
+from kvideo.models.unet_blocks import Attention, ConditionalGroupNorm
 from kvideo.nn.layers import zero_module
 
 PLACEMENTS = ("separate", "inside")

@@ -27,26 +27,36 @@ the pooling query is the mean of the *valid* context tokens (the release average
 `pool_query: all` computes that), integer timesteps are embedded in float32, and a context mask
 without any valid token is an error (the release returns NaN).
 
-A video model extends this one without copying it: the levels are `self.down_samples[i]` /
-`self.up_samples[i]`, each with its `units` (ResNet, cross-attention, ResNet) and its
-`self_attention`, and `embed(t, context, mask)` gives the conditioning vector.
+Optionally (`identity_attention`, per level; not in the release) every unit of a level with text
+cross-attention also has an identity attention right after it: a cross-attention to identity
+tokens (a reference image's, `kvideo.models.identity`) behind a gate starting at zero, so the
+model is unchanged at init and for samples without a reference. The tokens come by keyword,
+`forward(..., identity=IdentityTokens(...))`; without them the identity attentions are skipped.
 
-Sections: config, embeddings, blocks, model, named sizes.
+A video model extends this one without copying it: the levels are `self.down_samples[i]` /
+`self.up_samples[i]`, each with its `units` (ResNet, cross-attention, [identity attention],
+ResNet) and its `self_attention`, and `embed(t, context, mask)` gives the conditioning vector.
+The building blocks (embeddings, attention, ResNet and attention blocks) are in
+`kvideo.models.unet_blocks`, re-exported here.
+
+Sections: config, levels, model, named sizes.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
-from einops import rearrange
 from torch import nn
 
-from kvideo.nn.layers import GradCheckpointMixin, attention, group_norm
+from kvideo.models.identity import IdentityAttention, IdentityTokens
 from kvideo.models.sizes import sized_config
+from kvideo.models.unet_blocks import (  # noqa: F401 (re-exported: the blocks' older home)
+    POOL_QUERIES, Attention, AttentionBlock, AttentionPooling, Block, ConditionalGroupNorm, ResNetBlock,
+    TimestepEmbedding, sinusoidal_embedding,
+)
+from kvideo.nn.layers import GradCheckpointMixin, group_norm
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -76,9 +86,10 @@ class UNetConfig:
     # release's and diffusers' behaviour, for loading released weights). The attention itself
     # honours the mask either way.
     pool_query: str = "valid"
-
-
-POOL_QUERIES = ("valid", "all")
+    # Per level (None: none): an identity attention after every text cross-attention of the level
+    # (so only on levels with add_cross_attention), to the tokens of `forward(identity=...)`.
+    identity_attention: Optional[List[bool]] = None
+    identity_dim: Optional[int] = None  # the identity tokens' width; None = context_dim
 
 
 def _init_channels(cfg: UNetConfig) -> int:
@@ -125,232 +136,62 @@ def _check_config(cfg: UNetConfig) -> None:
         raise ValueError(
             f"UNetConfig.time_embed_dim = {cfg.time_embed_dim} is not a multiple of head_dim = {cfg.head_dim}"
         )
+    _identity_levels(cfg)
+
+
+def _identity_levels(cfg: UNetConfig) -> List[bool]:
+    """cfg.identity_attention, one flag per level (all False when None); ValueError naming the key
+    when it cannot be built."""
+    name = type(cfg).__name__
+    if cfg.identity_dim is not None and cfg.identity_dim < 1:
+        raise ValueError(f"{name}.identity_dim must be positive (or None: context_dim); got {cfg.identity_dim}")
+    if cfg.identity_attention is None:
+        return [False] * len(cfg.dim_mult)
+    levels = [bool(v) for v in cfg.identity_attention]
+    if len(levels) != len(cfg.dim_mult):
+        raise ValueError(f"{name}.identity_attention needs one entry per level of dim_mult ({len(cfg.dim_mult)}); "
+                         f"got {list(cfg.identity_attention)}")
+    if any(i and not c for i, c in zip(levels, cfg.add_cross_attention)):
+        raise ValueError(f"{name}.identity_attention: an identity attention follows the text cross-attention, "
+                         f"so it needs add_cross_attention on the same levels; got {levels} with "
+                         f"add_cross_attention {list(cfg.add_cross_attention)}")
+    return levels
+
+
+def _identity_dim(cfg: UNetConfig) -> int:
+    return cfg.identity_dim if cfg.identity_dim is not None else cfg.context_dim
 
 
 # ----------------------------------------------------------------------------------------------
-# Embeddings and attention
+# Levels
 # ----------------------------------------------------------------------------------------------
 
 
-def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """(b,) timesteps -> (b, dim) float32 [sin | cos] features, frequencies 1 .. 1/10000."""
-    half = dim // 2
-    step = -math.log(10000.0) / max(half - 1, 1)
-    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * step)  # (half,)
-    angles = rearrange(t.float(), "b -> b 1") * rearrange(freqs, "j -> 1 j")  # (b, half)
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (b, dim)
+def _attention(channels: int, cfg: UNetConfig, context_dim: Optional[int]) -> AttentionBlock:
+    """Self-attention (context_dim None) or a cross-attention to `context_dim`-wide tokens."""
+    return AttentionBlock(channels, cfg.time_embed_dim, context_dim, cfg.groups, cfg.head_dim, cfg.expansion_ratio)
 
 
-class TimestepEmbedding(nn.Module):
-    """sinusoidal(t) -> Linear -> SiLU -> Linear: (b,) -> (b, time_embed_dim)."""
-
-    def __init__(self, sinusoidal_dim: int, time_embed_dim: int) -> None:
-        super().__init__()
-        self.sinusoidal_dim = sinusoidal_dim
-        self.mlp = nn.Sequential(
-            nn.Linear(sinusoidal_dim, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
-        )
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = sinusoidal_embedding(t, self.sinusoidal_dim).to(self.mlp[0].weight.dtype)  # (b, sinusoidal_dim)
-        return self.mlp(emb)  # (b, time_embed_dim)
-
-
-class Attention(nn.Module):
-    """Multi-head attention of `x` (b, n, query_dim) over `context` (b, m, context_dim), bias-free
-    projections to inner_dim = heads * head_dim and back out to inner_dim."""
-
-    def __init__(self, query_dim: int, inner_dim: int, context_dim: int, head_dim: int = 64) -> None:
-        super().__init__()
-        if inner_dim % head_dim:
-            raise ValueError(f"Attention: {inner_dim} channels are not a multiple of head_dim = {head_dim}")
-        self.heads = inner_dim // head_dim
-        self.to_query = nn.Linear(query_dim, inner_dim, bias=False)
-        self.to_key = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_value = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_out = nn.Linear(inner_dim, inner_dim, bias=False)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """mask: optional bool (b, m), True = a valid context token."""
-        q = rearrange(self.to_query(x), "b n (h d) -> b h n d", h=self.heads)
-        k = rearrange(self.to_key(context), "b m (h d) -> b h m d", h=self.heads)
-        v = rearrange(self.to_value(context), "b m (h d) -> b h m d", h=self.heads)
-        if mask is not None:
-            mask = rearrange(mask, "b m -> b 1 1 m")  # broadcast over heads and queries
-        out = attention(q, k, v, mask=mask)  # (b, heads, n, d)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))  # (b, n, inner_dim)
-
-
-class AttentionPooling(nn.Module):
-    """Adds the text to the time embedding: one query, the mean of the valid context tokens
-    (`query="valid"`) or of all of them, padding included (`query="all"`, the release), attends
-    over the (valid) context; the result (b, time_embed_dim) is added to the time embedding."""
-
-    def __init__(self, time_embed_dim: int, context_dim: int, head_dim: int = 64, query: str = "valid") -> None:
-        super().__init__()
-        if query not in POOL_QUERIES:
-            raise ValueError(f"AttentionPooling: query must be one of {', '.join(POOL_QUERIES)}; got {query!r}")
-        self.query = query
-        self.attention = Attention(context_dim, time_embed_dim, context_dim, head_dim)
-
-    def forward(self, time_embed: torch.Tensor, context: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if mask is None or self.query == "all":
-            query = context.mean(dim=1, keepdim=True)  # (b, 1, context_dim)
-        else:
-            weights = rearrange(mask.to(context.dtype), "b m -> b m 1")
-            count = weights.sum(dim=1, keepdim=True).clamp(min=1)  # (b, 1, 1) valid tokens
-            query = (context * weights).sum(dim=1, keepdim=True) / count  # (b, 1, context_dim)
-        pooled = self.attention(query, context, mask)  # (b, 1, time_embed_dim)
-        return time_embed + rearrange(pooled, "b 1 c -> b c")
-
-
-# ----------------------------------------------------------------------------------------------
-# Blocks
-# ----------------------------------------------------------------------------------------------
-
-
-class ConditionalGroupNorm(nn.Module):
-    """GroupNorm(affine=False)(x) * (1 + scale) + shift, (scale, shift) = Linear(SiLU(emb)).
-
-    The Linear starts at zero, so the norm starts as a plain GroupNorm. Works on (b, c, ...) of
-    any rank: the video model uses it on (b, c, f, h, w) too.
-    """
-
-    def __init__(self, channels: int, cond_dim: int, groups: int = 32) -> None:
-        super().__init__()
-        self.norm = group_norm(channels, groups, eps=1e-5, affine=False)
-        self.context_mlp = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * channels))
-        nn.init.zeros_(self.context_mlp[1].weight)
-        nn.init.zeros_(self.context_mlp[1].bias)
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """emb (b, cond_dim), or (b, f, cond_dim) per frame for x (b, c, f, h, w)."""
-        if emb.ndim == 3:  # per-frame conditioning of a video: (b, f, 2c) -> (b, 2c, f, 1, 1)
-            params = rearrange(self.context_mlp(emb), "b f c -> b c f")
-        else:
-            params = self.context_mlp(emb)  # (b, 2c)
-        params = params.reshape(*params.shape, *([1] * (x.ndim - params.ndim)))  # broadcast over the rest
-        scale, shift = params.chunk(2, dim=1)
-        return self.norm(x) * (1 + scale) + shift
-
-
-class Block(nn.Module):
-    """ConditionalGroupNorm -> SiLU -> [ConvTranspose k2s2 up] -> conv -> [Conv k2s2 down]."""
-
-    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, kernel_size: int = 3,
-                 groups: int = 32, resample: Optional[str] = None) -> None:
-        super().__init__()
-        if resample not in (None, "up", "down"):
-            raise ValueError(f"Block: resample must be None, 'up' or 'down'; got {resample!r}")
-        self.norm = ConditionalGroupNorm(in_channels, cond_dim, groups)
-        self.activation = nn.SiLU()
-        self.up = nn.ConvTranspose2d(in_channels, in_channels, kernel_size=2, stride=2) if resample == "up" else None
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
-        self.down = nn.Conv2d(out_channels, out_channels, kernel_size=2, stride=2) if resample == "down" else None
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, after_conv=None) -> torch.Tensor:
-        """`after_conv(h) -> h` (video models): applied after `conv`, before any down conv."""
-        x = self.activation(self.norm(x, emb))
-        if self.up is not None:
-            x = self.up(x)  # (b, c_in, 2h, 2w)
-        x = self.conv(x)
-        if after_conv is not None:
-            x = after_conv(x)
-        if self.down is not None:
-            x = self.down(x)  # (b, c_out, h/2, w/2)
-        return x
-
-
-class ResNetBlock(nn.Module):
-    """Bottleneck of four Blocks (kernels 1, 3, 3, 1; hidden max(in, out) // compression_ratio)
-    plus a shortcut with the same resampling and a 1x1 conv when the width changes.
-
-    As in the release, upsampling happens in the second Block and downsampling in the third, so
-    both 3x3 convs of the bottleneck see the higher resolution only when going up.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, groups: int = 32,
-                 compression_ratio: int = 2, resample: Optional[str] = None) -> None:
-        super().__init__()
-        hidden = max(in_channels, out_channels) // compression_ratio
-        widths = [in_channels, hidden, hidden, hidden, out_channels]
-        resamples = [None, "up" if resample == "up" else None, "down" if resample == "down" else None, None]
-        self.blocks = nn.ModuleList([
-            Block(widths[i], widths[i + 1], cond_dim, kernel, groups, resamples[i])
-            for i, kernel in enumerate([1, 3, 3, 1])
-        ])
-        up, down, project = resample == "up", resample == "down", in_channels != out_channels
-        self.shortcut_up = nn.ConvTranspose2d(in_channels, in_channels, kernel_size=2, stride=2) if up else None
-        self.shortcut_proj = nn.Conv2d(in_channels, out_channels, kernel_size=1) if project else None
-        self.shortcut_down = nn.Conv2d(out_channels, out_channels, kernel_size=2, stride=2) if down else None
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, after_block=None, before_down: bool = False) -> torch.Tensor:
-        """`after_block(i, h) -> h` (video models): applied to the output of Block i of the
-        bottleneck; with `before_down`, in the Block with a down conv it runs before that conv
-        (after the Block's 3x3 conv) instead."""
-        out = x
-        for i, block in enumerate(self.blocks):
-            inside = after_block is not None and before_down and block.down is not None  # between conv and down
-            out = block(out, emb, partial(after_block, i) if inside else None)
-            if after_block is not None and not inside:
-                out = after_block(i, out)
-        for layer in (self.shortcut_up, self.shortcut_proj, self.shortcut_down):
-            if layer is not None:
-                x = layer(x)
-        return x + out
-
-
-class AttentionBlock(nn.Module):
-    """CGN -> attention -> residual; CGN -> 1x1-conv feed-forward (x expansion, SiLU, no bias) -> residual.
-
-    Self-attention over the h*w positions when `context_dim` is None; otherwise cross-attention
-    from the positions to the context tokens, honouring the context mask.
-    """
-
-    def __init__(self, channels: int, cond_dim: int, context_dim: Optional[int] = None, groups: int = 32,
-                 head_dim: int = 64, expansion_ratio: int = 4) -> None:
-        super().__init__()
-        self.is_cross = context_dim is not None
-        self.in_norm = ConditionalGroupNorm(channels, cond_dim, groups)
-        self.attention = Attention(channels, channels, context_dim if context_dim is not None else channels, head_dim)
-        self.out_norm = ConditionalGroupNorm(channels, cond_dim, groups)
-        hidden = expansion_ratio * channels
-        self.feed_forward = nn.Sequential(
-            nn.Conv2d(channels, hidden, kernel_size=1, bias=False),
-            nn.SiLU(),
-            nn.Conv2d(hidden, channels, kernel_size=1, bias=False),
-        )
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None,
-                context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        out = rearrange(self.in_norm(x, emb), "b c h w -> b (h w) c")  # tokens = positions
-        if self.is_cross:
-            out = self.attention(out, context, context_mask)  # (b, h*w, c)
-        else:
-            out = self.attention(out, out)
-        x = x + rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
-        return x + self.feed_forward(self.out_norm(x, emb))
-
-
-def _cross_attention(channels: int, cfg: UNetConfig) -> AttentionBlock:
-    return AttentionBlock(channels, cfg.time_embed_dim, cfg.context_dim, cfg.groups, cfg.head_dim, cfg.expansion_ratio)
-
-
-def _self_attention(channels: int, cfg: UNetConfig) -> AttentionBlock:
-    return AttentionBlock(channels, cfg.time_embed_dim, None, cfg.groups, cfg.head_dim, cfg.expansion_ratio)
+def _cross_units(channels: int, cfg: UNetConfig, level: int) -> tuple:
+    """(text cross-attention, identity attention) of a unit of `level` on `channels`, each or None."""
+    if not cfg.add_cross_attention[level]:
+        return None, None
+    cross = _attention(channels, cfg, cfg.context_dim)
+    identity = IdentityAttention(_attention(channels, cfg, _identity_dim(cfg))) if _identity_levels(cfg)[level] else None
+    return cross, identity
 
 
 class LevelUnit(nn.Module):
-    """ResNet -> [text cross-attention] -> ResNet: the repeated unit of every level."""
+    """ResNet -> [text cross-attention -> [identity attention]] -> ResNet: the repeated unit of
+    every level."""
 
     def __init__(self, in_resnet: ResNetBlock, cross_attention: Optional[AttentionBlock],
-                 out_resnet: ResNetBlock) -> None:
+                 out_resnet: ResNetBlock, identity_attention: Optional[IdentityAttention] = None) -> None:
         super().__init__()
         self.in_resnet = in_resnet
         self.cross_attention = cross_attention
         self.out_resnet = out_resnet
+        self.identity_attention = identity_attention  # after out_resnet: the older keys keep their order
 
 
 class _Level(GradCheckpointMixin, nn.Module):
@@ -363,6 +204,8 @@ class _Level(GradCheckpointMixin, nn.Module):
     the spatial ResNet after each of its Blocks (with `before_down`, before the down conv of the
     Block that has one); `attention` follows the level's self-attention (going up with
     `attention_first_up`, it precedes it). All run through this level's `run_block`.
+
+    `identity` (IdentityTokens, or None) feeds the units' identity attentions; None skips them.
     """
 
     self_attention_first: bool = True
@@ -389,13 +232,16 @@ class _Level(GradCheckpointMixin, nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
-                context_mask: Optional[torch.Tensor] = None, temporal=None) -> torch.Tensor:
+                context_mask: Optional[torch.Tensor] = None, temporal=None, *,
+                identity: Optional[IdentityTokens] = None) -> torch.Tensor:
         if self.self_attention_first:
             x = self._run_self_attention(x, emb, temporal)
         for i, unit in enumerate(self.units):
             x = self._run_resnet(unit.in_resnet, x, emb, temporal, 2 * i)
             if unit.cross_attention is not None:
                 x = self.run_block(unit.cross_attention, x, emb, context, context_mask)
+            if unit.identity_attention is not None and identity is not None:
+                x = self.run_block(unit.identity_attention, x, emb, identity.tokens, identity.mask, identity.weight)
             x = self._run_resnet(unit.out_resnet, x, emb, temporal, 2 * i + 1)
         if not self.self_attention_first:
             x = self._run_self_attention(x, emb, temporal)
@@ -403,54 +249,53 @@ class _Level(GradCheckpointMixin, nn.Module):
 
 
 class DownLevel(_Level):
-    """[self-attn on in_channels] -> num_blocks x (ResNet -> cross-attn -> ResNet); the first unit
-    widens in -> out, the last ResNet halves the resolution when `downsample`."""
+    """Down level `level` of `cfg`: [self-attn on in_channels] -> num_blocks x (ResNet -> cross-attn
+    -> ResNet); the first unit widens in -> out, the last ResNet halves the resolution (but on the
+    lowest level)."""
 
     self_attention_first = True
 
-    def __init__(self, in_channels: int, out_channels: int, cfg: UNetConfig, num_blocks: int,
-                 cross_attention: bool, self_attention: bool, downsample: bool) -> None:
+    def __init__(self, in_channels: int, out_channels: int, cfg: UNetConfig, level: int) -> None:
         super().__init__()
-        e, g = cfg.time_embed_dim, cfg.groups
-        self.self_attention = _self_attention(in_channels, cfg) if self_attention else None
+        e, g, num_blocks = cfg.time_embed_dim, cfg.groups, cfg.num_blocks[level]
+        downsample = level != len(cfg.dim_mult) - 1
+        self.self_attention = _attention(in_channels, cfg, None) if cfg.add_self_attention[level] else None
         units = []
         for i in range(num_blocks):
             c_in = in_channels if i == 0 else out_channels
             last = i == num_blocks - 1
-            units.append(LevelUnit(
-                ResNetBlock(c_in, out_channels, e, g, cfg.compression_ratio),
-                _cross_attention(out_channels, cfg) if cross_attention else None,
-                ResNetBlock(out_channels, out_channels, e, g, cfg.compression_ratio,
-                            "down" if (last and downsample) else None),
-            ))
+            in_resnet = ResNetBlock(c_in, out_channels, e, g, cfg.compression_ratio)
+            cross, identity = _cross_units(out_channels, cfg, level)
+            out_resnet = ResNetBlock(out_channels, out_channels, e, g, cfg.compression_ratio,
+                                     "down" if (last and downsample) else None)
+            units.append(LevelUnit(in_resnet, cross, out_resnet, identity))
         self.units = nn.ModuleList(units)
 
 
 class UpLevel(_Level):
-    """num_blocks x (ResNet -> cross-attn -> ResNet) -> [self-attn on out_channels].
+    """The twin of down level `level` of `cfg`: num_blocks x (ResNet -> cross-attn -> ResNet) ->
+    [self-attn on out_channels].
 
     The input has in_channels + skip_channels channels (the skip is concatenated by the UNet);
-    the first ResNet keeps that width and doubles the resolution when `upsample`, the first unit
-    narrows to in_channels and the last one to out_channels (the release's layout).
+    the first ResNet keeps that width and doubles the resolution (but on the lowest level), the
+    first unit narrows to in_channels and the last one to out_channels (the release's layout).
     """
 
     self_attention_first = False
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, cfg: UNetConfig, num_blocks: int,
-                 cross_attention: bool, self_attention: bool, upsample: bool) -> None:
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, cfg: UNetConfig, level: int) -> None:
         super().__init__()
-        e, g = cfg.time_embed_dim, cfg.groups
+        e, g, num_blocks = cfg.time_embed_dim, cfg.groups, cfg.num_blocks[level]
+        upsample = level != len(cfg.dim_mult) - 1
         units = []
         for i in range(num_blocks):
             c = in_channels + skip_channels if i == 0 else in_channels
             c_out = out_channels if i == num_blocks - 1 else in_channels
-            units.append(LevelUnit(
-                ResNetBlock(c, c, e, g, cfg.compression_ratio, "up" if (i == 0 and upsample) else None),
-                _cross_attention(c, cfg) if cross_attention else None,
-                ResNetBlock(c, c_out, e, g, cfg.compression_ratio),
-            ))
+            in_resnet = ResNetBlock(c, c, e, g, cfg.compression_ratio, "up" if (i == 0 and upsample) else None)
+            cross, identity = _cross_units(c, cfg, level)
+            units.append(LevelUnit(in_resnet, cross, ResNetBlock(c, c_out, e, g, cfg.compression_ratio), identity))
         self.units = nn.ModuleList(units)
-        self.self_attention = _self_attention(out_channels, cfg) if self_attention else None
+        self.self_attention = _attention(out_channels, cfg, None) if cfg.add_self_attention[level] else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,7 +308,8 @@ class UNet(GradCheckpointMixin, nn.Module):
 
     x (b, in_channels, h, w) with h, w divisible by `downsample_factor`; t (b,) integer or float
     timesteps; context (b, n, context_dim) text tokens; context_mask (b, n) bool, True = valid
-    token (None = all valid; every sample needs at least one valid token).
+    token (None = all valid; every sample needs at least one valid token); identity (keyword, with
+    `identity_attention` set) the identity tokens of each sample, IdentityTokens of identity_dim.
     """
 
     def __init__(self, cfg: UNetConfig) -> None:
@@ -477,16 +323,11 @@ class UNet(GradCheckpointMixin, nn.Module):
 
         widths = [init] + [cfg.model_channels * m for m in cfg.dim_mult]
         levels = len(cfg.dim_mult)
-        self.down_samples = nn.ModuleList([
-            DownLevel(widths[i], widths[i + 1], cfg, cfg.num_blocks[i], cfg.add_cross_attention[i],
-                      cfg.add_self_attention[i], downsample=i != levels - 1)
-            for i in range(levels)
-        ])
+        self.down_samples = nn.ModuleList([DownLevel(widths[i], widths[i + 1], cfg, i) for i in range(levels)])
         # up_samples[j] mirrors down level i = levels - 1 - j; it takes the skip of down level i
         # (saved at the lowest resolution it reached) except for the lowest level, which has none.
         self.up_samples = nn.ModuleList([
-            UpLevel(widths[i + 1], widths[i + 1] if i != levels - 1 else 0, widths[i], cfg, cfg.num_blocks[i],
-                    cfg.add_cross_attention[i], cfg.add_self_attention[i], upsample=i != levels - 1)
+            UpLevel(widths[i + 1], widths[i + 1] if i != levels - 1 else 0, widths[i], cfg, i)
             for i in reversed(range(levels))
         ])
         self.out_layer = nn.Sequential(
@@ -500,13 +341,20 @@ class UNet(GradCheckpointMixin, nn.Module):
         """h and w must be divisible by this: 2 ** (levels - 1)."""
         return 2 ** (len(self.cfg.dim_mult) - 1)
 
+    def identity_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters of the identity attentions (gates and blocks): none without
+        `identity_attention`. A stage trains or freezes them as a group."""
+        for module in self.modules():
+            if isinstance(module, IdentityAttention):
+                yield from module.parameters()
+
     def embed(self, t: torch.Tensor, context: torch.Tensor,
               context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The conditioning vector (b, time_embed_dim) given to every norm."""
         return self.feature_pooling(self.time_embed(t), context, context_mask)
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                      context_mask: Optional[torch.Tensor]) -> None:
+                      context_mask: Optional[torch.Tensor], identity: Optional[IdentityTokens] = None) -> None:
         b, c, h, w = x.shape
         f = self.downsample_factor
         if c != self.cfg.in_channels or h % f or w % f:
@@ -525,31 +373,41 @@ class UNet(GradCheckpointMixin, nn.Module):
                 )
             if not bool(context_mask.any(dim=1).all()):
                 raise ValueError("UNet: every sample needs at least one valid context token (context_mask all False)")
+        if identity is not None:
+            if not any(_identity_levels(self.cfg)):
+                raise ValueError("UNet: identity tokens given to a UNet without identity attention "
+                                 f"({type(self.cfg).__name__}.identity_attention is not set on any level)")
+            identity.check(b, _identity_dim(self.cfg), "UNet")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self._check_inputs(x, t, context, context_mask)
+                context_mask: Optional[torch.Tensor] = None, *,
+                identity: Optional[IdentityTokens] = None) -> torch.Tensor:
+        self._check_inputs(x, t, context, context_mask, identity)
         emb = self.embed(t, context, context_mask)  # (b, time_embed_dim)
-        return self.run_levels(x, emb, context, context_mask)
+        return self.run_levels(x, emb, context, context_mask, identity=identity)
 
     def run_levels(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
                    context_mask: Optional[torch.Tensor] = None, temporal_down: Optional[Sequence] = None,
-                   temporal_up: Optional[Sequence] = None) -> torch.Tensor:
+                   temporal_up: Optional[Sequence] = None, *,
+                   identity: Optional[IdentityTokens] = None) -> torch.Tensor:
         """in_layer -> levels -> out_layer on (b, in_channels, h, w) with conditioning `emb` (b, e).
 
         A video model passes one temporal hook per level (see `_Level`) in `temporal_down` and
-        `temporal_up`, and its frames folded into the batch.
+        `temporal_up`, and its frames folded into the batch (and so its identity tokens repeated
+        for them, as the context).
         """
         x = self.in_layer(x)  # (b, init_channels, h, w)
         skips = []
         for i, level in enumerate(self.down_samples):
-            x = level(x, emb, context, context_mask, None if temporal_down is None else temporal_down[i])
+            x = level(x, emb, context, context_mask, None if temporal_down is None else temporal_down[i],
+                      identity=identity)
             if i != len(self.down_samples) - 1:
                 skips.append(x)  # (b, c_i, h / 2^(i+1), w / 2^(i+1))
         for j, level in enumerate(self.up_samples):
             if j != 0:
                 x = torch.cat([x, skips.pop()], dim=1)  # (b, 2 c_i, h', w'): one skip per level
-            x = level(x, emb, context, context_mask, None if temporal_up is None else temporal_up[j])
+            x = level(x, emb, context, context_mask, None if temporal_up is None else temporal_up[j],
+                      identity=identity)
         return self.out_layer(x)  # (b, out_channels, h, w)
 
 

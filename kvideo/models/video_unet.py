@@ -1,6 +1,7 @@
 """The keyframe UNet of Kandinsky Video 1.1: the Kandinsky 3 UNet plus temporal layers.
 
     x (b, in_channels, f, h, w), t (b,) or (b, f), context (b, n, context_dim), context_mask (b, n),
+    identity (IdentityTokens, per clip), and the temporal layers' own inputs (TemporalInputs):
     noise_aug_level (b,), motion_score (b,), temporal (bool), motion_free (b,) bool
       -> (b, out_channels, f, h, w)
 
@@ -31,7 +32,9 @@ MLP(sin(motion score)) (+ with `temporal_text`, a pooling of the text of their o
 spatial layers never see it. At initialisation every temporal
 layer is the identity, so the video UNet equals the image UNet applied frame by frame
 (`load_image_weights` copies a trained image UNet in, zero-initialising new input channels).
-`forward(..., temporal=False)` switches the temporal layers off (image mode).
+`forward(..., temporal=False)` switches the temporal layers off (image mode). With
+`identity_attention` set, the image UNet's identity attentions are spatial layers like the others:
+`forward(..., identity=...)` takes one clip's identity tokens each and every frame reads them.
 
 With the `kandinsky` size (9 input channels: x_t | first-frame latent | mask) this is the
 released keyframe model's layout, 4.149B parameters of which 1.110B temporal.
@@ -39,20 +42,22 @@ released keyframe model's layout, 4.149B parameters of which 1.110B temporal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from einops import rearrange
 from torch import nn
 
+from kvideo.models.identity import IdentityTokens
 from kvideo.models.sizes import extend_config, sized_config
 from kvideo.models.temporal_layers import (  # noqa: F401 (re-exported: the temporal layers' old home)
     INSIDE_AFTER_BLOCK, KINDS, NORMS, PLACEMENTS, BoundTemporal, FirstFrameAttentionBlock, LevelTemporal,
     TemporalAttentionBlock, TemporalResNetBlock,
 )
 from kvideo.models.unet import (
-    AttentionPooling, TimestepEmbedding, UNet, UNetConfig, _check_choice, _init_channels, unet_config,
+    AttentionPooling, TimestepEmbedding, UNet, UNetConfig, _check_choice, _identity_dim, _init_channels,
+    unet_config,
 )
 from kvideo.nn.layers import zero_module
 
@@ -140,6 +145,18 @@ def _inner_channels(level) -> List[int]:
     return [r.blocks[INSIDE_AFTER_BLOCK].conv.out_channels for u in level.units for r in (u.in_resnet, u.out_resnet)]
 
 
+@dataclass
+class TemporalInputs:
+    """The inputs of `VideoUNet.forward` that only its temporal layers read, given to it as keywords."""
+
+    noise_aug_level: Optional[torch.Tensor] = None  # (b,) the first frame's noise-augmentation level
+    motion_score: Optional[torch.Tensor] = None  # (b,)
+    temporal: bool = True  # False: image mode, every temporal layer bypassed
+    motion_free: Optional[torch.Tensor] = None  # (b,) bool: those samples' temporal layers cross no frames
+
+
+TEMPORAL_INPUTS = tuple(f.name for f in fields(TemporalInputs))
+
 
 class VideoUNet(UNet):
     """The image UNet's layers (same names, so image checkpoints load) plus `temporal_down`,
@@ -225,18 +242,25 @@ class VideoUNet(UNet):
         return emb + frames + per_clip[:, None, :]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                context_mask: Optional[torch.Tensor] = None, *, noise_aug_level: Optional[torch.Tensor] = None,
-                motion_score: Optional[torch.Tensor] = None, temporal: bool = True,
-                motion_free: Optional[torch.Tensor] = None) -> torch.Tensor:
+                context_mask: Optional[torch.Tensor] = None, *, identity: Optional[IdentityTokens] = None,
+                **temporal_inputs) -> torch.Tensor:
         """(b, c, f, h, w) -> (b, out_channels, f, h, w). t is (b,), one timestep per clip, or
-        (b, f), one per frame (a clean anchor frame among noisy ones). `temporal=False` is image
-        mode: every temporal layer bypassed, every frame denoised on its own by the spatial
-        layers (the temporal inputs are then unused). `motion_free` (b,) bool: those samples run
-        the temporal layers with nothing crossing frames (kvideo.models.temporal_layers), the
-        motion-free branch of motion-free guidance."""
+        (b, f), one per frame (a clean anchor frame among noisy ones). `identity`: one clip's
+        identity tokens each, read by every frame. `temporal_inputs`, the keywords of
+        TemporalInputs (another raises TypeError): `noise_aug_level`, `motion_score`;
+        `temporal=False` is image mode: every temporal layer bypassed, every frame denoised on its
+        own by the spatial layers (the temporal inputs are then unused); `motion_free` (b,) bool:
+        those samples run the temporal layers with nothing crossing frames
+        (kvideo.models.temporal_layers), the motion-free branch of motion-free guidance."""
+        unknown = sorted(set(temporal_inputs) - set(TEMPORAL_INPUTS))
+        if unknown:
+            raise TypeError(f"VideoUNet.forward got unexpected keyword arguments {unknown}; "
+                            f"it takes identity and {', '.join(TEMPORAL_INPUTS)}")
+        inputs = TemporalInputs(**temporal_inputs)
         if x.ndim != 5:
             raise ValueError(f"VideoUNet: x must be (b, c, f, h, w); got {tuple(x.shape)}")
         b, _, f = x.shape[:3]
+        motion_free = inputs.motion_free
         if motion_free is not None and (motion_free.shape != (b,) or motion_free.dtype != torch.bool):
             raise ValueError(f"VideoUNet: motion_free must be a ({b},) bool tensor; got {motion_free.dtype} "
                              f"{tuple(motion_free.shape)}")
@@ -249,19 +273,24 @@ class VideoUNet(UNet):
             return None if value is None else value.repeat_interleave(f, dim=0)
 
         frame_t = t.reshape(-1) if per_frame else t.repeat_interleave(f)
-        self._check_inputs(frames, frame_t, for_frames(context), for_frames(context_mask))
+        if identity is not None:
+            identity.check(b, _identity_dim(self.cfg), "VideoUNet")  # one clip's tokens each
+            identity = identity.repeat_interleave(f)  # ((b f), n, d): each clip's tokens for its frames
+        self._check_inputs(frames, frame_t, for_frames(context), for_frames(context_mask), identity)
         # one conditioning vector per frame, or per clip (then repeated for the frames, after the
         # temporal embedding has read it: this order keeps the autograd sums of older runs bitwise)
         emb = rearrange(self.embed(frame_t, for_frames(context), for_frames(context_mask)), "(b f) e -> b f e", b=b) \
             if per_frame else self.embed(t, context, context_mask)
         down = up = None
-        if temporal:
-            temb = self.temporal_embedding(emb, f, noise_aug_level, motion_score, None, context, context_mask)
+        if inputs.temporal:
+            temb = self.temporal_embedding(emb, f, inputs.noise_aug_level, inputs.motion_score, None, context,
+                                           context_mask)
             mf = None if motion_free is None else motion_free.to(x.device)
             down = [BoundTemporal(layers, f, temb, mf) for layers in self.temporal_down]
             up = [BoundTemporal(layers, f, temb, mf) for layers in self.temporal_up]
         frame_emb = rearrange(emb, "b f e -> (b f) e") if per_frame else emb.repeat_interleave(f, dim=0)
-        out = self.run_levels(frames, frame_emb, for_frames(context), for_frames(context_mask), down, up)
+        out = self.run_levels(frames, frame_emb, for_frames(context), for_frames(context_mask), down, up,
+                              identity=identity)
         return rearrange(out, "(b f) c h w -> b c f h w", b=b)
 
 
