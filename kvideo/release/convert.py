@@ -93,6 +93,7 @@ RELEASE_MODEL_OPTIONS: Dict[str, Dict[str, object]] = {
     "movq": {},
     "video_decoder": {"temporal_mid_blocks": True},
 }
+RELEASE_T5_WIDTH = 4096  # Flan-UL2's d_model (the projection's input width; coverage only)
 RELEASE_TEXT_ENCODER = {"kind": "t5", "context_length": 128, "projection_bias": False, "frozen": True, "truncate": True,
                         "trim_context": True}
 # The release's sampling (kandinsky_video/t2v_pipeline.py, model/diffusion.py): diffusers'
@@ -196,21 +197,19 @@ def build_network(cfg: DictConfig, device: str = "cpu") -> torch.nn.Module:
         return build_model(cfg)
 
 
-def convert_stage(stage: str, state: Mapping[str, torch.Tensor], network: torch.nn.Module) -> Conversion:
-    """The release's `state` -> `network`'s weights; every release key is mapped or consumed and
-    every network key filled, or KeyError names the rest. The autoencoders' codebook, which the
-    release lacks (its decoder never quantises), is the network's own initialisation."""
+def convert_stage(stage: str, state: Mapping[str, torch.Tensor], network: torch.nn.Module,
+                  require: bool = True) -> Conversion:
+    """The release's `state` -> `network`'s weights; with `require`, every release key must be
+    mapped or consumed and every network key filled, or KeyError names the rest (without it the
+    Conversion reports them: the coverage table). The autoencoders' codebook, which the release
+    lacks (its decoder never quantises), is the network's own initialisation."""
     conversion = STAGE_SOURCES[stage].convert(state, network)
-    _fill_codebook(conversion, network)
-    conversion.require()
-    return conversion
-
-
-def _fill_codebook(conversion: Conversion, network: torch.nn.Module) -> None:
-    """An autoencoder's codebook, which the release lacks, from `network`'s initialisation."""
     own = network.state_dict()
     for key in [k for k in conversion.unfilled if k.startswith(NO_CODEBOOK)]:
         conversion.derive(key, own[key], "kvideo's initialisation (the release has no codebook; decode never reads it)")
+    if require:
+        conversion.require()
+    return conversion
 
 
 def text_state(projection: Mapping[str, torch.Tensor], null_embedding: Optional[torch.Tensor],
@@ -272,13 +271,13 @@ class Release:
 
 
 def convert_release(release: Release, out: Path, configs: Mapping[str, Sequence[Path]],
-                    text_weights: Optional[str], overrides: Mapping[str, Sequence[str]] = {},  # noqa: B006
+                    text_weights: Optional[str], overrides: Optional[Mapping[str, Sequence[str]]] = None,
                     log: Callable[[str], None] = print) -> Dict[str, Conversion]:
     """Write one kvideo checkpoint per stage of `configs` (stage -> config files) under `out`, and
     `out/pipeline.yaml` when every stage of the cascade is there. Returns each stage's Conversion."""
     from kvideo.config import to_yaml
 
-    conversions = {}
+    conversions, overrides = {}, overrides or {}
     projection = release.state("t5_projection") if any(s in DIFFUSION for s in configs) else {}
     for stage in [s for s in STAGE_SOURCES if s in configs]:  # the autoencoders' paths are in later configs
         cfg = stage_config(stage, configs[stage], out, text_weights, overrides.get(stage, ()))
@@ -341,19 +340,19 @@ def coverage_row(stage: str, release: str, conversion: Conversion, state_keys: i
 
 
 def coverage(configs: Mapping[str, Sequence[Path]], release: Optional[Mapping[str, Tensors]] = None,
-             overrides: Mapping[str, Sequence[str]] = {}) -> List[CoverageRow]:  # noqa: B006 - read only
+             overrides: Optional[Mapping[str, Sequence[str]]] = None) -> List[CoverageRow]:
     """Every stage's network of `configs` (stage -> config files) built on the meta device against
     the release's keys: `release` (model -> state dict, e.g. meta tensors of the files) or the
     inventory. Shapes that cannot be fitted raise ValueError naming them."""
     release = release or {k: meta_state(v) for k, v in read_inventory().items()}
+    overrides = overrides or {}
     rows = []
     for stage, files in configs.items():
         cfg = stage_config(stage, files, Path("release"), None, overrides.get(stage, ()))
         network = build_network(cfg, "meta")
         source = STAGE_SOURCES[stage]
         state = release[source.release]
-        conversion = STAGE_SOURCES[stage].convert(state, network)
-        _fill_codebook(conversion, network)
+        conversion = convert_stage(stage, state, network, require=False)
         rows.append(coverage_row(stage, RELEASE_FILES[source.release].name, conversion, len(state),
                                  len(network.state_dict())))
         if stage == "t2i" and "kandinsky3" in release:  # the same network from Kandinsky 3's own UNet
@@ -369,16 +368,13 @@ def coverage(configs: Mapping[str, Sequence[Path]], release: Optional[Mapping[st
 
 
 def _projection_target(cfg: DictConfig) -> Tensors:
-    """The shapes of a T5 text encoder's projection of `cfg` (no tower needed)."""
+    """The shapes of a T5 text encoder's projection of `cfg` (no tower needed), on the meta device."""
     t = cfg.recipe.text_encoder
-    width = RELEASE_T5_WIDTH
     with torch.device("meta"):
-        proj = torch.nn.Linear(width, t.out_dim, bias=t.projection_bias)
-        norm = torch.nn.LayerNorm(t.out_dim)
-    return {**{f"proj.{k}": v for k, v in proj.state_dict().items()}, **{f"norm.{k}": v for k, v in norm.state_dict().items()}}
+        layers = {"proj": torch.nn.Linear(RELEASE_T5_WIDTH, t.out_dim, bias=t.projection_bias),
+                  "norm": torch.nn.LayerNorm(t.out_dim)}
+    return {f"{name}.{k}": v for name, layer in layers.items() for k, v in layer.state_dict().items()}
 
-
-RELEASE_T5_WIDTH = 4096  # Flan-UL2's d_model
 
 
 def coverage_table(rows: Sequence[CoverageRow]) -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvideo.release.keys import Conversion, Fields, KeyMap, Rename, convert
@@ -126,12 +125,12 @@ def first_frame_to_kvideo(state: Mapping[str, torch.Tensor], unet: nn.Module) ->
         if key not in spatial and not key.startswith(IMAGE_IN_LAYER):
             conversion.consumed[key] = "the keyframe model's"
     channels = target["in_layer.weight"].shape[1]
-    for name in ("weight", "bias"):
+    image_in = {"weight": (slice(None), slice(None, channels)), "bias": slice(None)}  # the image mode's inputs
+    for name, part in image_in.items():
         key = IMAGE_IN_LAYER + name
         if key in state:
-            conversion.consumed[key] = f"in_layer.{name}" + (f" (input channels :{channels})" if name == "weight" else "")
-            conversion.derive(f"in_layer.{name}", state[key][:, :channels] if name == "weight" else state[key],
-                              f"{key}" + (f"[:, :{channels}]" if name == "weight" else ""))
+            conversion.consumed[key] = f"in_layer.{name} of the first-frame model"
+            conversion.derive(f"in_layer.{name}", state[key][part], f"{key}, input channels :{channels}")
     return conversion
 
 
@@ -173,13 +172,18 @@ TIME_MERGE = "time_embed_merge"
 
 
 def _perturbation_embedding(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """P = perturbation_to_time_embed(0) = Linear(SiLU(Linear(sinusoid(0)))): (time_embed_dim,),
-    in float64, with kvideo's sinusoid (the release's: sin then cos, the same frequencies)."""
-    from kvideo.models.unet import sinusoidal_embedding
+    """P = perturbation_to_time_embed(0): (time_embed_dim,), kvideo's TimestepEmbedding (the
+    release's sinusoid and MLP) run on the release's weights in float64."""
+    from torch.func import functional_call
 
-    w1, b1, w3, b3 = (state[PERTURBATION + k].double() for k in ("1.weight", "1.bias", "3.weight", "3.bias"))
-    sinusoid = sinusoidal_embedding(torch.zeros(1, device=w1.device), w1.shape[1]).double()
-    return F.linear(F.silu(F.linear(sinusoid, w1, b1)), w3, b3)[0]
+    from kvideo.models.unet import TimestepEmbedding
+
+    weights = {f"mlp.{0 if k.startswith('1.') else 2}.{k[2:]}": state[PERTURBATION + k].double()
+               for k in ("1.weight", "1.bias", "3.weight", "3.bias")}
+    w1 = weights["mlp.0.weight"]
+    with torch.device("meta"):
+        embed = TimestepEmbedding(w1.shape[1], w1.shape[0])
+    return functional_call(embed, weights, (torch.zeros(1, device=w1.device),))[0]
 
 
 def interpolation_to_kvideo(state: Mapping[str, torch.Tensor], unet: nn.Module) -> Conversion:
