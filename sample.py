@@ -266,7 +266,7 @@ def sample_video_decoder(args) -> int:
 
 
 def sample_pipeline(args) -> int:
-    from kvideo.pipeline import Pipeline, call_arguments, write_outputs
+    from kvideo.pipeline import Pipeline, call_arguments
 
     if args.prompts_file:
         path = Path(args.prompts_file)
@@ -290,9 +290,26 @@ def sample_pipeline(args) -> int:
              "motion_guidance": args.motion_guidance, "anchor": args.anchor, "anchor_frame": args.anchor_frame,
              "rewrite": args.rewrite}
     arguments.update({k: v for k, v in flags.items() if v is not None})
+    arguments.update(identity_flags(args))
     pipe = Pipeline.from_config(args.pipeline, [*args.overrides, *(["compile=true"] if args.compile else [])])
     image = load_image(args.image) if args.image else None  # the pipeline fits it to the video size
-    out = pipe(prompts, image=image, seed=args.seed, **arguments)
+    bank = identity_bank(args)
+    if args.shot2:
+        return sample_two_shots(args, pipe, bank, arguments)
+    references = pipe.references_from(bank, prompts) if bank is not None else None
+    out = pipe(prompts, image=image, seed=args.seed, references=references, **arguments)
+    write_videos(args, out, prompts, outs)
+    if args.save_bank:
+        if bank is None:
+            raise ValueError("--save-bank needs a bank: --bank, --reference or --shot2")
+        print(f"wrote {bank.save(args.save_bank)}")
+    return 0
+
+
+def write_videos(args, out, prompts, outs) -> None:
+    """The mp4s (and GIFs / sheets) of one pipeline call, each with the JSON of what made it."""
+    from kvideo.pipeline import write_outputs
+
     for path in write_outputs(out, outs, gif=args.gif, sheet=args.sheet):
         print(f"wrote {path}")
     for i, (prompt, path) in enumerate(zip(prompts, outs)):  # what made each video, beside it
@@ -303,6 +320,42 @@ def sample_pipeline(args) -> int:
         path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in out.timings.items())
     print(f"{len(prompts)} video(s) of {out.frames.shape[2]} frames at {out.fps:g} fps; {times}")
+
+
+def identity_flags(args) -> dict:
+    return {k: v for k, v in {"identity_scale": args.identity_scale,
+                              "reference_guidance": args.reference_guidance}.items() if v is not None}
+
+
+def identity_bank(args):
+    """The identity bank of --bank and --reference NAME=IMG (these win), or None without either."""
+    from kvideo.inference.identity import IdentityBank, read_reference
+
+    if not args.bank and not args.reference:
+        return None
+    bank = IdentityBank.load(args.bank) if args.bank else IdentityBank()
+    for item in args.reference or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--reference takes NAME=IMAGE; got {item!r}")
+        bank.add(name, read_reference(path))
+    return bank
+
+
+def sample_two_shots(args, pipe, bank, arguments) -> int:
+    """--shot2: shot 1 from --prompt, its characters (--name) entered in the bank from its first
+    frame, shot 2 from --shot2 with them (kvideo.shots.two_shots)."""
+    from kvideo.shots import two_shots
+
+    if not args.prompt or not args.out or not args.shot2_out:
+        raise ValueError("--shot2 needs --prompt, --out (shot 1) and --shot2-out (shot 2)")
+    if not args.name:
+        raise ValueError("--shot2 needs --name NAME for each character shot 1 introduces")
+    first, second, bank = two_shots(pipe, [args.prompt, args.shot2], args.name, bank, seed=args.seed, **arguments)
+    write_videos(args, first, [args.prompt], [Path(args.out)])
+    write_videos(args, second, [args.shot2], [Path(args.shot2_out)])
+    if args.save_bank:
+        print(f"wrote {bank.save(args.save_bank)}")
     return 0
 
 
@@ -360,6 +413,16 @@ def main(argv=None) -> int:
     kf.add_argument("--noise-aug-level", type=int)
     kf.add_argument("--keep-first-frame", action=argparse.BooleanOptionalAction, default=None,
                     help="hold frame 0 to the first frame at every step (default: the recipe's sampling)")
+    ident = ap.add_argument_group("identity (--pipeline; stages trained with model.identity_attention)")
+    ident.add_argument("--reference", action="append", metavar="NAME=IMAGE",
+                       help="a character's reference image; a prompt that names NAME is conditioned on it")
+    ident.add_argument("--bank", help="an identity bank file (kvideo.inference.identity.IdentityBank)")
+    ident.add_argument("--save-bank", help="write the bank (with --shot2: and shot 1's characters) to this file")
+    ident.add_argument("--shot2", metavar="PROMPT", help="a second shot of --prompt's characters (--name)")
+    ident.add_argument("--shot2-out", help="the second shot's mp4")
+    ident.add_argument("--name", action="append", help="--shot2: a character shot 1 introduces (repeatable)")
+    ident.add_argument("--identity-scale", type=float, help="the identity attention's strength (default 1)")
+    ident.add_argument("--reference-guidance", type=float, help="w_R of reference guidance (default 0: none)")
     it = ap.add_argument_group("interpolation and video_decoder")
     it.add_argument("--passes", type=int, help="interpolation passes (default: all of the run's recipe.passes)")
     it.add_argument("--window", type=int, help="video_decoder: frames per decoding window")

@@ -141,6 +141,14 @@ class DataConfig:
     # and train.batch_size; empty: one shape (kvideo/data/buckets.py). A latent cache is kept per
     # frame size, under data.latent_cache/HxW.
     buckets: List[BucketConfig] = field(default_factory=list)
+    # Reference images, read when the stage reads the field "references" (kvideo/data/references.py):
+    # a directory of NAME.png looked up by the character names of a clip's metadata (e.g. a
+    # ShapesWorld v2 split's references/); a sample's own KEY.ref.png is its first name's. None:
+    # own references only.
+    references: Optional[str] = None
+    max_references: int = checked(2, ">= 1")  # reference slots per clip; absent ones are zeros, masked
+    # (height, width) each reference is resized to cover and centre-cropped to; None: data.size
+    reference_size: Optional[List[int]] = checked(None, "each >= 1")
 
 
 @dataclass

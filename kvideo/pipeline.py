@@ -45,6 +45,7 @@ from omegaconf.errors import ValidationError
 
 from kvideo.inference.autoencoder import decode_latents, latent_space, load_video_movq
 from kvideo.inference.gaps import frames_after_passes
+from kvideo.inference.identity import IdentityBank, ReferenceSet
 from kvideo.inference.loading import Bundle, load_bundle
 from kvideo.inference.sampling import (FirstFrameOptions, InterpolationOptions, KeyframeOptions, first_frames_at,
                                        fit_frames, interpolate, resolve_motion_score, sample_keyframes)
@@ -119,6 +120,8 @@ class PipelineCall:
     interpolation_guidance: Optional[float] = None
     decode_window: Optional[int] = None
     negative_prompt: Optional[str] = None
+    identity_scale: Optional[float] = None  # with references: the identity attention's strength
+    reference_guidance: Optional[float] = None  # with references: w_R of reference guidance (0: none)
     seed: Optional[int] = 0
 
 
@@ -142,13 +145,15 @@ class CallPlan:
         first: Dict[str, Any] = {"source": self.source}
         if self.first_frame_options is not None:
             f = self.first_frame_options
-            first.update(_spec_settings(f.spec), guidance=f.guidance, size=[f.height, f.width], rewriter=self.rewriter)
+            first.update(_spec_settings(f.spec), guidance=f.guidance, size=[f.height, f.width], rewriter=self.rewriter,
+                         identity_scale=f.identity_scale, reference_guidance=f.reference_guidance)
         k = self.keyframes
         keyframes = {**_spec_settings(k.spec), "text_guidance": k.text_guidance, "image_guidance": k.image_guidance,
                      "noise_aug_level": k.noise_aug_level, "noise_aug_noise": k.noise_aug_noise,
                      "motion_score": self.motion, "num_keyframes": k.num_frames,
                      "keep_first_frame": k.keep_first_frame, "motion_guidance": k.motion_guidance,
-                     "anchor": k.anchor, "anchor_frame": k.anchor_frame}
+                     "anchor": k.anchor, "anchor_frame": k.anchor_frame, "identity_scale": k.identity_scale,
+                     "reference_guidance": k.reference_guidance}
         interp: Dict[str, Any] = {"passes": 0}
         if self.interpolation is not None:
             i = self.interpolation
@@ -342,12 +347,15 @@ class Pipeline:
             source, scale = self.cfg.first_frame_model, self.cfg.first_frame_scale
             first_frame_options = FirstFrameOptions.from_recipe(self.t2i.cfg, sampler=call.t2i_sampler, steps=call.t2i_steps,
                                                   guidance=call.t2i_guidance, height=height * scale,
-                                                  width=width * scale, negative_prompt=call.negative_prompt)
+                                                  width=width * scale, negative_prompt=call.negative_prompt,
+                                                  identity_scale=call.identity_scale,
+                                                  reference_guidance=call.reference_guidance)
         keyframes = KeyframeOptions.from_recipe(
             keyframe_cfg, sampler=call.keyframe_sampler, steps=call.keyframe_steps, text_guidance=call.text_guidance,
             image_guidance=call.image_guidance, noise_aug_level=call.noise_aug_level, num_frames=call.num_keyframes,
             use_image=source != "none", negative_prompt=call.negative_prompt, keep_first_frame=call.keep_first_frame,
-            motion_guidance=call.motion_guidance, anchor=call.anchor, anchor_frame=call.anchor_frame)
+            motion_guidance=call.motion_guidance, anchor=call.anchor, anchor_frame=call.anchor_frame,
+            identity_scale=call.identity_scale, reference_guidance=call.reference_guidance)
         interp = None
         if n_passes:
             interp = InterpolationOptions.from_recipe(
@@ -367,14 +375,18 @@ class Pipeline:
     @torch.no_grad()
     def __call__(self, prompts: Union[str, Sequence[str]], *, image: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None, seed: Optional[int] = 0, progress: bool = True,
-                 motion_score: MotionScore = None, **arguments: Any) -> VideoOutput:
+                 motion_score: MotionScore = None, references: Optional[ReferenceSet] = None,
+                 **arguments: Any) -> VideoOutput:
         """Videos for `prompts` (one per prompt). `arguments` are the fields of `PipelineCall` (size,
         num_keyframes, fps_preset or passes, noise_aug_level, each stage's sampler / steps / guidance,
         decode_window, first_frame, negative_prompt). `image` (b or 1, 3, h, w) in [-1, 1]
         replaces the t2i first frame (resized and centre-cropped). `motion_score`: a number or
         preset name, or a list of them (one per prompt). `first_frame=False` samples plain
         text-to-video keyframes (no first frame; `first_frames` is then the first keyframe).
-        `generator` wins over `seed`; the same seed and arguments give the same video."""
+        `generator` wins over `seed`; the same seed and arguments give the same video.
+        `references`: the characters' reference images (`IdentityBank.references_for`), given to
+        every stage trained with identity attention (the first frame's, the keyframes'); a
+        pipeline with neither is a ValueError."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts")
@@ -383,6 +395,7 @@ class Pipeline:
             raise ValueError(f"{len(motion_score)} motion scores for {b} prompts")
         call = _pipeline_call({**arguments, "motion_score": motion_score, "seed": seed if generator is None else None})
         plan = self.plan(call, image is not None)
+        identity = self._identity_stages(plan, references, b)
         height, width = plan.size
         motion = torch.tensor(plan.motion) if isinstance(plan.motion, list) else plan.motion
         gen = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
@@ -401,7 +414,8 @@ class Pipeline:
             first_prompts = self.rewriter(plan.rewriter)(prompts)  # the first frame alone (Factorized Video Generation)
             with bars.stage("first frame", plan.first_frame_options.spec.steps) as cb:
                 first_frames = first_frames_at(self.t2i, first_prompts, plan.first_frame_options, (height, width),
-                                               generator=gen, callback=cb)
+                                               generator=gen, callback=cb,
+                                               references=references if "first_frame" in identity else None)
         scale = self.keyframe.recipe.latent_scale
         if first_frames is not None:
             first_latent = self.movq.encode(first_frames).float() * scale  # re-encoded at the video size
@@ -412,7 +426,7 @@ class Pipeline:
         # 2. keyframes
         with bars.stage("keyframes", plan.keyframes.spec.steps) as cb:
             latents = sample_keyframes(self.keyframe, prompts, first_latent, motion, plan.keyframes, generator=gen,
-                                       callback=cb)
+                                       callback=cb, references=references if "keyframes" in identity else None)
         keyframes = decode_latents(self.movq, latents, scale)
         if first_frames is None:
             first_frames = keyframes[:, :, 0]
@@ -437,9 +451,32 @@ class Pipeline:
                 frames = decode_latents(self.movq, z, 1.0)
             if cb:
                 cb()
+        settings = plan.settings()
+        if references is not None:
+            settings["identity"] = {"stages": identity, "names": references.names}
         return VideoOutput(frames=frames, fps=fps, first_frames=first_frames, keyframes=keyframes, timings=timings,
-                           settings=plan.settings(),
+                           settings=settings,
                            first_frame_prompts=first_prompts if plan.source in ("t2i", "keyframe") else None)
+
+    def _identity_stages(self, plan: CallPlan, references: Optional[ReferenceSet], b: int) -> List[str]:
+        """The stages the references go to: the first frame's model (when it samples one) and the
+        keyframe model, each when it has identity attention; references none takes are a ValueError."""
+        if references is None:
+            return []
+        if references.batch_size != b:
+            raise ValueError(f"references for {references.batch_size} prompts; the call has {b}")
+        takes = {"first_frame": plan.source in ("t2i", "keyframe") and self.t2i.denoiser.reference is not None,
+                 "keyframes": self.keyframe.denoiser.reference is not None}
+        if not any(takes.values()):
+            raise ValueError(f"references were given, but no stage of this pipeline has identity attention "
+                             f"(model.identity_attention): keyframe '{self.cfg.keyframe}'"
+                             + (f", first frame '{self.t2i.path}'" if plan.source in ("t2i", "keyframe") else ""))
+        return [stage for stage, ok in takes.items() if ok]
+
+    def references_from(self, bank: IdentityBank, prompts: Sequence[str]) -> ReferenceSet:
+        """Each prompt's references from `bank`: the entries it names, in caption order, in as many
+        slots as the keyframe model was trained with (data.max_references)."""
+        return bank.references_for(prompts, max_entries=int(self.keyframe.cfg.data.get("max_references", 2)))
 
     def rewriter(self, spec: str):
         """The first-frame prompt rewriter named `spec` (built once per pipeline: an LLM is loaded once)."""

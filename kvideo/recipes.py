@@ -104,6 +104,24 @@ class SamplingConfig:
 
 
 @dataclass
+class IdentityConfig:
+    """Reference conditioning (issue 28; kvideo.models.identity): with model.identity_attention set,
+    each clip's reference images (data.references, the samples' KEY.ref.png) become identity
+    tokens through a reference encoder that trains with the UNet. Without identity attention the
+    section is unused."""
+
+    encoder: str = "shapes"  # the reference encoder's size (kvideo.models.identity.REFERENCE_ENCODER_SIZES)
+    # tag each reference's tokens with its name's text embedding (the pooled, frozen text tokens of
+    # the name), so attention can tell which entry the caption names
+    names: bool = True
+    dropout: float = checked(0.1, "[0, 1]")  # share of samples trained with no reference (the branch guidance drops)
+    scale: float = checked(1.0, ">= 0")  # the identity attention's strength at sampling (training: 1)
+    # w_R of reference guidance at sampling: + w_R (eps - eps_without references), one more branch
+    # of the batched forward; 0: none
+    guidance: float = checked(0.0, ">= 0")
+
+
+@dataclass
 class T2IRecipe:
     movq: str = MISSING  # movq-stage checkpoint (run dir, checkpoint dir or weights file)
     latent_scale: float = checked(1.0, "> 0")  # latents = scale * MoVQ.encode(x); Kandinsky uses them unscaled
@@ -118,6 +136,7 @@ class T2IRecipe:
         "a green circle moving right quickly on a black background",
     ])
     preview_steps: int = checked(15, ">= 1")  # previews use DPM-Solver++(2M) with this many steps
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
 
 
 @dataclass
@@ -244,6 +263,7 @@ class KeyframeRecipe:
     # share of the video samples trained in motion-free mode (no information crossing frames,
     # kvideo.models.temporal_layers): the branch that sampling.motion_guidance pushes away from
     motion_free: float = checked(0.0, "[0, 1]")
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
 
 
 @dataclass

@@ -154,6 +154,22 @@ def load_text_tower(encoder: TextEncoder, path: PathLike) -> None:
 # `lin{k}.model.1.weight`; it ships inside the `lpips` wheel under `lpips/weights/v0.1/`).
 
 
+def safetensors_metadata(path: PathLike, what: str) -> Dict[str, str]:
+    """The metadata of the safetensors file `path` ({} when it has none); a missing file is a
+    FileNotFoundError and a file that is not safetensors a ValueError, each naming `what` (e.g.
+    "LoRA file") and the path."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} '{path}' not found")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors' own error type for a file that is not one
+        raise ValueError(f"{what} '{path}' is not a safetensors file ({e})") from None
+
+
 def _load_tensors(path: PathLike) -> Dict[str, torch.Tensor]:
     """A flat {key: tensor} dict from a .safetensors file or a torch state dict file."""
     path = Path(path)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from kvideo.diffusion import SamplerSpec, sample, text_image_guided
+from kvideo.diffusion import GuidanceTerm, SamplerSpec, sample, text_image_guided
 from kvideo.inference.conditioning import KeyframeCondition, Prompts, conditioned_input, select_rows
 from kvideo.inference.loading import load_bundle
 from kvideo.inference.sampling import KeyframeOptions, sample_keyframes
@@ -34,14 +34,14 @@ def test_motion_free_guidance_is_the_formula_in_one_forward():
     ti, i, n = (Cond(torch.tensor([v, v + 0.5]), torch.zeros(2, dtype=torch.bool)) for v in (1.0, 2.0, 4.0))
     free = replace(ti, mf=torch.ones(2, dtype=torch.bool))
     w_t, w_i, w_m = 5.0, 2.0, 1.5
-    got = text_image_guided(net, ti, i, n, w_t, w_i, free, w_m)(x, t)
+    got = text_image_guided(net, ti, i, n, w_t, w_i, [GuidanceTerm(free, w_m)])(x, t)
     assert calls == [8]  # one forward of 4 x 2 samples
     e_ti, e_i, e_0, e_mf = (net(x, t, c) for c in (ti, i, n, free))
     expected = e_0 + w_i * (e_i - e_0) + w_t * (e_ti - e_i) + w_m * (e_ti - e_mf)
     assert torch.allclose(got, expected, atol=1e-5)
     # w_M = 0 is the three-way guidance, three branches
     calls.clear()
-    three = text_image_guided(net, ti, i, n, w_t, w_i, free, 0.0)(x, t)
+    three = text_image_guided(net, ti, i, n, w_t, w_i, [GuidanceTerm(free, 0.0)])(x, t)
     assert calls == [6] and torch.allclose(three, expected - w_m * (e_ti - e_mf), atol=1e-5)
 
 

@@ -2,7 +2,9 @@
 
 A sample is a pair of tar members `KEY.mp4` + `KEY.json` (the webdataset convention; the JSON
 holds caption, fps, num_frames, width, height, motion_score and any other metadata). The shards
-are the ones `tools/make_shapesworld.py` and `tools/prepare_videos.py` write.
+are the ones `tools/make_shapesworld.py` and `tools/prepare_videos.py` write. A stage that reads
+the field "references" also gets each clip's reference images (`KEY.ref.png` and
+`data.references`: kvideo/data/references.py).
 
 Why an index rather than a streaming pipeline: scanning the tar headers once gives every sample
 a number, so a seeded permutation decides the order of an epoch, every rank takes its own
@@ -14,10 +16,10 @@ worker decodes it or on whether the run was resumed.
 
 A bad sample (metadata that is not a JSON object, a field the stage reads that is missing,
 wrong-typed, NaN or out of range, an empty caption, a member over `data.max_sample_mb`, a video
-that does not decode, a decode that hangs past `data.timeout_s`) is logged with its shard and
-key, counted by reason (`SKIP_REASONS`) and dropped from its batch; it never stops training. Only
-a whole epoch without one good sample stops the run (`NoGoodSampleError`, naming the first
-failures): that is a wrong dataset or a wrong setting, not a bad sample.
+or a reference image that does not decode, a decode that hangs past `data.timeout_s`) is logged
+with its shard and key, counted by reason (`SKIP_REASONS`) and dropped from its batch; it never
+stops training. Only a whole epoch without one good sample stops the run (`NoGoodSampleError`,
+naming the first failures): that is a wrong dataset or a wrong setting, not a bad sample.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,9 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kvideo.data.video_io import pick_frames_by_time, read_video
+
+if TYPE_CHECKING:  # references.py imports this module; a ClipDataset only holds its reader
+    from kvideo.data.references import ReferenceReader
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +144,8 @@ class ShardIndex:
 # ----------------------------------------------------------------------------------------------
 
 # Why a sample is skipped; the counts by reason go to metrics.jsonl as data/skipped/<reason>.
-SKIP_REASONS = ("metadata", "caption", "motion_score", "timing", "oversized", "undecodable", "not_cached", "timeout")
+SKIP_REASONS = ("metadata", "caption", "motion_score", "timing", "oversized", "undecodable", "not_cached", "timeout",
+                "reference")
 
 
 class BadSample(ValueError):
@@ -264,17 +270,20 @@ class ClipDataset(Dataset):
     or, for a bad sample, {"failed": {"key", "shard", "reason" (one of SKIP_REASONS), "message"}}.
     `train`: a random clip start (and crop); otherwise the first frames, centre-cropped.
     `fields` are the metadata fields the stage reads (see `parse_metadata`); a tar member over
-    `max_sample_mb` is skipped unread.
+    `max_sample_mb` is skipped unread. `references`: each item also carries the clip's reference
+    images, "references", "reference_present" and "reference_names" (kvideo/data/references.py).
     """
 
     def __init__(self, index: ShardIndex, clip: ClipFormat, *, seed: int, train: bool = True,
-                 fields: Sequence[str] = (), max_sample_mb: Optional[float] = None):
+                 fields: Sequence[str] = (), max_sample_mb: Optional[float] = None,
+                 references: Optional[ReferenceReader] = None):
         self.index = index
         self.clip = clip
         self.seed = seed
         self.train = train
         self.fields = tuple(fields)
         self.max_bytes = None if max_sample_mb is None else int(max_sample_mb * 2**20)
+        self.references = references
 
     def __len__(self) -> int:
         return len(self.index)
@@ -297,7 +306,8 @@ class ClipDataset(Dataset):
             gen = _sample_generator(self.seed, epoch, i) if self.train else None
             start = self._window(meta, gen)
             end = start + (self.clip.num_frames - 1) / self.clip.fps + 2.0 / self.clip.fps
-            content = self.load(i, start, end, gen)
+            refs = {} if self.references is None else self.references.read(self.index, i, meta, self.max_bytes)
+            content = {**self.load(i, start, end, gen), **refs}
         except Exception as e:  # a bad sample is skipped, never fatal
             reason = e.reason if isinstance(e, BadSample) else "undecodable"
             message = str(e) if isinstance(e, BadSample) else f"{type(e).__name__}: {e}"
@@ -330,6 +340,10 @@ def collate(samples: List[dict]) -> dict:
         batch["motion_score"] = torch.tensor([s["motion_score"] for s in good], dtype=torch.float32)
         batch["key"] = [s["key"] for s in good]
         batch["meta"] = [s["meta"] for s in good]
+        if "references" in good[0]:  # (b, R, 3, H, W) float, (b, R) bool, b lists of R names ("" when absent)
+            batch["references"] = torch.stack([s["references"] for s in good])
+            batch["reference_present"] = torch.stack([s["reference_present"] for s in good])
+            batch["reference_names"] = [s["reference_names"] for s in good]
     return batch
 
 

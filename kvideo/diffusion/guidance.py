@@ -13,8 +13,10 @@ the Kandinsky conventions (reference: ../shared/reference/kandinsky_video.md):
   w = 0 is no guidance, Kandinsky 3 uses w = 5 (which is a "scale 6" in the diffusers convention);
 - text and image (keyframes), branches [text+image, null text+image, null text+no image]:
   `eps_0 + w_I (eps_I - eps_0) + w_T (eps_TI - eps_I)`, w_T = 5, w_I = 2;
-- motion-free guidance (GenTron), a fourth branch: the text-and-image branch with no
-  information crossing frames, `+ w_M (eps_TI - eps_TI,mf)`; w_M = 0 is none.
+- extra terms (`GuidanceTerm`), each a further branch that the first is pushed away from,
+  `+ w_k (eps_first - eps_k)`: motion-free guidance (GenTron), the text-and-image branch with no
+  information crossing frames, `+ w_M (eps_TI - eps_TI,mf)`; reference guidance (identity), the
+  first branch without its reference images, `+ w_R (eps_first - eps_no ref)`; w = 0 is none.
 
 Guidance is applied to the model output whatever the prediction target (eps, v or x0): the
 combination is linear, and all three targets are linear in the output at a fixed x_t and t.
@@ -80,36 +82,53 @@ def _stacked_forward(net: Net, stacked: tuple) -> Callable[[torch.Tensor, torch.
     return forward
 
 
-def text_guided(net: Net, cond: Any, uncond: Any, scale: float) -> Callable:
-    """model_fn(x, t) = (w + 1) * net(cond) - w * net(uncond), w = `scale`, in one forward.
+@dataclasses.dataclass(frozen=True)
+class GuidanceTerm:
+    """An extra branch of a guided forward that the first branch is pushed away from:
+    `+ scale * (eps_first - eps_branch)`. Motion-free guidance is the first branch in motion-free
+    mode; reference guidance the first branch without its references. Scale 0 adds no branch."""
 
-    scale 0 runs the conditional branch alone (no extra forward)."""
-    if scale == 0:
-        return lambda x, t: net(x, t, cond)
-    forward = _stacked_forward(net, _stack([cond, uncond]))
+    branch: Any
+    scale: float
+
+
+def _guided(net: Net, base: Sequence[Any], combine: Callable[..., torch.Tensor],
+            terms: Sequence[GuidanceTerm]) -> Callable:
+    """model_fn(x, t) = combine(*base outputs) + sum of the live terms, every branch in one forward."""
+    live = [g for g in terms if g.scale != 0]
+    if len(base) == 1 and not live:
+        return lambda x, t: net(x, t, base[0])
+    forward = _stacked_forward(net, _stack(list(base) + [g.branch for g in live]))
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        c, u = forward(x, t)
-        return c + scale * (c - u)
+        outs = forward(x, t)
+        head, tail = outs[:len(base)], outs[len(base):]
+        out = combine(*head)
+        for g, e in zip(live, tail):
+            out = out + g.scale * (head[0] - e)
+        return out
 
     return model_fn
 
 
+def text_guided(net: Net, cond: Any, uncond: Any, scale: float, terms: Sequence[GuidanceTerm] = ()) -> Callable:
+    """model_fn(x, t) = (w + 1) * net(cond) - w * net(uncond), w = `scale`, plus each term's
+    `w_k (net(cond) - net(term.branch))`, in one forward.
+
+    scale 0 leaves out the unconditional branch (no term: the conditional branch alone)."""
+    if scale == 0:
+        return _guided(net, [cond], lambda c: c, terms)
+    return _guided(net, [cond, uncond], lambda c, u: c + scale * (c - u), terms)
+
+
 def text_image_guided(net: Net, text_image: Any, image: Any, neither: Any, text_scale: float,
-                      image_scale: float, motion_free: Any = None, motion_scale: float = 0.0) -> Callable:
+                      image_scale: float, terms: Sequence[GuidanceTerm] = ()) -> Callable:
     """Three-way guidance of the keyframe model, in one forward of three branches:
     eps_0 + w_I (eps_I - eps_0) + w_T (eps_TI - eps_I), with eps_TI (text and image),
     eps_I (null text, image) and eps_0 (null text, no image).
 
-    With `motion_free` (the text-and-image branch in motion-free mode) and w_M = `motion_scale`
-    > 0, motion-free guidance is a fourth branch of the same forward:
-    eps_0 + w_I (eps_I - eps_0) + w_T (eps_TI - eps_I) + w_M (eps_TI - eps_TI,mf)."""
-    use_motion = motion_free is not None and motion_scale != 0
-    forward = _stacked_forward(net, _stack([text_image, image, neither] + ([motion_free] if use_motion else [])))
-
-    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        e_ti, e_i, e_0, *rest = forward(x, t)
-        out = e_0 + image_scale * (e_i - e_0) + text_scale * (e_ti - e_i)
-        return out + motion_scale * (e_ti - rest[0]) if use_motion else out
-
-    return model_fn
+    Each term adds a branch of the same forward: motion-free guidance (the text-and-image branch in
+    motion-free mode, w_M) gives + w_M (eps_TI - eps_TI,mf); reference guidance (the
+    text-and-image branch without its references, w_R) + w_R (eps_TI - eps_TI,no ref)."""
+    return _guided(net, [text_image, image, neither],
+                   lambda e_ti, e_i, e_0: e_0 + image_scale * (e_i - e_0) + text_scale * (e_ti - e_i), terms)

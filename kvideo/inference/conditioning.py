@@ -7,7 +7,9 @@ A condition is validated once, when it is made. The training loss and every guid
 the same function through `TextDenoiser.forward`; condition dropout makes a condition
 (`KeyframeCondition.dropped`), not a separate path; guidance stacks the branches' conditions along
 the batch axis (`kvideo.diffusion.stack_branches`). Adding a kind of conditioning means adding a
-dataclass here and a function registered for it with `@network_call(TheCondition)`.
+dataclass here and a function registered for it with `@network_call(TheCondition)`. A kind that
+adds an input to others wraps them: `IdentityCondition(base, references)` makes identity tokens
+and calls the base kind's function with `identity=` (`call_network(..., **unet_inputs)`).
 
 The text of a condition is either `Prompts` (strings, encoded inside the denoiser's forward, as
 training does so the text projection gets its gradient under DDP) or a `TextContext` (tokens
@@ -17,12 +19,13 @@ already encoded, as the samplers do once per call).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, is_dataclass, replace
-from typing import Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from kvideo.diffusion import Schedule
+from kvideo.models.identity import IdentityTokens
 
 # ----------------------------------------------------------------------------------------------
 # Text
@@ -70,6 +73,12 @@ class Prompts:
     @property
     def batch_size(self) -> int:
         return len(self.texts)
+
+    def select(self, rows: torch.Tensor) -> "Prompts":
+        """The prompts of the samples where `rows` (b,) bool holds."""
+        keep = rows.cpu().tolist()
+        drop = None if self.drop is None else self.drop[rows.to(self.drop.device)]
+        return Prompts([t for t, k in zip(self.texts, keep) if k], drop)
 
 
 Text = Union[TextContext, Prompts]
@@ -183,13 +192,85 @@ class InterpolationCondition:
         _check_batch("InterpolationCondition", self.text.batch_size, keys=self.keys, keep=self.keep)
 
 
+@dataclass
+class Names:
+    """The names of each sample's reference entries, `rows`: b lists of r strings ("" for an entry
+    without one), encoded into name tags inside the forward (`TextDenoiser.name_embeddings`), as
+    `Prompts` are in training; samplers give the tags encoded, a (b, r, d) tensor."""
+
+    rows: List[List[str]]
+
+    def __post_init__(self):
+        self.rows = [list(row) for row in self.rows]
+        if len({len(row) for row in self.rows}) > 1:
+            raise ValueError(f"Names: every sample needs the same number of entries; got {[len(r) for r in self.rows]}")
+
+    def select(self, rows: torch.Tensor) -> "Names":
+        return Names([r for r, k in zip(self.rows, rows.cpu().tolist()) if k])
+
+
+@dataclass
+class References:
+    """The reference images of the identities a clip shows (issue 28): `latents` (b, r, c, h, w),
+    their MoVQ latents scaled like the training latents; `present` (b, r), 0 where an entry is
+    absent (padding, a dropped reference, the branch of reference guidance without them); `names`
+    each entry's name tag: `Names` to encode, or the tags (b, r, d) already encoded; None: untagged."""
+
+    latents: torch.Tensor
+    present: torch.Tensor
+    names: Union[None, Names, torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.latents.dim() != 5 or self.present.shape != self.latents.shape[:2]:
+            raise ValueError(f"References: latents (b, r, c, h, w) and present (b, r) expected; got "
+                             f"{tuple(self.latents.shape)} and {tuple(self.present.shape)}")
+        b, r = self.present.shape
+        shape = (len(self.names.rows), len(self.names.rows[0]) if self.names.rows else r) \
+            if isinstance(self.names, Names) else None if self.names is None else tuple(self.names.shape[:2])
+        if self.names is not None and (shape != (b, r) or (torch.is_tensor(self.names) and self.names.dim() != 3)):
+            raise ValueError(f"References: names must be ({b}, {r}) entries (Names, or (b, r, d) tags); "
+                             f"got {shape}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
+
+    def dropped(self, rows: Optional[torch.Tensor] = None) -> "References":
+        """These references with every entry of the samples where `rows` (b,) is True absent (None: all)."""
+        keep = torch.zeros_like(self.present) if rows is None else self.present * ~rows.to(self.present.device)[:, None]
+        return replace(self, present=keep)
+
+
+@dataclass
+class IdentityCondition:
+    """Any condition plus identity (issue 28): `base` (an ImageCondition, KeyframeCondition or
+    TextVideoCondition) as it is, and identity tokens made from `references` by the denoiser's
+    reference encoder, which the UNet's identity attentions read at strength `scale` (1 in
+    training, the sampling scale). A sample without a present reference is exactly the base
+    condition's prediction (the identity attention's weight is 0 there)."""
+
+    base: Any
+    references: References
+    scale: float = 1.0
+
+    def __post_init__(self):
+        _check_batch("IdentityCondition", self.base.text.batch_size, references=self.references.latents)
+
+    @property
+    def text(self) -> Text:
+        return self.base.text
+
+    def without_references(self) -> "IdentityCondition":
+        """The condition with no reference present: the branch reference guidance pushes away from."""
+        return replace(self, references=self.references.dropped())
+
+
 def select_rows(cond, rows: torch.Tensor):
-    """The condition of the samples where `rows` (b,) bool holds: every tensor field (and a
-    `Prompts`' texts and drop) indexed along the batch axis, every other field as it is."""
-    if isinstance(cond, Prompts):
-        keep = rows.cpu().tolist()
-        drop = None if cond.drop is None else cond.drop[rows.to(cond.drop.device)]
-        return Prompts([t for t, k in zip(cond.texts, keep) if k], drop)
+    """The condition of the samples where `rows` (b,) bool holds: every tensor field (and text
+    still to encode: `Prompts`, `Names`, by their `select`) indexed along the batch axis, every
+    other field as it is."""
+    if isinstance(cond, (Prompts, Names)):
+        return cond.select(rows)
     if isinstance(cond, torch.Tensor):
         return cond[rows.to(cond.device)]
     if is_dataclass(cond):
@@ -261,18 +342,20 @@ def network_call(kind: type) -> Callable:
     return register
 
 
-def call_network(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-    """The prediction for `cond`, by the function registered for its kind."""
+def call_network(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond, **unet_inputs) -> torch.Tensor:
+    """The prediction for `cond`, by the function registered for its kind. `unet_inputs` are
+    passed on to the UNet as keywords: a condition that adds an input to another kind's call
+    (`IdentityCondition`) calls the other kind's function with it."""
     if type(cond) not in NETWORK_CALLS:
         raise TypeError(f"no network call for a condition of kind {type(cond).__name__}; "
                         f"known: {', '.join(k.__name__ for k in NETWORK_CALLS)}")
-    return NETWORK_CALLS[type(cond)](denoiser, x_t, t, cond)
+    return NETWORK_CALLS[type(cond)](denoiser, x_t, t, cond, **unet_inputs)
 
 
 @network_call(ImageCondition)
-def image_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: ImageCondition) -> torch.Tensor:
+def image_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: ImageCondition, **unet_inputs) -> torch.Tensor:
     text = encode_text(denoiser, cond.text)
-    return denoiser.unet(x_t, t, text.tokens, text.mask)
+    return denoiser.unet(x_t, t, text.tokens, text.mask, **unet_inputs)
 
 
 def given_frames(has_image: torch.Tensor, num_frames: int, frame: int = 0) -> torch.Tensor:
@@ -299,7 +382,7 @@ def anchored_input(x_t: torch.Tensor, t: torch.Tensor, first: torch.Tensor, has_
 
 
 @network_call(KeyframeCondition)
-def keyframe_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: KeyframeCondition) -> torch.Tensor:
+def keyframe_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: KeyframeCondition, **unet_inputs) -> torch.Tensor:
     text = encode_text(denoiser, cond.text)
     if denoiser.unet.cfg.anchor_first_frame:
         x_t, t = anchored_input(x_t, t, cond.first, cond.has_image, cond.noise_level)
@@ -308,22 +391,49 @@ def keyframe_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: KeyframeCo
         raise ValueError(f"KeyframeCondition.image_mode: x_t must hold one frame; got {x_t.shape[2]}")
     return denoiser.unet(x, t, text.tokens, text.mask, noise_aug_level=cond.noise_level,
                          motion_score=cond.motion_score * cond.motion_scale, temporal=not cond.image_mode,
-                         motion_free=cond.motion_free)
+                         motion_free=cond.motion_free, **unet_inputs)
 
 
 @network_call(TextVideoCondition)
-def text_video_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: TextVideoCondition) -> torch.Tensor:
+def text_video_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: TextVideoCondition,
+                    **unet_inputs) -> torch.Tensor:
     text = encode_text(denoiser, cond.text)
     if cond.anchor is not None:
         x_anchored, frame_t = anchored_input(x_t, t, cond.anchor, cond.has_anchor, torch.zeros_like(t),
                                              cond.anchor_frame)
         x_t, t = x_anchored, (frame_t if cond.anchor_timestep else t)
-    return denoiser.unet(x_t, t, text.tokens, text.mask, motion_score=cond.motion_score * cond.motion_scale)
+    return denoiser.unet(x_t, t, text.tokens, text.mask, motion_score=cond.motion_score * cond.motion_scale,
+                         **unet_inputs)
 
 
 @network_call(InterpolationCondition)
-def interpolation_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: InterpolationCondition) -> torch.Tensor:
+def interpolation_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: InterpolationCondition,
+                       **unet_inputs) -> torch.Tensor:
     text = encode_text(denoiser, cond.text)
     skip = torch.full((x_t.shape[0],), cond.skip_frames, dtype=torch.long, device=x_t.device)
     return denoiser.unet(gap_input(x_t, cond.keys, cond.keep), t, text.tokens, text.mask, skip_frames=skip,
-                         temporal_mask=cond.keep)
+                         temporal_mask=cond.keep, **unet_inputs)
+
+
+def identity_tokens(denoiser, refs: References, scale: float) -> IdentityTokens:
+    """The identity tokens of `refs`: each entry's latent through the denoiser's reference encoder
+    (tagged with its name), the entries' tokens side by side, (b, r * n, d); an absent entry's
+    tokens are masked out; the weight is `scale` for every sample."""
+    encoder = getattr(denoiser, "reference", None)
+    if encoder is None:
+        raise ValueError("IdentityCondition needs a model with identity attention (model.identity_attention) and "
+                         "its reference encoder; this denoiser has none")
+    b, r = refs.present.shape
+    names = denoiser.name_embeddings(refs.names.rows) if isinstance(refs.names, Names) else refs.names
+    names = None if names is None else names.flatten(0, 1)
+    tokens, _ = encoder(refs.latents.flatten(0, 1), names)  # (b r, n, d)
+    n = tokens.shape[1]
+    mask = (refs.present > 0).repeat_interleave(n, dim=1)  # (b, r n): entry-major, as the tokens
+    weight = torch.full((b,), float(scale), dtype=tokens.dtype, device=tokens.device)
+    return IdentityTokens(tokens.reshape(b, r * n, -1), mask, weight)
+
+
+@network_call(IdentityCondition)
+def identity_call(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: IdentityCondition, **unet_inputs) -> torch.Tensor:
+    return call_network(denoiser, x_t, t, cond.base, identity=identity_tokens(denoiser, cond.references, cond.scale),
+                        **unet_inputs)

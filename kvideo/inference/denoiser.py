@@ -9,7 +9,7 @@ interpolation stage with the gap-stacked interpolation UNet; the condition decid
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -17,21 +17,47 @@ from torch import nn
 
 from kvideo.diffusion import LossSpec, Schedule
 from kvideo.inference.conditioning import TextContext, call_network
+from kvideo.models.identity import ReferenceEncoder, reference_encoder_config
 from kvideo.models.text_encoder import TextEncoder, TextEncoderConfig
 from kvideo.registry import MODELS, model_config
 from kvideo.weights import build_text_encoder
 
 
 class TextDenoiser(nn.Module):
-    """The UNet and the text encoder, as trained and checkpointed (`unet.*`, `text.*`).
+    """The UNet and the text encoder, as trained and checkpointed (`unet.*`, `text.*`), and with
+    identity attention the reference encoder that makes its identity tokens (`reference.*`).
 
     forward(x_t, t, condition) -> prediction: the network call of the condition's kind.
     """
 
-    def __init__(self, unet: nn.Module, text: TextEncoder):
+    def __init__(self, unet: nn.Module, text: TextEncoder, reference: Optional[ReferenceEncoder] = None):
         super().__init__()
         self.unet = unet
         self.text = text
+        self.reference = reference
+
+    def identity_parameters(self) -> Iterator[nn.Parameter]:
+        """What reference conditioning adds: the reference encoder and the UNet's identity attentions."""
+        if self.reference is not None:
+            yield from self.reference.parameters()
+        yield from self.unet.identity_parameters()
+
+    def name_embeddings(self, names: Sequence[Sequence[str]]) -> torch.Tensor:
+        """(b, r, d): each name's text tokens averaged over their mask, the tags of a clip's
+        reference entries (`References.names`); zeros for a blank name. Each distinct name is
+        encoded once."""
+        flat = sorted({n for row in names for n in row if n and n.strip()})
+        if not flat:
+            return torch.zeros(len(names), max((len(row) for row in names), default=0), self.text.cfg.out_dim,
+                               device=next(self.parameters()).device)
+        tokens, mask = self.text(flat)
+        m = mask.to(tokens.dtype)[..., None]
+        pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1)  # (names, d)
+        table = torch.cat([torch.zeros_like(pooled[:1]), pooled])  # row 0: a blank name
+        position = {n: i + 1 for i, n in enumerate(flat)}
+        index = torch.tensor([[position.get(n, 0) for n in row] for row in names],
+                             dtype=torch.long, device=pooled.device)
+        return table[index]
 
     def context(self, prompts: Sequence[Optional[str]], drop: Optional[torch.Tensor] = None) -> TextContext:
         """The prompts' tokens; rows where `drop` (b,) is True, and blank or None prompts (nothing to
@@ -89,7 +115,26 @@ def build_denoiser(cfg: DictConfig) -> TextDenoiser:
     if text_cfg.out_dim != unet_cfg.context_dim:
         raise ValueError(f"recipe.text_encoder.out_dim ({text_cfg.out_dim}) must equal model.context_dim "
                          f"({unet_cfg.context_dim}): the UNet attends to the projected text tokens")
-    return TextDenoiser(MODELS[cfg.model.name].build(unet_cfg), build_text_encoder(text_cfg))
+    unet = MODELS[cfg.model.name].build(unet_cfg)
+    return TextDenoiser(unet, build_text_encoder(text_cfg), build_reference_encoder(cfg, unet_cfg, text_cfg))
+
+
+def build_reference_encoder(cfg: DictConfig, unet_cfg, text_cfg: TextEncoderConfig) -> Optional[ReferenceEncoder]:
+    """The reference encoder of a UNet with identity attention (`recipe.identity.encoder`, its
+    latent channels the UNet's output's, its tokens the UNet's identity width, name tags as wide
+    as the text tokens when `recipe.identity.names`); None without identity attention."""
+    if not any(getattr(unet_cfg, "identity_attention", None) or ()):
+        return None
+    identity = cfg.recipe.get("identity")
+    if identity is None:
+        raise ValueError(f"model.identity_attention is set, but stage {cfg.stage}'s recipe has no identity section")
+    try:
+        encoder_cfg = reference_encoder_config(identity.encoder, latent_channels=unet_cfg.out_channels,
+                                               token_dim=unet_cfg.identity_dim or unet_cfg.context_dim,
+                                               name_dim=text_cfg.out_dim if identity.names else 0)
+    except KeyError as e:
+        raise ValueError(f"recipe.identity.encoder: {e.args[0]}") from None
+    return ReferenceEncoder(encoder_cfg)
 
 
 def make_schedule(diffusion_cfg) -> Schedule:

@@ -88,17 +88,11 @@ def save_lora(module: nn.Module, spec: LoraSpec, path, base: str = "") -> Path:
 
 def read_lora(path) -> tuple:
     """(LoraSpec, adapter weights) of a file `save_lora` wrote; errors name the file."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file '{path}' not found")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors' own error type for a file that is not one
-        raise ValueError(f"LoRA file '{path}' is not a safetensors file ({e})") from None
+    from kvideo.weights import safetensors_metadata
+
+    meta = safetensors_metadata(path, "LoRA file")
     if "kvideo_lora" not in meta:
         raise ValueError(f"'{path}' has no kvideo_lora metadata: not a LoRA file written by kvideo (save_lora)")
     return LoraSpec(**json.loads(meta["kvideo_lora"])), load_file(str(path))

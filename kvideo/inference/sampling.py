@@ -14,17 +14,19 @@ all call it. A change of None keeps the recipe's value.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from omegaconf import DictConfig
 
-from kvideo.diffusion import SamplerSpec, plan_timesteps, sample, text_guided, text_image_guided, with_known
+from kvideo.diffusion import GuidanceTerm, SamplerSpec, plan_timesteps, sample, text_guided, text_image_guided, with_known
 from kvideo.inference.conditioning import (
-    NOISES, ImageCondition, InterpolationCondition, KeyframeCondition, TextVideoCondition, given_frames, noise_augment,
+    NOISES, IdentityCondition, ImageCondition, InterpolationCondition, KeyframeCondition, TextVideoCondition, given_frames,
+    noise_augment,
 )
 from kvideo.inference.denoiser import make_schedule
 from kvideo.inference.gaps import gap_blend, merge_gaps
+from kvideo.inference.identity import ReferenceSet, encode_references
 from kvideo.inference.loading import Bundle
 
 Callback = Optional[Callable[..., None]]
@@ -79,9 +81,12 @@ class FirstFrameOptions:
     height: int = 64
     width: int = 64
     negative_prompt: Optional[str] = None
+    identity_scale: float = 1.0  # the identity attention's strength (with references)
+    reference_guidance: float = 0.0  # w_R: + w_R (eps - eps_without references), one more branch; 0: none
 
     def __post_init__(self):
-        _need("guidance", self.guidance, self.guidance >= 0, ">= 0")
+        for name in ("guidance", "identity_scale", "reference_guidance"):
+            _need(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
         for name in ("height", "width"):
             _need(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
 
@@ -91,7 +96,7 @@ class FirstFrameOptions:
         height, width = (int(v) for v in cfg.data.size)
         # a keyframe checkpoint makes first frames in image mode, with its text guidance w_T
         guidance = s.text_guidance if cfg.stage == "keyframe" else s.guidance
-        return _changed(cls(sampler_spec(s), guidance, height, width), changes)
+        return _changed(cls(sampler_spec(s), guidance, height, width, None, *identity_settings(cfg.recipe)), changes)
 
 
 ANCHOR_MODES = ("first_step", "every_step", "clean")
@@ -118,9 +123,12 @@ class KeyframeOptions:
     # a text-to-video model's anchor frame (recipe.sampling.anchor): first_step | every_step | clean
     anchor: str = "first_step"
     anchor_frame: int = 0
+    identity_scale: float = 1.0  # the identity attention's strength (with references)
+    reference_guidance: float = 0.0  # w_R: + w_R (eps_TI - eps_TI,without references), one more branch; 0: none
 
     def __post_init__(self):
-        for name in ("text_guidance", "image_guidance", "noise_aug_level", "motion_guidance"):
+        for name in ("text_guidance", "image_guidance", "noise_aug_level", "motion_guidance", "identity_scale",
+                     "reference_guidance"):
             _need(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
         _need("num_frames", self.num_frames, self.num_frames >= 1, ">= 1")
         _need("noise_aug_noise", self.noise_aug_noise, self.noise_aug_noise in NOISES, f"one of {', '.join(NOISES)}")
@@ -135,7 +143,8 @@ class KeyframeOptions:
         options = cls(sampler_spec(s), s.text_guidance, s.image_guidance, sampling_noise_level(rc.noise_aug),
                       str(rc.noise_aug.sample_noise), int(cfg.data.num_frames), keep_first_frame=bool(s.keep_first_frame),
                       motion_guidance=float(s.motion_guidance), anchor=str(s.anchor), anchor_frame=int(s.anchor_frame))
-        return _changed(options, changes)
+        scale, guidance = identity_settings(rc)
+        return _changed(replace(options, identity_scale=scale, reference_guidance=guidance), changes)
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,27 @@ class InterpolationOptions:
         if changes.get("skip_frames") is not None:
             changes = {**changes, "skip_frames": tuple(changes["skip_frames"])}
         return _changed(options, changes)
+
+
+def identity_settings(recipe) -> Tuple[float, float]:
+    """(identity_scale, reference_guidance) of a recipe's `identity` section (1, 0 without one)."""
+    identity = recipe.get("identity")
+    return (1.0, 0.0) if identity is None else (float(identity.scale), float(identity.guidance))
+
+
+def identity_guided(bundle: Bundle, branches: Sequence[Any], references: Optional[ReferenceSet],
+                    scale: float, guidance: float) -> Tuple[List[Any], List[GuidanceTerm]]:
+    """The guidance branches with identity: each an `IdentityCondition` around it with the
+    references encoded for this stage, at strength `scale`; and the reference guidance term (the
+    first branch without its references, at w_R = `guidance`). Without references, the branches
+    as they are and no term."""
+    if references is None:
+        return list(branches), []
+    if references.batch_size != branches[0].text.batch_size:
+        raise ValueError(f"{branches[0].text.batch_size} prompts but references for {references.batch_size}")
+    refs = encode_references(bundle, references, bool(bundle.recipe.identity.names))
+    wrapped = [IdentityCondition(c, refs, scale) for c in branches]
+    return wrapped, [GuidanceTerm(wrapped[0].without_references(), guidance)] if guidance else []
 
 
 def sampling_noise_level(noise_aug_cfg) -> int:
@@ -199,9 +229,11 @@ def _noise(shape: tuple, generator: Optional[torch.Generator], device: torch.dev
 
 @torch.no_grad()
 def sample_first_frames(bundle: Bundle, prompts: Sequence[str], options: FirstFrameOptions, *,
-                        generator: Optional[torch.Generator] = None, callback: Callback = None) -> torch.Tensor:
+                        generator: Optional[torch.Generator] = None, callback: Callback = None,
+                        references: Optional[ReferenceSet] = None) -> torch.Tensor:
     """Images (b, 3, height, width) in [-1, 1] for `prompts`, with classifier-free guidance. Noise
-    comes from `generator` only. `bundle` is a t2i checkpoint, or a keyframe checkpoint whose
+    comes from `generator` only. `references`: the characters' reference images (a model with
+    identity attention), in every branch, with reference guidance at `options.reference_guidance`. `bundle` is a t2i checkpoint, or a keyframe checkpoint whose
     video UNet then makes the images in image mode (every temporal layer bypassed, no first
     frame), the released model's way, meaningful after joint image-video training."""
     denoiser, movq, rc = bundle.denoiser, bundle.movq, bundle.recipe
@@ -220,7 +252,9 @@ def sample_first_frames(bundle: Bundle, prompts: Sequence[str], options: FirstFr
         shape = (*shape[:2], 1, *shape[2:])
     else:
         cond, uncond = (ImageCondition(text) for text in denoiser.guidance_contexts(prompts, options.negative_prompt))
-    model_fn = text_guided(denoiser, cond, uncond, options.guidance)
+    (cond, uncond), terms = identity_guided(bundle, [cond, uncond], references, options.identity_scale,
+                                            options.reference_guidance)
+    model_fn = text_guided(denoiser, cond, uncond, options.guidance, terms)
     latents = sample(model_fn, bundle.schedule, _noise(shape, generator, device), options.spec, target=rc.diffusion.target,
                      data_range=rc.latent_scale, generator=generator, callback=callback)
     if video_model:
@@ -231,19 +265,21 @@ def sample_first_frames(bundle: Bundle, prompts: Sequence[str], options: FirstFr
 @torch.no_grad()
 def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor,
                      motion_score: Union[float, torch.Tensor], options: KeyframeOptions, *,
-                     generator: Optional[torch.Generator] = None, callback: Callback = None) -> torch.Tensor:
+                     generator: Optional[torch.Generator] = None, callback: Callback = None,
+                     references: Optional[ReferenceSet] = None) -> torch.Tensor:
     """Keyframe latents (b, c, num_frames, h, w) from prompts and first-frame latents `first`
     (b, c, h, w), scaled like the training latents, and motion scores (shard units, one or one per
     prompt), with three-way guidance [text + image, null text + image, null text + no image] in one
     batched forward (a fourth branch, text + image motion-free, with `options.motion_guidance`). `options.use_image=False` gives every branch no first frame (plain
     text-to-video), and the guidance reduces to text guidance with scale w_T.
     `options.keep_first_frame` holds frame 0 to `first` (clean, not noise-augmented) at every step,
-    as it always is for a model trained with `anchor_first_frame`."""
+    as it always is for a model trained with `anchor_first_frame`. `references`: as for
+    `sample_first_frames` (every branch, the motion-free one too; reference guidance one more)."""
     denoiser, rc = bundle.denoiser, bundle.recipe
     b, device = len(prompts), bundle.device
     if rc.get("conditioning", "first_frame") == "text":
         return _text_video_keyframes(bundle, prompts, first if options.use_image else None, motion_score, options,
-                                     generator, callback)
+                                     (generator, callback, references))
     if first.shape[0] != b:
         raise ValueError(f"{b} prompts but {first.shape[0]} first frames")
     levels = bundle.schedule.num_steps
@@ -260,13 +296,14 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
     without_image = replace(with_image, has_image=torch.zeros(b, device=device), noise_level=torch.zeros_like(level))
     text_image = with_image if options.use_image else without_image
     image_only, neither = replace(text_image, text=uncond_text), replace(without_image, text=uncond_text)
-    motion_free = None
+    branches = [text_image, image_only, neither]
     if options.motion_guidance:  # every branch says which samples are motion-free: one stacked batch
         full, free = torch.zeros(b, dtype=torch.bool, device=device), torch.ones(b, dtype=torch.bool, device=device)
-        text_image, image_only, neither = (replace(c, motion_free=full) for c in (text_image, image_only, neither))
-        motion_free = replace(text_image, motion_free=free)
-    model_fn = text_image_guided(denoiser, text_image, image_only, neither, options.text_guidance,
-                                 options.image_guidance, motion_free, options.motion_guidance)
+        branches = [replace(c, motion_free=full) for c in branches] + [replace(text_image, motion_free=free)]
+    branches, terms = identity_guided(bundle, branches, references, options.identity_scale, options.reference_guidance)
+    if options.motion_guidance:
+        terms.insert(0, GuidanceTerm(branches.pop(3), options.motion_guidance))
+    model_fn = text_image_guided(denoiser, *branches, options.text_guidance, options.image_guidance, terms)
     c, h, w = first.shape[1:]
     # a model given its first frame as frame 0 of x_t (model.anchor_first_frame) never learned
     # to predict that frame: it is the first frame
@@ -281,12 +318,14 @@ def sample_keyframes(bundle: Bundle, prompts: Sequence[str], first: torch.Tensor
 
 def _text_video_keyframes(bundle: Bundle, prompts: Sequence[str], anchor: Optional[torch.Tensor],
                           motion_score: Union[float, torch.Tensor], options: KeyframeOptions,
-                          generator: Optional[torch.Generator], callback: Callback) -> torch.Tensor:
+                          run: Tuple[Optional[torch.Generator], Callback, Optional[ReferenceSet]]) -> torch.Tensor:
     """A text-to-video model's keyframes, text-guided, with the anchor latent `anchor` (b, c, h, w)
     (None: plain text-to-video) put in frame `options.anchor_frame` as `options.anchor` says:
     first_step (x_T only), every_step (its x0 held, re-noised each step) or clean (given clean at
-    every call, as anchor training gives it; the frame then ends on it, as with every_step)."""
+    every call, as anchor training gives it; the frame then ends on it, as with every_step).
+    `run`: sample_keyframes' generator, callback and references."""
     denoiser, rc, device = bundle.denoiser, bundle.recipe, bundle.device
+    generator, callback, references = run
     b, k = len(prompts), options.anchor_frame
     motion = torch.as_tensor(motion_score, dtype=torch.float32, device=device).expand(b).clone()
     _need("motion_score", motion_score, bool(torch.isfinite(motion).all() and (motion >= 0).all()), "finite and >= 0")
@@ -303,7 +342,9 @@ def _text_video_keyframes(bundle: Bundle, prompts: Sequence[str], anchor: Option
                            anchor_timestep=bool(rc.anchor.timestep))
     else:
         h, w = (int(v) // bundle.movq.downsample_factor for v in bundle.cfg.data.size)
-    model_fn = text_guided(denoiser, cond, replace(cond, text=uncond_text), options.text_guidance)
+    (cond, uncond), terms = identity_guided(bundle, [cond, replace(cond, text=uncond_text)], references,
+                                            options.identity_scale, options.reference_guidance)
+    model_fn = text_guided(denoiser, cond, uncond, options.text_guidance, terms)
     x_T = _noise((b, c, options.num_frames, h, w), generator, device)
     if anchor is not None:
         if options.anchor == "first_step":
@@ -351,10 +392,12 @@ def fit_frames(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def first_frames_at(t2i: Bundle, prompts: Sequence[str], options: FirstFrameOptions, size: Sequence[int], *,
-                    generator: Optional[torch.Generator] = None, callback: Callback = None) -> torch.Tensor:
+                    generator: Optional[torch.Generator] = None, callback: Callback = None,
+                    references: Optional[ReferenceSet] = None) -> torch.Tensor:
     """The first frames of videos of `size` (height, width): the t2i images at the options' size
     (the release: twice the video's), fitted to `size` (`fit_frames`)."""
-    return fit_frames(sample_first_frames(t2i, prompts, options, generator=generator, callback=callback), *size)
+    images = sample_first_frames(t2i, prompts, options, generator=generator, callback=callback, references=references)
+    return fit_frames(images, *size)
 
 
 __all__ = ["FirstFrameOptions", "KeyframeOptions", "InterpolationOptions", "sampler_spec", "check_sampling",

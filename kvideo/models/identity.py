@@ -137,6 +137,9 @@ class ReferenceEncoderConfig:
     head_dim: int = 32  # attention heads = width // head_dim
     mlp_ratio: int = 4  # feed-forward hidden width = mlp_ratio * width
     token_dim: int = 128  # the tokens' width: the UNet's identity_dim (default its context_dim)
+    # the width of the name embeddings that tag a reference's tokens (`forward(latent, names)`,
+    # a linear map starting at zero, added to every token); 0: no tags
+    name_dim: int = 0
 
 
 def _check_encoder_config(cfg: ReferenceEncoderConfig) -> None:
@@ -144,6 +147,8 @@ def _check_encoder_config(cfg: ReferenceEncoderConfig) -> None:
     for name in ("latent_channels", "patch", "width", "depth", "head_dim", "mlp_ratio", "token_dim"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"ReferenceEncoderConfig.{name} must be positive; got {getattr(cfg, name)}")
+    if cfg.name_dim < 0:
+        raise ValueError(f"ReferenceEncoderConfig.name_dim must be >= 0 (0: no name tags); got {cfg.name_dim}")
     if cfg.width % 4:
         raise ValueError(f"ReferenceEncoderConfig.width must be a multiple of 4 (a sin and cos per axis); "
                          f"got {cfg.width}")
@@ -177,12 +182,14 @@ class EncoderLayer(nn.Module):
 
 
 class ReferenceEncoder(nn.Module):
-    """`forward(latent) -> (tokens, mask)`: latent (b, latent_channels, h, w) -> tokens
+    """`forward(latent, names=None) -> (tokens, mask)`: latent (b, latent_channels, h, w) -> tokens
     (b, (h / patch) * (w / patch), token_dim), mask (b, n) bool, all True.
 
     A strided-conv patch embedding, plus a fixed 2-D sinusoidal position embedding computed for the
     input's grid (any latent size), `depth` pre-norm transformer layers, then Linear(width,
-    token_dim) and a LayerNorm: unit-scale tokens, as the text encoder's LayerNorm'd ones.
+    token_dim) and a LayerNorm: unit-scale tokens, as the text encoder's LayerNorm'd ones. With
+    `name_dim`, `names` (b, name_dim), each reference's name embedding, tags its tokens:
+    + Linear(name_dim, token_dim)(name) on every token, the map starting at zero (untagged at init).
     """
 
     def __init__(self, cfg: ReferenceEncoderConfig) -> None:
@@ -193,8 +200,12 @@ class ReferenceEncoder(nn.Module):
         self.layers = nn.ModuleList([EncoderLayer(cfg.width, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.proj = nn.Linear(cfg.width, cfg.token_dim)
         self.norm = nn.LayerNorm(cfg.token_dim)
+        self.name_proj = nn.Linear(cfg.name_dim, cfg.token_dim) if cfg.name_dim else None
+        if self.name_proj is not None:
+            nn.init.zeros_(self.name_proj.weight)
+            nn.init.zeros_(self.name_proj.bias)
 
-    def forward(self, latent: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, latent: torch.Tensor, names: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         c, p = self.cfg.latent_channels, self.cfg.patch
         if latent.ndim != 4 or latent.shape[1] != c or latent.shape[2] % p or latent.shape[3] % p:
             raise ValueError(f"ReferenceEncoder: the latent must be (b, {c}, h, w) with h, w divisible by "
@@ -206,6 +217,12 @@ class ReferenceEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x)
         tokens = self.norm(self.proj(x))  # (b, n, token_dim)
+        if names is not None:
+            if self.name_proj is None or names.shape != (latent.shape[0], self.cfg.name_dim):
+                raise ValueError(f"ReferenceEncoder: names must be ({latent.shape[0]}, name_dim = {self.cfg.name_dim})"
+                                 f"{' (this encoder has no name tags: name_dim 0)' if self.name_proj is None else ''}; "
+                                 f"got {tuple(names.shape)}")
+            tokens = tokens + self.name_proj(names.to(tokens.dtype))[:, None]
         return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
 

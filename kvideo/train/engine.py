@@ -371,7 +371,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
         log.info("data: %d samples in %d shards, %d batches per epoch per rank%s", len(datasets[0]),
                  len(datasets[0].index.shards), data.batches_per_epoch,
                  f", buckets {', '.join(s.name for s in stage.shapes)}" if cfg.data.buckets else "")
-    val_dataset = build_dataset(cfg.data, cfg.seed, train=False) \
+    val_dataset = build_dataset(cfg.data, cfg.seed, train=False, fields=stage.reads_fields) \
         if (cfg.data.val_shards and tc.eval_every > 0) else None
 
     metrics = MetricsWriter(run_dir, info.is_main, resume_step=step)

@@ -14,10 +14,12 @@ import logging
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from kvideo.diffusion import training_loss
 from kvideo.inference.autoencoder import clip_latents, load_movq
+from kvideo.inference.conditioning import IdentityCondition, Names, References
 from kvideo.inference.checkpoints import load_stage_weights
 from kvideo.inference.denoiser import TextDenoiser, loss_spec, make_schedule
 from kvideo.inference.loading import Bundle, build_stage_denoiser, with_text_tower
@@ -46,6 +48,9 @@ class LatentDiffusionStage(Stage):
         check_sampling(cfg)
         self.schedule = make_schedule(self.rc.diffusion)
         self.loss_spec = loss_spec(self.rc.diffusion)
+        self.identity = any(cfg.model.get("identity_attention") or ())  # reference conditioning (issue 28)
+        if self.identity:
+            self.reads_fields = (*self.reads_fields, "references")
 
     def build_model(self) -> nn.Module:
         model = build_stage_denoiser(self.cfg)
@@ -61,6 +66,27 @@ class LatentDiffusionStage(Stage):
     def latents(self, batch: dict) -> torch.Tensor:
         """The batch's clips as (b, c, f, h, w) scaled MoVQ latents."""
         return clip_latents(self.movq, batch, self.rc.latent_scale, self.device)
+
+    def references(self, batch: dict, repeats: int = 1) -> Optional[References]:
+        """The batch's reference images (data.references, KEY.ref.png) as `References`: their MoVQ
+        latents, scaled; present where the data has them, except for the share
+        `recipe.identity.dropout` of the samples, drawn here, which get none; tagged with their
+        names (`recipe.identity.names`). Each sample's `repeats` times in a row (a t2i batch's
+        frames). None without identity attention."""
+        if not self.identity:
+            return None
+        images = batch["references"]  # (b, r, 3, H, W)
+        b, r = images.shape[:2]
+        z = clip_latents(self.movq, {"video": rearrange(images, "b r c h w -> (b r) c 1 h w")}, self.rc.latent_scale,
+                         self.device)
+        latents = rearrange(z[:, :, 0], "(b r) c h w -> b r c h w", b=b)
+        dropped = torch.rand(b) < self.rc.identity.dropout
+        present = batch["reference_present"].to(self.device) & ~dropped.to(self.device)[:, None]
+        names = batch["reference_names"]
+        if repeats > 1:
+            latents, present = latents.repeat_interleave(repeats, 0), present.repeat_interleave(repeats, 0)
+            names = [row for row in names for _ in range(repeats)]
+        return References(latents, present, Names(names) if self.rc.identity.names else None)
 
     def bundle(self, model: TextDenoiser) -> Bundle:
         """The model being trained, as the inference layer's samplers take it."""
@@ -94,7 +120,8 @@ def ensure_latent_cache(cfg, data, movq: nn.Module, device: torch.device) -> Non
 def init_from_t2i(model: TextDenoiser, cfg, keep_new: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
     """Load the t2i checkpoint `cfg.recipe.init_from` into a video stage's model: its UNet as the
     spatial layers (`kvideo.models.video_unet.load_image_weights`; `keep_new` prefixes stay
-    freshly initialised) and its text encoder, which must have the same `recipe.text_encoder`.
+    freshly initialised) and its text encoder, which must have the same `recipe.text_encoder`, and
+    its reference encoder when both have one.
     Returns the t2i UNet's weights (for a stage that derives its new layers from them)."""
     from kvideo.models.video_unet import load_image_weights
 
@@ -106,13 +133,23 @@ def init_from_t2i(model: TextDenoiser, cfg, keep_new: Sequence[str] = ()) -> Dic
     report = load_image_weights(model.unet, unet_state, keep_new=keep_new)
     state = with_text_tower(state, model, cfg.recipe.init_from)
     model.text.load_state_dict({k[len("text."):]: v for k, v in state.items() if k.startswith("text.")})
+    reference = {k[len("reference."):]: v for k, v in state.items() if k.startswith("reference.")}
+    if reference and model.reference is not None:  # a t2i model with identity: its reference encoder too
+        model.reference.load_state_dict(reference)
     log.info("%s: loaded %d spatial tensors from %s (%d widened, %d new)", cfg.stage, len(report["loaded"]),
              cfg.recipe.init_from, len(report["widened"]), len(report["new"]))
     return unet_state
 
 
+def with_identity(cond, refs: Optional[References]):
+    """`cond` with the references `refs` (an IdentityCondition), or `cond` itself when None."""
+    return cond if refs is None else IdentityCondition(cond, refs)
+
+
 def video_phase(model: TextDenoiser, spatial_lr_scale: float) -> Phase:
     """The one optimizer phase of a video stage initialised from t2i: the spatial layers and the
-    text encoder (everything but `model.unet.temporal_parameters()`) train at `spatial_lr_scale`
-    times train.lr, the new temporal layers at train.lr."""
-    return Phase.new_layers_faster("main", model, model.unet.temporal_parameters(), spatial_lr_scale)
+    text encoder (everything but the new layers: `model.unet.temporal_parameters()` and the
+    identity layers, `model.identity_parameters()`) train at `spatial_lr_scale` times train.lr,
+    the new layers at train.lr."""
+    new = [*model.unet.temporal_parameters(), *model.identity_parameters()]
+    return Phase.new_layers_faster("main", model, new, spatial_lr_scale)

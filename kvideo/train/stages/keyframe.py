@@ -30,6 +30,11 @@ runs through the unwrapped model, so each rank makes one DDP forward a step. `re
 the video samples run motion-free (nothing crosses frames), the branch motion-free guidance
 (`recipe.sampling.motion_guidance`) pushes away from.
 
+Reference conditioning (issue 28, `model.identity_attention`): every sample also gets its
+clip's reference images (`LatentDiffusionStage.references`, dropped at `recipe.identity.dropout`),
+an `IdentityCondition` around the sample's condition; image samples drawn from image shards get
+none.
+
 `recipe.init_from` names a t2i checkpoint: its UNet becomes the spatial layers (new input
 channels start at zero, temporal layers are new) and its text encoder is taken over.
 `recipe.train_spatial: false` freezes the spatial layers and the text encoder (the 1.0 recipe);
@@ -56,7 +61,7 @@ from kvideo.inference.denoiser import TextDenoiser
 from kvideo.inference.sampling import KeyframeOptions, sample_keyframes
 from kvideo.recipes import ConditionDropout, NoiseAugConfig
 from kvideo.train.stages.base import Phase
-from kvideo.train.stages.diffusion import LatentDiffusionStage, init_from_t2i, video_phase
+from kvideo.train.stages.diffusion import LatentDiffusionStage, init_from_t2i, video_phase, with_identity
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +126,15 @@ def load_lora_base(model: TextDenoiser, cfg) -> None:
 
 def freeze_untrained(model: TextDenoiser, rc) -> None:
     """Freeze what the recipe `rc` does not train: with `lora`, everything but the adapters; with
-    `train_spatial: false` (the 1.0 recipe), everything but the temporal layers and the input conv
-    (its new conditioning channels must learn). The text tower is frozen by its own config."""
+    `train_spatial: false` (the 1.0 recipe), everything but the new layers (temporal, identity)
+    and the input conv (its new conditioning channels must learn). The text tower is frozen by
+    its own config."""
     if rc.lora.enabled:
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
     elif not rc.train_spatial:
         model.requires_grad_(False)
-        for p in model.unet.temporal_parameters():
+        for p in [*model.unet.temporal_parameters(), *model.identity_parameters()]:
             p.requires_grad_(True)
         model.unet.in_layer.requires_grad_(True)
 
@@ -203,16 +209,18 @@ class KeyframeStage(LatentDiffusionStage):
         cond = KeyframeCondition(Prompts(batch["caption"]), first, torch.ones(b, dtype=torch.bool, device=device),
                                  level, batch["motion_score"].to(device), self.rc.motion.scale, motion_free)
         cond = cond.dropped(text=drop_text, image=drop_image.to(device))
+        refs = self.references(batch)
         logs = {"keyframe/latent_std": float(x0.std())}
         # these clips give one frame each (no draw at share 0: the random stream stays the old one)
         images = (torch.rand(b) < self.rc.images.share).to(device) if self.rc.images.share > 0 else None
         if images is not None and bool(images.all()):  # keep one clip: every step trains the temporal
             images[int(torch.randint(0, b, ()))] = False  # layers (DDP needs every parameter's gradient)
         if images is None or not bool(images.any()):
-            loss, mse = self.diffusion_loss(parts["main"], x0, cond, self._loss_mask(model, cond, x0))
+            loss, mse = self.diffusion_loss(parts["main"], x0, with_identity(cond, refs), self._loss_mask(model, cond, x0))
             return loss, {**logs, **mse}
         video, clips = select_rows(cond, ~images), x0[~images]
-        loss, mse = self.diffusion_loss(parts["main"], clips, video, self._loss_mask(model, video, clips))
+        loss, mse = self.diffusion_loss(parts["main"], clips, with_identity(video, select_rows(refs, ~images)),
+                                        self._loss_mask(model, video, clips))
         total = loss * len(clips) / b
         logs["keyframe/mse_video"] = mse["keyframe/mse"]
         image = select_rows(cond, images)
@@ -223,7 +231,9 @@ class KeyframeStage(LatentDiffusionStage):
         # collectives match), and the shared parameters' gradients, summed by autograd over both
         # passes before they are ready, are all-reduced once
         net = parts["main"].module if isinstance(parts["main"], DistributedDataParallel) else parts["main"]
-        loss, mse = self.diffusion_loss(net, pictures, image)
+        image_refs = select_rows(refs, images)  # images of the image shards show no clip's characters
+        image_refs = image_refs.dropped() if image_refs is not None and self.image_shards is not None else image_refs
+        loss, mse = self.diffusion_loss(net, pictures, with_identity(image, image_refs))
         logs["keyframe/mse_image"] = mse["keyframe/mse"]
         total = total + loss * len(pictures) / b
         n_video = b - len(pictures)  # the step's mse over both kinds, as video-only steps log it
@@ -248,7 +258,7 @@ class KeyframeStage(LatentDiffusionStage):
             if a.loss == "others":
                 mask = ~given_frames(has, f, k)
             logs["keyframe/anchor_frame"] = k
-        loss, mse = self.diffusion_loss(parts["main"], x0, cond, mask)
+        loss, mse = self.diffusion_loss(parts["main"], x0, with_identity(cond, self.references(batch)), mask)
         return loss, {**logs, **mse}
 
     def _pictures(self, x0: torch.Tensor, images: torch.Tensor, cond: KeyframeCondition, step: int):

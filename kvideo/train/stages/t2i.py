@@ -4,7 +4,8 @@ Trains on single frames from the shards, in the continuous latent space of a fro
 (`recipe.movq`, a movq-stage checkpoint or run directory): frames -> MoVQ.encode -> latents x0,
 then the denoising loss of `kvideo.diffusion.training_loss` under an `ImageCondition`. The text of
 a share `recipe.text_dropout` of the samples is dropped to the learned null context, so one model
-gives both branches of classifier-free guidance.
+gives both branches of classifier-free guidance. With `model.identity_attention` each frame also
+gets its clip's reference images (an `IdentityCondition`; `recipe.identity`).
 
 The MoVQ stays outside the trained model (it is not in the checkpoints; the config names it).
 The text tower is frozen by default; its projection and null embedding train with the UNet.
@@ -22,7 +23,7 @@ from kvideo.inference.conditioning import ImageCondition, Prompts
 from kvideo.inference.denoiser import TextDenoiser
 from kvideo.inference.sampling import FirstFrameOptions, sample_first_frames
 from kvideo.train.stages.base import Phase
-from kvideo.train.stages.diffusion import LatentDiffusionStage
+from kvideo.train.stages.diffusion import LatentDiffusionStage, with_identity
 
 
 class T2IStage(LatentDiffusionStage):
@@ -40,7 +41,8 @@ class T2IStage(LatentDiffusionStage):
         x0 = rearrange(self.latents(batch), "b c f h w -> (b f) c h w")  # one image per frame
         captions = [c for c in batch["caption"] for _ in range(x0.shape[0] // len(batch["caption"]))]
         drop = torch.rand(len(captions)) < self.rc.text_dropout
-        loss, logs = self.diffusion_loss(parts["main"], x0, ImageCondition(Prompts(captions, drop)))
+        cond = with_identity(ImageCondition(Prompts(captions, drop)), self.references(batch, len(captions) // len(batch["caption"])))
+        loss, logs = self.diffusion_loss(parts["main"], x0, cond)
         return loss, {**logs, "t2i/latent_std": float(x0.std())}
 
     @torch.no_grad()
