@@ -119,6 +119,13 @@ class IdentityConfig:
     # w_R of reference guidance at sampling: + w_R (eps - eps_without references), one more branch
     # of the batched forward; 0: none
     guidance: float = checked(0.0, ">= 0")
+    # The identity loss: a frozen identity encoder (`encoder_weights`, a file written by
+    # tools/train_identity_encoder.py) embeds the decoded x0 prediction of the first frame and the
+    # (decoded) reference; the loss is 1 - their cosine, for samples at t < `loss_max_t` with
+    # exactly one reference present, times `loss_weight` (0: off).
+    loss_weight: float = checked(0.0, ">= 0")
+    loss_max_t: int = checked(200, ">= 1")
+    encoder_weights: Optional[str] = None
 
 
 @dataclass

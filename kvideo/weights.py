@@ -10,20 +10,24 @@ come in. Nothing is ever downloaded: every path is a local file.
     load_text_projection(e, sd)   a projection state dict (the release's Linear + LayerNorm) -> e.proj, e.norm
     load_lpips(path)              LPIPS from one local file
     convert_lpips_weights(...)    that file, from torchvision's VGG16 and the official lin heads
+    save_identity_encoder(m, p)   an IdentityEncoder -> safetensors (its config and report in the metadata)
+    load_identity_encoder(p)      that file -> the frozen IdentityEncoder
 
 Command line (the LPIPS file):
 
     python -m kvideo.weights VGG16.pth LPIPS_VGG_LIN.pth OUT.safetensors
 
-Sections: text encoder, LPIPS.
+Sections: text encoder, LPIPS, identity encoder.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import weakref
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Union
+from typing import TYPE_CHECKING, Dict, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from kvideo.models.text_encoder import ProjectedText, TextEncoder, TextEncoderConfig
 
 if TYPE_CHECKING:
+    from kvideo.models.identity_encoder import IdentityEncoder
     from kvideo.models.lpips import LPIPS
 
 PathLike = Union[str, Path]
@@ -246,6 +251,54 @@ def convert_lpips_weights(vgg_path: PathLike, lin_path: PathLike, out_path: Path
     else:
         torch.save(out, out_path)
     return out_path
+
+
+# ----------------------------------------------------------------------------------------------
+# Identity encoder
+# ----------------------------------------------------------------------------------------------
+# One safetensors file: the state dict, and in the metadata `format` (IDENTITY_ENCODER_FORMAT),
+# `config` (the IdentityEncoderConfig as JSON: sizes and class vocabularies) and `report` (JSON:
+# what tools/train_identity_encoder.py measured, e.g. the held-out accuracy; {} when none).
+# kvideo.models.identity_encoder is imported inside the functions, as LPIPS is.
+
+IDENTITY_ENCODER_FORMAT = "kvideo.identity_encoder.v1"
+
+
+def save_identity_encoder(model: IdentityEncoder, path: PathLike, report: Optional[dict] = None) -> Path:
+    """Write `model` (weights, config, `report`) to the safetensors file `path`, atomically (a
+    temporary file, then a rename). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": IDENTITY_ENCODER_FORMAT, "config": json.dumps(asdict(model.cfg)),
+                "report": json.dumps(report or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def load_identity_encoder(path: PathLike) -> IdentityEncoder:
+    """The IdentityEncoder saved at `path` by `save_identity_encoder`, in eval mode with
+    requires_grad off (gradients still reach its inputs). A missing file, a file that is not
+    safetensors, one of another format or one whose tensors do not fit its config is an error
+    naming the file."""
+    from kvideo.models.identity_encoder import IdentityEncoder, IdentityEncoderConfig
+
+    meta = safetensors_metadata(path, "identity encoder")
+    if meta.get("format") != IDENTITY_ENCODER_FORMAT:
+        raise ValueError(f"'{path}' is not an identity encoder: its metadata format is {meta.get('format')!r}, "
+                         f"expected {IDENTITY_ENCODER_FORMAT!r} (written by kvideo.weights.save_identity_encoder)")
+    try:
+        cfg = IdentityEncoderConfig(**json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"identity encoder '{path}': its config metadata is unusable ({e})") from None
+    model = IdentityEncoder(cfg)
+    try:
+        model.load_state_dict(load_file(str(path), device="cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"identity encoder '{path}': its tensors do not fit its config ({e})") from None
+    return model.eval().requires_grad_(False)
 
 
 def main() -> None:

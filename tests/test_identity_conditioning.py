@@ -282,3 +282,33 @@ def test_reference_dropout_rate_and_repeats():
         repeated = LatentDiffusionStage.references(stage, small, repeats=3)
     assert repeated.latents.shape[0] == 6 and repeated.names.rows == [["Ada", ""]] * 6
     assert LatentDiffusionStage.references(SimpleNamespace(identity=False), batch) is None
+
+
+def test_identity_loss_is_one_minus_the_cosine_of_decoded_frame_zero_and_reference():
+    from kvideo.models.identity_encoder import IdentityEncoder, IdentityEncoderConfig
+
+    torch.manual_seed(0)
+    encoder = IdentityEncoder(IdentityEncoderConfig()).eval().requires_grad_(False)
+    rc = OmegaConf.create({"latent_scale": 0.5, "identity": {"loss_max_t": 200}, "diffusion": {"target": "eps"}})
+    stage = SimpleNamespace(identity_encoder=encoder, movq=tiny_movq().requires_grad_(False), rc=rc,
+                            schedule=Schedule.from_name("squaredcos_cap_v2", 1000))
+    b = 5
+    x_t, out = torch.randn(b, 4, 3, 8, 8), torch.randn(b, 4, 3, 8, 8, requires_grad=True)
+    t = torch.tensor([10, 150, 500, 20, 30])  # sample 2: too noisy
+    present = torch.tensor([[1, 0], [1, 0], [1, 0], [1, 1], [0, 0]], dtype=torch.bool)  # 3: two; 4: none
+    refs = References(torch.randn(b, 2, 4, 8, 8), present)
+    loss, n = LatentDiffusionStage.identity_loss(stage, x_t, t, out, refs)
+    assert n == 2
+    expected = []
+    for i in (0, 1):
+        x0 = stage.schedule.predict_x0(x_t[i:i + 1], t[i:i + 1], out[i:i + 1], "eps")[:, :, 0]
+        frame = stage.movq.decode(x0 / 0.5).clamp(-1, 1)  # 32 px: resized to the encoder's 64
+        ref = stage.movq.decode(refs.latents[i:i + 1, 0] / 0.5).clamp(-1, 1)
+        frame, ref = (torch.nn.functional.interpolate(v, size=(64, 64), mode="bilinear", antialias=True)
+                      for v in (frame, ref))
+        expected.append(1 - (encoder.embed(frame) * encoder.embed(ref)).sum())
+    assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-5)
+    loss.backward()
+    assert out.grad[[0, 1]].abs().sum() > 0 and out.grad[[2, 3, 4]].abs().sum() == 0
+    none, n = LatentDiffusionStage.identity_loss(stage, x_t, torch.full((b,), 900), out, refs)
+    assert n == 0 and float(none) == 0.0 and none.requires_grad

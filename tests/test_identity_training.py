@@ -133,3 +133,78 @@ def test_sample_py_two_shots_enter_shot_ones_character_in_the_bank(t2i_identity_
                                  f"Bix={characters / 'references' / 'Bix.png'}"]) == 0
     record = json.loads((tmp_path / "c.json").read_text())
     assert record["settings"]["identity"]["names"] == [["Bix", "Ada"]]
+
+
+@pytest.fixture(scope="module")
+def test_split(tmp_path_factory) -> Path:
+    """A tiny v2 test split (held-out characters included): 24 clips of 8 frames at 32 px."""
+    out = tmp_path_factory.mktemp("characters_test")
+    write_characters(out, CharactersSpec(24, size=32, num_frames=8, clips_per_shard=12, split="test"), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("identity, first_frame", [("shot", "generated"),
+                                                   ("reference", "reference")])
+def test_evaluate_characters_scores_every_group(t2i_identity_run, keyframe_identity_run, test_split, tmp_path,
+                                                identity, first_frame):
+    import json
+
+    from tools import evaluate_characters
+
+    yaml = tmp_path / "pipeline.yaml"
+    yaml.write_text(f"t2i: {t2i_identity_run}\nkeyframe: {keyframe_identity_run}\nfirst_frame_scale: 1\n"
+                    "fps_preset: low\n")
+    out = tmp_path / "eval"
+    assert evaluate_characters.main(["--pipeline", str(yaml), "--test", str(test_split), "--out", str(out),
+                                     "--limit", "1", "--identity", identity, "--first-frame", first_frame,
+                                     "--call", "t2i_steps=2", "--call", "keyframe_steps=2", "--call",
+                                     "num_keyframes=4", "--save-videos", "1"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert [v["group"] for v in result["videos"]] == list(evaluate_characters.GROUPS)
+    shots = next(v for v in result["videos"] if v["kind"] == "two_shots")
+    assert "consistency" in shots["correct"] and "binding" in result["groups"]["two_characters"]["accuracy"]
+    assert result["videos"][1]["held_out"] and (out / "videos" / "000.mp4").is_file()
+
+
+def test_a_composed_first_frame_places_the_reference_character_on_the_shots_background():
+    import numpy as np
+
+    from kvideo.data.characters import character_bank, render_reference
+    from kvideo.data.characters_scorer import score_character_clip
+    from tools.evaluate_characters import compose_first_frame
+
+    ada = character_bank()["Ada"]
+    reference = render_reference(ada, 3, size=64)
+    shot = {"background": "black", "objects": [{"character": "Ada", "start_xy": [20.0, 40.0]}]}
+    frame = compose_first_frame({"Ada": reference}, shot, 64)
+    meta = {"kind": "single", "shots": [{"background": "black", "objects": [
+        {"character": "Ada", "lane": "full", "direction": "still", "speed": "none"}]}]}
+    score = score_character_clip(np.repeat(frame[None], 4, axis=0), 24.0, meta)
+    assert score["correct"]["identity"] and score["correct"]["background"]
+    ys, xs = np.nonzero(np.abs(frame.astype(int) - frame[0, 0]).sum(-1) > 60)
+    assert abs(xs.mean() - 20) < 1.5 and abs(ys.mean() - 40) < 1.5
+
+
+def test_t2i_trains_with_the_identity_loss(tmp_path, characters, movq_run):
+    import json
+
+    from kvideo.models.identity_encoder import IdentityEncoder, IdentityEncoderConfig
+    from kvideo.weights import save_identity_encoder
+
+    torch.manual_seed(0)
+    weights = save_identity_encoder(IdentityEncoder(IdentityEncoderConfig()), tmp_path / "encoder.safetensors")
+    loss = {"recipe.identity.loss_weight": 0.5, "recipe.identity.loss_max_t": 1000,
+            "recipe.identity.encoder_weights": str(weights), "train.max_steps": 2}
+    run = tmp_path / "run"
+    train(load_config([T2I_CONFIG], tiny_t2i_overrides(run, characters, movq_run,
+                                                       **{**data_overrides(characters), **loss})))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "t2i/identity_loss" in r]
+    assert logged and all(0 <= r["t2i/identity_loss"] <= 2 for r in logged)
+    assert sum(r["t2i/identity_samples"] for r in logged) > 0
+    for extra, match in [({"model.identity_attention": "null"}, "needs reference conditioning"),
+                         ({"recipe.identity.encoder_weights": "null"}, "recipe.identity.encoder_weights")]:
+        cfg = load_config([T2I_CONFIG], tiny_t2i_overrides(tmp_path / "bad", characters, movq_run,
+                                                           **{**data_overrides(characters), **loss, **extra}))
+        with pytest.raises(ValueError, match=match):
+            train(cfg)

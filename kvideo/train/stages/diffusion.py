@@ -14,6 +14,7 @@ import logging
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -51,6 +52,7 @@ class LatentDiffusionStage(Stage):
         self.identity = any(cfg.model.get("identity_attention") or ())  # reference conditioning (issue 28)
         if self.identity:
             self.reads_fields = (*self.reads_fields, "references")
+        self.identity_encoder = self._identity_encoder(device)
 
     def build_model(self) -> nn.Module:
         model = build_stage_denoiser(self.cfg)
@@ -95,9 +97,65 @@ class LatentDiffusionStage(Stage):
     def diffusion_loss(self, net: nn.Module, x0: torch.Tensor, cond,
                        mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         """The mean denoising loss of `net` (the possibly DDP-wrapped denoiser) on x0 under `cond`
-        (over the elements where `mask` holds, when given), and its per-sample MSE for the log."""
-        loss, info = training_loss(lambda x_t, t: net(x_t, t, cond), self.schedule, x0, self.loss_spec, mask=mask)
-        return loss.mean(), {f"{self.name}/mse": float(info["mse"].mean())}
+        (over the elements where `mask` holds, when given), and its per-sample MSE for the log;
+        plus the identity loss times its weight when the recipe sets one and `cond` has references."""
+        outputs = []
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            outputs.append(net(x_t, t, cond))
+            return outputs[-1]
+
+        loss, info = training_loss(model_fn, self.schedule, x0, self.loss_spec, mask=mask)
+        total, logs = loss.mean(), {f"{self.name}/mse": float(info["mse"].mean())}
+        if self.identity_encoder is not None and isinstance(cond, IdentityCondition):
+            id_loss, n = self.identity_loss(info["x_t"], info["t"], outputs[0], cond.references)
+            total = total + self.rc.identity.loss_weight * id_loss
+            logs[f"{self.name}/identity_loss"], logs[f"{self.name}/identity_samples"] = float(id_loss.detach()), n
+        return total, logs
+
+    def _identity_encoder(self, device: torch.device) -> Optional[nn.Module]:
+        """The frozen identity encoder of the identity loss (recipe.identity.loss_weight > 0), or None."""
+        identity = self.rc.get("identity")
+        if identity is None or identity.loss_weight == 0:
+            return None
+        if not self.identity:
+            raise ValueError("recipe.identity.loss_weight needs reference conditioning (model.identity_attention)")
+        if not identity.encoder_weights:
+            raise ValueError("recipe.identity.loss_weight > 0 needs recipe.identity.encoder_weights (a file of "
+                             "tools/train_identity_encoder.py)")
+        if self.cfg.model.get("anchor_first_frame"):
+            raise ValueError("recipe.identity.loss_weight: with model.anchor_first_frame frame 0 is given, not "
+                             "predicted; the identity loss reads frame 0")
+        from kvideo.weights import load_identity_encoder
+
+        return load_identity_encoder(identity.encoder_weights).to(device)
+
+    def identity_loss(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
+                      refs: References) -> Tuple[torch.Tensor, int]:
+        """(mean of 1 - cos(E(decoded x0 prediction of frame 0), E(decoded reference)), samples)
+        over the samples at t < recipe.identity.loss_max_t with exactly one reference present
+        (a frame of one character against that character's reference); E is the frozen identity
+        encoder, given both resized to the size it was trained at. Zero, still in the graph, when
+        no sample qualifies."""
+        present = refs.present > 0
+        keep = (t < self.rc.identity.loss_max_t) & (present.sum(dim=1) == 1) & present[:, 0]
+        if not bool(keep.any()):
+            return out.sum() * 0.0, 0
+        x0 = self.schedule.predict_x0(x_t[keep], t[keep], out[keep], self.rc.diffusion.target)
+        x0 = x0[:, :, 0] if x0.dim() == 5 else x0  # a clip's first frame
+        encoder, scale = self.identity_encoder, self.rc.latent_scale
+
+        def embed(latents: torch.Tensor) -> torch.Tensor:  # at the encoder's size: it reads size in pixels
+            images = self.movq.decode(latents.float() / scale).clamp(-1, 1)
+            size = encoder.cfg.image_size
+            if images.shape[-2:] != (size, size):
+                images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            return encoder.embed(images)
+
+        with torch.no_grad():
+            reference = embed(refs.latents[keep, 0])
+        cosine = (embed(x0) * reference).sum(dim=1)
+        return (1 - cosine).mean(), int(keep.sum())
 
 
 def ensure_latent_cache(cfg, data, movq: nn.Module, device: torch.device) -> None:
