@@ -204,3 +204,25 @@ def test_a_factorized_experiment_trains_lora_on_the_base_run_and_samples_it_twic
     assert report["fvg_fast"]["minutes"]["keyframe"] == report["fvg"]["minutes"]["keyframe"]
     assert 0 < report["fvg"]["params"]["keyframe"]["lora"] < report["fvg"]["params"]["keyframe"]["total"] / 10
     assert "lora" not in report["base"]["params"]["keyframe"] and "s/video" in report["fvg"]["scores"]["cascade"][0]
+
+
+def test_a_world_is_scored_by_its_own_evaluator_and_prepare_steps_are_checked(tmp_path):
+    from tools import demo
+
+    child = tmp_path / "child.yaml"
+    for text, match in [("data: {world: characters}", "scored by its own evaluator"),
+                        ("samples: {evaluator: characters}", "scored by its own evaluator"),
+                        ("data: {world: v3}", "one of shapes, characters"),
+                        ("prepare: [{run: [tools/x.py]}]", r"prepare\[0\] needs run"),
+                        ("arms: {a: {sample_arguments: [--x]}}", "arms.a.sample_arguments is not a stage")]:
+        child.write_text(f"extends: configs/demo/shapes.yaml\n{text}\n")
+        with pytest.raises(ValueError, match=match):
+            demo.read_budget(child)
+    child.write_text("extends: configs/demo/shapes.yaml\ndata: {world: characters}\nsamples: {evaluator: characters}\n"
+                     "arms: {refs: {sample_args: [--identity, reference]}}\n")
+    budget = demo.read_budget(child)
+    assert demo.arm_runs(budget, "refs", tmp_path) == demo.arm_runs(budget, "base", tmp_path)  # sampling only
+    # a prepare step runs once: its `creates` file marks it done
+    budget = {"prepare": [{"run": ["tools/nonexistent.py"], "creates": "{out}/done.txt"}]}
+    (tmp_path / "done.txt").write_text("")
+    demo.prepare(budget, tmp_path)  # skipped: the script would fail

@@ -353,3 +353,25 @@ def test_make_shapesworld_characters(tmp_path):
     assert json.loads((test / "dataset.json").read_text())["held_out_characters"] == list(HELD_OUT_CHARACTERS)
     with pytest.raises(SystemExit):
         make(["--out", str(tmp_path / "v1"), "--num-clips", "1", "--split", "test"])  # v1 has no test split
+
+
+def test_score_shapes_scores_v2_shards_and_captions(tmp_path, capsys):
+    """tools/score_shapes.py on a v2 split (metadata as the prompt) and on mp4s with v2 captions:
+    the renderer's clips score 100% with v2's table; v1 and v2 together are refused."""
+    make, score = load_tool("make_shapesworld").main, load_tool("score_shapes").main
+    out = tmp_path / "test"
+    make(["--world", "characters", "--out", str(out), "--num-clips", "4", "--num-frames", "12", "--split", "test"])
+    result = score([str(out)])
+    assert result["summary"]["n"] == 4 and result["summary"]["all_correct"] == 1.0
+    assert set(result["summary"]["by_kind"]) == {"single", "two_shots", "two_characters"}
+    assert "| two_shots | 1 | 100.0% |" in capsys.readouterr().out
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for key, members in read_shards(out).items():
+        (videos / f"{key}.mp4").write_bytes(members["mp4"])
+        (videos / f"{key}.txt").write_text(json.loads(members["json"])["caption"])
+    assert score([str(videos)])["summary"]["all_correct"] == 1.0  # from the captions alone
+    (videos / "v1.mp4").write_bytes(next(iter(read_shards(out).values()))["mp4"])
+    (videos / "v1.txt").write_text("a red circle moving left slowly on a white background")
+    with pytest.raises(SystemExit, match="mixes ShapesWorld v1 and v2"):
+        score([str(videos)])

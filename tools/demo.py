@@ -32,6 +32,12 @@ base's runs, trained once. `evaluate` names per-stage evaluations (the stage's t
 with the given arguments), whose results.json lands in ARM_DIR/eval/STAGE. `--until STAGE` trains up to STAGE (and evaluates) without sampling the
 cascade. The last lines are a table: per arm, the minutes of each stage, the parameters of each
 stage's model and the scores.
+
+`data.world: characters` renders ShapesWorld v2 (train, val and a test split with the held-out
+characters, `data.test_clips`) and `samples.evaluator: characters` scores each arm with
+tools/evaluate_characters.py on the test split, with the arm's `sample_args` (e.g.
+[--identity, reference]). `prepare` lists commands run once after rendering, each skipped when
+its `creates` file exists (e.g. training the identity loss's encoder on OUT/data).
 """
 
 from __future__ import annotations
@@ -48,17 +54,41 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ("movq", "t2i", "keyframe", "interpolation", "video_decoder")
+ARM_SETTINGS = ("pipeline", "runs_of", "sample_args")  # what an arm may set beside its stages' overrides
+CASCADE_EVALUATORS = {"shapes": "evaluate_shapes", "characters": "evaluate_characters"}
 DEPENDS = {"t2i": ("movq",), "keyframe": ("movq", "t2i"), "interpolation": ("movq", "t2i"), "video_decoder": ("movq",)}
 
 
-def render(out: Path, num_clips: int, split: str, size: int) -> None:
+WORLDS = ("shapes", "characters")  # budget data.world: ShapesWorld v1, or v2 with characters
+
+
+def render(out: Path, num_clips: int, split: str, size: int, world: str = "shapes") -> None:
+    from kvideo.data.characters import CharactersSpec, write_characters
     from kvideo.data.shapesworld import ShapesWorldSpec, write_shapesworld
 
     if (out / "dataset.json").is_file():
         print(f"reusing ShapesWorld {split} split in {out}")
         return
-    print(f"rendering {num_clips} ShapesWorld clips ({split}) into {out}", flush=True)
-    write_shapesworld(out, ShapesWorldSpec(num_clips, size=size, seed=0, split=split), workers=2)
+    print(f"rendering {num_clips} ShapesWorld {'v2 ' if world == 'characters' else ''}clips ({split}) into {out}",
+          flush=True)
+    if world == "characters":
+        write_characters(out, CharactersSpec(num_clips, size=size, seed=0, split=split), workers=2)
+    else:
+        write_shapesworld(out, ShapesWorldSpec(num_clips, size=size, seed=0, split=split), workers=2)
+
+
+def prepare(budget: dict, out: Path) -> None:
+    """Run the budget's `prepare` commands after the data is rendered, each once: a command whose
+    `creates` file exists is skipped (e.g. training the identity loss's encoder on OUT/data)."""
+    for step in budget.get("prepare") or []:
+        creates = Path(str(step["creates"]).replace("{out}", str(out)))
+        if creates.exists():
+            print(f"reusing {creates}")
+            continue
+        script, *rest = [str(a).replace("{out}", str(out)) for a in step["run"]]
+        cmd = [sys.executable, str(ROOT / script), *rest]
+        print(f"\n== prepare\n+ {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True)
 
 
 def read_budget(path: Path) -> dict:
@@ -76,17 +106,26 @@ def read_budget(path: Path) -> dict:
     for arm, changes in (budget.get("arms") or {}).items():
         if arm == "base" or not isinstance(changes, dict):
             raise ValueError(f"demo budget '{path}': arms.{arm} must be a map of stage -> overrides (and not named base)")
-        unknown = sorted(set(changes) - set(ORDER) - {"pipeline", "runs_of"})
+        unknown = sorted(set(changes) - set(ORDER) - set(ARM_SETTINGS))
         if unknown:
             raise ValueError(f"demo budget '{path}': arms.{arm}.{unknown[0]} is not a stage ({', '.join(ORDER)}), "
-                             "pipeline or runs_of")
+                             f"{', '.join(ARM_SETTINGS)}")
         other = changes.get("runs_of")
-        if other is not None and (other not in budget["arms"] or set(changes) - {"pipeline", "runs_of"}
+        if other is not None and (other not in budget["arms"] or set(changes) - set(ARM_SETTINGS)
                                   or budget["arms"][other].get("runs_of")):
             raise ValueError(f"demo budget '{path}': arms.{arm}.runs_of must name another arm that trains its own "
-                             f"runs ({other!r}), and the arm may then change only its pipeline")
+                             f"runs ({other!r}), and the arm may then change only its pipeline and sample_args")
         if not isinstance(changes.get("pipeline", {}), dict):
             raise ValueError(f"demo budget '{path}': arms.{arm}.pipeline must be a map of pipeline settings")
+    for i, step in enumerate(budget.get("prepare") or []):
+        if not isinstance(step, dict) or not step.get("run") or not step.get("creates"):
+            raise ValueError(f"demo budget '{path}': prepare[{i}] needs run (a script under the repository and its "
+                             "arguments) and creates (the file it writes; it runs once)")
+    world = budget.get("data", {}).get("world", "shapes")
+    evaluator = budget.get("samples", {}).get("evaluator", "shapes")
+    if world not in WORLDS or evaluator not in CASCADE_EVALUATORS or (evaluator == "characters") != (world == "characters"):
+        raise ValueError(f"demo budget '{path}': data.world {world!r} and samples.evaluator {evaluator!r}: the world "
+                         f"is one of {', '.join(WORLDS)}, scored by its own evaluator ({', '.join(CASCADE_EVALUATORS)})")
     unknown = sorted(set(budget.get("evaluate") or {}) - set(EVALUATORS))
     if unknown:
         raise ValueError(f"demo budget '{path}': evaluate.{unknown[0]}: no evaluation tool for it "
@@ -100,7 +139,7 @@ def arm_runs(budget: dict, arm: str, out: Path) -> Dict[str, Path]:
     spec = (budget.get("arms") or {}).get(arm, {}) if arm != "base" else {}
     if spec.get("runs_of"):  # a sampling variant of another arm: that arm's runs
         return arm_runs(budget, spec["runs_of"], out)
-    changed = set(spec) - {"pipeline", "runs_of"}
+    changed = set(spec) - set(ARM_SETTINGS)
     for stage in ORDER:  # in order, so a dependency's change reaches its dependants
         if any(d in changed for d in DEPENDS.get(stage, ())):
             changed.add(stage)
@@ -205,8 +244,12 @@ def main(argv=None) -> int:
         return 2
     data = budget.get("data", {})
     t0 = time.perf_counter()
-    render(out / "data" / "train", int(data.get("train_clips", 600)), "train", int(data.get("size", 64)))
-    render(out / "data" / "val", int(data.get("val_clips", 16)), "val", int(data.get("size", 64)))
+    world, size = data.get("world", "shapes"), int(data.get("size", 64))
+    render(out / "data" / "train", int(data.get("train_clips", 600)), "train", size, world)
+    render(out / "data" / "val", int(data.get("val_clips", 16)), "val", size, world)
+    if world == "characters":  # the held-out characters are in the test split only
+        render(out / "data" / "test", int(data.get("test_clips", 64)), "test", size, world)
+    prepare(budget, out)
     data_minutes = (time.perf_counter() - t0) / 60
     stages = ORDER[: ORDER.index(args.until) + 1] if args.until else ORDER
     trained: Dict[Path, float] = {}  # run dir -> minutes this invocation spent on it
@@ -231,7 +274,7 @@ def main(argv=None) -> int:
                 results = evaluate_stage(stage, runs[stage], eval_args, home / "eval" / stage)
                 scores.setdefault(stage, []).extend(score_text(r) for r in results)
         if args.until is None:
-            code, scores["cascade"] = sample_cascade(budget, runs, home, minutes, extra.get("pipeline", {}))
+            code, scores["cascade"] = sample_cascade(budget, runs, home, minutes, extra)
             if code != 0:
                 return code
             (out / "pipelines").mkdir(exist_ok=True)
@@ -272,10 +315,12 @@ def lora_params(cfg) -> int:
     return sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
 
 
-def sample_cascade(budget: dict, runs: Dict[str, Path], home: Path, minutes: dict, changes: dict | None = None):
+def sample_cascade(budget: dict, runs: Dict[str, Path], home: Path, minutes: dict, arm: dict | None = None):
     """Sample and score the budget's canonical prompts through the arm's cascade (the budget's
-    pipeline settings merged with the arm's `changes`); (code, [score])."""
-    settings = OmegaConf.merge(OmegaConf.create(budget.get("pipeline", {})), OmegaConf.create(changes or {}))
+    pipeline settings merged with the arm's `pipeline`), or, for a v2 world, the test split's
+    prompts with tools/evaluate_characters.py (and the arm's `sample_args`); (code, [score])."""
+    arm = arm or {}
+    settings = OmegaConf.merge(OmegaConf.create(budget.get("pipeline", {})), OmegaConf.create(arm.get("pipeline", {})))
     pipeline = {**OmegaConf.to_container(settings), **{s: str(runs[s]) for s in ORDER if s != "movq"}}
     if pipeline.get("first_frame_model") in ("keyframe", "none"):  # no t2i in the cascade
         pipeline.pop("t2i")
@@ -283,6 +328,8 @@ def sample_cascade(budget: dict, runs: Dict[str, Path], home: Path, minutes: dic
     (home / "pipeline.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(pipeline)))
     per_split = int(budget.get("samples", {}).get("per_split", 3))
     sys.path.insert(0, str(ROOT))  # run as a script, `tools` is not yet importable
+    if budget.get("samples", {}).get("evaluator") == "characters":
+        return sample_characters(home, per_split, minutes, arm.get("sample_args", []))
     from tools import evaluate_shapes
 
     print(f"\n== sampling {2 * per_split} canonical prompts through the cascade", flush=True)
@@ -300,6 +347,28 @@ def sample_cascade(budget: dict, runs: Dict[str, Path], home: Path, minutes: dic
     print(f"  pipeline:      {home / 'pipeline.yaml'}  (python sample.py --pipeline {home / 'pipeline.yaml'} "
           "--prompt \"...\" --out video.mp4)")
     return 0, [score_text(result)]
+
+
+def sample_characters(home: Path, per_group: int, minutes: dict, sample_args: List[str]):
+    """Score the arm's cascade on the v2 test split's prompts (tools/evaluate_characters.py with
+    the arm's arguments, e.g. --identity reference); (code, [score])."""
+    from tools import evaluate_characters
+
+    print(f"\n== sampling {per_group} prompts of each v2 group through the cascade", flush=True)
+    t0 = time.perf_counter()
+    samples = home / "samples"
+    code = evaluate_characters.main(["--pipeline", str(home / "pipeline.yaml"), "--test", str(home_data(home) / "test"),
+                                     "--limit", str(per_group), "--out", str(samples), *map(str, sample_args)])
+    minutes["samples"] = (time.perf_counter() - t0) / 60
+    if code != 0:
+        return code, []
+    result = json.loads((samples / "results.json").read_text())
+    return 0, [evaluate_characters.summary_line(result)]
+
+
+def home_data(home: Path) -> Path:
+    """OUT/data of an arm's directory (OUT itself, or OUT/arms/ARM)."""
+    return home / "data" if home.parent.name != "arms" else home.parent.parent / "data"
 
 
 def print_report(report: dict) -> None:

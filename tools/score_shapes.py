@@ -12,6 +12,10 @@ Where the prompt of a video comes from, first match wins:
   3. a sidecar NAME.txt (the caption) or NAME.json ({"caption": ...} or the attribute keys).
 A .tar shard, or a directory holding .tar shards, scores every sample's mp4 against its json.
 A video that cannot be decoded counts as wrong on every attribute.
+
+ShapesWorld v2 (characters) is scored by its own scorer (kvideo/data/characters_scorer.py):
+a v2 sample's metadata (`world: characters`), or a caption naming characters, gets identity,
+cross-shot consistency and binding; the summary is then v2's (per kind, seen and held-out).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kvideo.data.characters import parse_scene_caption
+from kvideo.data.characters_scorer import aggregate_character_scores, score_character_clip
 from kvideo.data.shapes_scorer import aggregate_scores, score_clip
 from kvideo.data.shapesworld import ATTRIBUTES, UNKNOWN, parse_caption
 from kvideo.data.video_io import VideoDecodeError, probe, read_video
@@ -40,7 +46,10 @@ def _fps(times: np.ndarray, src) -> float:
 
 
 def _prompt_from_json(meta: dict):
-    """Attributes if the json has them all (shard metadata), else its caption/prompt."""
+    """A v2 clip's metadata as it is; attributes if the json has them all (shard metadata), else
+    its caption/prompt."""
+    if meta.get("world") == "characters":
+        return meta
     if all(k in meta for k in ATTRIBUTES):
         return {k: meta[k] for k in ATTRIBUTES}
     for key in ("caption", "prompt"):
@@ -56,13 +65,31 @@ def _failed(name: str, prompt, reason: str) -> dict:
                 color_drift=None)
 
 
+def is_characters(prompt) -> bool:
+    """Whether a prompt is ShapesWorld v2's: v2 metadata, or a caption that names characters."""
+    if isinstance(prompt, dict):
+        return prompt.get("world") == "characters"
+    try:
+        parse_caption(prompt)
+        return False
+    except ValueError:
+        parse_scene_caption(prompt)  # neither v1 nor v2: its error names the caption
+        return True
+
+
 def score_source(name: str, src, prompt) -> dict:
-    """Decode one video (path or bytes) and score it; decoding errors give a failed result."""
+    """Decode one video (path or bytes) and score it with v1's or v2's scorer; decoding errors give
+    a failed result."""
+    v2 = is_characters(prompt)
     try:
         frames, times = read_video(src)
     except VideoDecodeError as e:
+        if v2:
+            return {"name": name, "error": str(e), "kind": "unknown", "held_out": False, "correct": {"identity": False},
+                    "all_correct": False}
         return _failed(name, prompt, str(e))
-    return {"name": name, **score_clip(frames, _fps(times, src), prompt)}
+    score = score_character_clip if v2 else score_clip
+    return {"name": name, **score(frames, _fps(times, src), prompt)}
 
 
 def _load_prompt_map(path: Path) -> dict:
@@ -138,6 +165,18 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def characters_table(summary: dict) -> str:
+    """v2's summary: all-correct and every attribute's accuracy, overall, per kind and split."""
+    keys = list(summary.get("accuracy", {}))
+    lines = ["| clips | n | all correct | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 3)]
+    parts = [("all", summary), *summary["by_kind"].items(), *summary["by_split"].items()]
+    for name, part in parts:
+        if part["n"]:
+            accs = " | ".join(f"{100 * part['accuracy'][k]:.1f}%" if k in part["accuracy"] else "-" for k in keys)
+            lines.append(f"| {name} | {part['n']} | {100 * part['all_correct']:.1f}% | {accs} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="an mp4, a .tar shard, or a directory of either")
@@ -162,12 +201,15 @@ def main(argv=None) -> dict:
     if not results:
         raise SystemExit(f"no videos found in {path}")
 
-    summary = aggregate_scores(results)
+    v2 = ["kind" in r for r in results]
+    if any(v2) and not all(v2):
+        raise SystemExit(f"{path} mixes ShapesWorld v1 and v2 prompts: score them apart")
+    summary = aggregate_character_scores(results) if all(v2) else aggregate_scores(results)
     failed = [r["name"] for r in results if "error" in r]
     if args.json:
         print(json.dumps({"summary": summary, "failed": failed, "clips": results}, indent=2))
     else:
-        print(markdown_table(summary))
+        print(characters_table(summary) if all(v2) else markdown_table(summary))
         if failed:
             print(f"\n{len(failed)} video(s) failed to decode (scored wrong): {', '.join(failed)}")
     return {"summary": summary, "failed": failed, "clips": results}
