@@ -226,3 +226,41 @@ def test_a_world_is_scored_by_its_own_evaluator_and_prepare_steps_are_checked(tm
     budget = {"prepare": [{"run": ["tools/nonexistent.py"], "creates": "{out}/done.txt"}]}
     (tmp_path / "done.txt").write_text("")
     demo.prepare(budget, tmp_path)  # skipped: the script would fail
+
+
+@pytest.mark.slow
+def test_an_identity_experiment_renders_v2_prepares_its_encoder_and_scores_each_arm(tmp_path, capsys):
+    """configs/experiments/identity.yaml's machinery on a tiny budget: a v2 world (train, val and
+    test splits), the identity encoder trained once by a prepare step, an identity-attention arm
+    with the identity loss scored with references, and a base-runs arm scored with composed first
+    frames."""
+    from tools import demo
+
+    budget = tiny_budget(tmp_path)
+    budget["data"] = {"world": "characters", "train_clips": 12, "val_clips": 4, "test_clips": 24, "size": 32,
+                      "num_frames": 16}
+    budget["samples"] = {"evaluator": "characters", "per_split": 1}
+    budget["pipeline"]["fps_preset"] = "low"
+    budget["prepare"] = [{"run": ["tools/train_identity_encoder.py", "--train", "{out}/data/train", "--test",
+                                  "{out}/data/test", "--out", "{out}/encoder.safetensors", "--size", "32",
+                                  "--steps", "3", "--batch-size", "8"],
+                          "creates": "{out}/encoder.safetensors"}]
+    references = "data.references={out}/data/train/references"
+    for stage in ("t2i", "keyframe"):
+        budget["stages"][stage]["overrides"] = [*budget["stages"][stage]["overrides"], references]
+    identity = ["model.identity_attention=[false,true]"]
+    budget["arms"] = {"loss": {"t2i": [*identity, "recipe.identity.loss_weight=0.1", "recipe.identity.loss_max_t=1000",
+                                       "recipe.identity.encoder_weights={out}/encoder.safetensors"],
+                               "keyframe": identity, "sample_args": ["--identity", "reference"]},
+                      "composed": {"sample_args": ["--first-frame", "reference"]}}
+    path = tmp_path / "budget.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(budget)))
+    out = tmp_path / "exp"
+    assert demo.main(["--out", str(out), "--budget", str(path)]) == 0
+    assert (out / "data" / "test" / "references" / "Pip.png").is_file() and (out / "encoder.safetensors").is_file()
+    results = {arm: json.loads((home / "samples" / "results.json").read_text())
+               for arm, home in (("base", out), ("loss", out / "arms" / "loss"), ("composed", out / "arms" / "composed"))}
+    assert [r["identity"] for r in results.values()] == ["none", "reference", "none"]
+    assert results["composed"]["first_frame"] == "reference" and not (out / "arms" / "composed" / "runs").exists()
+    assert '"t2i/identity_loss"' in (out / "arms" / "loss" / "runs" / "t2i" / "metrics.jsonl").read_text()
+    assert "single_held_out: identity" in capsys.readouterr().out  # the table's cascade scores

@@ -208,3 +208,21 @@ def test_t2i_trains_with_the_identity_loss(tmp_path, characters, movq_run):
                                                            **{**data_overrides(characters), **loss, **extra}))
         with pytest.raises(ValueError, match=match):
             train(cfg)
+
+
+def test_a_model_without_identity_starts_from_a_t2i_model_with_it(t2i_identity_run, characters, movq_run):
+    """Interpolation (no identity attention) and a keyframe model without it take a t2i checkpoint
+    trained with identity: its identity layers are left out, every other weight is loaded."""
+    from kvideo.inference.loading import build_stage_denoiser as build
+    from test_interpolation import CONFIG as INTERPOLATION_CONFIG, tiny_interpolation_overrides
+
+    t2i = ckpt.load_weights(ckpt.latest_checkpoint(t2i_identity_run), "ema")[0]
+    for config, overrides in ((INTERPOLATION_CONFIG, tiny_interpolation_overrides), (KEYFRAME_CONFIG,
+                                                                                     tiny_keyframe_overrides)):
+        cfg = load_config([config], overrides("/tmp/unused", characters, movq_run, t2i_identity_run))
+        model = build(cfg)
+        init_from_t2i(model, cfg, keep_new=("in_layer.", "out_layer.2."))
+        own = model.state_dict()
+        assert model.reference is None
+        assert torch.equal(own["unet.down_samples.1.units.0.cross_attention.attention.to_key.weight"],
+                           t2i["unet.down_samples.1.units.0.cross_attention.attention.to_key.weight"])

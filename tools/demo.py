@@ -62,19 +62,22 @@ DEPENDS = {"t2i": ("movq",), "keyframe": ("movq", "t2i"), "interpolation": ("mov
 WORLDS = ("shapes", "characters")  # budget data.world: ShapesWorld v1, or v2 with characters
 
 
-def render(out: Path, num_clips: int, split: str, size: int, world: str = "shapes") -> None:
+def render(out: Path, num_clips: int, split: str, data: dict) -> None:
+    """Render a ShapesWorld split of the budget's `data` section (world, size, num_frames) into `out`."""
     from kvideo.data.characters import CharactersSpec, write_characters
     from kvideo.data.shapesworld import ShapesWorldSpec, write_shapesworld
 
+    world = data.get("world", "shapes")
+    spec = dict(size=int(data.get("size", 64)), num_frames=int(data.get("num_frames", 48)), seed=0, split=split)
     if (out / "dataset.json").is_file():
         print(f"reusing ShapesWorld {split} split in {out}")
         return
     print(f"rendering {num_clips} ShapesWorld {'v2 ' if world == 'characters' else ''}clips ({split}) into {out}",
           flush=True)
     if world == "characters":
-        write_characters(out, CharactersSpec(num_clips, size=size, seed=0, split=split), workers=2)
+        write_characters(out, CharactersSpec(num_clips, **spec), workers=2)
     else:
-        write_shapesworld(out, ShapesWorldSpec(num_clips, size=size, seed=0, split=split), workers=2)
+        write_shapesworld(out, ShapesWorldSpec(num_clips, **spec), workers=2)
 
 
 def prepare(budget: dict, out: Path) -> None:
@@ -244,11 +247,10 @@ def main(argv=None) -> int:
         return 2
     data = budget.get("data", {})
     t0 = time.perf_counter()
-    world, size = data.get("world", "shapes"), int(data.get("size", 64))
-    render(out / "data" / "train", int(data.get("train_clips", 600)), "train", size, world)
-    render(out / "data" / "val", int(data.get("val_clips", 16)), "val", size, world)
-    if world == "characters":  # the held-out characters are in the test split only
-        render(out / "data" / "test", int(data.get("test_clips", 64)), "test", size, world)
+    render(out / "data" / "train", int(data.get("train_clips", 600)), "train", data)
+    render(out / "data" / "val", int(data.get("val_clips", 16)), "val", data)
+    if data.get("world") == "characters":  # the held-out characters are in the test split only
+        render(out / "data" / "test", int(data.get("test_clips", 64)), "test", data)
     prepare(budget, out)
     data_minutes = (time.perf_counter() - t0) / 60
     stages = ORDER[: ORDER.index(args.until) + 1] if args.until else ORDER

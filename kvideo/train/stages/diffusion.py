@@ -179,7 +179,8 @@ def init_from_t2i(model: TextDenoiser, cfg, keep_new: Sequence[str] = ()) -> Dic
     """Load the t2i checkpoint `cfg.recipe.init_from` into a video stage's model: its UNet as the
     spatial layers (`kvideo.models.video_unet.load_image_weights`; `keep_new` prefixes stay
     freshly initialised) and its text encoder, which must have the same `recipe.text_encoder`, and
-    its reference encoder when both have one.
+    its reference encoder and identity attentions when both have them (a model without them leaves
+    the t2i model's out).
     Returns the t2i UNet's weights (for a stage that derives its new layers from them)."""
     from kvideo.models.video_unet import load_image_weights
 
@@ -188,6 +189,8 @@ def init_from_t2i(model: TextDenoiser, cfg, keep_new: Sequence[str] = ()) -> Dic
         raise ValueError(f"recipe.text_encoder differs from the one of recipe.init_from '{cfg.recipe.init_from}': "
                          f"{dict(cfg.recipe.text_encoder)} vs {dict(t2i_cfg.recipe.text_encoder)}")
     unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    if model.reference is None:  # a model without identity (interpolation) takes no identity layers
+        unet_state = {k: v for k, v in unet_state.items() if ".identity_attention." not in k}
     report = load_image_weights(model.unet, unet_state, keep_new=keep_new)
     state = with_text_tower(state, model, cfg.recipe.init_from)
     model.text.load_state_dict({k[len("text."):]: v for k, v in state.items() if k.startswith("text.")})
