@@ -7,8 +7,9 @@ import pytest
 import torch
 from einops import rearrange
 
-from kvideo.inference.conditioning import (NETWORK_CALLS, ImageCondition, InterpolationCondition, KeyframeCondition,
-                                           Prompts, TextContext, TextVideoCondition, call_network, conditioned_input)
+from kvideo.inference.conditioning import (NETWORK_CALLS, IdentityCondition, ImageCondition, InterpolationCondition,
+                                           KeyframeCondition, Prompts, TextContext, TextVideoCondition, call_network,
+                                           conditioned_input)
 from kvideo.inference.sampling import FirstFrameOptions, InterpolationOptions, KeyframeOptions
 from kvideo.registry import load_config
 
@@ -25,7 +26,8 @@ def test_every_named_stage_has_a_training_stage_and_a_schema():
 
 
 def test_every_condition_kind_has_one_network_call():
-    assert set(NETWORK_CALLS) == {ImageCondition, KeyframeCondition, TextVideoCondition, InterpolationCondition}
+    assert set(NETWORK_CALLS) == {ImageCondition, KeyframeCondition, TextVideoCondition, InterpolationCondition,
+                                  IdentityCondition}
 
     @dataclasses.dataclass
     class Unregistered:
