@@ -153,3 +153,14 @@ def test_the_movq_architecture_comes_from_the_checkpoint_config(tmp_path):
     assert (movq.ch, movq.ch_mult) == (8, [1, 2, 2]) and "recipe.movq" in source
     missing, source = stage_movq(tiny_config("t2i", **{"recipe.movq": str(tmp_path / "nowhere")}))
     assert missing.ch_mult == [1, 2, 2, 4] and "not here" in source
+
+
+def test_a_model_with_identity_attention_is_traced_with_its_references():
+    """The planner runs the identity attention and the reference encoder as training does: its
+    step costs more FLOPs than the same model's step without references."""
+    from kvideo.train.plan import trace_step
+
+    plain = tiny_config("t2i")
+    identity = tiny_config("t2i", **{"model.identity_attention": "[false,true]", "data.max_references": 2})
+    traces = [trace_step(build_trainee(cfg, TINY_MOVQ), 2, "fp32", False) for cfg in (plain, identity)]
+    assert traces[1].flops > traces[0].flops
