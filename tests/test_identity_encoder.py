@@ -17,6 +17,8 @@ from kvideo.models.identity_encoder import IdentityEncoder, IdentityEncoderConfi
 from kvideo.weights import load_identity_encoder, safetensors_metadata, save_identity_encoder
 from tools import train_identity_encoder as tool
 
+from conftest import ROOT
+
 REPORT_KEYS = {"command", "date", "config", "params", "training", "data", "accuracy", "retrieval"}
 
 
@@ -195,3 +197,17 @@ def test_tool_learns_the_training_characters(tmp_path):
         k = IDENTITY.index(name)
         majority = data.labels[:, k].bincount().max().item() / len(data)
         assert majority < 0.5 and measured[name] >= threshold, (name, measured[name], majority)
+
+
+def test_tool_decodes_both_splits_with_worker_processes(splits, tmp_path):
+    """--workers 2: the test split is decoded by a second pool after torch has started its threads,
+    which hung with forked workers; spawned workers finish (a subprocess, so a hang fails the test)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "enc.safetensors"
+    cmd = [sys.executable, str(ROOT / "tools" / "train_identity_encoder.py"), "--train", str(splits / "train"),
+           "--test", str(splits / "test"), "--out", str(out), "--size", "32", "--steps", "2", "--batch-size", "4",
+           "--threads", "2", "--workers", "2"]
+    subprocess.run(cmd, check=True, timeout=300, capture_output=True)
+    assert out.is_file() and out.with_suffix(".json").is_file()

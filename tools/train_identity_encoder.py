@@ -58,7 +58,7 @@ from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from multiprocessing import Pool
+import multiprocessing
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -154,7 +154,9 @@ def read_split(directory: Path, cfg: IdentityEncoderConfig, frames_per_clip: int
             yield index.read(i, "mp4"), meta, ref, frames_per_clip, [seed, i], cfg.image_size
 
     items = []
-    with Pool(workers) if workers > 1 else nullcontext() as pool:
+    # spawned, not forked: a fork after torch has started its OpenMP threads (the first split's
+    # tensors) hangs the children's decoding
+    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else nullcontext() as pool:
         decoded = pool.imap(decode_clip, jobs(), chunksize=8) if pool else map(decode_clip, jobs())
         for clip_items in tqdm(decoded, total=len(index), desc=f"decode {directory.name}", unit="clip"):
             items += clip_items
