@@ -127,7 +127,7 @@ def test_without_the_field_nothing_changes(split):
     plain = build_dataset(data_cfg(split, references=str(split / "references")), seed=3, train=True,
                           fields=("caption",))
     refs = build_dataset(data_cfg(split, references=str(split / "references")), seed=3, train=True, fields=FIELDS)
-    assert plain.references is None
+    assert plain.extras is None
     for item in [(0, 0), (1, 2), (4, 5)]:
         a, b = plain[item], refs[item]
         assert set(a) == {"video", "caption", "motion_score", "key", "meta"}

@@ -22,9 +22,8 @@ def build_dataset(data_cfg, seed: int, *, train: bool, fields: Sequence[str] = (
     data.reference_size)."""
     key = "data.shards" if train else "data.val_shards"
     spec = data_cfg.shards if train else data_cfg.val_shards
-    references = ReferenceReader.from_config(data_cfg) if REFERENCES in fields else None
-    kwargs = dict(seed=seed, train=train, fields=fields, max_sample_mb=data_cfg.get("max_sample_mb"),
-                  references=references)
+    extras = ReferenceReader.from_config(data_cfg).read if REFERENCES in fields else None
+    kwargs = dict(seed=seed, train=train, fields=fields, max_sample_mb=data_cfg.get("max_sample_mb"), extras=extras)
     clip = ClipFormat.from_config(data_cfg)
     if train and data_cfg.get("latent_cache"):
         return LatentClipDataset(ShardIndex(spec, key=key), data_cfg.latent_cache, clip, **kwargs)

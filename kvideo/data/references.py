@@ -22,7 +22,7 @@ and `shards.collate` stacks them to (b, R, 3, H, W), (b, R) and b lists. A pictu
 decode makes its sample a bad sample (reason "reference", naming the member or file); a
 `data.references` directory that does not exist stops the dataset's construction.
 
-Imports run one way: this module -> shards (which holds a `ReferenceReader` without importing it).
+Imports run one way: this module -> shards (a ClipDataset holds `ReferenceReader.read` as its `extras`).
 """
 
 from __future__ import annotations

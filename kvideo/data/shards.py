@@ -33,7 +33,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +41,6 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kvideo.data.video_io import pick_frames_by_time, read_video
-
-if TYPE_CHECKING:  # references.py imports this module; a ClipDataset only holds its reader
-    from kvideo.data.references import ReferenceReader
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +260,10 @@ class ClipFormat:
                    bool(data_cfg.get("random_crop", True)))
 
 
+# What a dataset reads beside a sample's frames: (index, sample number, metadata, max bytes) -> dict
+Extras = Callable[["ShardIndex", int, dict, Optional[int]], dict]
+
+
 class ClipDataset(Dataset):
     """Map-style dataset over a ShardIndex; items are addressed as (epoch, index).
 
@@ -270,20 +271,22 @@ class ClipDataset(Dataset):
     or, for a bad sample, {"failed": {"key", "shard", "reason" (one of SKIP_REASONS), "message"}}.
     `train`: a random clip start (and crop); otherwise the first frames, centre-cropped.
     `fields` are the metadata fields the stage reads (see `parse_metadata`); a tar member over
-    `max_sample_mb` is skipped unread. `references`: each item also carries the clip's reference
-    images, "references", "reference_present" and "reference_names" (kvideo/data/references.py).
+    `max_sample_mb` is skipped unread. `extras(index, i, metadata, max_bytes) -> dict`: more of
+    each item, read beside its frames (a BadSample skips the item), e.g. the clip's reference
+    images ("references", "reference_present", "reference_names": `ReferenceReader.read` of
+    kvideo/data/references.py).
     """
 
     def __init__(self, index: ShardIndex, clip: ClipFormat, *, seed: int, train: bool = True,
                  fields: Sequence[str] = (), max_sample_mb: Optional[float] = None,
-                 references: Optional[ReferenceReader] = None):
+                 extras: Optional[Extras] = None):
         self.index = index
         self.clip = clip
         self.seed = seed
         self.train = train
         self.fields = tuple(fields)
         self.max_bytes = None if max_sample_mb is None else int(max_sample_mb * 2**20)
-        self.references = references
+        self.extras = extras
 
     def __len__(self) -> int:
         return len(self.index)
@@ -306,8 +309,8 @@ class ClipDataset(Dataset):
             gen = _sample_generator(self.seed, epoch, i) if self.train else None
             start = self._window(meta, gen)
             end = start + (self.clip.num_frames - 1) / self.clip.fps + 2.0 / self.clip.fps
-            refs = {} if self.references is None else self.references.read(self.index, i, meta, self.max_bytes)
-            content = {**self.load(i, start, end, gen), **refs}
+            extra = {} if self.extras is None else self.extras(self.index, i, meta, self.max_bytes)
+            content = {**self.load(i, start, end, gen), **extra}
         except Exception as e:  # a bad sample is skipped, never fatal
             reason = e.reason if isinstance(e, BadSample) else "undecodable"
             message = str(e) if isinstance(e, BadSample) else f"{type(e).__name__}: {e}"
