@@ -175,6 +175,17 @@ def safetensors_metadata(path: PathLike, what: str) -> Dict[str, str]:
         raise ValueError(f"{what} '{path}' is not a safetensors file ({e})") from None
 
 
+def write_safetensors(tensors: Dict[str, torch.Tensor], path: PathLike, metadata: Dict[str, str]) -> Path:
+    """Write `tensors` and `metadata` to the safetensors file `path` atomically (a temporary file
+    beside it, then a rename), its folder made when missing. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
 def _load_tensors(path: PathLike) -> Dict[str, torch.Tensor]:
     """A flat {key: tensor} dict from a .safetensors file or a torch state dict file."""
     path = Path(path)
@@ -265,17 +276,12 @@ IDENTITY_ENCODER_FORMAT = "kvideo.identity_encoder.v1"
 
 
 def save_identity_encoder(model: IdentityEncoder, path: PathLike, report: Optional[dict] = None) -> Path:
-    """Write `model` (weights, config, `report`) to the safetensors file `path`, atomically (a
-    temporary file, then a rename). Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `model` (weights, config, `report`) to the safetensors file `path`, atomically.
+    Returns the path."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": IDENTITY_ENCODER_FORMAT, "config": json.dumps(asdict(model.cfg)),
                 "report": json.dumps(report or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return write_safetensors(tensors, path, metadata)
 
 
 def load_identity_encoder(path: PathLike) -> IdentityEncoder:

@@ -127,7 +127,7 @@ def evaluate(pipe, items: List[dict], args, references: Dict[str, np.ndarray], o
     from kvideo.pipeline import VideoOutput, call_arguments, video_to_uint8, write_outputs
 
     call = call_arguments(args.call, exclude=("seed",))
-    bank = IdentityBank({n: torch.from_numpy(r).permute(2, 0, 1).float() / 127.5 - 1 for n, r in references.items()})
+    bank = IdentityBank.from_images({n: args.test / "references" / f"{n}.png" for n in references})
     slots = int(pipe.keyframe.cfg.data.get("max_references", 2))
     size = int(pipe.keyframe.cfg.data.size[0])
     rows, t0 = [], time.perf_counter()

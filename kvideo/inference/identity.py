@@ -128,17 +128,12 @@ class IdentityBank:
         return cls({name: read_reference(path) for name, path in images.items()})
 
     def save(self, path: Union[str, Path]) -> Path:
-        """Write the bank as one safetensors file (atomically: a temporary file, then a rename)."""
-        from safetensors.torch import save_file
+        """Write the bank as one safetensors file, atomically (`kvideo.weights.write_safetensors`)."""
+        from kvideo.weights import write_safetensors
 
         if not self.entries:
             raise ValueError("identity bank: nothing to save (no entries)")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(dict(self.entries), str(tmp), metadata={"format": BANK_FORMAT, "version": BANK_VERSION})
-        tmp.replace(path)
-        return path
+        return write_safetensors(dict(self.entries), path, {"format": BANK_FORMAT, "version": BANK_VERSION})
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "IdentityBank":
