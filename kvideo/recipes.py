@@ -115,6 +115,10 @@ class IdentityConfig:
     # the name), so attention can tell which entry the caption names
     names: bool = True
     dropout: float = checked(0.1, "[0, 1]")  # share of samples trained with no reference (the branch guidance drops)
+    # share of the samples that keep a reference whose caption has the references' names replaced
+    # by `name_word`: they must take identity from the reference, not the name (zero-shot identity)
+    name_dropout: float = checked(0.0, "[0, 1]")
+    name_word: str = "someone"
     scale: float = checked(1.0, ">= 0")  # the identity attention's strength at sampling (training: 1)
     # w_R of reference guidance at sampling: + w_R (eps - eps_without references), one more branch
     # of the batched forward; 0: none

@@ -284,6 +284,42 @@ def test_reference_dropout_rate_and_repeats():
     assert LatentDiffusionStage.references(SimpleNamespace(identity=False), batch) is None
 
 
+def test_name_dropout_leaves_identity_to_the_reference():
+    from kvideo.inference.identity import without_names
+
+    assert without_names("Ada moving left and Adam still, then Ada again", ["Ada"], "someone") == \
+        "someone moving left and Adam still, then someone again"
+    rc = OmegaConf.create({"latent_scale": 1.0, "identity": {"dropout": 0.0, "names": True, "name_dropout": 0.4,
+                                                             "name_word": "someone"}})
+    stage = SimpleNamespace(identity=True, movq=tiny_movq(), rc=rc, device=torch.device("cpu"))
+    b = 3000  # rows: both references present; only the first; none (dropped or missing)
+    rows = [[True, True], [True, False], [False, False]] * (b // 3)
+    batch = {"references": torch.zeros(b, 2, 3, 8, 8), "reference_present": torch.tensor(rows),
+             "reference_names": [["Ada", "Bix"]] * b}
+    captions = ["Ada moving left and Bix standing still"] * b
+    torch.manual_seed(0)
+    with torch.no_grad():
+        refs = LatentDiffusionStage.references(stage, batch)
+    out = LatentDiffusionStage.unnamed(stage, captions, batch, refs)
+    both, first, neither = out[0::3], out[1::3], out[2::3]
+    assert set(both) == {captions[0], "someone moving left and someone standing still"}
+    assert set(first) == {captions[0], "someone moving left and Bix standing still"}  # Bix has no reference
+    assert set(neither) == {captions[0]}  # nothing to take identity from: the names stay
+    share = sum(c != captions[0] for c in both + first) / (2 * b // 3)
+    assert abs(share - 0.4) < 0.04
+    # repeated rows (a t2i batch's frames) follow their sample's references
+    small = {k: v[:3] for k, v in batch.items()}
+    with torch.no_grad():
+        refs3 = LatentDiffusionStage.references(stage, small, repeats=2)
+    stage.rc.identity.name_dropout = 1.0
+    out3 = LatentDiffusionStage.unnamed(stage, [c for c in captions[:3] for _ in range(2)], small, refs3)
+    assert out3[4:] == [captions[0]] * 2 and "Ada" not in out3[0] and "Bix" in out3[2]
+    stage.rc.identity.name_dropout = 0.0  # off: the captions as given, and no random draw
+    state = torch.get_rng_state()
+    assert LatentDiffusionStage.unnamed(stage, captions, batch, refs) == captions
+    assert torch.equal(state, torch.get_rng_state())
+
+
 def test_identity_loss_is_one_minus_the_cosine_of_decoded_frame_zero_and_reference():
     from kvideo.models.identity_encoder import IdentityEncoder, IdentityEncoderConfig
 

@@ -210,6 +210,28 @@ def test_t2i_trains_with_the_identity_loss(tmp_path, characters, movq_run):
             train(cfg)
 
 
+def test_both_stages_train_with_name_dropout(tmp_path, characters, movq_run, t2i_identity_run, monkeypatch):
+    """recipe.identity.name_dropout reaches the captions the t2i and keyframe stages encode."""
+    from kvideo.train.stages.diffusion import LatentDiffusionStage
+
+    seen = []
+    unnamed = LatentDiffusionStage.unnamed
+
+    def recording(self, captions, batch, refs):
+        seen.append((self.name, unnamed(self, captions, batch, refs)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(LatentDiffusionStage, "unnamed", recording)
+    names = {"recipe.identity.name_dropout": 1.0, "recipe.identity.name_word": "someone", "train.max_steps": 2}
+    train(load_config([T2I_CONFIG], tiny_t2i_overrides(tmp_path / "t2i", characters, movq_run,
+                                                       **{**data_overrides(characters), **names})))
+    train(load_config([KEYFRAME_CONFIG], tiny_keyframe_overrides(tmp_path / "kf", characters, movq_run, t2i_identity_run,
+                                                                 **{**data_overrides(characters), **names})))
+    for stage in ("t2i", "keyframe"):
+        captions = [c for name, batch in seen if name == stage for c in batch]
+        assert any(c.startswith("someone ") for c in captions), stage
+
+
 def test_a_model_without_identity_starts_from_a_t2i_model_with_it(t2i_identity_run, characters, movq_run):
     """Interpolation (no identity attention) and a keyframe model without it take a t2i checkpoint
     trained with identity: its identity layers are left out, every other weight is loaded."""

@@ -85,10 +85,21 @@ def read_reference(path: Union[str, Path]) -> torch.Tensor:
     return rgb.float() / 127.5 - 1.0
 
 
+def _whole_word(name: str) -> str:
+    return rf"(?<!\w){re.escape(name)}(?!\w)"
+
+
 def names_in(prompt: str, names: Sequence[str]) -> List[str]:
     """Those of `names` the prompt mentions as whole words, in the order the prompt names them."""
-    found = [(m.start(), name) for name in names for m in [re.search(rf"(?<!\w){re.escape(name)}(?!\w)", prompt)] if m]
+    found = [(m.start(), name) for name in names for m in [re.search(_whole_word(name), prompt)] if m]
     return [name for _, name in sorted(found)]
+
+
+def without_names(prompt: str, names: Sequence[str], word: str) -> str:
+    """`prompt` with every whole-word mention of each of `names` replaced by `word`."""
+    for name in names:
+        prompt = re.sub(_whole_word(name), word, prompt)
+    return prompt
 
 
 class IdentityBank:

@@ -11,7 +11,7 @@ what `sample.py` would make.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from kvideo.inference.autoencoder import clip_latents, load_movq
 from kvideo.inference.conditioning import IdentityCondition, Names, References
 from kvideo.inference.checkpoints import load_stage_weights
 from kvideo.inference.denoiser import TextDenoiser, loss_spec, make_schedule
+from kvideo.inference.identity import without_names
 from kvideo.inference.loading import Bundle, build_stage_denoiser, with_text_tower
 from kvideo.inference.sampling import check_sampling
 from kvideo.train import dist
@@ -89,6 +90,22 @@ class LatentDiffusionStage(Stage):
             latents, present = latents.repeat_interleave(repeats, 0), present.repeat_interleave(repeats, 0)
             names = [row for row in names for _ in range(repeats)]
         return References(latents, present, Names(names) if self.rc.identity.names else None)
+
+    def unnamed(self, captions: Sequence[str], batch: dict, refs: Optional[References]) -> List[str]:
+        """`captions` (each sample's repeated in a row, as `references` repeats them) with the
+        names of the sample's present references replaced by `recipe.identity.name_word`, for a
+        share `recipe.identity.name_dropout` of the samples that keep a reference (drawn here;
+        no draw at 0): those learn identity from the reference alone."""
+        rate = self.rc.identity.name_dropout if refs is not None else 0.0
+        if rate <= 0:
+            return list(captions)
+        repeats = len(captions) // len(batch["reference_names"])
+        rows = [row for row in batch["reference_names"] for _ in range(repeats)]
+        present = refs.present.cpu()
+        chosen = ((torch.rand(len(captions)) < rate) & present.any(1)).tolist()
+        word = self.rc.identity.name_word
+        return [without_names(c, [n for n, p in zip(row, keep) if p and n], word) if k else c
+                for c, row, keep, k in zip(captions, rows, present.tolist(), chosen)]
 
     def bundle(self, model: TextDenoiser) -> Bundle:
         """The model being trained, as the inference layer's samplers take it."""

@@ -39,9 +39,11 @@ class T2IStage(LatentDiffusionStage):
 
     def loss(self, model, parts, batch, step, phase):
         x0 = rearrange(self.latents(batch), "b c f h w -> (b f) c h w")  # one image per frame
-        captions = [c for c in batch["caption"] for _ in range(x0.shape[0] // len(batch["caption"]))]
+        repeats = x0.shape[0] // len(batch["caption"])
+        captions = [c for c in batch["caption"] for _ in range(repeats)]
         drop = torch.rand(len(captions)) < self.rc.text_dropout
-        cond = with_identity(ImageCondition(Prompts(captions, drop)), self.references(batch, len(captions) // len(batch["caption"])))
+        refs = self.references(batch, repeats)
+        cond = with_identity(ImageCondition(Prompts(self.unnamed(captions, batch, refs), drop)), refs)
         loss, logs = self.diffusion_loss(parts["main"], x0, cond)
         return loss, {**logs, "t2i/latent_std": float(x0.std())}
 
