@@ -11,7 +11,8 @@ what `sample.py` would make.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import replace
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -91,14 +92,14 @@ class LatentDiffusionStage(Stage):
             names = [row for row in names for _ in range(repeats)]
         return References(latents, present, Names(names) if self.rc.identity.names else None)
 
-    def unnamed(self, captions: Sequence[str], batch: dict, refs: Optional[References]) -> List[str]:
+    def unnamed(self, captions: Sequence[str], batch: dict, refs: Optional[References]) -> Sequence[str]:
         """`captions` (each sample's repeated in a row, as `references` repeats them) with the
         names of the sample's present references replaced by `recipe.identity.name_word`, for a
         share `recipe.identity.name_dropout` of the samples that keep a reference (drawn here;
         no draw at 0): those learn identity from the reference alone."""
         rate = self.rc.identity.name_dropout if refs is not None else 0.0
         if rate <= 0:
-            return list(captions)
+            return captions
         repeats = len(captions) // len(batch["reference_names"])
         rows = [row for row in batch["reference_names"] for _ in range(repeats)]
         present = refs.present.cpu()
@@ -106,6 +107,12 @@ class LatentDiffusionStage(Stage):
         word = self.rc.identity.name_word
         return [without_names(c, [n for n, p in zip(row, keep) if p and n], word) if k else c
                 for c, row, keep, k in zip(captions, rows, present.tolist(), chosen)]
+
+    def with_unnamed(self, cond, batch: dict, refs: Optional[References]):
+        """`cond` (a condition whose text is `Prompts`) with its captions `unnamed`; `cond` itself
+        when name dropout is off."""
+        texts = self.unnamed(cond.text.texts, batch, refs)
+        return cond if texts is cond.text.texts else replace(cond, text=replace(cond.text, texts=texts))
 
     def bundle(self, model: TextDenoiser) -> Bundle:
         """The model being trained, as the inference layer's samplers take it."""

@@ -210,7 +210,7 @@ class KeyframeStage(LatentDiffusionStage):
                                  level, batch["motion_score"].to(device), self.rc.motion.scale, motion_free)
         cond = cond.dropped(text=drop_text, image=drop_image.to(device))
         refs = self.references(batch)
-        cond = replace(cond, text=replace(cond.text, texts=self.unnamed(cond.text.texts, batch, refs)))
+        cond = self.with_unnamed(cond, batch, refs)
         logs = {"keyframe/latent_std": float(x0.std())}
         # these clips give one frame each (no draw at share 0: the random stream stays the old one)
         images = (torch.rand(b) < self.rc.images.share).to(device) if self.rc.images.share > 0 else None
@@ -260,7 +260,7 @@ class KeyframeStage(LatentDiffusionStage):
                 mask = ~given_frames(has, f, k)
             logs["keyframe/anchor_frame"] = k
         refs = self.references(batch)
-        cond = replace(cond, text=replace(cond.text, texts=self.unnamed(cond.text.texts, batch, refs)))
+        cond = self.with_unnamed(cond, batch, refs)
         loss, mse = self.diffusion_loss(parts["main"], x0, with_identity(cond, refs), mask)
         return loss, {**logs, **mse}
 
