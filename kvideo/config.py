@@ -173,6 +173,10 @@ class TrainConfig:
     """The training engine's settings: one schema for every stage."""
 
     max_steps: int = checked(1000, ">= 0")
+    # stop, with a checkpoint, once this many minutes were spent in training steps (counted across
+    # resumes; 0: no limit): arms compared at equal minutes stop there instead of running on to
+    # max_steps. The learning-rate schedule still runs to max_steps; minutes depend on the host.
+    max_minutes: float = checked(0.0, ">= 0")
     batch_size: int = checked(8, ">= 1")  # per rank and per micro-batch
     grad_accum: int = checked(1, ">= 1")  # micro-batches per optimizer step
     lr: float = checked(1e-4, ">= 0")

@@ -86,6 +86,10 @@ class DiffusionConfig:
     # Training timesteps skewed toward high noise (kvideo.diffusion.losses.draw_timesteps); 1 = uniform.
     # (The inference timesteps have a shift of their own: recipe.sampling.timestep_shift.)
     timestep_shift: float = checked(1.0, "> 0")
+    # The training shift moves from timestep_shift to this over train.max_steps, geometrically
+    # (shift0 * (end / shift0) ** (step / max_steps)): e.g. 3 -> 1.5 trains the high-noise steps
+    # that decide a keyframe's direction early and more low-noise (detail) steps late. None: constant.
+    timestep_shift_end: Optional[float] = checked(None, "> 0")
 
 
 @dataclass
@@ -120,6 +124,9 @@ class IdentityConfig:
     name_dropout: float = checked(0.0, "[0, 1]")
     name_word: str = "someone"
     scale: float = checked(1.0, ">= 0")  # the identity attention's strength at sampling (training: 1)
+    # the references' MoVQ latents kept in memory (MB, per process) after their first encoding
+    # (kvideo.inference.autoencoder.LatentMemo); 0: every step encodes them again
+    latent_memo_mb: float = checked(1024.0, ">= 0")
     # w_R of reference guidance at sampling: + w_R (eps - eps_without references), one more branch
     # of the batched forward; 0: none
     guidance: float = checked(0.0, ">= 0")

@@ -174,6 +174,54 @@ def test_gradient_accumulation_and_checkpointing_switch(tmp_path, shapes_shards)
     assert ts["step"] == 2 and ts["data"][0]["batches_done"] == 4
 
 
+def test_max_minutes_stops_with_a_checkpoint_and_a_resume_does_not_train_on(tmp_path, shapes_shards):
+    # a limit the first step already passes: one step, saved and logged although neither
+    # checkpoint_every nor log_every falls on it
+    cfg = _cfg(tmp_path / "run", shapes_shards, **{"train.max_steps": 50, "train.max_minutes": 1e-6,
+                                                   "train.log_every": 10})
+    last = train(cfg)
+    assert last.name == "step_0000001"
+    state = torch.load(last / "train_state.pt", weights_only=True)
+    assert state["train_seconds"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "steps_per_s" in r] == [1]
+    assert train(cfg) == last and ckpt.latest_checkpoint(tmp_path / "run") == last  # nothing more to do
+    # a larger limit continues the run, counting the minutes already spent
+    cfg = _cfg(tmp_path / "run", shapes_shards, **{"train.max_steps": 3, "train.max_minutes": 60.0})
+    last = train(cfg)
+    assert last.name == "step_0000003"
+    assert torch.load(last / "train_state.pt", weights_only=True)["train_seconds"] > state["train_seconds"]
+
+
+def test_begin_step_sees_every_step_once_also_across_a_resume(tmp_path, shapes_shards, monkeypatch):
+    seen = []
+    monkeypatch.setattr(MovqStage, "begin_step", lambda self, step: seen.append(step), raising=False)
+    train(_cfg(tmp_path / "run", shapes_shards, **{"train.max_steps": 2}))
+    train(_cfg(tmp_path / "run", shapes_shards, **{"train.max_steps": 4}))
+    assert seen == [0, 1, 2, 3]
+
+
+def test_an_annealed_timestep_shift_moves_geometrically_to_its_end():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from kvideo.diffusion.losses import LossSpec
+    from kvideo.train.stages.diffusion import LatentDiffusionStage
+
+    stage = SimpleNamespace(rc=OmegaConf.create({"diffusion": {"timestep_shift": 3.0, "timestep_shift_end": 1.5}}),
+                            cfg=OmegaConf.create({"train": {"max_steps": 100}}), loss_spec=LossSpec(timestep_shift=3.0))
+    shifts = []
+    for step in (0, 50, 100, 150):
+        LatentDiffusionStage.begin_step(stage, step)
+        shifts.append(stage.loss_spec.timestep_shift)
+    assert shifts == pytest.approx([3.0, 3.0 * 0.5 ** 0.5, 1.5, 1.5])
+    constant = SimpleNamespace(rc=OmegaConf.create({"diffusion": {"timestep_shift": 3.0, "timestep_shift_end": None}}),
+                               cfg=stage.cfg, loss_spec=LossSpec(timestep_shift=3.0))
+    LatentDiffusionStage.begin_step(constant, 50)
+    assert constant.loss_spec.timestep_shift == 3.0
+
+
 def test_training_minutes_leave_out_the_time_a_run_was_stopped(tmp_path):
     from kvideo.train.logging import training_minutes
 

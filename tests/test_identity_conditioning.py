@@ -267,7 +267,7 @@ def test_bank_from_image_files(tmp_path):
 
 def test_reference_dropout_rate_and_repeats():
     rc = OmegaConf.create({"latent_scale": 1.0, "identity": {"dropout": 0.3, "names": True}})
-    stage = SimpleNamespace(identity=True, movq=tiny_movq(), rc=rc, device=torch.device("cpu"))
+    stage = SimpleNamespace(identity=True, movq=tiny_movq(), rc=rc, device=torch.device("cpu"), reference_memo=None)
     b = 4000
     batch = {"references": torch.zeros(b, 2, 3, 8, 8), "reference_present": torch.tensor([[True, False]] * b),
              "reference_names": [["Ada", ""]] * b}
@@ -291,7 +291,7 @@ def test_name_dropout_leaves_identity_to_the_reference():
         "someone moving left and Adam still, then someone again"
     rc = OmegaConf.create({"latent_scale": 1.0, "identity": {"dropout": 0.0, "names": True, "name_dropout": 0.4,
                                                              "name_word": "someone"}})
-    stage = SimpleNamespace(identity=True, movq=tiny_movq(), rc=rc, device=torch.device("cpu"))
+    stage = SimpleNamespace(identity=True, movq=tiny_movq(), rc=rc, device=torch.device("cpu"), reference_memo=None)
     b = 3000  # rows: both references present; only the first; none (dropped or missing)
     rows = [[True, True], [True, False], [False, False]] * (b // 3)
     batch = {"references": torch.zeros(b, 2, 3, 8, 8), "reference_present": torch.tensor(rows),

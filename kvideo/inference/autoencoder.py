@@ -6,6 +6,8 @@ scale 1). A stage's sampler returns scaled latents; `decode_latents` undoes the 
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import Tuple, Union
 
@@ -29,6 +31,41 @@ def clip_latents(movq: nn.Module, batch: dict, latent_scale: float, device: torc
         z = rearrange(movq.encode(rearrange(video, "b c f h w -> (b f) c h w")).float(), "(b f) c h w -> b c f h w",
                       b=video.shape[0])
     return z * latent_scale
+
+
+class LatentMemo:
+    """MoVQ latents of images met before, for a small set of images a run sees again every epoch
+    (the identity references): keyed by each image's bytes, kept on the CPU up to `max_mb`, the
+    least recently used dropped first. A miss is encoded alone, so an image's latent does not depend
+    on which images shared its batch: a resumed run, whose memo starts empty, gets the latents a
+    run that went straight through had."""
+
+    def __init__(self, movq: nn.Module, max_mb: float):
+        self.movq, self.max_bytes = movq, int(max_mb * 2**20)
+        self.entries: OrderedDict = OrderedDict()
+        self.bytes = self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """(n, 3, H, W) frames -> (n, c, h, w) unscaled latents (float32) on `device`."""
+        images = images.detach().cpu().contiguous()
+        out = []
+        for image in images:
+            key = hashlib.blake2b(f"{image.dtype}{tuple(image.shape)}".encode() + image.numpy().tobytes(),
+                                  digest_size=16).digest()
+            z = self.entries.get(key)
+            if z is None:
+                self.misses += 1
+                z = self.movq.encode(image[None].to(device))[0].float().cpu()
+                self.entries[key] = z
+                self.bytes += z.nbytes
+                while self.bytes > self.max_bytes and self.entries:
+                    self.bytes -= self.entries.popitem(last=False)[1].nbytes
+            else:
+                self.hits += 1
+                self.entries.move_to_end(key)
+            out.append(z)
+        return torch.stack(out).to(device)
 
 
 def decode_latents(movq: nn.Module, latents: torch.Tensor, latent_scale: float) -> torch.Tensor:

@@ -315,7 +315,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
 
     # Resume.
-    step, nonfinite_total, data_state = 0, 0, {}
+    step, nonfinite_total, data_state, train_seconds = 0, 0, {}, 0.0
     if info.is_main and (run_dir / "checkpoints").is_dir():
         ckpt.remove_stale_temporaries(run_dir / "checkpoints")  # what killed writers left
     state = None
@@ -333,6 +333,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
         for name in optimizers:
             schedulers[name].load_state_dict(state["schedulers"][name])
         step, nonfinite_total = state["step"], state["nonfinite_total"]
+        train_seconds = float(state.get("train_seconds", 0.0))  # older checkpoints: counted from here
         data_state = state["data"][info.rank] if info.rank < len(state["data"]) else {}
         if len(state["rng"]) == info.world_size:
             set_rng_state(state["rng"][info.rank], device)
@@ -389,6 +390,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
             "ema_updates": ema.num_updates,
             "nonfinite_total": nonfinite_total,
+            "train_seconds": train_seconds,
             "rng": dist.gather_objects(rng_state(device)),
             "data": dist.gather_objects(data.state()),
             "data_fingerprint": fingerprint,
@@ -411,9 +413,18 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             raise error or ckpt.CheckpointWriteError("rank 0 could not write the checkpoint (its log says why)")
         return path or stored.latest_checkpoint(run_dir)
 
+    def out_of_time() -> bool:  # train.max_minutes, agreed by every rank
+        return tc.max_minutes > 0 and dist.any_true(train_seconds >= 60 * tc.max_minutes, device)
+
     model.train()
-    while step < tc.max_steps:
+    timed_out = out_of_time()
+    if timed_out:
+        log.info("train.max_minutes=%g reached (%.1f minutes of training steps): nothing to do",
+                 tc.max_minutes, train_seconds / 60)
+    while step < tc.max_steps and not timed_out:
+        t_step = time.perf_counter()
         batches = [data.next() for _ in range(tc.grad_accum)]
+        stage.begin_step(step)
         if preview_batch is None:
             preview_batch = batches[0]
         logs: Dict[str, float] = {}
@@ -459,11 +470,13 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             nonfinite_in_row = 0
             ema.update(model)  # a skipped step leaves the weights, and so their average, as they were
         logs.update(stage.after_step(model, step, batches))
+        train_seconds += time.perf_counter() - t_step
         step += 1
         steps_since += 1
         bar.update(1)
+        timed_out = out_of_time()
 
-        if step % tc.log_every == 0 or step == tc.max_steps:
+        if step % tc.log_every == 0 or step == tc.max_steps or timed_out:
             now = time.perf_counter()
             logs = dist.mean_across_ranks(logs, device)
             logs.update({"steps_per_s": steps_since / (now - t_last), "epoch": data.epoch,
@@ -491,11 +504,13 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
                 log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
             del shadow
         stop = dist.any_true(preempt.requested, device)
-        if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop:
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop or timed_out:
             last_saved = save()
         if stop:
             log.warning("SIGTERM received: checkpoint saved at step %d, exiting", step)
             break
+        if timed_out:
+            log.info("train.max_minutes=%g reached at step %d: checkpoint saved, stopping", tc.max_minutes, step)
     bar.close()
     metrics.close()
     return last_saved if last_saved is not None else save()

@@ -112,6 +112,10 @@ class Stage:
     def phase_active(self, phase: str, step: int) -> bool:
         return True
 
+    def begin_step(self, step: int) -> None:
+        """Called on every rank before step `step`'s losses (also the first step after a resume):
+        where a setting follows the training step (e.g. an annealed timestep shift)."""
+
     def loss(self, model: nn.Module, parts: Dict[str, nn.Module], batch: dict, step: int,
              phase: str) -> Tuple[torch.Tensor, Dict[str, float]]:
         """The scalar loss of `phase` on one micro-batch and a dict of floats to log.

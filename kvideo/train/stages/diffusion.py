@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from kvideo.diffusion import training_loss
-from kvideo.inference.autoencoder import clip_latents, load_movq
+from kvideo.inference.autoencoder import LatentMemo, clip_latents, load_movq
 from kvideo.inference.conditioning import IdentityCondition, Names, References
 from kvideo.inference.checkpoints import load_stage_weights
 from kvideo.inference.denoiser import TextDenoiser, loss_spec, make_schedule
@@ -52,9 +52,18 @@ class LatentDiffusionStage(Stage):
         self.schedule = make_schedule(self.rc.diffusion)
         self.loss_spec = loss_spec(self.rc.diffusion)
         self.identity = any(cfg.model.get("identity_attention") or ())  # reference conditioning (issue 28)
+        self.reference_memo = None
         if self.identity:
             self.reads_fields = (*self.reads_fields, "references")
+            if self.rc.identity.latent_memo_mb > 0:
+                self.reference_memo = LatentMemo(self.movq, self.rc.identity.latent_memo_mb)
         self.identity_encoder = self._identity_encoder(device)
+
+    def begin_step(self, step: int) -> None:
+        end = self.rc.diffusion.get("timestep_shift_end")
+        if end is not None:  # recipe.diffusion.timestep_shift_end: the shift at this step
+            start, total = float(self.rc.diffusion.timestep_shift), max(1, int(self.cfg.train.max_steps))
+            self.loss_spec = replace(self.loss_spec, timestep_shift=start * (end / start) ** min(1.0, step / total))
 
     def build_model(self) -> nn.Module:
         model = build_stage_denoiser(self.cfg)
@@ -81,9 +90,13 @@ class LatentDiffusionStage(Stage):
             return None
         images = batch["references"]  # (b, r, 3, H, W)
         b, r = images.shape[:2]
-        z = clip_latents(self.movq, {"video": rearrange(images, "b r c h w -> (b r) c 1 h w")}, self.rc.latent_scale,
-                         self.device)
-        latents = rearrange(z[:, :, 0], "(b r) c h w -> b r c h w", b=b)
+        if self.reference_memo is not None:
+            z = self.reference_memo.encode(rearrange(images, "b r c h w -> (b r) c h w"), self.device)
+            z = z * self.rc.latent_scale
+        else:
+            z = clip_latents(self.movq, {"video": rearrange(images, "b r c h w -> (b r) c 1 h w")},
+                             self.rc.latent_scale, self.device)[:, :, 0]
+        latents = rearrange(z, "(b r) c h w -> b r c h w", b=b)
         dropped = torch.rand(b) < self.rc.identity.dropout
         present = batch["reference_present"].to(self.device) & ~dropped.to(self.device)[:, None]
         names = batch["reference_names"]
