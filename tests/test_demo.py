@@ -85,6 +85,25 @@ def test_arms_train_what_they_change_and_what_depends_on_it(tmp_path):
     assert demo.arm_runs(budget, "kf", out)["t2i"] == out / "runs" / "t2i"
 
 
+def test_every_stage_overrides_follow_the_budget_and_the_arm_in_every_training_command(tmp_path, monkeypatch):
+    from tools import demo
+
+    budget = tiny_budget(tmp_path)
+    budget["arms"] = {"lr_hi": {"t2i": ["train.lr=1.0e-3"]}}
+    path = tmp_path / "budget.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(budget)))
+    commands = []
+    monkeypatch.setattr(demo, "render", lambda split_dir, *args: split_dir.mkdir(parents=True, exist_ok=True))
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, check: commands.append(cmd))
+    monkeypatch.setattr(demo, "stage_params", lambda runs: {})
+    assert demo.main(["--out", str(tmp_path / "exp"), "--budget", str(path), "--until", "t2i",
+                      "--every-stage", "train.channels_last=true", "--every-stage", "train.lr=2e-4"]) == 0
+    assert len(commands) == 3  # movq and t2i of the base, the arm's t2i
+    for cmd in commands:
+        assert cmd[-2:] == ["train.channels_last=true", "train.lr=2e-4"]  # last: they win over the budget's
+    assert "train.lr=1.0e-3" in commands[2]
+
+
 @pytest.mark.slow
 def test_an_experiment_runs_its_arms_on_shared_stages_and_evaluates_them(tmp_path, capsys):
     from tools import demo

@@ -1,7 +1,7 @@
 """`make demo`: render ShapesWorld, train every stage of the cascade, sample and score videos.
 
     python tools/demo.py [--out out/demo] [--budget configs/demo/shapes.yaml] [--skip-train]
-        [--arms A,B] [--until STAGE]
+        [--arms A,B] [--until STAGE] [--every-stage KEY=VALUE ...]
 
 The budget file names the data size, each stage's config with the overrides that fit the demo
 in about an hour on 2 CPU cores, and how many canonical prompts of each split to sample. In
@@ -232,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-train", action="store_true", help="sample and score the runs already in OUT/runs")
     ap.add_argument("--arms", help="comma-separated arms of the budget to run (default: base and every arm)")
     ap.add_argument("--until", choices=ORDER, help="train up to this stage, evaluate, and do not sample the cascade")
+    ap.add_argument("--every-stage", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override added to every stage's training (after the budget's and the arm's), for a "
+                         "setting of this host rather than of the experiment, e.g. train.channels_last=true; repeatable")
     args = ap.parse_args(argv)
     out = Path(args.out)
     try:
@@ -264,7 +267,8 @@ def main(argv=None) -> int:
         minutes = {"data": data_minutes}
         for stage in stages:
             if not args.skip_train and runs[stage] not in trained:
-                cmd = stage_command(stage, budget["stages"][stage], out, runs, trains.get(stage, []))
+                cmd = stage_command(stage, budget["stages"][stage], out, runs,
+                                    [*trains.get(stage, []), *args.every_stage])
                 print(f"\n== {arm}: stage {stage}\n+ {' '.join(cmd)}", flush=True)
                 t0 = time.perf_counter()
                 subprocess.run(cmd, check=True)
