@@ -176,13 +176,21 @@ def test_a_composed_first_frame_places_the_reference_character_on_the_shots_back
     ada = character_bank()["Ada"]
     reference = render_reference(ada, 3, size=64)
     shot = {"background": "black", "objects": [{"character": "Ada", "start_xy": [20.0, 40.0]}]}
-    frame = compose_first_frame({"Ada": reference}, shot, 64)
+    frame = compose_first_frame({"Ada": reference}, shot, 64, placement="true")
     meta = {"kind": "single", "shots": [{"background": "black", "objects": [
         {"character": "Ada", "lane": "full", "direction": "still", "speed": "none"}]}]}
     score = score_character_clip(np.repeat(frame[None], 4, axis=0), 24.0, meta)
     assert score["correct"]["identity"] and score["correct"]["background"]
     ys, xs = np.nonzero(np.abs(frame.astype(int) - frame[0, 0]).sum(-1) > 60)
     assert abs(xs.mean() - 20) < 1.5 and abs(ys.mean() - 40) < 1.5
+    # from the caption alone: the lane's centre, a quarter of the canvas against the direction
+    expected = [({"lane": "full", "direction": "right"}, (16, 32)), ({"lane": "full", "direction": "up"}, (32, 48)),
+                ({"lane": "top", "direction": "left"}, (48, 16)), ({"lane": "bottom", "direction": "still"}, (32, 48))]
+    for obj, (x, y) in expected:
+        shot = {"background": "black", "objects": [{"character": "Ada", "start_xy": [20.0, 40.0], **obj}]}
+        frame = compose_first_frame({"Ada": reference}, shot, 64)
+        ys, xs = np.nonzero(np.abs(frame.astype(int) - frame[0, 0]).sum(-1) > 60)
+        assert abs(xs.mean() - x) < 1.5 and abs(ys.mean() - y) < 1.5, obj
 
 
 def test_t2i_trains_with_the_identity_loss(tmp_path, characters, movq_run):

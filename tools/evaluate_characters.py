@@ -2,7 +2,8 @@
 shots and per lane, with the v2 scorer (kvideo/data/characters_scorer.py).
 
     python tools/evaluate_characters.py --pipeline PIPELINE.yaml --test data/characters/test --out OUT \
-        [--identity none|reference|shot] [--first-frame generated|reference] [--limit 8] [--call KEY=VALUE ...]
+        [--identity none|reference|shot] [--first-frame generated|reference [--placement caption|true]]
+        [--limit 8] [--call KEY=VALUE ...]
 
 The prompts are the captions of the clips of a v2 test split (`make_shapesworld.py --world
 characters --split test`), the first `--limit` of each group: single clips of training
@@ -18,8 +19,11 @@ from their reference alone), two-shot clips and two-character clips. How identit
 
 `--first-frame reference` is the Kandinsky Video way: each shot's first frame is composed from the
 reference, the character cut out of its reference image (the pixels away from the reference's
-background colour), scaled to the clip's canvas and placed at the clip's start position on the
-shot's background, and given to the keyframe model as its image (the pipeline's `image=`).
+background colour), scaled to the clip's canvas and placed on the shot's background, and given to
+the keyframe model as its image (the pipeline's `image=`). Where it goes: `--placement caption`
+(the default) takes only what the caption says, the lane's centre moved a quarter of the canvas
+against the asked direction (room for the motion); `--placement true` uses the test clip's own
+start position, information no generated first frame has (the identity experiment's first run).
 
 A two-shot prompt is sampled as two shots (each from its half of the caption, with its own seed)
 whose frames are joined and scored as one two-shot clip (the cut, cross-shot consistency, both
@@ -34,7 +38,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -88,10 +92,23 @@ def motion_preset(caption: str) -> str:
     return next((s for s in ("fast", "slow") if s in speeds), "still")
 
 
-def compose_first_frame(references: Dict[str, np.ndarray], shot: dict, size: int) -> np.ndarray:
+def caption_start(obj: dict, size: int) -> Tuple[float, float]:
+    """(x, y) in canvas pixels where a first frame drawn from the caption alone puts a character:
+    its lane's centre, moved a quarter of the canvas (of the lane's height, vertically) against
+    its direction, so the motion the caption asks has room."""
+    from kvideo.data.characters import FULL, lane_rows
+
+    top, bottom = lane_rows(obj.get("lane", FULL), size)
+    dx, dy = {"left": (1, 0), "right": (-1, 0), "up": (0, 1), "down": (0, -1)}.get(obj["direction"], (0, 0))
+    return size / 2 + dx * size / 4, (top + bottom) / 2 + dy * (bottom - top) / 4
+
+
+def compose_first_frame(references: Dict[str, np.ndarray], shot: dict, size: int,
+                        placement: str = "caption") -> np.ndarray:
     """A first frame (size, size, 3) uint8: the shot's background with each of its characters cut
     out of its reference image (pixels over 60 away from the reference's corner colour), scaled by
-    size / reference size and centred on the character's start position."""
+    size / reference size and centred on `placement`'s point: `caption_start`, or (`true`) the
+    character's start position in the test clip."""
     import cv2
 
     from kvideo.data.shapesworld import BACKGROUNDS
@@ -106,7 +123,8 @@ def compose_first_frame(references: Dict[str, np.ndarray], shot: dict, size: int
         ys, xs = np.nonzero(mask)
         if len(ys) == 0:
             continue
-        dy, dx = np.rint(np.asarray(obj["start_xy"][::-1]) - [ys.mean(), xs.mean()]).astype(int)
+        x, y = obj["start_xy"] if placement == "true" else caption_start(obj, size)
+        dy, dx = np.rint(np.asarray([y, x]) - [ys.mean(), xs.mean()]).astype(int)
         ty, tx = ys + dy, xs + dx
         inside = (ty >= 0) & (ty < size) & (tx >= 0) & (tx < size)
         frame[ty[inside], tx[inside]] = scaled[ys[inside], xs[inside]]
@@ -143,7 +161,7 @@ def evaluate(pipe, items: List[dict], args, references: Dict[str, np.ndarray], o
                     refs = reference_set([names], shot_bank, slots)
             image = None
             if args.first_frame == "reference":
-                composed = compose_first_frame(references, item["meta"]["shots"][s], size)
+                composed = compose_first_frame(references, item["meta"]["shots"][s], size, args.placement)
                 image = torch.from_numpy(composed).permute(2, 0, 1)[None].float() / 127.5 - 1
             video = pipe([caption], seed=args.seed + 2 * index + s, progress=False, references=refs, image=image,
                          **{"motion_score": motion_preset(caption), **call})
@@ -161,7 +179,8 @@ def evaluate(pipe, items: List[dict], args, references: Dict[str, np.ndarray], o
             write_outputs(VideoOutput(frames=clip, fps=fps, first_frames=clip[:, :, 0], keyframes=clip), [path])
             path.with_suffix(".json").write_text(json.dumps({"prompt": item["prompt"], "group": item["group"]}))
     groups = {g: aggregate_character_scores([r for r in rows if r["group"] == g]) for g in GROUPS}
-    return {"pipeline": args.pipeline, "identity": args.identity, "first_frame": args.first_frame, "call": call,
+    return {"pipeline": args.pipeline, "identity": args.identity, "first_frame": args.first_frame,
+            "placement": args.placement if args.first_frame == "reference" else None, "call": call,
             "seed": args.seed, "prompts": len(rows), "seconds": round(time.perf_counter() - t0, 1),
             "all": aggregate_character_scores(rows), "groups": groups, "videos": rows}
 
@@ -201,6 +220,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--identity", choices=IDENTITY_MODES, default="none")
     ap.add_argument("--first-frame", choices=("generated", "reference"), default="generated")
+    ap.add_argument("--placement", choices=("caption", "true"), default="caption",
+                    help="with --first-frame reference: where the character goes (see above)")
     ap.add_argument("--limit", type=int, default=8, help="prompts of each group")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-videos", type=int, default=8, help="write the first N videos as mp4")
