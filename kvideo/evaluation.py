@@ -75,6 +75,12 @@ def canonical_prompts(limit: Optional[int] = None) -> list:
     return prompts
 
 
+def mean_present(values) -> Optional[float]:
+    """The mean of the values that are not None; None when there are none."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
 def pct(v: Optional[float]) -> str:
     """A rate as a table cell: "93%", or "-" when it was not measured."""
     return "-" if v is None else f"{v:.0%}"

@@ -372,10 +372,24 @@ def test_evaluate_keyframes_scores_canonical_prompts(tmp_path, keyframe_run, cap
 
     code = evaluate_keyframes.main(["--checkpoint", str(keyframe_run), "--all-checkpoints", "--limit", "2",
                                     "--steps", "1", "--motion-score", "fast", "--spacing", "leading",
-                                    "--dynamic-threshold", "none", "--timestep-shift", "3", "--out", str(tmp_path)])
+                                    "--dynamic-threshold", "none", "--timestep-shift", "3", "--motion-guidance", "2",
+                                    "--out", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "results.json").read_text())[0]
     assert result["spacing"] == "leading" and result["dynamic_threshold"] is None and result["timestep_shift"] == 3
+    assert result["motion_guidance"] == 2.0
+    cvs = [r["area_cv"] for r in result["videos_detail"] if r["split"] == "seen" and r["area_cv"] is not None]
+    expected_cv = sum(cvs) / len(cvs) if cvs else None
+    assert result["seen"]["mean_area_cv"] == (pytest.approx(expected_cv) if cvs else None)
+    assert "mean_color_drift" in result["seen"]
+    asked = result["asked_px_per_24fps_frame"]
+    assert set(result["all"]["speed_by_asked"]) == {"slow", "fast"} and abs(asked["fast"] / asked["slow"] - 3) < 1e-9
+    # every canonical prompt's asked speed is its preset; the measured means are over those videos
+    for name in ("slow", "fast"):
+        speeds = [r["speed_px_per_24fps_frame"] for r in result["videos_detail"]
+                  if r["asked_speed"] == name and r["speed_px_per_24fps_frame"] is not None]
+        got = result["all"]["speed_by_asked"][name]
+        assert (got is None) if not speeds else abs(got - sum(speeds) / len(speeds)) < 1e-9
     assert result["step"] == 3 and result["seen"]["n"] == 2 and result["held_out"]["n"] == 2
     assert all(r["motion_score"] == 0.164 for r in result["videos_detail"])
     assert 0.0 <= result["seen"]["direction"] <= 1.0 and result["seen"]["frame0_psnr"] > 0
