@@ -84,7 +84,7 @@ def stylegan_v_fvd(detector, clips_a, clips_b):
         stats.append((mean, cov))
     (mu_gen, sigma_gen), (mu_real, sigma_real) = stats
     m = np.square(mu_gen - mu_real).sum()
-    s, _ = scipy.linalg.sqrtm(np.dot(sigma_gen, sigma_real), disp=False)
+    s = scipy.linalg.sqrtm(np.dot(sigma_gen, sigma_real))  # StyleGAN-V passes disp=False (deprecated)
     return float(np.real(m + np.trace(sigma_gen + sigma_real - s * 2)))
 
 

@@ -69,7 +69,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     1e-3 on the diagonal is an error (the covariances are not valid), a smaller one is dropped."""
     mu1, sigma1, mu2, sigma2 = _checked(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
-    covmean, _ = scipy.linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))  # no `disp`: deprecated in SciPy 1.17
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
@@ -85,7 +85,7 @@ def frechet_distance_real(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, 
     + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), with no regularisation and no check of the
     imaginary part (a set of fewer videos than feature dimensions gives singular covariances)."""
     mu1, sigma1, mu2, sigma2 = _checked(mu1, sigma1, mu2, sigma2)
-    s, _ = scipy.linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    s = scipy.linalg.sqrtm(sigma1.dot(sigma2))
     return float(np.real(np.square(mu1 - mu2).sum() + np.trace(sigma1 + sigma2 - s * 2)))
 
 
