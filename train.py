@@ -4,7 +4,8 @@
     torchrun --nproc_per_node N train.py CONFIG.yaml [...]
 
 The config names the stage (`stage: movq | ...`); later files and `key=value` overrides win.
-`resume=auto` (the default) continues from the newest checkpoint in `run_dir`.
+`resume=auto` (the default) continues from the newest checkpoint in `run_dir`. SIGTERM saves a
+checkpoint and exits with 143 (not finished; the same command resumes).
 """
 
 import sys
@@ -12,7 +13,7 @@ import sys
 from kvideo.config import ConfigError
 
 from kvideo.registry import load_config
-from kvideo.train.engine import train
+from kvideo.train.engine import Preempted, train
 
 
 def main(argv: list[str]) -> int:
@@ -26,7 +27,11 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    train(cfg)
+    try:
+        train(cfg)
+    except Preempted as e:  # not finished: a non-zero code, so no chain goes on to the next stage
+        print(str(e), file=sys.stderr)
+        return 128 + 15  # the shell's code for "terminated by SIGTERM"
     return 0
 
 

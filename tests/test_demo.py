@@ -2,6 +2,7 @@
 and a second run reuses everything."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -94,7 +95,7 @@ def test_every_stage_overrides_follow_the_budget_and_the_arm_in_every_training_c
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(budget)))
     commands = []
     monkeypatch.setattr(demo, "render", lambda split_dir, *args: split_dir.mkdir(parents=True, exist_ok=True))
-    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, check: commands.append(cmd))
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd: commands.append(cmd) or SimpleNamespace(returncode=0))
     monkeypatch.setattr(demo, "stage_params", lambda runs: {})
     assert demo.main(["--out", str(tmp_path / "exp"), "--budget", str(path), "--until", "t2i",
                       "--every-stage", "train.channels_last=true", "--every-stage", "train.lr=2e-4"]) == 0
@@ -102,6 +103,21 @@ def test_every_stage_overrides_follow_the_budget_and_the_arm_in_every_training_c
     for cmd in commands:
         assert cmd[-2:] == ["train.channels_last=true", "train.lr=2e-4"]  # last: they win over the budget's
     assert "train.lr=1.0e-3" in commands[2]
+
+
+def test_a_stage_that_stops_unfinished_stops_the_demo(tmp_path, monkeypatch, capsys):
+    # train.py exits 143 after SIGTERM (a checkpoint, not finished): the next stage must not
+    # start from it, as t2i did from a MoVQ stopped at step 320 of 1000 while the code exited 0
+    from tools import demo
+
+    path = tmp_path / "budget.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(tiny_budget(tmp_path))))
+    commands = []
+    monkeypatch.setattr(demo, "render", lambda split_dir, *args: split_dir.mkdir(parents=True, exist_ok=True))
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd: commands.append(cmd) or SimpleNamespace(returncode=143))
+    assert demo.main(["--out", str(tmp_path / "exp"), "--budget", str(path), "--until", "t2i"]) == 143
+    assert len(commands) == 1 and "configs/movq" in commands[0][2]
+    assert "stage movq stopped with exit code 143" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -271,7 +271,11 @@ def main(argv=None) -> int:
                                     [*trains.get(stage, []), *args.every_stage])
                 print(f"\n== {arm}: stage {stage}\n+ {' '.join(cmd)}", flush=True)
                 t0 = time.perf_counter()
-                subprocess.run(cmd, check=True)
+                code = subprocess.run(cmd).returncode
+                if code != 0:  # 143: stopped by SIGTERM with a checkpoint; nothing later may use it
+                    print(f"error: {arm}'s stage {stage} stopped with exit code {code} ({runs[stage]}); the same "
+                          "command resumes it", file=sys.stderr)
+                    return code
                 trained[runs[stage]] = (time.perf_counter() - t0) / 60
             minutes[stage] = run_minutes(runs[stage], trained.get(runs[stage], 0.0))
         scores = {stage: [line] for stage in stages if (line := logged_eval(runs[stage]))}

@@ -50,6 +50,17 @@ class NonFiniteLossError(RuntimeError):
     """Raised when `train.max_nonfinite_in_row` consecutive steps had a non-finite loss."""
 
 
+class Preempted(RuntimeError):
+    """Raised after SIGTERM stopped a run with a checkpoint (`checkpoint`), so that nothing
+    downstream (a script chaining stages, `tools/demo.py`) takes the unfinished run for a
+    finished one; running the same command again resumes it. train.py exits with 143."""
+
+    def __init__(self, checkpoint: Path, step: int):
+        super().__init__(f"SIGTERM received: checkpoint {checkpoint} saved at step {step}; "
+                         "run the same command again to resume")
+        self.checkpoint, self.step = checkpoint, step
+
+
 # ----------------------------------------------------------------------------------------------
 # Pieces
 # ----------------------------------------------------------------------------------------------
@@ -235,8 +246,8 @@ def open_train_data(cfg: DictConfig, shapes: List[BucketShape], datasets: list, 
 def train(cfg: DictConfig, stage_cls: Optional[type] = None) -> Path:
     """Train `cfg.stage` to `cfg.train.max_steps`; returns the last checkpoint directory.
 
-    Exits early (after a checkpoint) on SIGTERM. Raises NonFiniteLossError when too many steps
-    in a row produce a non-finite loss.
+    On SIGTERM it saves a checkpoint and raises Preempted; stopping at `train.max_minutes` is a
+    normal return. Raises NonFiniteLossError when too many steps in a row produce a non-finite loss.
     """
     stage_cls = stage_cls or STAGES[cfg.stage]
     tc = cfg.train
@@ -417,7 +428,7 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
         return tc.max_minutes > 0 and dist.any_true(train_seconds >= 60 * tc.max_minutes, device)
 
     model.train()
-    timed_out = out_of_time()
+    stop, timed_out = False, out_of_time()
     if timed_out:
         log.info("train.max_minutes=%g reached (%.1f minutes of training steps): nothing to do",
                  tc.max_minutes, train_seconds / 60)
@@ -513,4 +524,6 @@ def _train(cfg, stage_cls, info, run_dir: Path, log, preempt: _Preemption) -> Pa
             log.info("train.max_minutes=%g reached at step %d: checkpoint saved, stopping", tc.max_minutes, step)
     bar.close()
     metrics.close()
+    if stop:
+        raise Preempted(last_saved, step)
     return last_saved if last_saved is not None else save()
