@@ -233,7 +233,7 @@ def test_evaluate_shapes_splits_direction_by_first_frame_room():
     def video(fits, direction_ok, requested="fast"):
         correct = {a: True for a in ("background", "color", "shape", "speed")}
         return {"correct": {**correct, "direction": direction_ok}, "all_correct": direction_ok, "area_cv": 0.1,
-                "color_drift": 1.0, "frame0_psnr": 30.0, "requested": requested, "speed_px_per_24fps_frame": 0.8,
+                "color_drift": 1.0, "background_flicker": 0.5, "frame0_psnr": 30.0, "requested": requested, "speed_px_per_24fps_frame": 0.8,
                 "first_frame_fits": fits}
 
     rows = [video(True, True), video(True, True), video(True, False), video(False, False), video(None, True, "still")]

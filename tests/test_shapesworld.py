@@ -226,6 +226,24 @@ def test_scorer_is_perfect_on_rendered_clips_after_h264():
     speeds = {s: [r["speed_measured"] for r in results if r["target"]["speed"] == s] for s in SPEEDS}
     assert np.allclose(speeds["slow"], 0.1, atol=0.01) and np.allclose(speeds["fast"], 0.3, atol=0.01)
     assert max(r["area_cv"] for r in results) < 0.05 and max(r["color_drift"] for r in results) < 10
+    assert max(r["background_flicker"] for r in results) < 1.0  # flat backgrounds: H.264's noise only
+
+
+def test_background_flicker_measures_the_backgrounds_change_from_frame_to_frame():
+    spec = clip_spec_from_attributes(covering_attributes(1)[0], 0)
+    frames = render_clip(spec)
+    clean = score_clip(frames, spec.fps, caption(spec))
+    assert clean["background_flicker"] == 0.0  # rendered, not encoded: a flat background stays flat
+    # every other frame's background brightened by 6: every frame pair away from the object
+    # changes by exactly 6, the object (and the pixels within 2 px of it) left out
+    bg = np.asarray(frames[0, 0, 0], dtype=np.int16)
+    lit = frames.astype(np.int16)
+    is_bg = (lit == bg).all(-1)
+    lit[1::2][is_bg[1::2]] += 6
+    flickering = score_clip(np.clip(lit, 0, 255).astype(np.uint8), spec.fps, caption(spec))
+    assert flickering["background_flicker"] == pytest.approx(6.0, abs=1e-4)
+    assert flickering["correct"] == clean["correct"]
+    assert score_clip(frames[:1], spec.fps, caption(spec))["background_flicker"] is None
 
 
 def test_scorer_on_yuv420p_and_other_sizes_and_rates():

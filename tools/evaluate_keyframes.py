@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from kvideo.data.shapes_scorer import CONSISTENCY
 from kvideo.data.shapesworld import SPEEDS
 from kvideo.diffusion.schedule import SPACINGS
 from kvideo.evaluation import (add_checkpoint_arguments, add_prompt_arguments, canonical_prompts,
@@ -97,8 +98,8 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
             # px per 24-fps frame, comparable with the ShapesWorld spec whatever the keyframe rate
             "speed_px_per_24fps_frame": None if speed_pf is None else speed_pf * fps / 24.0,
             "frame0_psnr": float(psnr(video[:, 0][None], first)[0]),
-            # the scorer's temporal consistency: the object's area and colour over the keyframes
-            "area_cv": r["area_cv"], "color_drift": r["color_drift"],
+            # the scorer's temporal consistency: the object's area and colour, the background's flicker
+            **{key: r[key] for key in CONSISTENCY},
         })
         sheets.append(video.transpose(0, 1))  # (f, 3, h, w)
     seconds = time.perf_counter() - t0
@@ -128,7 +129,7 @@ def evaluate(ckpt_dir: Path, prompts: list, args, out: Path | None) -> dict:
         # (ShapesWorld: slow 0.1 S, fast 0.3 S px per second)
         summary["speed_by_asked"] = {name: measured_speed(sel, name) for name in SPEEDS}
         summary["frame0_psnr"] = float(np.mean([r["frame0_psnr"] for r in sel]))
-        for key in ("area_cv", "color_drift"):
+        for key in CONSISTENCY:
             summary[f"mean_{key}"] = mean_present(r[key] for r in sel)
         result[split] = summary
     result["videos_detail"] = rows

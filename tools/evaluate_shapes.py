@@ -14,7 +14,8 @@ Each video is scored (`kvideo.data.shapes_scorer.score_clip`):
   accuracy        per attribute (background, colour, shape, direction, speed) and all-correct,
                   for seen and held-out pairs;
   speed           measured object speed (px per 24-fps frame) by requested speed;
-  consistency     object-area coefficient of variation and colour drift over the video;
+  consistency     object-area coefficient of variation, colour drift and background flicker
+                  (kvideo.data.shapes_scorer) over the video;
   first-frame     PSNR of the video's frame 0 against the first frame it was conditioned on,
                   and whether that first frame leaves the object room for the requested motion
                   (`motion_room`: a generated first frame with the object at the edge it is asked
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvideo.data.shapes_scorer import CONSISTENCY
 from kvideo.evaluation import pct
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +84,7 @@ def summarise(rows: list) -> dict:
         return {"n": 0}
     out = {"n": len(rows), "accuracy": {a: float(np.mean([r["correct"][a] for r in rows])) for a in ATTRS},
            "all_correct": float(np.mean([r["all_correct"] for r in rows]))}
-    for key in ("area_cv", "color_drift", "frame0_psnr"):
+    for key in (*CONSISTENCY, "frame0_psnr"):
         vals = [r[key] for r in rows if r[key] is not None]
         out[key if key == "frame0_psnr" else f"mean_{key}"] = float(np.mean(vals)) if vals else None
     judged = [r for r in rows if r.get("first_frame_fits") is not None]  # moving prompts, object found
@@ -110,9 +112,9 @@ def psnr_cell(v) -> str:
 
 def markdown(summary: dict) -> str:
     lines = ["| split | videos | background | colour | shape | direction | speed | all correct | "
-             "area CV | colour drift | frame-0 PSNR | speed px/frame still / slow / fast | first frame leaves room | "
+             "area CV | colour drift | background flicker | frame-0 PSNR | speed px/frame still / slow / fast | first frame leaves room | "
              "direction if it does / does not |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for split in ("seen", "held_out", "all"):
         s = summary.get(split, {"n": 0})
         if not s["n"]:
@@ -120,8 +122,9 @@ def markdown(summary: dict) -> str:
         acc = s["accuracy"]
         cv = "-" if s["mean_area_cv"] is None else f"{s['mean_area_cv']:.3f}"
         drift = "-" if s["mean_color_drift"] is None else f"{s['mean_color_drift']:.1f}"
+        flicker = "-" if s.get("mean_background_flicker") is None else f"{s['mean_background_flicker']:.2f}"
         lines.append(f"| {split} | {s['n']} | " + " | ".join(pct(acc[a]) for a in ATTRS)
-                     + f" | {pct(s['all_correct'])} | {cv} | {drift} | {psnr_cell(s['frame0_psnr'])} | "
+                     + f" | {pct(s['all_correct'])} | {cv} | {drift} | {flicker} | {psnr_cell(s['frame0_psnr'])} | "
                      f"{speeds_cell(s['speed_px_per_24fps_frame'])} | {pct(s.get('first_frame_fits'))} | "
                      f"{room_cell(s)} |")
     return "\n".join(lines)
@@ -177,7 +180,7 @@ def evaluate(pipe, prompts: list, args, out: Path) -> dict:
             speed_pf = r["speed_measured_px_per_frame"]
             rows.append({"prompt": item["prompt"], "split": item["split"], "requested": presets[j],
                          "correct": {a: bool(r["correct"][a]) for a in ATTRS}, "all_correct": bool(r["all_correct"]),
-                         "pred": r["pred"], "area_cv": r["area_cv"], "color_drift": r["color_drift"],
+                         "pred": r["pred"], **{key: r[key] for key in CONSISTENCY},
                          # px per 24-fps frame: the ShapesWorld spec's unit, whatever the output rate
                          "speed_px_per_24fps_frame": None if speed_pf is None else speed_pf * video.fps / 24.0,
                          "speed_requested_px_per_24fps_frame": SPEEDS.get(r["target"]["speed"], 0.0)

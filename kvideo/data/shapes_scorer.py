@@ -18,7 +18,11 @@ Scoring (``score_clip``), the details the spec leaves open:
   of pi/4, 1 and 1/2.
 - temporal consistency: ``area_cv`` (std / mean of the per-frame soft area), ``color_drift``
   (mean RGB distance of each frame's median mask colour from the clip's), ``detected_frac``
-  and ``track_rmse_px`` (residual of the straight-line fit).
+  and ``track_rmse_px`` (residual of the straight-line fit), and ``background_flicker``: the
+  mean absolute change (0-255, averaged over RGB) from each frame to the next of the pixels
+  that are background in both (away from the object's mask dilated by 2 px). ShapesWorld's
+  backgrounds are flat, so it needs no ground truth: a rendered clip's is its video coding
+  noise, and a generated clip's adds its frame-to-frame noise and flicker.
 - motion: the coverage-weighted centroid of each frame, fitted by least squares against
   ``t = i / fps``. Speeds are in fractions of the frame width per second, so the scorer works
   at any frame rate and size: still below 0.05, slow below 0.2, else fast; the direction is
@@ -80,6 +84,17 @@ def _largest_region(binary: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
+def _background_flicker(x: np.ndarray, mask: np.ndarray) -> float | None:
+    """``background_flicker`` of frames ``x`` (f, h, w, 3) float with the object's ``mask``
+    (f, h, w) (module docstring); None for one frame or no background in two frames."""
+    if len(x) < 2:
+        return None
+    kernel = np.ones((3, 3), np.uint8)
+    away = ~np.stack([cv2.dilate(m.astype(np.uint8), kernel, iterations=2).astype(bool) for m in mask])
+    both = away[1:] & away[:-1]
+    return float(np.abs(x[1:] - x[:-1]).mean(-1)[both].mean()) if both.any() else None
+
+
 def _band_colors(x: np.ndarray, mask: np.ndarray, band_rows: float) -> tuple[np.ndarray, np.ndarray]:
     """(body, band) median colours of the masked pixels outside / inside each frame's band rows
     (rows within ``band_rows * r`` of the vertical centre of the mask's bounding box)."""
@@ -118,17 +133,19 @@ def analyze_clip(frames: np.ndarray, fps: float, *, band_rows: float | None = No
                background_rgb=bg_rgb.tolist(), background_distance=bg_dist, color_rgb=None,
                fill_ratio=None, speed_measured=None, speed_px_per_second=None,
                velocity_px_per_second=None, detected_frac=0.0, area_cv=None, area_px=None,
-               color_drift=None, track_rmse_px=None, first_box_px=None)
+               color_drift=None, track_rmse_px=None, first_box_px=None, background_flicker=None)
     if band_rows is not None:
         out.update(body_rgb=None, band_rgb=None, band_distance=None)
 
     dist = np.linalg.norm(x - bg_rgb, axis=-1)  # (f, h, w)
     coarse = dist > MASK_MIN_DISTANCE
     if not coarse.any():
+        out["background_flicker"] = _background_flicker(x, np.zeros(x.shape[:3], dtype=bool))
         return out
     contrast = np.median(x[coarse], axis=0) - bg_rgb  # object colour minus background
     threshold = max(MASK_MIN_DISTANCE, 0.5 * float(np.linalg.norm(contrast)))
     mask = np.stack([_largest_region(d > threshold) for d in dist])  # (f, h, w)
+    out["background_flicker"] = _background_flicker(x, mask)
     # Soft coverage: where each pixel lies between the background (0) and the object (1).
     coverage = np.clip((x - bg_rgb) @ contrast / float(contrast @ contrast), 0.0, 1.0)  # (f, h, w)
     if band_rows is not None and mask.any():
@@ -236,7 +253,8 @@ def score_clip(frames: np.ndarray, fps: float, prompt_or_attrs, *, band_rows: fl
     per second), ``speed_measured_px_per_frame``, and the measurements of
     :func:`analyze_clip` including the temporal-consistency numbers ``area_cv`` (coefficient
     of variation of the mask area), ``color_drift`` (mean RGB distance of each frame's
-    median object colour from the clip's), ``detected_frac`` and ``track_rmse_px``.
+    median object colour from the clip's), ``background_flicker``, ``detected_frac`` and
+    ``track_rmse_px``.
     ``band_rows``: a banded object, as in :func:`analyze_clip`.
     """
     target = _target_attributes(prompt_or_attrs)
@@ -249,6 +267,9 @@ def score_clip(frames: np.ndarray, fps: float, prompt_or_attrs, *, band_rows: fl
                 speed_requested=requested, speed_measured_px_per_frame=speed_pf, **measured)
 
 
+CONSISTENCY = ("area_cv", "color_drift", "background_flicker")  # a clip's temporal-consistency numbers
+
+
 def aggregate_scores(results: Iterable[dict]) -> dict:
     """Per-attribute accuracy and all-correct rate, overall and for seen / held-out pairs."""
     results = list(results)
@@ -257,12 +278,11 @@ def aggregate_scores(results: Iterable[dict]) -> dict:
         if not rs:
             return {"n": 0}
         acc = {k: float(np.mean([r["correct"][k] for r in rs])) for k in ATTRIBUTES}
-        cvs = [r["area_cv"] for r in rs if r["area_cv"] is not None]
-        drifts = [r["color_drift"] for r in rs if r["color_drift"] is not None]
-        return {"n": len(rs), "accuracy": acc,
-                "all_correct": float(np.mean([r["all_correct"] for r in rs])),
-                "mean_area_cv": float(np.mean(cvs)) if cvs else None,
-                "mean_color_drift": float(np.mean(drifts)) if drifts else None}
+        out = {"n": len(rs), "accuracy": acc, "all_correct": float(np.mean([r["all_correct"] for r in rs]))}
+        for key in CONSISTENCY:
+            values = [r[key] for r in rs if r.get(key) is not None]
+            out[f"mean_{key}"] = float(np.mean(values)) if values else None
+        return out
 
     def held_out(r):
         return (r["target"]["color"], r["target"]["shape"]) in HELD_OUT_PAIRS
