@@ -84,13 +84,18 @@ def _largest_region(binary: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
-def _background_flicker(x: np.ndarray, mask: np.ndarray) -> float | None:
-    """``background_flicker`` of frames ``x`` (f, h, w, 3) float with the object's ``mask``
-    (f, h, w) (module docstring); None for one frame or no background in two frames."""
+def _near(mask: np.ndarray) -> np.ndarray:
+    """(f, h, w) bool: each frame's object mask dilated by 2 px (the object and its rim)."""
+    kernel = np.ones((3, 3), np.uint8)
+    return np.stack([cv2.dilate(m.astype(np.uint8), kernel, iterations=2).astype(bool) for m in mask])
+
+
+def _background_flicker(x: np.ndarray, near: np.ndarray) -> float | None:
+    """``background_flicker`` of frames ``x`` (f, h, w, 3) float away from ``near`` (``_near``
+    of the object's mask); None for one frame or no background in two frames."""
     if len(x) < 2:
         return None
-    kernel = np.ones((3, 3), np.uint8)
-    away = ~np.stack([cv2.dilate(m.astype(np.uint8), kernel, iterations=2).astype(bool) for m in mask])
+    away = ~near
     both = away[1:] & away[:-1]
     return float(np.abs(x[1:] - x[:-1]).mean(-1)[both].mean()) if both.any() else None
 
@@ -145,7 +150,8 @@ def analyze_clip(frames: np.ndarray, fps: float, *, band_rows: float | None = No
     contrast = np.median(x[coarse], axis=0) - bg_rgb  # object colour minus background
     threshold = max(MASK_MIN_DISTANCE, 0.5 * float(np.linalg.norm(contrast)))
     mask = np.stack([_largest_region(d > threshold) for d in dist])  # (f, h, w)
-    out["background_flicker"] = _background_flicker(x, mask)
+    near_all = _near(mask)
+    out["background_flicker"] = _background_flicker(x, near_all)
     # Soft coverage: where each pixel lies between the background (0) and the object (1).
     coverage = np.clip((x - bg_rgb) @ contrast / float(contrast @ contrast), 0.0, 1.0)  # (f, h, w)
     if band_rows is not None and mask.any():
@@ -156,12 +162,10 @@ def analyze_clip(frames: np.ndarray, fps: float, *, band_rows: float | None = No
         weights = np.linalg.pinv(np.stack(palette, axis=1).astype(np.float64)).sum(axis=0)  # (3,): pixel - bg -> a + b
         coverage = np.clip((x - bg_rgb) @ weights.astype(np.float32), 0.0, 1.0)
     rows, cols = np.mgrid[0 : x.shape[1], 0 : x.shape[2]] + 0.5  # pixel centres (y, x)
-    kernel = np.ones((3, 3), np.uint8)
     areas, fills, centroids, colors, times = [], [], [], [], []
     first_box = None
     for i in np.flatnonzero(mask.any(axis=(1, 2))):
-        near = cv2.dilate(mask[i].astype(np.uint8), kernel, iterations=2).astype(bool)
-        alpha = np.where(near, coverage[i], 0.0)  # the region plus its anti-aliased rim
+        alpha = np.where(near_all[i], coverage[i], 0.0)  # the region plus its anti-aliased rim
         area = float(alpha.sum())
         if area <= 0:
             continue
