@@ -55,16 +55,22 @@ OVERRIDES = {
 
 
 def host() -> dict:
-    """What decides the CPU kernels' order of summation: the CPU model, torch and its threads."""
-    model = platform.processor()
+    """What decides the CPU kernels' order of summation: the CPU model (its name, and its family,
+    model and stepping: one name, "AMD EPYC", covers generations whose kernels sum differently),
+    torch and its threads."""
+    fields = {"model name": platform.processor(), "cpu family": "", "model": "", "stepping": ""}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in fields:
+                fields[key] = value
+            if not line.strip():  # the first processor's block is enough
                 break
     except OSError:
         pass
-    return {"cpu": model, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    cpu_id = "/".join(fields[k] for k in ("cpu family", "model", "stepping"))
+    return {"cpu": fields["model name"], "cpu_id": cpu_id, "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
 
 
 def stage_overrides(stage: str, root: Path) -> list:

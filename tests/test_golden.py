@@ -7,6 +7,13 @@ within rtol = atol = 1e-3: measured on the recording host, reordering the guidan
 ((w + 1) c - w u for c + w (c - u), equal in exact arithmetic) moved the outputs by at most
 6.5e-5 (relative 1e-7 on the digests' sums) and stays inside it, while a 1% change of the
 guidance scale fails 11 outputs.
+
+The recording's host names its CPU only as "AMD EPYC" (no family, model or stepping): on
+2026-12-05 an AMD EPYC of family 25, model 17 with the recording's torch and threads computed two
+outputs 2e-5 away from it (the t2i's and the interpolation's null text embedding after one
+training step) from the code that had passed this test bitwise the session before, on a host of
+the same name. A recorded host without
+`cpu_id` cannot be told from another CPU of its name, so it is compared within the tolerance.
 """
 
 import json
@@ -30,7 +37,7 @@ def computed(tmp_path_factory):
 def _same_host() -> bool:
     with safe_open(str(OUTPUTS), framework="pt") as f:
         recorded = json.loads(f.metadata()["host"])
-    return recorded == golden_cases.host()
+    return "cpu_id" in recorded and recorded == golden_cases.host()
 
 
 def test_every_output_matches_the_recording(computed):
