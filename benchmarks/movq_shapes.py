@@ -2,15 +2,18 @@
 reconstruction (PSNR through the continuous latent, as the diffusion stages use it, and through
 the codebook) and codebook usage.
 
-    python benchmarks/movq_shapes.py [--data data/shapes] [--run-dir runs/bench_movq] [key=value ...]
+    python benchmarks/movq_shapes.py [--data data/shapes] [--run-dir runs/bench_movq] [--skip-train]
+        [--latent-noise 0.1,0.2,0.3] [key=value ...]
 
 Renders the ShapesWorld train (2000 clips) and val (64 clips, a disjoint seed stream) splits
 when missing, runs `train.py` as a user would (wall time measured around it), then scores
 every frame of the val clips with the EMA weights, and runs the ShapesWorld scorer on every
 reconstructed clip (does the autoencoder keep what a prompt asks for?). Writes
 RUN_DIR/benchmark.json and prints a markdown row for docs/BENCHMARKS.md. `--skip-train` only
-scores the newest checkpoint of an existing run. Resumes an interrupted run (train.py's resume=auto), in
-which case the reported training time covers only the last invocation.
+scores the newest checkpoint of an existing run; `--latent-noise 0.1,0.2,0.3` also scores clips
+decoded from noisy latents (the decoder's tolerance to a diffusion model's latent error).
+Resumes an interrupted run (train.py's resume=auto), in which case the reported training time
+covers only the last invocation.
 """
 
 from __future__ import annotations
@@ -38,8 +41,11 @@ def render_if_missing(out: Path, num_clips: int, seed: int, split: str) -> None:
 
 
 @torch.no_grad()
-def score(ckpt_dir: Path, val: Path, batch_size: int = 64) -> dict:
-    """PSNR (continuous and quantised latent) and codebook usage on every frame of `val`."""
+def score(ckpt_dir: Path, val: Path, batch_size: int = 64, latent_noise: tuple = ()) -> dict:
+    """PSNR (continuous and quantised latent) and codebook usage on every frame of `val`, and the
+    ShapesWorld scorer on the reconstructions; for each `latent_noise` level s, the scorer again on
+    clips decoded from latents with Gaussian noise of s times the latents' std added (how much
+    error in a diffusion model's latents the decoder tolerates before shapes break)."""
     from kvideo.data.shapes_scorer import aggregate_scores, score_clip
     from kvideo.data.shards import ClipDataset, ClipFormat, ShardIndex, collate
     from kvideo.inference.autoencoder import load_movq
@@ -60,14 +66,23 @@ def score(ckpt_dir: Path, val: Path, batch_size: int = 64) -> dict:
     result["codes_used_on_val"] = int(used.sum())
     result["codebook_size"] = ae.cfg.n_embed
     # Do reconstructions keep what a prompt asks for? The ShapesWorld scorer on each decoded clip.
-    scored = []
-    for batch in batches:
-        x = frames_of(batch)
-        recon = torch.cat([ae.decode(ae.encode(part)).clamp(-1, 1) for part in x.split(batch_size)])
-        video = ((recon.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()  # (f, h, w, 3)
-        scored.append(score_clip(video, float(batch["meta"][0]["fps"]), batch["caption"][0]))
-    agg = aggregate_scores(scored)
-    result["scorer_on_reconstructions"] = {k: agg[k] for k in ("n", "accuracy", "all_correct", "mean_area_cv")}
+    latents = [torch.cat([ae.encode(part) for part in frames_of(batch).split(batch_size)]) for batch in batches]
+    std = float(torch.cat(latents).std())
+    generator = torch.Generator().manual_seed(0)
+    for level in (0.0, *latent_noise):
+        scored = []
+        for batch, z in zip(batches, latents):
+            noisy = z + level * std * torch.randn(z.shape, generator=generator) if level else z
+            recon = torch.cat([ae.decode(part).clamp(-1, 1) for part in noisy.split(batch_size)])
+            video = ((recon.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()  # (f, h, w, 3)
+            scored.append(score_clip(video, float(batch["meta"][0]["fps"]), batch["caption"][0]))
+        agg = aggregate_scores(scored)
+        agg = {k: agg[k] for k in ("n", "accuracy", "all_correct", "mean_area_cv")}
+        if level:
+            result.setdefault("scorer_on_noisy_latents", {})[str(level)] = agg
+        else:
+            result["scorer_on_reconstructions"] = agg
+    result["latent_std"] = std
     return result
 
 
@@ -82,6 +97,9 @@ def main() -> int:
     ap.add_argument("--run-dir", default="runs/bench_movq")
     ap.add_argument("--config", default="configs/movq/shapes.yaml")
     ap.add_argument("--skip-train", action="store_true", help="only score the newest checkpoint of --run-dir")
+    ap.add_argument("--latent-noise", type=lambda v: tuple(float(x) for x in v.split(",")), default=(),
+                    help="comma-separated levels: also score clips decoded from latents with this much "
+                         "Gaussian noise (x the latents' std)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for train.py")
     args = ap.parse_args()
 
@@ -103,7 +121,7 @@ def main() -> int:
     from kvideo.train.checkpoint import load_train_state
 
     last = latest_checkpoint(run_dir)
-    result = score(last, data / "val")
+    result = score(last, data / "val", latent_noise=args.latent_noise)
     metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     usage = [m for m in metrics if "codebook/used_fraction" in m]
     result.update({
