@@ -67,22 +67,24 @@ def score(ckpt_dir: Path, val: Path, batch_size: int = 64, latent_noise: tuple =
     result["codebook_size"] = ae.cfg.n_embed
     # Do reconstructions keep what a prompt asks for? The ShapesWorld scorer on each decoded clip.
     latents = [torch.cat([ae.encode(part) for part in frames_of(batch).split(batch_size)]) for batch in batches]
-    std = float(torch.cat(latents).std())
-    generator = torch.Generator().manual_seed(0)
-    for level in (0.0, *latent_noise):
+
+    def scorer_on(clip_latents: list) -> dict:
         scored = []
-        for batch, z in zip(batches, latents):
-            noisy = z + level * std * torch.randn(z.shape, generator=generator) if level else z
-            recon = torch.cat([ae.decode(part).clamp(-1, 1) for part in noisy.split(batch_size)])
+        for batch, z in zip(batches, clip_latents):
+            recon = torch.cat([ae.decode(part).clamp(-1, 1) for part in z.split(batch_size)])
             video = ((recon.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()  # (f, h, w, 3)
             scored.append(score_clip(video, float(batch["meta"][0]["fps"]), batch["caption"][0]))
         agg = aggregate_scores(scored)
-        agg = {k: agg[k] for k in ("n", "accuracy", "all_correct", "mean_area_cv")}
-        if level:
-            result.setdefault("scorer_on_noisy_latents", {})[str(level)] = agg
-        else:
-            result["scorer_on_reconstructions"] = agg
-    result["latent_std"] = std
+        return {k: agg[k] for k in ("n", "accuracy", "all_correct", "mean_area_cv")}
+
+    result["scorer_on_reconstructions"] = scorer_on(latents)
+    if latent_noise:
+        std = float(torch.cat(latents).std())
+        generator = torch.Generator().manual_seed(0)
+        result["latent_std"] = std
+        result["scorer_on_noisy_latents"] = {
+            str(level): scorer_on([z + level * std * torch.randn(z.shape, generator=generator) for z in latents])
+            for level in latent_noise}
     return result
 
 

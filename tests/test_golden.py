@@ -12,8 +12,8 @@ The recording's host names its CPU only as "AMD EPYC" (no family, model or stepp
 2026-12-05 an AMD EPYC of family 25, model 17 with the recording's torch and threads computed two
 outputs 2e-5 away from it (the t2i's and the interpolation's null text embedding after one
 training step) from the code that had passed this test bitwise the session before, on a host of
-the same name. A recorded host without
-`cpu_id` cannot be told from another CPU of its name, so it is compared within the tolerance.
+the same name. A recorded host without `cpu_id` cannot be told from another CPU of its name, so
+it is compared within the tolerance.
 """
 
 import json

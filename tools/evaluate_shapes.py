@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from kvideo.data.shapes_scorer import CONSISTENCY
-from kvideo.evaluation import pct
+from kvideo.evaluation import mean_present, pct
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -85,8 +85,7 @@ def summarise(rows: list) -> dict:
     out = {"n": len(rows), "accuracy": {a: float(np.mean([r["correct"][a] for r in rows])) for a in ATTRS},
            "all_correct": float(np.mean([r["all_correct"] for r in rows]))}
     for key in (*CONSISTENCY, "frame0_psnr"):
-        vals = [r[key] for r in rows if r[key] is not None]
-        out[key if key == "frame0_psnr" else f"mean_{key}"] = float(np.mean(vals)) if vals else None
+        out[key if key == "frame0_psnr" else f"mean_{key}"] = mean_present(r[key] for r in rows)
     judged = [r for r in rows if r.get("first_frame_fits") is not None]  # moving prompts, object found
     out["first_frame_fits"] = float(np.mean([r["first_frame_fits"] for r in judged])) if judged else None
     for fits in (True, False):
