@@ -3,7 +3,7 @@ reconstruction (PSNR through the continuous latent, as the diffusion stages use 
 the codebook) and codebook usage.
 
     python benchmarks/movq_shapes.py [--data data/shapes] [--run-dir runs/bench_movq] [--skip-train]
-        [--latent-noise 0.1,0.2,0.3] [key=value ...]
+        [--latent-noise 0.1,0.2,0.3] [--latent-lowpass] [key=value ...]
 
 Renders the ShapesWorld train (2000 clips) and val (64 clips, a disjoint seed stream) splits
 when missing, runs `train.py` as a user would (wall time measured around it), then scores
@@ -11,7 +11,10 @@ every frame of the val clips with the EMA weights, and runs the ShapesWorld scor
 reconstructed clip (does the autoencoder keep what a prompt asks for?). Writes
 RUN_DIR/benchmark.json and prints a markdown row for docs/BENCHMARKS.md. `--skip-train` only
 scores the newest checkpoint of an existing run; `--latent-noise 0.1,0.2,0.3` also scores clips
-decoded from noisy latents (the decoder's tolerance to a diffusion model's latent error).
+decoded from noisy latents (the decoder's tolerance to a diffusion model's latent error);
+`--latent-lowpass` scores clips decoded from low-passed latents (a 3x3 box blur, and a 2x
+downsampling upsampled back): does a shape survive in the latent's coarse frequencies, the ones a
+diffusion model draws first? Shape accuracy is also given per asked shape.
 Resumes an interrupted run (train.py's resume=auto), in which case the reported training time
 covers only the last invocation.
 """
@@ -41,11 +44,27 @@ def render_if_missing(out: Path, num_clips: int, seed: int, split: str) -> None:
 
 
 @torch.no_grad()
-def score(ckpt_dir: Path, val: Path, batch_size: int = 64, latent_noise: tuple = ()) -> dict:
+def lowpass(z: torch.Tensor, kind: str) -> torch.Tensor:
+    """z (n, c, h, w) low-passed: `box3`, the mean of each 3x3 neighbourhood (edges replicated);
+    `down2up2`, downsampled 2x (kvideo.models.movq.downsample) and bilinearly upsampled back."""
+    import torch.nn.functional as F
+
+    from kvideo.models.movq import downsample
+
+    if kind == "box3":
+        return F.avg_pool2d(F.pad(z, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return F.interpolate(downsample(z, 2), size=z.shape[-2:], mode="bilinear", align_corners=False)
+
+
+LOWPASS = ("box3", "down2up2")
+
+
+def score(ckpt_dir: Path, val: Path, batch_size: int = 64, latent_noise: tuple = (), latent_lowpass: bool = False) -> dict:
     """PSNR (continuous and quantised latent) and codebook usage on every frame of `val`, and the
     ShapesWorld scorer on the reconstructions; for each `latent_noise` level s, the scorer again on
     clips decoded from latents with Gaussian noise of s times the latents' std added (how much
-    error in a diffusion model's latents the decoder tolerates before shapes break)."""
+    error in a diffusion model's latents the decoder tolerates before shapes break); with
+    `latent_lowpass`, on clips decoded from each `LOWPASS` filter of their latents."""
     from kvideo.data.shapes_scorer import aggregate_scores, score_clip
     from kvideo.data.shards import ClipDataset, ClipFormat, ShardIndex, collate
     from kvideo.inference.autoencoder import load_movq
@@ -75,7 +94,11 @@ def score(ckpt_dir: Path, val: Path, batch_size: int = 64, latent_noise: tuple =
             video = ((recon.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()  # (f, h, w, 3)
             scored.append(score_clip(video, float(batch["meta"][0]["fps"]), batch["caption"][0]))
         agg = aggregate_scores(scored)
-        return {k: agg[k] for k in ("n", "accuracy", "all_correct", "mean_area_cv")}
+        by_shape = {}
+        for s in scored:
+            by_shape.setdefault(s["target"]["shape"], []).append(s["correct"]["shape"])
+        return {**{k: agg[k] for k in ("n", "accuracy", "all_correct", "mean_area_cv")},
+                "shape_by_target": {k: sum(v) / len(v) for k, v in sorted(by_shape.items())}}
 
     result["scorer_on_reconstructions"] = scorer_on(latents)
     if latent_noise:
@@ -85,6 +108,8 @@ def score(ckpt_dir: Path, val: Path, batch_size: int = 64, latent_noise: tuple =
         result["scorer_on_noisy_latents"] = {
             str(level): scorer_on([z + level * std * torch.randn(z.shape, generator=generator) for z in latents])
             for level in latent_noise}
+    if latent_lowpass:
+        result["scorer_on_lowpassed_latents"] = {kind: scorer_on([lowpass(z, kind) for z in latents]) for kind in LOWPASS}
     return result
 
 
@@ -102,6 +127,8 @@ def main() -> int:
     ap.add_argument("--latent-noise", type=lambda v: tuple(float(x) for x in v.split(",")), default=(),
                     help="comma-separated levels: also score clips decoded from latents with this much "
                          "Gaussian noise (x the latents' std)")
+    ap.add_argument("--latent-lowpass", action="store_true",
+                    help="also score clips decoded from low-passed latents (3x3 box blur; 2x down and up)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for train.py")
     args = ap.parse_args()
 
@@ -123,7 +150,7 @@ def main() -> int:
     from kvideo.train.checkpoint import load_train_state
 
     last = latest_checkpoint(run_dir)
-    result = score(last, data / "val", latent_noise=args.latent_noise)
+    result = score(last, data / "val", latent_noise=args.latent_noise, latent_lowpass=args.latent_lowpass)
     metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     usage = [m for m in metrics if "codebook/used_fraction" in m]
     result.update({

@@ -27,6 +27,18 @@ SPACING_RULE = "one of " + "|".join(SPACINGS)
 
 
 @dataclass
+class ScaleEquivariance:
+    """The decoder's scale-equivariance term (Skorokhodov et al. 2025, "Improving the Diffusability
+    of Autoencoders"): the latent and the image are both downsampled by a factor drawn from
+    `factors` each step (bilinear, antialiased) and the decoder must draw the small image from the
+    small latent, weight x MSE. Shape then lives in the latent's low frequencies, which a diffusion
+    model draws first and best, instead of in latent detail it may miss. 0: off."""
+
+    weight: float = checked(0.0, ">= 0")
+    factors: List[int] = checked(rule="each >= 2", factory=lambda: [2, 4])
+
+
+@dataclass
 class MovqRecipe:
     mse_weight: float = checked(1.0, ">= 0")
     lpips_weight: float = checked(0.1, ">= 0")
@@ -45,6 +57,7 @@ class MovqRecipe:
     # others decode the continuous latent, the one the diffusion stages decode at inference. The
     # codebook and commitment losses apply to every batch.
     quantize_prob: float = checked(1.0, "[0, 1]")
+    scale_equivariance: ScaleEquivariance = field(default_factory=ScaleEquivariance)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kvideo.config import ConfigError
 from kvideo.registry import load_config
 from kvideo.train.stages.movq import MovqStage
 from kvideo.inference import checkpoints as ckpt
@@ -124,6 +125,24 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, shapes_shards):
     for k in e1:
         if not k.endswith("usage"):
             assert torch.equal(e1[k], e3[k]), k
+
+
+def test_scale_equivariance_adds_its_weighted_term_to_the_ae_loss(tmp_path, shapes_shards):
+    cfg = _cfg(tmp_path / "run", shapes_shards, **{"recipe.scale_equivariance.weight": 0.5,
+                                                   "recipe.scale_equivariance.factors": "[2]"})
+    stage = MovqStage(cfg, torch.device("cpu"))
+    model = stage.build_model()
+    batch = {"video": torch.rand(2, 3, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1}
+    torch.manual_seed(0)
+    with_term, logs = stage.loss(model, {"ae": model.ae}, batch, 0, "ae")
+    plain = MovqStage(_cfg(tmp_path / "run", shapes_shards, **{"recipe.scale_equivariance.factors": "[2]"}),
+                      torch.device("cpu"))  # weight 0: off
+    torch.manual_seed(0)
+    without, plain_logs = plain.loss(model, {"ae": model.ae}, batch, 0, "ae")
+    assert "ae/scale_equivariance" not in plain_logs and logs["ae/scale_equivariance"] > 0
+    torch.testing.assert_close(with_term - without, torch.tensor(0.5 * logs["ae/scale_equivariance"]))
+    with pytest.raises(ConfigError, match="recipe.scale_equivariance.factors"):
+        _cfg(tmp_path / "bad", shapes_shards, **{"recipe.scale_equivariance.factors": "[1]"})
 
 
 def _run_script(args, env_extra=None, **kw):

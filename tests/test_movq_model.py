@@ -9,7 +9,7 @@ import torch
 
 import kvideo.nn.layers as layers
 from kvideo.models.discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
-from kvideo.models.movq import MOVQ_SIZES, MoVQ, MovqConfig, VectorQuantizer, movq_config
+from kvideo.models.movq import MOVQ_SIZES, MoVQ, MovqConfig, VectorQuantizer, downsample, movq_config
 from kvideo.nn import attention
 from kvideo.registry import count_parameters
 
@@ -90,6 +90,36 @@ def test_encode_is_continuous_and_decode_inverts_the_shape():
         recon, vq_loss, info = model(x, quantize=False)
         torch.testing.assert_close(recon, model.decode(z))
         assert vq_loss.item() == 0 and info == {}
+
+
+def test_scale_down_decodes_the_downsampled_continuous_latent():
+    """The scale-equivariance branch (recipe.scale_equivariance): info["recon_down"] is the decoder
+    on the continuous latent downsampled by k, whatever latent the main reconstruction decodes,
+    and its gradient reaches the encoder."""
+    torch.manual_seed(0)
+    model = MoVQ(tiny_config())
+    x = images(2, 32, 48)
+    recon, _, info = model(x, scale_down=2)
+    with torch.no_grad():
+        z = model.encode(x)
+        torch.testing.assert_close(info["recon_down"], model.decode(downsample(z, 2)))
+        torch.testing.assert_close(recon, model.decode(model.quantize(z)[0]))  # the main path is unchanged
+    assert info["recon_down"].shape == (2, 3, 16, 24)
+    assert model(x, quantize=False, scale_down=4)[2]["recon_down"].shape == (2, 3, 8, 12)
+    info["recon_down"].square().mean().backward()
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert "recon_down" not in model(x)[2]
+
+
+def test_downsample_filters_image_and_latent_alike():
+    g = torch.Generator().manual_seed(0)
+    flat = torch.full((1, 3, 8, 12), 0.3)
+    torch.testing.assert_close(downsample(flat, 4), torch.full((1, 3, 2, 3), 0.3))
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    assert downsample(x, 2).shape == (2, 4, 4, 4)
+    assert downsample(x, 2).std() < 0.75 * x.std()  # a low-pass filter, not a subsampling
+    with pytest.raises(ValueError, match="recipe.scale_equivariance.factors: 3 does not divide the 8x8"):
+        downsample(x, 3)
 
 
 def test_non_square_size_and_size_errors():

@@ -493,7 +493,7 @@ class MoVQ(GradCheckpointMixin, nn.Module):
         return self.decoder(self.post_quant_conv(z), z)
 
     def forward(
-        self, x: torch.Tensor, quantize: bool = True, decode_continuous: bool = False
+        self, x: torch.Tensor, quantize: bool = True, decode_continuous: bool = False, scale_down: int = 1
     ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         """Reconstruct x.
 
@@ -501,16 +501,31 @@ class MoVQ(GradCheckpointMixin, nn.Module):
         decode_continuous=True still quantises (the codebook and commitment losses train the
         codebook and pull z towards it) but decodes the continuous z, the latent the diffusion
         stages decode at inference.
+        scale_down=k > 1 also decodes the continuous z downsampled k times (`downsample`) into
+        info["recon_down"], for the scale-equivariance term (its target: `downsample(x, k)`).
         """
         z = self.encode(x)
-        if not quantize:
-            return self.decode(z), z.new_zeros(()), {}
-        zq, vq_loss, info = self.quantize(z)
-        return self.decode(z if decode_continuous else zq), vq_loss, info
+        info: Dict[str, torch.Tensor] = {}
+        vq_loss = z.new_zeros(())
+        if quantize:
+            zq, vq_loss, info = self.quantize(z)
+        if scale_down > 1:
+            info["recon_down"] = self.decode(downsample(z, scale_down))
+        return self.decode(z if decode_continuous or not quantize else zq), vq_loss, info
 
     def last_layer_weight(self) -> torch.Tensor:
         """The decoder's output conv weight, for the adaptive GAN loss weight."""
         return self.decoder.conv_out.weight
+
+
+def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """x (b, c, h, w) -> (b, c, h / factor, w / factor), bilinear with antialiasing: an image and
+    its latent go through the same filter for the scale-equivariance term."""
+    h, w = x.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(f"recipe.scale_equivariance.factors: {factor} does not divide the {h}x{w} latent "
+                         f"(and its image) into whole pixels")
+    return F.interpolate(x, size=(h // factor, w // factor), mode="bilinear", antialias=True, align_corners=False)
 
 
 # ----------------------------------------------------------------------------------------------

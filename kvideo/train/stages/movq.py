@@ -1,7 +1,8 @@
 """Stage `movq`: the MoVQ autoencoder that every diffusion stage works in.
 
 The two phases of `AutoencoderGANStage`; the ae phase's reconstruction loss is MSE + LPIPS (when
-local weights are configured) + the codebook loss. Frames are trained one by one: clips
+local weights are configured) + the codebook loss, + with `recipe.scale_equivariance.weight` the
+decoder's MSE on latent and image downsampled alike (`kvideo.models.movq.downsample`). Frames are trained one by one: clips
 (b, c, f, h, w) are folded to (b f) c h w. Every `recipe.dead_code_every` steps, codes used less
 than the threshold are re-initialised from recent encoder outputs (decided on rank 0, broadcast to
 every rank).
@@ -18,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from kvideo.metrics.reconstruction import evaluate_reconstruction, frames_of
+from kvideo.models.movq import downsample
 from kvideo.registry import build_model
 from kvideo.train import dist
 from kvideo.train.stages.autoencoder import AutoencoderGANStage, AutoencoderWithDiscriminator, build_discriminator
@@ -35,10 +37,16 @@ class MovqStage(AutoencoderGANStage):
             return self.disc_loss(parts, x, batch)
 
         continuous = bool(torch.rand(()) >= self.rc.quantize_prob)
-        recon, vq_loss, info = parts["ae"](x, decode_continuous=continuous)
+        se = self.rc.scale_equivariance
+        factor = se.factors[int(torch.randint(len(se.factors), ()))] if se.weight > 0 else 1
+        recon, vq_loss, info = parts["ae"](x, decode_continuous=continuous, scale_down=factor)
         recon = recon.float()
         rec = self.rc.mse_weight * F.mse_loss(recon, x)
         logs = {"ae/mse": float(F.mse_loss(recon.detach(), x)), "ae/vq": float(vq_loss.detach())}
+        if factor > 1:  # the decoder draws the downsampled image from the downsampled latent
+            down = F.mse_loss(info["recon_down"].float(), downsample(x, factor))
+            rec = rec + se.weight * down
+            logs["ae/scale_equivariance"] = float(down.detach())
         if self.lpips is not None:
             p = self.lpips(recon, x).mean()
             rec = rec + self.rc.lpips_weight * p
