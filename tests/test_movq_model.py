@@ -118,6 +118,9 @@ def test_downsample_filters_image_and_latent_alike():
     x = torch.randn(2, 4, 8, 8, generator=g)
     assert downsample(x, 2).shape == (2, 4, 4, 4)
     assert downsample(x, 2).std() < 0.75 * x.std()  # a low-pass filter, not a subsampling
+    half = downsample(x.bfloat16(), 2)  # as under bf16 autocast
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), downsample(x.bfloat16().float(), 2), atol=1e-2, rtol=1e-2)
     with pytest.raises(ValueError, match="recipe.scale_equivariance.factors: 3 does not divide the 8x8"):
         downsample(x, 3)
 

@@ -525,7 +525,9 @@ def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     if h % factor or w % factor:
         raise ValueError(f"recipe.scale_equivariance.factors: {factor} does not divide the {h}x{w} latent "
                          f"(and its image) into whole pixels")
-    return F.interpolate(x, size=(h // factor, w // factor), mode="bilinear", antialias=True, align_corners=False)
+    # in float32: antialiased resampling has no bf16 kernel on the CPU
+    out = F.interpolate(x.float(), size=(h // factor, w // factor), mode="bilinear", antialias=True, align_corners=False)
+    return out.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
