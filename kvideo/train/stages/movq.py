@@ -2,10 +2,10 @@
 
 The two phases of `AutoencoderGANStage`; the ae phase's reconstruction loss is MSE + LPIPS (when
 local weights are configured) + the codebook loss, + with `recipe.scale_equivariance.weight` the
-decoder's MSE on latent and image downsampled alike (`kvideo.models.movq.downsample`). Frames are trained one by one: clips
-(b, c, f, h, w) are folded to (b f) c h w. Every `recipe.dead_code_every` steps, codes used less
-than the threshold are re-initialised from recent encoder outputs (decided on rank 0, broadcast to
-every rank).
+decoder's MSE on latent and image downsampled alike (`kvideo.models.movq.downsample`). Frames
+are trained one by one: clips (b, c, f, h, w) are folded to (b f) c h w. Every
+`recipe.dead_code_every` steps, codes used less than the threshold are re-initialised from
+recent encoder outputs (decided on rank 0, broadcast to every rank).
 """
 
 from __future__ import annotations
