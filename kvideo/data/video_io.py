@@ -328,6 +328,12 @@ def write_video(
         rotation: display rotation stored in the container (counter-clockwise degrees, a
             multiple of 90; see :func:`probe`). The frames themselves are not rotated.
 
+    The same frames do not always give the same bytes: x264 (through PyAV) now and then codes a
+    frame differently, depending on the state of the process's memory (measured 2026-12-05 on
+    32 and 64 px clips: up to a third of encodings in a process that had trained a model, one
+    frame 8-14 levels off; x264's threads option made no difference). Compare frames before
+    encoding when exact equality matters.
+
     Raises:
         ValueError: wrong dtype/shape, no frames, or odd width/height with a 4:2:0 pixel
             format (which needs even dimensions; render even sizes or crop first).
