@@ -325,41 +325,42 @@ def test_anchor_first_frame_trains_on_the_other_frames_and_samples_the_first(tmp
     assert torch.allclose(video[:, :, 0], first, atol=1e-5)
 
 
-def _sample(tmp_path, run, name, *extra):
+def _sample(tmp_path, monkeypatch, run, name, *extra):
     """sample.py's keyframe video (decoded from its mp4) and the frames it gave the encoder."""
     import sample
     import kvideo.data.video_io as video_io
 
     written, encode = [], video_io.write_video
     out = tmp_path / name
-    try:
-        video_io.write_video = lambda path, frames, fps: (written.append(frames.copy()), encode(path, frames, fps))
+    with monkeypatch.context() as patch:
+        patch.setattr(video_io, "write_video", lambda path, frames, fps: (written.append(frames.copy()),
+                                                                           encode(path, frames, fps)))
         code = sample.main(["--stage", "keyframe", "--checkpoint", str(run), "--prompt", PROMPT, "--out", str(out),
                             "--steps", "2", "--sampler", "dpmpp_2m", *extra])
-    finally:
-        video_io.write_video = encode
     assert code == 0 and len(written) == 1
     frames, _ = video_io.read_video(str(out))
     return frames, written[0]
 
 
-def test_image_to_video_and_same_seed_same_video(tmp_path, keyframe_run):
+def test_image_to_video_and_same_seed_same_video(tmp_path, monkeypatch, keyframe_run):
     image = tmp_path / "first.png"
     rgb = np.zeros((40, 48, 3), dtype=np.uint8)
     rgb[10:25, 12:30] = (230, 25, 25)
     Image.fromarray(rgb).save(image)
-    a, a_frames = _sample(tmp_path, keyframe_run, "a.mp4", "--image", str(image), "--seed", "3", "--motion-score", "fast")
-    b, b_frames = _sample(tmp_path, keyframe_run, "b.mp4", "--image", str(image), "--seed", "3", "--motion-score", "fast")
+    same = ("--image", str(image), "--seed", "3", "--motion-score", "fast")
+    a, a_frames = _sample(tmp_path, monkeypatch, keyframe_run, "a.mp4", *same)
+    b, b_frames = _sample(tmp_path, monkeypatch, keyframe_run, "b.mp4", *same)
     assert a.shape == (4, 32, 32, 3)  # data.num_frames keyframes at the model's size
     # The frames, not the mp4s: x264 (through PyAV) now and then encodes identical frames
     # differently, and by more than a level (measured 2026-12-05: one frame 14 levels apart, at
     # random in about a third of runs after a training in the same process; see
     # kvideo.data.video_io.write_video). The sampling itself must be exact.
     assert np.array_equal(a_frames, b_frames)
-    c, _ = _sample(tmp_path, keyframe_run, "c.mp4", "--image", str(image), "--seed", "4", "--motion-score", "0.0")
+    c, _ = _sample(tmp_path, monkeypatch, keyframe_run, "c.mp4", "--image", str(image), "--seed", "4",
+                   "--motion-score", "0.0")
     assert not np.array_equal(a, c)
     # no --image: the first frame comes from the t2i run named by recipe.init_from
-    d, _ = _sample(tmp_path, keyframe_run, "d.mp4", "--seed", "3")
+    d, _ = _sample(tmp_path, monkeypatch, keyframe_run, "d.mp4", "--seed", "3")
     assert d.shape == a.shape
 
 
