@@ -41,6 +41,17 @@ def test_deterministic():
     torch.testing.assert_close(a(PROMPTS)[0], a(PROMPTS)[0], rtol=0, atol=0)
 
 
+def test_init_seed_fixes_the_tower_not_the_rest():
+    """recipe.text_encoder.init_seed: the same random tower whatever the global seed, another
+    tower for another init_seed; the projection still follows the global seed."""
+    a, b = tiny(seed=1, init_seed=7), tiny(seed=2, init_seed=7)
+    for (name, x), y in zip(a.tower.state_dict().items(), b.tower.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert not torch.equal(a.proj.weight, b.proj.weight)
+    assert not torch.equal(a.tower.token_embedding.weight, tiny(seed=1, init_seed=8).tower.token_embedding.weight)
+    assert not torch.equal(a.tower.token_embedding.weight, tiny(seed=1).tower.token_embedding.weight)
+
+
 def test_real_tokens_ignore_padding(encoder):
     """Causal tower: a prompt's tokens do not depend on the batch or on the padding length."""
     alone = encoder(PROMPTS[2:])[0][0]

@@ -73,6 +73,11 @@ class TextEncoderConfig:
     # Kandinsky Video do (False: always context_length tokens). The attention ignores padding either
     # way; a UNet with `pool_query: all` averages it, so its pooled text depends on the length.
     trim_context: bool = False
+    # The seed of a randomly initialised tower (no `weights`). A frozen random tower stands in for a
+    # pretrained encoder, which is the same whatever the training seed; drawn from the training
+    # seed, how far apart it keeps the words varies from tower to tower (tools/probe_text_conditioning.py).
+    # None: from the global random state, as every other weight.
+    init_seed: Optional[int] = None
 
 
 def _tower_cfg(cfg: TextEncoderConfig) -> Tuple[CLIPTextCfg, bool]:
@@ -208,7 +213,10 @@ class TextEncoder(ProjectedText):
             raise ValueError(f"context_length {self.context_length} leaves no room for a token between sot and eot")
         # embed_dim only sizes the tower's pooled projection, which is kept for checkpoint
         # compatibility and never used.
-        self.tower = _build_text_tower(text_cfg.width, text_cfg, quick_gelu=quick_gelu)
+        with torch.random.fork_rng(devices=[], enabled=cfg.init_seed is not None):
+            if cfg.init_seed is not None:
+                torch.manual_seed(cfg.init_seed)
+            self.tower = _build_text_tower(text_cfg.width, text_cfg, quick_gelu=quick_gelu)
         self.tokenizer = SimpleTokenizer(context_length=self.context_length)
         if self.tokenizer.vocab_size > text_cfg.vocab_size:
             raise ValueError(f"tokenizer vocabulary ({self.tokenizer.vocab_size}) exceeds the tower's ({text_cfg.vocab_size})")
