@@ -6,7 +6,7 @@
 Text encoder (any t2i, keyframe or interpolation checkpoint, or `--random-tower` for a fresh
 tower of the checkpoint's text config): for a reference caption, the relative RMS change of the
 encoder's output tokens (and of the tower's hidden states) when one word changes: the direction
-(right / up / down for left), the speed, the colour, the background. A word the encoder has
+(right / up / down for left), the speed, the colour, the shape, the background. A word the encoder has
 learned to ignore changes its output by a few per cent; a colour word by most of it.
 
 Keyframe loss (keyframe checkpoints): on ground-truth clips of the moving canonical prompts
@@ -33,6 +33,8 @@ VARIANTS = {"direction right": "a red circle moving right slowly on a blue backg
             "direction down": "a red circle moving down slowly on a blue background",
             "speed quickly": "a red circle moving left quickly on a blue background",
             "colour green": "a green circle moving left slowly on a blue background",
+            "shape square": "a red square moving left slowly on a blue background",
+            "shape triangle": "a red triangle moving left slowly on a blue background",
             "background black": "a red circle moving left slowly on a black background"}
 
 
