@@ -1,7 +1,7 @@
 """Which parts of its conditioning does a ShapesWorld checkpoint use? Two probes, no sampling.
 
     python tools/probe_text_conditioning.py --checkpoint RUN_OR_CKPT [--prompts 24]
-        [--timesteps 100 300 500 700 900] [--seed 0]
+        [--timesteps 100 300 500 700 900] [--random-tower] [--tower-seeds 0 1 2] [--seed 0]
 
 Text encoder (any t2i, keyframe or interpolation checkpoint, or `--random-tower` for a fresh
 tower of the checkpoint's text config): for a reference caption, the relative RMS change of the
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import replace
 import sys
 
 import torch
@@ -112,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=24, help="moving canonical prompts for the loss probe")
     ap.add_argument("--timesteps", type=int, nargs="+", default=[100, 300, 500, 700, 900])
     ap.add_argument("--random-tower", action="store_true", help="also probe a freshly initialised tower")
+    ap.add_argument("--tower-seeds", type=int, nargs="+", default=[],
+                    help="also probe fresh towers drawn with recipe.text_encoder.init_seed = each of these")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from kvideo.models.text_encoder import TextEncoder, TextEncoderConfig
@@ -135,6 +138,7 @@ def main(argv=None) -> int:
     if args.random_tower:
         torch.manual_seed(args.seed)
         towers.append(("random tower", TextEncoder(text.cfg).eval()))
+    towers += [(f"init_seed {s}", TextEncoder(replace(text.cfg, init_seed=s)).eval()) for s in args.tower_seeds]
     print(f"text encoder: relative change of the output tokens (tower hidden states) against '{REFERENCE}'\n")
     print("| encoder | " + " | ".join(VARIANTS) + " |")
     print("|---|" + "---|" * len(VARIANTS))
